@@ -1,0 +1,55 @@
+// Every op schema of fused_resnet, defined once. Backends register kernels for these schemas
+// (csrc/cpu: CPU key, csrc/cuda: CUDA key); fused_resnet/ops.py registers the fake (meta) impls
+// and the autograd formula in Python.
+//
+// Notation, per channel c over the M = N * prod(spatial) elements of that channel:
+//   mean_c = Σx / M,  var_c = Σ(x - mean_c)² / M  (biased),  invstd_c = 1 / sqrt(var_c + eps)
+//   x̂ = (x - mean_c) * invstd_c,  z = x̂ * w_c + b_c (+ r),  y = relu(z)
+// Statistics and parameter gradients are in the accumulation dtype: float64 for float64 inputs,
+// float32 otherwise. Activations (out, grad_input, grad_residual) are in the input's dtype and keep
+// the input's memory format.
+//
+// The ops are functional: none mutates its inputs. The running-statistics update is done in Python
+// (fused_resnet/functional.py) from the returned batch statistics.
+
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import fused_resnet._C` loads this shared library, which runs the TORCH_LIBRARY registrations
+// below. No Python functions are exported: everything is reached through torch.ops.fused_resnet.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "fused_resnet kernels, reached through torch.ops.fused_resnet",
+      -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fused_resnet, m) {
+  // Training forward with batch statistics.
+  // Returns (out, save_mean, save_invstd, batch_var): batch_var is the biased variance; Python
+  // turns it into the unbiased running estimate. An empty batch (M == 0) gives mean 0, var 0.
+  m.def(
+      "bn_act_fwd_train(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, float eps)"
+      " -> (Tensor out, Tensor save_mean, Tensor save_invstd, Tensor batch_var)");
+
+  // Inference forward with the running statistics, folded per channel into
+  //   scale = w / sqrt(running_var + eps),  shift = b - running_mean * scale,
+  //   y = relu(x * scale + shift (+ r)).
+  m.def(
+      "bn_act_fwd_eval(Tensor input, Tensor? residual, Tensor running_mean, Tensor running_var,"
+      " Tensor? weight, Tensor? bias, float eps) -> Tensor");
+
+  // Backward of both forwards. dz = grad_out where out > 0 (exactly: 0 where out <= 0, as
+  // aten's threshold_backward), then
+  //   grad_bias = Σdz,  grad_weight = Σdz·x̂,  grad_residual = dz,
+  //   grad_input = w·invstd·(dz - Σdz/M - x̂·Σdz·x̂/M)   when batch_stats (training statistics)
+  //   grad_input = w·invstd·dz                           otherwise (running statistics).
+  // grad_residual is an empty tensor unless residual_grad. grad_weight and grad_bias are always
+  // returned, in the accumulation dtype; the caller casts them to the parameter's dtype.
+  m.def(
+      "bn_act_bwd(Tensor grad_out, Tensor out, Tensor input, Tensor? weight, Tensor mean,"
+      " Tensor invstd, bool batch_stats, bool residual_grad)"
+      " -> (Tensor grad_input, Tensor grad_residual, Tensor grad_weight, Tensor grad_bias)");
+}

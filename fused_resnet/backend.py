@@ -1,0 +1,121 @@
+"""Which implementation runs the fused ops: "auto" | "reference" | "cpu" | "cuda" | "triton".
+
+The choice is process-wide: `set_backend(name)`, the context manager `use_backend(name)`, or the
+environment variable FUSED_RESNET_BACKEND read at first use. "auto" picks, per call, the fastest
+backend that can run the input's device (the order in `_AUTO_PREFERENCE`). Naming a backend that
+cannot run a tensor is an error, never a silent fallback.
+
+Backends register themselves here (fused_resnet/ops.py does it at import); this module only holds
+names, availability and the resolution rule.
+"""
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+ENV_VAR = "FUSED_RESNET_BACKEND"
+BACKEND_NAMES = ("auto", "reference", "cpu", "cuda", "triton")
+
+# Fastest first, per device type. "auto" takes the first one that is available.
+_AUTO_PREFERENCE = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
+}
+
+
+@dataclass
+class Backend:
+    """One implementation of the op set (see fused_resnet/ops.py for the op contract)."""
+
+    name: str
+    device_types: tuple  # device types whose tensors it runs, e.g. ("cpu",)
+    fwd_train: Callable
+    fwd_eval: Callable
+
+
+_registry: Dict[str, Backend] = {}
+_unavailable: Dict[str, str] = {
+    "cpu": "the C++ extension fused_resnet._C is not built",
+    "cuda": "the C++ extension was built without CUDA kernels",
+    "triton": "the Triton backend is not implemented yet",
+}
+_selected: Optional[str] = None  # None: take the environment variable, else "auto"
+
+
+def register(backend: Backend) -> None:
+    _registry[backend.name] = backend
+    _unavailable.pop(backend.name, None)
+
+
+def mark_unavailable(name: str, reason: str) -> None:
+    _registry.pop(name, None)
+    _unavailable[name] = reason
+
+
+def _check_name(name, source: str) -> str:
+    if name not in BACKEND_NAMES:
+        raise ValueError(
+            f"unknown fused_resnet backend {name!r} (from {source}); "
+            f"expected one of {', '.join(repr(n) for n in BACKEND_NAMES)}"
+        )
+    if name != "auto" and name not in _registry:
+        raise RuntimeError(
+            f"fused_resnet backend {name!r} (from {source}) is not available on this machine: "
+            f"{_unavailable.get(name, 'not registered')}"
+        )
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for every later call; "auto" restores the per-device choice."""
+    global _selected
+    _selected = _check_name(name, "set_backend")
+
+
+def get_backend() -> str:
+    """The selected backend name ("auto" unless set_backend/use_backend/the env var say otherwise)."""
+    if _selected is not None:
+        return _selected
+    return _check_name(os.environ.get(ENV_VAR, "auto"), f"the environment variable {ENV_VAR}")
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the body with `name` selected, then restore the previous selection."""
+    global _selected
+    previous = _selected
+    _selected = _check_name(name, "use_backend")
+    try:
+        yield
+    finally:
+        _selected = previous
+
+
+def available_backends(device=None) -> List[str]:
+    """Concrete backends available on this machine, fastest first; only those that run `device` if given."""
+    if device is None:
+        return [n for n in BACKEND_NAMES if n in _registry]
+    device_type = torch.device(device).type
+    order = _AUTO_PREFERENCE.get(device_type, ("reference",))
+    return [n for n in order if n in _registry and device_type in _registry[n].device_types]
+
+
+def resolve(device: torch.device) -> Backend:
+    """The backend that runs tensors on `device` under the current selection."""
+    name = get_backend()
+    if name == "auto":
+        candidates = available_backends(device)
+        if not candidates:
+            raise RuntimeError(f"no fused_resnet backend can run tensors on device {device}")
+        return _registry[candidates[0]]
+    backend = _registry[name]
+    if device.type not in backend.device_types:
+        raise RuntimeError(
+            f"fused_resnet backend {name!r} cannot run tensors on device {device} "
+            f"(it runs {', '.join(backend.device_types)} tensors); backends for {device.type}: "
+            f"{available_backends(device)}"
+        )
+    return backend

@@ -1,0 +1,92 @@
+"""Drop-in BatchNorm modules with a fused ReLU or a fused residual add + ReLU.
+
+Each subclasses the nn.BatchNorm1d/2d/3d it replaces: same constructor, parameters, buffers and
+state_dict keys (so state dicts load strictly in both directions), same running-statistics
+semantics (momentum, momentum=None as a cumulative average, num_batches_tracked,
+track_running_stats=False, affine=False).
+
+    BatchNormReLU2d(C)(x)            == relu(BatchNorm2d(C)(x))
+    BatchNormAddReLU2d(C)(x, r)      == relu(BatchNorm2d(C)(x) + r)
+
+Unlike eager nn.BatchNorm, which increments num_batches_tracked before it raises, every check runs
+first: a refused call changes no state.
+"""
+
+from torch import nn
+
+from .. import functional
+
+
+class _FusedBatchNormMixin:
+    """nn.BatchNorm's forward, with the input checks moved before any state changes."""
+
+    def _fused_forward(self, input, residual):
+        self._check_input_dim(input)  # nn.BatchNorm*d's own rank check and message
+        # As nn.BatchNorm: batch statistics in training, and in eval when there are no running ones.
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        # Running buffers are read in eval, and updated in training if they are tracked.
+        tracks = not self.training or self.track_running_stats
+        running_mean = self.running_mean if tracks else None
+        running_var = self.running_var if tracks else None
+        functional.check_inputs(
+            type(self).__name__,
+            input,
+            residual,
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            num_features=self.num_features,
+        )
+
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return functional.batch_norm_act(
+            input,
+            residual,
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+        )
+
+
+class _BatchNormReLU(_FusedBatchNormMixin):
+    def forward(self, input):
+        return self._fused_forward(input, None)
+
+
+class _BatchNormAddReLU(_FusedBatchNormMixin):
+    def forward(self, input, residual):
+        return self._fused_forward(input, residual)
+
+
+class BatchNormReLU1d(_BatchNormReLU, nn.BatchNorm1d):
+    """relu(BatchNorm1d(x)) for (N, C) or (N, C, L) input."""
+
+
+class BatchNormReLU2d(_BatchNormReLU, nn.BatchNorm2d):
+    """relu(BatchNorm2d(x)) for (N, C, H, W) input."""
+
+
+class BatchNormReLU3d(_BatchNormReLU, nn.BatchNorm3d):
+    """relu(BatchNorm3d(x)) for (N, C, D, H, W) input."""
+
+
+class BatchNormAddReLU1d(_BatchNormAddReLU, nn.BatchNorm1d):
+    """relu(BatchNorm1d(x) + residual) for (N, C) or (N, C, L) input."""
+
+
+class BatchNormAddReLU2d(_BatchNormAddReLU, nn.BatchNorm2d):
+    """relu(BatchNorm2d(x) + residual) for (N, C, H, W) input."""
+
+
+class BatchNormAddReLU3d(_BatchNormAddReLU, nn.BatchNorm3d):
+    """relu(BatchNorm3d(x) + residual) for (N, C, D, H, W) input."""

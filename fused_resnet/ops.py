@@ -1,0 +1,178 @@
+"""The one op API of fused_resnet: fake impls, autograd, and dispatch to a backend.
+
+Ops (schemas in csrc/fused_resnet.cpp, where the math is written out):
+  bn_act_fwd_train(input, residual?, weight?, bias?, eps) -> (out, save_mean, save_invstd, batch_var)
+  bn_act_fwd_eval(input, residual?, running_mean, running_var, weight?, bias?, eps) -> out
+  bn_act_bwd(grad_out, out, input, weight?, mean, invstd, batch_stats, residual_grad)
+      -> (grad_input, grad_residual, grad_weight, grad_bias)
+
+Every compiled backend implements these three ops; `register_op_set` gives any such set the same
+fake impls and the same autograd formula, so backends differ only in their kernels. The
+"reference" backend is the eager composition in reference.py (autograd from eager ops).
+
+Callers use `forward_train` / `forward_eval`, which pick the backend for the input's device.
+"""
+
+import torch
+
+from . import backend as _backend
+from . import reference
+from .reference import acc_dtype
+
+# ---------------------------------------------------------------------------------------------
+# Output layout shared by every backend and by the fake impls: a dense NC* or channels_last input
+# is used as it is, anything else is made contiguous first; outputs are allocated like that
+# canonical input (so a channels_last input gives a channels_last output).
+
+
+def canonical_layout(input: torch.Tensor) -> torch.Tensor:
+    if input.is_contiguous():
+        return input
+    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
+        return input
+    if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
+        return input
+    return input.contiguous()
+
+
+def _empty_activation(input: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(canonical_layout(input))
+
+
+def _empty_channel_stat(input: torch.Tensor) -> torch.Tensor:
+    return input.new_empty((input.shape[1],), dtype=acc_dtype(input.dtype))
+
+
+def _fake_fwd_train(input, residual, weight, bias, eps):
+    stat = _empty_channel_stat
+    return _empty_activation(input), stat(input), stat(input), stat(input)
+
+
+def _fake_fwd_eval(input, residual, running_mean, running_var, weight, bias, eps):
+    return _empty_activation(input)
+
+
+def _fake_bwd(grad_out, out, input, weight, mean, invstd, batch_stats, residual_grad):
+    grad_residual = _empty_activation(input) if residual_grad else input.new_empty((0,))
+    stat = _empty_channel_stat
+    return _empty_activation(input), grad_residual, stat(input), stat(input)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd, one formula for every op set. The forward ops return statistics that are not
+# differentiable; gradients flow to input, residual, weight and bias only.
+
+
+def _param_grad(grad, param, needed):
+    return grad.to(param.dtype) if needed and param is not None else None
+
+
+def _make_autograd(bwd_op):
+    def setup_train(ctx, inputs, output):
+        input, residual, weight, bias, _eps = inputs
+        out, save_mean, save_invstd, _batch_var = output
+        ctx.save_for_backward(input, out, weight, bias, save_mean, save_invstd)
+        ctx.mark_non_differentiable(*output[1:])
+
+    def backward_train(ctx, grad_out, _grad_mean, _grad_invstd, _grad_var):
+        input, out, weight, bias, mean, invstd = ctx.saved_tensors
+        need_input, need_residual, need_weight, need_bias, _ = ctx.needs_input_grad
+        grad_input, grad_residual, grad_weight, grad_bias = bwd_op(
+            grad_out, out, input, weight, mean, invstd, True, need_residual
+        )
+        return (
+            grad_input if need_input else None,
+            grad_residual if need_residual else None,
+            _param_grad(grad_weight, weight, need_weight),
+            _param_grad(grad_bias, bias, need_bias),
+            None,
+        )
+
+    def setup_eval(ctx, inputs, output):
+        # The statistics are taken now: the running buffers may be updated in place before backward.
+        input, _residual, running_mean, running_var, weight, bias, eps = inputs
+        acc = acc_dtype(input.dtype)
+        mean = running_mean.to(acc, copy=True)
+        invstd = torch.rsqrt(running_var.to(acc) + eps)
+        ctx.save_for_backward(input, output, weight, bias, mean, invstd)
+
+    def backward_eval(ctx, grad_out):
+        input, out, weight, bias, mean, invstd = ctx.saved_tensors
+        need_input, need_residual, _, _, need_weight, need_bias, _ = ctx.needs_input_grad
+        grad_input, grad_residual, grad_weight, grad_bias = bwd_op(
+            grad_out, out, input, weight, mean, invstd, False, need_residual
+        )
+        return (
+            grad_input if need_input else None,
+            grad_residual if need_residual else None,
+            None,
+            None,
+            _param_grad(grad_weight, weight, need_weight),
+            _param_grad(grad_bias, bias, need_bias),
+            None,
+        )
+
+    return (backward_train, setup_train), (backward_eval, setup_eval)
+
+
+def register_op_set(fwd_train, fwd_eval, bwd):
+    """Give a backend's three ops (OpOverloads or triton_op handles) their fake impls and autograd."""
+    torch.library.register_fake(fwd_train, _fake_fwd_train)
+    torch.library.register_fake(fwd_eval, _fake_fwd_eval)
+    torch.library.register_fake(bwd, _fake_bwd)
+    (backward_train, setup_train), (backward_eval, setup_eval) = _make_autograd(bwd)
+    torch.library.register_autograd(fwd_train, backward_train, setup_context=setup_train)
+    torch.library.register_autograd(fwd_eval, backward_eval, setup_context=setup_eval)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend registration.
+
+_backend.register(
+    _backend.Backend(
+        name="reference",
+        device_types=("cpu", "cuda"),
+        fwd_train=reference.bn_act_fwd_train,
+        fwd_eval=reference.bn_act_fwd_eval,
+    )
+)
+
+
+def _register_compiled_backends(extension_error):
+    """The C++ ops: CPU kernels always, CUDA kernels when the extension was built with them."""
+    if extension_error is not None:
+        reason = f"the C++ extension fused_resnet._C failed to load ({extension_error})"
+        _backend.mark_unavailable("cpu", reason)
+        _backend.mark_unavailable("cuda", reason)
+        return
+    ops = torch.ops.fused_resnet
+    register_op_set(ops.bn_act_fwd_train.default, ops.bn_act_fwd_eval.default, ops.bn_act_bwd.default)
+    for device_type in ("cpu", "cuda"):
+        has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
+            ops.bn_act_fwd_train.default.name(), device_type.upper()
+        )
+        if has_kernel:
+            _backend.register(
+                _backend.Backend(
+                    name=device_type,
+                    device_types=(device_type,),
+                    fwd_train=ops.bn_act_fwd_train.default,
+                    fwd_eval=ops.bn_act_fwd_eval.default,
+                )
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry points used by functional.py and the modules.
+
+
+def forward_train(input, residual, weight, bias, eps):
+    """Batch-statistics forward: (out, save_mean, save_invstd, batch_var)."""
+    impl = _backend.resolve(input.device)
+    return impl.fwd_train(input, residual, weight, bias, eps)
+
+
+def forward_eval(input, residual, running_mean, running_var, weight, bias, eps):
+    """Running-statistics forward: out."""
+    impl = _backend.resolve(input.device)
+    return impl.fwd_eval(input, residual, running_mean, running_var, weight, bias, eps)

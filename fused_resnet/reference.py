@@ -1,0 +1,55 @@
+"""The op contract written as an eager composition of torch ops: the fallback backend "reference".
+
+Same signatures and results as torch.ops.fused_resnet.bn_act_fwd_train / bn_act_fwd_eval (see
+csrc/fused_resnet.cpp for the math). Autograd comes from the eager ops themselves. It makes several
+passes over memory and is there for correctness on any device, not for speed.
+"""
+
+import torch
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the fused ops: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _per_channel(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    return t.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def _affine_residual_relu(x_hat, residual, weight, bias, out_dtype):
+    acc = x_hat.dtype
+    z = x_hat
+    if weight is not None:
+        z = z * _per_channel(weight.to(acc), z.dim())
+    if bias is not None:
+        z = z + _per_channel(bias.to(acc), z.dim())
+    if residual is not None:
+        z = z + residual.to(acc)
+    return torch.relu(z).to(out_dtype)
+
+
+def bn_act_fwd_train(input, residual, weight, bias, eps):
+    acc = acc_dtype(input.dtype)
+    x = input.to(acc)
+    channels = input.shape[1]
+    reduce_dims = [0] + list(range(2, input.dim()))
+    if input.numel() == 0:
+        # Empty batch: the kernels' convention, mean 0 and var 0.
+        mean = x.new_zeros(channels)
+        var = x.new_zeros(channels)
+    else:
+        var, mean = torch.var_mean(x, dim=reduce_dims, correction=0)
+    invstd = torch.rsqrt(var + eps)
+    x_hat = (x - _per_channel(mean, x.dim())) * _per_channel(invstd, x.dim())
+    out = _affine_residual_relu(x_hat, residual, weight, bias, input.dtype)
+    return out, mean.detach(), invstd.detach(), var.detach()
+
+
+def bn_act_fwd_eval(input, residual, running_mean, running_var, weight, bias, eps):
+    acc = acc_dtype(input.dtype)
+    invstd = torch.rsqrt(running_var.to(acc) + eps)
+    x_hat = (input.to(acc) - _per_channel(running_mean.to(acc), input.dim())) * _per_channel(
+        invstd, input.dim()
+    )
+    return _affine_residual_relu(x_hat, residual, weight, bias, input.dtype)

@@ -1,0 +1,135 @@
+"""Shared fixtures and helpers: backends, the tolerance table, inputs, and the eager oracle.
+
+The suite is parametrized over every backend available on the machine, for every device present.
+FUSED_RESNET_TEST_DEVICE=cuda runs it on CUDA tensors instead of CPU ones.
+"""
+
+import os
+
+import pytest
+import torch
+
+import fused_resnet
+
+DEVICE = torch.device(os.environ.get("FUSED_RESNET_TEST_DEVICE", "cpu"))
+BACKENDS = fused_resnet.available_backends(DEVICE)
+
+# One (atol, rtol) per input dtype, for outputs, gradients and running statistics alike. The
+# oracle runs in float64, so these are the error of the backend's own arithmetic: fp32
+# accumulation for fp32/fp16/bf16, and one rounding of the result to the activation dtype.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-8),
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def assert_close(actual, expected, dtype, what):
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(
+        actual.double(), expected.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}"
+    )
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with fused_resnet.use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs():
+    """Every uninitialized allocation (torch.empty, at::empty in the kernels) is filled with NaN.
+
+    torch fills memory it hands out uninitialized when deterministic algorithms are on, so an
+    output element that a kernel forgets to write reads as NaN and fails the comparison.
+    """
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+        torch.utils.deterministic.fill_uninitialized_memory = previous_fill
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: fresh random draws in the requested layout.
+
+LAYOUTS = ("contiguous", "channels_last", "sliced")
+
+
+def make_tensor(shape, dtype, layout="contiguous", device=DEVICE, scale=1.0, offset=0.0):
+    """Random normal values (never zeros) in the given memory layout.
+
+    "sliced" is a non-contiguous view: every other element of the last dimension of a larger tensor.
+    """
+    shape = tuple(shape)
+    if layout == "sliced":
+        big = shape[:-1] + (2 * shape[-1],)
+        base = torch.randn(big, dtype=torch.float64, device=device) * scale + offset
+        t = base.to(dtype)[..., ::2]
+        assert not t.is_contiguous() or shape[-1] == 1
+        return t
+    t = (torch.randn(shape, dtype=torch.float64, device=device) * scale + offset).to(dtype)
+    if layout == "channels_last":
+        fmt = {4: torch.channels_last, 5: torch.channels_last_3d}[len(shape)]
+        t = t.contiguous(memory_format=fmt)
+    return t
+
+
+def layouts_for(shape):
+    return [l for l in LAYOUTS if l != "channels_last" or len(shape) in (4, 5)]
+
+
+def memory_format_of(t):
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def eager_bn_class(ndim):
+    return {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}[ndim]
+
+
+def fused_class(ndim, residual):
+    d = {2: 1, 3: 1, 4: 2, 5: 3}[ndim]
+    name = f"BatchNorm{'AddReLU' if residual else 'ReLU'}{d}d"
+    return getattr(fused_resnet.nn, name)
+
+
+def randomize_affine(module):
+    """Non-trivial weight (both signs) and bias, so the affine part is really exercised."""
+    if module.weight is not None:
+        with torch.no_grad():
+            module.weight.copy_(torch.empty_like(module.weight).uniform_(0.5, 1.5))
+            module.weight[::3].neg_()
+            module.bias.copy_(torch.randn_like(module.bias) * 0.5)
+
+
+def relu_mask(out):
+    """Where relu passes the gradient: exactly aten's threshold_backward (0 where out <= 0)."""
+    return ~(out <= 0)
+
+
+def eager_step(eager_bn, x, residual, grad_out, mask):
+    """Run the float64 eager oracle on one step and return (out, grad_x, grad_residual).
+
+    The gradient is taken with the ReLU's pass-through mask of the backend under test: where the
+    pre-activation lies within rounding of 0, fp32 and fp64 can legitimately disagree on its sign,
+    and one flipped element would change whole gradients. The output comparison checks that the
+    backend's output, and so its mask, matches eager's.
+    """
+    x64 = x.detach().double().requires_grad_(x.requires_grad)
+    r64 = None if residual is None else residual.detach().double().requires_grad_(True)
+    z = eager_bn(x64)
+    if r64 is not None:
+        z = z + r64
+    out = torch.relu(z)
+    z.backward(grad_out.double() * mask.double())
+    return out.detach(), x64.grad, None if r64 is None else r64.grad

@@ -1,0 +1,69 @@
+"""fused_resnet.functional against F.batch_norm (+ add) + relu: results and running-stat side effects."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_resnet
+from conftest import DEVICE, assert_close, make_tensor
+
+
+def _stats(channels, dtype=torch.float32):
+    mean = torch.randn(channels, dtype=dtype, device=DEVICE)
+    var = torch.rand(channels, dtype=dtype, device=DEVICE) + 0.5
+    return mean, var
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.7])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("residual", [False, True], ids=["relu", "add_relu"])
+def test_functional_matches_f_batch_norm(backend, residual, training, momentum):
+    shape = (4, 6, 5, 3)
+    x = make_tensor(shape, torch.float64)
+    r = make_tensor(shape, torch.float64) if residual else None
+    weight, bias = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    rm, rv = _stats(6, torch.float64)
+    ref_rm, ref_rv, initial_rm = rm.clone(), rv.clone(), rm.clone()
+
+    if residual:
+        out = fused_resnet.functional.batch_norm_add_relu(
+            x, r, rm, rv, weight, bias, training=training, momentum=momentum, eps=1e-3
+        )
+    else:
+        out = fused_resnet.functional.batch_norm_relu(
+            x, rm, rv, weight, bias, training=training, momentum=momentum, eps=1e-3
+        )
+    ref = F.batch_norm(x, ref_rm, ref_rv, weight, bias, training=training, momentum=momentum, eps=1e-3)
+    ref = F.relu(ref + r if residual else ref)
+    assert_close(out, ref, torch.float64, "output")
+    assert_close(rm, ref_rm, torch.float64, "running_mean")
+    assert_close(rv, ref_rv, torch.float64, "running_var")
+    assert torch.equal(rm, initial_rm) != training  # updated in training only
+
+
+def test_functional_training_without_running_stats(backend):
+    x = make_tensor((5, 3, 4), torch.float32)
+    out = fused_resnet.functional.batch_norm_relu(x, None, None, training=True)
+    ref = F.relu(F.batch_norm(x.double(), None, None, training=True))
+    assert_close(out, ref, torch.float32, "output")
+
+
+def test_functional_positional_order_matches_f_batch_norm(backend):
+    """Arguments are positional in F.batch_norm's order, residual right after input."""
+    x = make_tensor((3, 2, 4), torch.float64)
+    r = make_tensor((3, 2, 4), torch.float64)
+    rm, rv = _stats(2, torch.float64)
+    w, b = torch.rand(2, dtype=torch.float64) + 0.5, torch.randn(2, dtype=torch.float64)
+    out = fused_resnet.functional.batch_norm_add_relu(x, r, rm, rv, w, b, False, 0.1, 1e-2)
+    ref = F.relu(F.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-2) + r)
+    assert_close(out, ref, torch.float64, "output")
+
+
+def test_update_running_stats_is_the_eager_formula():
+    mean, var = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
+    rm, rv = _stats(4, torch.float64)
+    expected_rm = 0.9 * rm + 0.1 * mean
+    expected_rv = 0.9 * rv + 0.1 * var * 10 / 9
+    fused_resnet.functional.update_running_stats(rm, rv, mean, var, 10, 0.1)
+    assert_close(rm, expected_rm, torch.float64, "running_mean")
+    assert_close(rv, expected_rv, torch.float64, "running_var")

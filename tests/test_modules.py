@@ -1,0 +1,192 @@
+"""The fused modules against eager nn.BatchNorm (+ add) + ReLU, in float64, over several steps.
+
+Compared at every step: the output, the gradients of input, residual, weight and bias, the running
+mean and variance, and num_batches_tracked.
+"""
+
+import pytest
+import torch
+
+from conftest import (
+    DEVICE,
+    assert_close,
+    eager_bn_class,
+    eager_step,
+    fused_class,
+    layouts_for,
+    make_tensor,
+    memory_format_of,
+    randomize_affine,
+    relu_mask,
+)
+
+SHAPES = [
+    (7, 3),  # 1D, (N, C)
+    (4, 19, 5),  # 1D, (N, C, L)
+    (3, 1, 7),  # one channel
+    (2, 3, 5, 7),  # 2D
+    (3, 19, 1, 1),  # spatial 1
+    (3, 4, 6, 6),
+    (2, 3, 3, 5, 7),  # 3D
+    (1, 5, 2, 3, 3),
+]
+SHAPE_LAYOUTS = [(s, l) for s in SHAPES for l in layouts_for(s)]
+
+# (affine, track_running_stats, momentum)
+CONFIGS = {
+    "default": (True, True, 0.1),
+    "no_affine": (False, True, 0.1),
+    "cumulative": (True, True, None),
+    "no_track": (True, False, 0.1),
+    "no_affine_no_track_cumulative": (False, False, None),
+}
+
+# (input dtype, parameter/running-stat dtype)
+DTYPES = {
+    "fp64": (torch.float64, torch.float64),
+    "fp32": (torch.float32, torch.float32),
+    "bf16_fp32params": (torch.bfloat16, torch.float32),
+}
+
+
+def _make_pair(ndim, channels, residual, config, param_dtype):
+    """The fused module in param_dtype, and the float64 eager module holding exactly its values."""
+    affine, track, momentum = config
+    kwargs = dict(affine=affine, track_running_stats=track, momentum=momentum)
+    fused = fused_class(ndim, residual)(channels, **kwargs).to(device=DEVICE, dtype=param_dtype)
+    randomize_affine(fused)
+    if track:  # start from non-trivial running statistics
+        fused.running_mean.normal_()
+        fused.running_var.uniform_(0.5, 2.0)
+    eager = eager_bn_class(ndim)(channels, **kwargs).to(device=DEVICE, dtype=torch.float64)
+    eager.load_state_dict(fused.state_dict())
+    return eager, fused
+
+
+def _check_state(fused, eager, dtype, step):
+    for name in ("running_mean", "running_var"):
+        mine, ref = getattr(fused, name), getattr(eager, name)
+        assert (mine is None) == (ref is None)
+        if mine is not None:
+            assert_close(mine, ref, dtype, f"step {step}: {name}")
+    if eager.num_batches_tracked is not None:
+        assert int(fused.num_batches_tracked) == int(eager.num_batches_tracked)
+
+
+def run_against_eager(shape, layout, residual, config, dtypes, training, steps=3):
+    dtype, param_dtype = dtypes
+    ndim, channels = len(shape), shape[1]
+    eager, fused = _make_pair(ndim, channels, residual, config, param_dtype)
+    eager.train(training)
+    fused.train(training)
+    for step in range(steps):
+        x = make_tensor(shape, dtype, layout, scale=1.5, offset=0.3).requires_grad_()
+        r = make_tensor(shape, dtype, layout).requires_grad_() if residual else None
+        grad_out = make_tensor(shape, dtype)
+
+        out = fused(x, r) if residual else fused(x)
+        assert out.dtype == dtype and out.shape == x.shape
+        if layout == "channels_last":
+            assert memory_format_of(out) == memory_format_of(x), "output lost channels_last"
+        out.backward(grad_out)
+
+        ref_out, ref_gx, ref_gr = eager_step(eager, x, r, grad_out, relu_mask(out.detach()))
+        assert_close(out, ref_out, dtype, f"step {step}: output")
+        assert_close(x.grad, ref_gx, dtype, f"step {step}: grad_input")
+        if residual:
+            assert_close(r.grad, ref_gr, dtype, f"step {step}: grad_residual")
+        if eager.weight is not None:
+            assert fused.weight.grad.dtype == param_dtype
+            assert_close(fused.weight.grad, eager.weight.grad, dtype, f"step {step}: grad_weight")
+            assert_close(fused.bias.grad, eager.bias.grad, dtype, f"step {step}: grad_bias")
+            for m in (fused, eager):
+                m.weight.grad = m.bias.grad = None
+        _check_state(fused, eager, dtype, step)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
+@pytest.mark.parametrize("residual", [False, True], ids=["relu", "add_relu"])
+@pytest.mark.parametrize("dtypes", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("shape,layout", SHAPE_LAYOUTS, ids=[f"{s}-{l}" for s, l in SHAPE_LAYOUTS])
+def test_module_matches_eager(backend, shape, layout, dtypes, residual, config, training):
+    # eval without running statistics normalizes with batch statistics, as nn.BatchNorm does
+    run_against_eager(shape, layout, residual, config, dtypes, training)
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float16, torch.float32], ids=["fp16params", "fp32params"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_half_inputs(backend, layout, training, param_dtype):
+    run_against_eager((3, 5, 4, 6), layout, True, CONFIGS["default"], (torch.float16, param_dtype), training)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bf16_params_same_dtype(backend, training):
+    run_against_eager((3, 5, 4, 6), "channels_last", True, CONFIGS["default"], (torch.bfloat16,) * 2, training)
+
+
+@pytest.mark.parametrize(
+    "shape,layout",
+    [((4, 2, 48, 48), "contiguous"), ((4, 3, 40, 40), "channels_last"), ((600, 2), "contiguous")],
+)
+def test_long_channels_split_reduction(backend, shape, layout):
+    """Few channels with many values each: the per-channel reduction is split and recombined."""
+    run_against_eager(shape, layout, True, CONFIGS["default"], DTYPES["fp32"], True, steps=2)
+
+
+def test_state_dict_loads_both_ways(backend):
+    for ndim in (2, 4, 5):
+        for residual in (False, True):
+            eager = eager_bn_class(ndim)(6)
+            randomize_affine(eager)
+            eager.running_mean.normal_()
+            eager.num_batches_tracked.fill_(5)
+            fused = fused_class(ndim, residual)(6)
+            fused.load_state_dict(eager.state_dict(), strict=True)
+            back = eager_bn_class(ndim)(6)
+            back.load_state_dict(fused.state_dict(), strict=True)
+            for key, value in eager.state_dict().items():
+                assert torch.equal(back.state_dict()[key], value), key
+            assert isinstance(fused, eager_bn_class(ndim))
+
+
+def test_empty_batch_matches_eager(backend):
+    eager = torch.nn.BatchNorm2d(3).to(DEVICE)
+    fused = fused_class(4, True)(3).to(DEVICE)
+    for training in (True, False):
+        eager.train(training)
+        fused.train(training)
+        x = torch.randn(0, 3, 4, 4, device=DEVICE, requires_grad=True)
+        r = torch.randn(0, 3, 4, 4, device=DEVICE, requires_grad=True)
+        out = fused(x, r)
+        ref = torch.relu(eager(x.detach()) + r.detach())
+        assert out.shape == ref.shape == (0, 3, 4, 4)
+        out.sum().backward()
+        assert x.grad.shape == x.shape and r.grad.shape == r.shape
+        if training:
+            assert torch.equal(fused.weight.grad, torch.zeros(3, device=DEVICE))
+            assert torch.equal(fused.bias.grad, torch.zeros(3, device=DEVICE))
+        assert torch.equal(fused.running_mean, eager.running_mean)
+        assert torch.equal(fused.running_var, eager.running_var)
+        assert int(fused.num_batches_tracked) == int(eager.num_batches_tracked)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_nan_stays_in_its_channel(backend, layout, training):
+    eager = torch.nn.BatchNorm2d(4).to(DEVICE, torch.float64)
+    fused = fused_class(4, False)(4).to(DEVICE)
+    eager.train(training)
+    fused.train(training)
+    x = make_tensor((3, 4, 5, 5), torch.float32, layout)
+    x[1, 2, 3, 4] = float("nan")
+    out = fused(x)
+    ref = torch.relu(eager(x.double()))
+    # training: the whole of channel 2 is NaN (its statistics are); eval: only that element
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert out[:, 2].isnan().all() == training
+    others = [0, 1, 3]
+    assert_close(out[:, others], ref[:, others], torch.float32, "other channels")
+    assert_close(fused.running_mean[others], eager.running_mean[others], torch.float32, "running_mean")
+    assert fused.running_mean[2].isnan() == training

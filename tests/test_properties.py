@@ -1,0 +1,36 @@
+"""Property-based: any shape, layout and flag combination matches eager (hypothesis draws them)."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import layouts_for
+from test_modules import CONFIGS, DTYPES, run_against_eager
+
+
+@st.composite
+def cases(draw):
+    ndim = draw(st.integers(2, 5))
+    n = draw(st.integers(1, 4))
+    c = draw(st.integers(1, 9))
+    spatial = [draw(st.integers(1, 6)) for _ in range(ndim - 2)]
+    shape = (n, c, *spatial)
+    training = draw(st.booleans())
+    if training and n * (torch.Size(spatial).numel()) == 1:
+        n += 1  # one value per channel is refused in training (tested in test_errors)
+        shape = (n, c, *spatial)
+    return dict(
+        shape=shape,
+        layout=draw(st.sampled_from(layouts_for(shape))),
+        residual=draw(st.booleans()),
+        config=draw(st.sampled_from(list(CONFIGS.values()))),
+        dtypes=draw(st.sampled_from([DTYPES["fp64"], DTYPES["fp32"]])),
+        training=training,
+    )
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=cases())
+def test_random_cases_match_eager(backend, case):
+    run_against_eager(steps=2, **case)
