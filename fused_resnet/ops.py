@@ -64,7 +64,9 @@ def _fake_bwd(grad_out, out, input, weight, mean, invstd, batch_stats, residual_
 
 
 def _param_grad(grad, param, needed):
-    return grad.to(param.dtype) if needed and param is not None else None
+    if not needed or param is None:
+        return None
+    return grad if grad.dtype == param.dtype else grad.to(param.dtype)
 
 
 def _make_autograd(bwd_op):
@@ -93,7 +95,7 @@ def _make_autograd(bwd_op):
         input, _residual, running_mean, running_var, weight, bias, eps = inputs
         acc = acc_dtype(input.dtype)
         mean = running_mean.to(acc, copy=True)
-        invstd = torch.rsqrt(running_var.to(acc) + eps)
+        invstd = torch.rsqrt(running_var.to(acc, copy=True).add_(eps))
         ctx.save_for_backward(input, output, weight, bias, mean, invstd)
 
     def backward_eval(ctx, grad_out):
@@ -115,6 +117,13 @@ def _make_autograd(bwd_op):
     return (backward_train, setup_train), (backward_eval, setup_eval)
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "fused_resnet: double backward (a gradient of a gradient through the fused BatchNorm) is "
+        "not supported"
+    )
+
+
 def register_op_set(fwd_train, fwd_eval, bwd):
     """Give a backend's three ops (OpOverloads or triton_op handles) their fake impls and autograd."""
     torch.library.register_fake(fwd_train, _fake_fwd_train)
@@ -123,6 +132,7 @@ def register_op_set(fwd_train, fwd_eval, bwd):
     (backward_train, setup_train), (backward_eval, setup_eval) = _make_autograd(bwd)
     torch.library.register_autograd(fwd_train, backward_train, setup_context=setup_train)
     torch.library.register_autograd(fwd_eval, backward_eval, setup_context=setup_eval)
+    torch.library.register_autograd(bwd, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,8 +40,10 @@ def test_opcheck(sample, requires_grad):
     x, r, w, b, rm, rv = _op_args(*sample, requires_grad)
     torch.library.opcheck(ops.bn_act_fwd_train.default, (x, r, w, b, 1e-5))
     torch.library.opcheck(ops.bn_act_fwd_eval.default, (x, r, rm, rv, w, b, 1e-5))
-    out, mean, invstd, _ = ops.bn_act_fwd_train(x.detach(), r, w.detach(), b.detach(), 1e-5)
+    with torch.no_grad():
+        out, mean, invstd, _ = ops.bn_act_fwd_train(x, r, w, b, 1e-5)
     grad_out = make_tensor(x.shape, x.dtype)
+    # the backward op has no derivative of its own (double backward is refused, tested below)
     for batch_stats in (True, False):
         for residual_grad in (True, False):
             torch.library.opcheck(
@@ -122,3 +124,19 @@ def test_outputs_are_poisoned():
     """The autouse fixture really fills fresh allocations with NaN (an unwritten element shows)."""
     assert torch.empty(64, device=DEVICE).isnan().all()
     assert torch.empty_like(torch.ones(3, 4, 5, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)).isnan().all()
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_double_backward_is_a_clear_error(backend, training):
+    x = make_tensor((3, 4, 5), torch.float64).requires_grad_()
+    rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    y = fused_resnet.functional.batch_norm_relu(x, rm, rv, training=training)
+    (grad_x,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    if backend == "reference":  # eager ops: double backward works and matches eager
+        x_ref = x.detach().clone().requires_grad_()
+        y_ref = torch.relu(torch.nn.functional.batch_norm(x_ref, rm, rv, training=training))
+        (grad_ref,) = torch.autograd.grad(y_ref.square().sum(), x_ref, create_graph=True)
+        torch.testing.assert_close(torch.autograd.grad(grad_x.sum(), x)[0], torch.autograd.grad(grad_ref.sum(), x_ref)[0])
+    else:
+        with pytest.raises(NotImplementedError, match="double backward"):
+            grad_x.sum().backward()
