@@ -1,0 +1,375 @@
+// Shared pieces of the CPU kernels of fused_resnet (bn_act_fwd.cpp, bn_act_bwd.cpp,
+// bn_act_common.cpp, bn_act_register.cpp). The math of every op is stated in
+// csrc/fused_resnet.cpp; this header holds what the kernels have in common:
+//
+//   * Geometry: the input viewed in one of two native layouts, never converted between them:
+//       planes  [N][C][S]   contiguous NC* (NCL, NCHW, NCDHW)
+//       rows    [N*S][C]    channels_last / channels_last_3d, and any input with S == 1
+//     Any other strided input is first made contiguous (NC*), and every other activation
+//     (residual, grad_out, out) is brought to the input's format, so a single linear index
+//     addresses all of them. Outputs are allocated like the canonical input.
+//   * VecT<T>: load/store of T as Vectorized<acc_t> (acc_t = double for double, else float).
+//     Half/BFloat16 load one Vectorized<T> (16 lanes) as two Vectorized<float>.
+//   * Moments: (count, mean, M2) partials merged with Chan's formula.
+//   * Row "super-rows": in the rows layout, k consecutive rows (W = k*C elements) are handled
+//     as one period so that W is a multiple of the vector width even when C is not (C = 3,
+//     19, ...): per-position parameters are expanded to W entries, position j is channel j % C.
+//   * Memory: large outputs are written with streaming stores (use_streaming_stores) and get
+//     transparent huge pages (empty_activation); both are described where they are defined.
+//
+// Vectorization: setup.py compiles with -mavx2 -mfma -DCPU_CAPABILITY_AVX2 when the build
+// machine has AVX2+FMA, which selects the 256-bit at::vec implementation (checked below); any
+// other build uses at::vec's portable fallback and still computes the same results.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#if defined(CPU_CAPABILITY_AVX2)
+static_assert(
+    at::vec::Vectorized<float>::size() == 8,
+    "CPU_CAPABILITY_AVX2 should select at::vec's 256-bit implementation");
+#endif
+
+namespace fused_resnet::cpu {
+
+// ---------------------------------------------------------------------------------------------
+// Host functions (registered in bn_act_register.cpp).
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_train_cpu(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    double eps);
+
+at::Tensor bn_act_fwd_eval_cpu(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& residual,
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    double eps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(
+    const at::Tensor& grad_out,
+    const at::Tensor& out,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    bool batch_stats,
+    bool residual_grad);
+
+// ---------------------------------------------------------------------------------------------
+// Host-side helpers (bn_act_common.cpp).
+
+struct Geometry {
+  at::Tensor x;            // the input, contiguous in `format`
+  at::MemoryFormat format; // Contiguous, ChannelsLast or ChannelsLast3d
+  bool rows;               // true: [N*S][C] rows of C; false: [N][C][S] planes of S
+  int64_t N, C, S;
+  int64_t M() const { return N * S; }
+  int64_t numel() const { return N * C * S; }
+};
+
+// Checks the input (floating dtype, dim >= 2) and picks its native layout.
+Geometry canonicalize_input(const at::Tensor& input, const char* op);
+
+// Checks that `t` has the input's shape, dtype and device ("residual shape [..] does not match
+// input shape [..]"), and returns it in the canonical input's memory format.
+at::Tensor activation_like_input(
+    const at::Tensor& t, const at::Tensor& input, const Geometry& g, const char* name,
+    const char* op);
+
+// Allocates an activation output laid out like the canonical input (fully written later).
+at::Tensor empty_activation(const Geometry& g);
+
+// Per-channel vectors. `check_param` validates a 1-D length-C tensor on the input's device whose
+// dtype is the input's or float32 (the AMP case; float32 is also the accumulation dtype of every
+// input dtype but float64). `read_param` converts it to acc_t (any stride); a missing optional
+// gives `fill`.
+void check_param(
+    const at::Tensor& t, const at::Tensor& input, int64_t C, const char* name, const char* op);
+template <typename acc_t>
+void read_param(const std::optional<at::Tensor>& t, int64_t C, acc_t fill, acc_t* dst);
+
+// The accumulation dtype for an input dtype: Double for Double, Float otherwise.
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tuning constants.
+
+// Below this many elements an op runs on the calling thread (an OpenMP fork costs ~µs).
+constexpr int64_t kParallelMinElems = 32768;
+// A stats block: the two-pass (sum, then centred squares) over one block reads it from L1.
+constexpr int64_t kBlockBytes = 16384;
+// A task of the split (small-C) planes path covers at least this many elements.
+constexpr int64_t kMinTaskElems = 16384;
+// Rows layout: accumulators of a register tile (Vectorized<acc> per sum), and rows per block
+// (a tile's column slice of a block stays in L1 between the two passes of the statistics).
+constexpr int64_t kTileVectors = 4;
+constexpr int64_t kRowBlock = 64;
+// Largest super-row used to make the rows period a multiple of the vector width.
+constexpr int64_t kMaxPeriod = 4096;
+
+// Planes layout: number of parts each channel is split into. 1 means "channel-local": one task
+// owns a whole channel, computes its statistics and applies them while the channel is still in
+// L2 (x is read from memory once). More parts when there are too few channels to balance the
+// threads; then C * P is a multiple of the thread count.
+inline int64_t plan_plane_splits(int64_t C, int64_t M, int64_t threads) {
+  if (threads <= 1 || C >= 4 * threads || C % threads == 0) {
+    return 1;
+  }
+  int64_t a = C, b = threads;
+  while (b != 0) {
+    const int64_t t = a % b;
+    a = b;
+    b = t;
+  }
+  const int64_t P = threads / a;
+  return std::max<int64_t>(1, std::min<int64_t>(P, M / kMinTaskElems));
+}
+
+// Rows layout: super-row of k rows so that W = k * C is a multiple of `step` (when reasonable).
+inline int64_t plan_row_period(int64_t C, int64_t step) {
+  if (C <= 0 || C % step == 0) {
+    return 1;
+  }
+  int64_t a = C, b = step;
+  while (b != 0) {
+    const int64_t t = a % b;
+    a = b;
+    b = t;
+  }
+  const int64_t lcm = C / a * step;
+  return lcm <= kMaxPeriod ? lcm / C : 1;
+}
+
+// Rows layout: number of contiguous chunks of super-rows (one per thread; 1 when small).
+inline int64_t plan_row_chunks(int64_t G, int64_t numel, int64_t threads) {
+  if (threads <= 1 || numel < kParallelMinElems || G <= 1) {
+    return 1;
+  }
+  return std::min<int64_t>(threads, G);
+}
+
+// Calls f(std::bool_constant<a>{}, std::bool_constant<b>{}): runtime flags to template constants.
+template <typename F>
+C10_ALWAYS_INLINE void dispatch_bools(bool a, bool b, const F& f) {
+  if (a) {
+    b ? f(std::true_type{}, std::true_type{}) : f(std::true_type{}, std::false_type{});
+  } else {
+    b ? f(std::false_type{}, std::true_type{}) : f(std::false_type{}, std::false_type{});
+  }
+}
+
+inline int64_t divup(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Vector load/store in the accumulation type.
+
+// Non-temporal (streaming) store of one Vectorized<T> to an address aligned to its size. Large
+// outputs are written this way: no read-for-ownership of the destination lines, and the
+// output does not evict the inputs from the last-level cache. Falls back to a plain store when
+// the build has no x86 vector ISA selected.
+#if defined(CPU_CAPABILITY_AVX512)
+#define FR_HAVE_STREAM 1
+C10_ALWAYS_INLINE void stream_vec(float* p, const at::vec::Vectorized<float>& v) {
+  _mm512_stream_ps(p, __m512(v));
+}
+C10_ALWAYS_INLINE void stream_vec(double* p, const at::vec::Vectorized<double>& v) {
+  _mm512_stream_pd(p, __m512d(v));
+}
+template <typename T>
+C10_ALWAYS_INLINE void stream_vec(T* p, const at::vec::Vectorized<T>& v) {
+  _mm512_stream_si512(reinterpret_cast<__m512i*>(p), __m512i(v));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+#define FR_HAVE_STREAM 1
+C10_ALWAYS_INLINE void stream_vec(float* p, const at::vec::Vectorized<float>& v) {
+  _mm256_stream_ps(p, __m256(v));
+}
+C10_ALWAYS_INLINE void stream_vec(double* p, const at::vec::Vectorized<double>& v) {
+  _mm256_stream_pd(p, __m256d(v));
+}
+template <typename T>
+C10_ALWAYS_INLINE void stream_vec(T* p, const at::vec::Vectorized<T>& v) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), __m256i(v));
+}
+#else
+#define FR_HAVE_STREAM 0
+template <typename T>
+C10_ALWAYS_INLINE void stream_vec(T* p, const at::vec::Vectorized<T>& v) {
+  v.store(p);
+}
+#endif
+
+// Orders this thread's streaming stores before whatever follows (end of a parallel task).
+C10_ALWAYS_INLINE void stream_fence() {
+#if FR_HAVE_STREAM
+  _mm_sfence();
+#endif
+}
+
+// Whether an op touching `bytes` of activations (all inputs and outputs) should stream its
+// outputs: only when they cannot stay in the last-level cache anyway.
+bool use_streaming_stores(int64_t bytes);
+
+// Number of leading elements of p to skip so that p + head is aligned for stream_vec, or -1
+// when no such head exists (p not even element-aligned).
+template <typename T>
+C10_ALWAYS_INLINE int64_t stream_head(const T* p) {
+  constexpr uintptr_t kAlign = sizeof(at::vec::Vectorized<T>);
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  if (a % sizeof(T) != 0) {
+    return -1;
+  }
+  return static_cast<int64_t>(((kAlign - a % kAlign) % kAlign) / sizeof(T));
+}
+
+template <typename T>
+struct VecT {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>);
+  using acc_t = T;
+  using AV = at::vec::Vectorized<acc_t>;
+  static constexpr int64_t kParts = 1;
+  static constexpr int64_t kStep = AV::size();
+  static C10_ALWAYS_INLINE void load(const T* p, AV (&o)[1]) { o[0] = AV::loadu(p); }
+  static C10_ALWAYS_INLINE void store(T* p, const AV (&v)[1]) { v[0].store(p); }
+  static C10_ALWAYS_INLINE void store_nt(T* p, const AV (&v)[1]) { stream_vec(p, v[0]); }
+};
+
+template <typename T>
+struct VecReduced {
+  using acc_t = float;
+  using AV = at::vec::Vectorized<float>;
+  using RV = at::vec::Vectorized<T>;
+  static constexpr int64_t kParts = 2;
+  static constexpr int64_t kStep = RV::size();
+  static_assert(RV::size() == 2 * AV::size());
+  static C10_ALWAYS_INLINE void load(const T* p, AV (&o)[2]) {
+    auto v = at::vec::convert_to_float<T>(RV::loadu(p));
+    o[0] = std::get<0>(v);
+    o[1] = std::get<1>(v);
+  }
+  static C10_ALWAYS_INLINE void store(T* p, const AV (&v)[2]) {
+    at::vec::convert_from_float<T>(v[0], v[1]).store(p);
+  }
+  static C10_ALWAYS_INLINE void store_nt(T* p, const AV (&v)[2]) {
+    stream_vec(p, at::vec::convert_from_float<T>(v[0], v[1]));
+  }
+};
+template <>
+struct VecT<c10::Half> : VecReduced<c10::Half> {};
+template <>
+struct VecT<c10::BFloat16> : VecReduced<c10::BFloat16> {};
+
+template <typename T>
+using acc_type = typename VecT<T>::acc_t;
+
+// relu with eager's NaN behaviour: relu(NaN) = NaN. (max_ps(0, z) returns its second operand
+// when either is NaN, which is what Vectorized::clamp_min(z, 0) compiles to.)
+template <typename AV>
+C10_ALWAYS_INLINE AV relu_vec(const AV& z, const AV& zero) {
+  return at::vec::clamp_min(z, zero);
+}
+template <typename A>
+C10_ALWAYS_INLINE A relu_scalar(A z) {
+  return z <= A(0) ? A(0) : z;  // NaN <= 0 is false: NaN passes
+}
+
+// dz = grad where out > 0, 0 where out <= 0; NaN out lets the gradient through (aten's
+// threshold_backward: out <= threshold ? 0 : grad).
+template <typename AV>
+C10_ALWAYS_INLINE AV relu_grad_vec(const AV& dy, const AV& y, const AV& zero) {
+  return AV::blendv(dy, zero, y <= zero);
+}
+template <typename A>
+C10_ALWAYS_INLINE A relu_grad_scalar(A dy, A y) {
+  return y <= A(0) ? A(0) : dy;
+}
+
+template <typename AV>
+C10_ALWAYS_INLINE typename AV::value_type hsum(const AV& v) {
+  using A = typename AV::value_type;
+  alignas(64) A tmp[AV::size()];
+  v.store(tmp);
+  A s = tmp[0];
+  for (int64_t i = 1; i < AV::size(); ++i) {
+    s += tmp[i];
+  }
+  return s;
+}
+
+// Fully unrolls a loop with a compile-time trip count. Needed for arrays of Vectorized
+// accumulators: GCC keeps them in registers only when every index is a constant (otherwise the
+// accumulator chain goes through the stack, adding store-forwarding latency to every step).
+#if defined(__clang__)
+#define FR_UNROLL _Pragma("unroll")
+#else
+#define FR_UNROLL _Pragma("GCC unroll 16")
+#endif
+
+// Sum of n vectors in a fixed order (for the final reduction of independent accumulators).
+template <typename AV, int64_t n>
+C10_ALWAYS_INLINE AV sum_accumulators(const AV (&v)[n]) {
+  AV t = v[0];
+  FR_UNROLL
+  for (int64_t i = 1; i < n; ++i) {
+    t = t + v[i];
+  }
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// (count, mean, M2) with Chan's pairwise merge: for partials a, b with n = na + nb,
+//   δ = mean_b − mean_a,  mean = mean_a + δ·nb/n,  M2 = M2_a + M2_b + δ²·na·nb/n.
+
+template <typename A>
+struct Moments {
+  int64_t n = 0;
+  A mean = A(0);
+  A m2 = A(0);
+};
+
+template <typename A>
+C10_ALWAYS_INLINE void merge_into(Moments<A>& a, int64_t nb, A mean_b, A m2_b) {
+  if (nb == 0) {
+    return;
+  }
+  if (a.n == 0) {
+    a.n = nb;
+    a.mean = mean_b;
+    a.m2 = m2_b;
+    return;
+  }
+  const int64_t n = a.n + nb;
+  const A wb = A(nb) / A(n);
+  const A delta = mean_b - a.mean;
+  a.mean += delta * wb;
+  a.m2 += m2_b + delta * delta * A(a.n) * wb;
+  a.n = n;
+}
+
+template <typename A>
+C10_ALWAYS_INLINE void merge_into(Moments<A>& a, const Moments<A>& b) {
+  merge_into(a, b.n, b.mean, b.m2);
+}
+
+} // namespace fused_resnet::cpu

@@ -1,0 +1,10 @@
+// CPU kernels of the fused_resnet ops (schemas in csrc/fused_resnet.cpp).
+#include <torch/library.h>
+
+#include "bn_act_cpu.h"
+
+TORCH_LIBRARY_IMPL(fused_resnet, CPU, m) {
+  m.impl("bn_act_fwd_train", TORCH_FN(fused_resnet::cpu::bn_act_fwd_train_cpu));
+  m.impl("bn_act_fwd_eval", TORCH_FN(fused_resnet::cpu::bn_act_fwd_eval_cpu));
+  m.impl("bn_act_bwd", TORCH_FN(fused_resnet::cpu::bn_act_bwd_cpu));
+}
