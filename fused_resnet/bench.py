@@ -137,10 +137,9 @@ def make_runner(provider, op, shape, layout, dtype, mode, device):
     return run
 
 
-def time_ms(run, device):
-    """Median milliseconds per call, after warm-up (which also triggers torch.compile)."""
-    for _ in range(3):
-        run()
+def time_ms(run, device, min_run_time=0.5):
+    """Median milliseconds per call of `run` (already warmed up): CUDA events on a GPU,
+    torch.utils.benchmark on the CPU."""
     if device.type == "cuda":
         import triton.testing
 
@@ -148,7 +147,24 @@ def time_ms(run, device):
     from torch.utils import benchmark
 
     timer = benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=1.0).median * 1e3
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def time_side_by_side(runners, device, rounds=3):
+    """{provider: ms} for runners of one case, measured in interleaved rounds.
+
+    Each round times every provider once, one after the other, so a burst of noise on a shared
+    machine hits one round of all providers rather than all rounds of one; the best round's
+    median is kept for each provider. Warm-up (which also triggers torch.compile) comes first.
+    """
+    for run in runners.values():
+        for _ in range(3):
+            run()
+    best = {name: float("inf") for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            best[name] = min(best[name], time_ms(run, device, min_run_time=0.3))
+    return best
 
 
 def copy_bandwidth_gbps(device):
@@ -156,7 +172,7 @@ def copy_bandwidth_gbps(device):
     n = (1 << 28) if device.type == "cuda" else (1 << 26)
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device)
+    ms = time_side_by_side({"copy": lambda: dst.copy_(src)}, device)["copy"]
     return 2 * n * src.element_size() / (ms * 1e-3) / 1e9
 
 
@@ -178,11 +194,14 @@ def run_benchmarks(device, dtype_names, quick, log=print):
         for shape, layout in cases:
             for op in OPS:
                 for mode in MODES:
+                    runners = {
+                        provider: make_runner(provider, op, shape, layout, dtype, mode, device)
+                        for provider in providers_for(device)
+                    }
+                    timings = time_side_by_side(runners, device)
+                    nbytes = bytes_moved(op, mode, math.prod(shape), torch.finfo(dtype).bits // 8)
                     case = []
-                    for provider in providers_for(device):
-                        run = make_runner(provider, op, shape, layout, dtype, mode, device)
-                        ms = time_ms(run, device)
-                        nbytes = bytes_moved(op, mode, math.prod(shape), torch.finfo(dtype).bits // 8)
+                    for provider, ms in timings.items():
                         gbps = nbytes / (ms * 1e-3) / 1e9
                         case.append(Result(op, shape, dtype_name, layout, mode, provider, ms, gbps, gbps / bandwidth))
                     by_provider = {r.provider: r.ms for r in case}
