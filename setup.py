@@ -13,7 +13,14 @@ import os
 import shutil
 
 from setuptools import find_packages, setup
-from torch.utils import cpp_extension
+
+try:
+    from torch.utils import cpp_extension
+except ImportError as error:  # an isolated build env, or no torch installed
+    raise SystemExit(
+        "fused_resnet builds against the installed torch: install torch first, then build with "
+        "`pip install --no-build-isolation -e .`"
+    ) from error
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
