@@ -190,3 +190,29 @@ def test_nan_stays_in_its_channel(backend, layout, training):
     assert_close(out[:, others], ref[:, others], torch.float32, "other channels")
     assert_close(fused.running_mean[others], eager.running_mean[others], torch.float32, "running_mean")
     assert fused.running_mean[2].isnan() == training
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_activations(backend, layout, training):
+    """Activations past the CPU kernels' streaming-store and huge-page thresholds (16 MiB, 4 MiB),
+    from an input that starts at an odd storage offset."""
+    shape = (2, 6, 520, 700)  # 4.4M elements: 17.5 MB per fp32 activation
+    eager, fused = _make_pair(4, 6, True, CONFIGS["default"], torch.float32)
+    eager.train(training)
+    fused.train(training)
+    base = make_tensor((shape[0] * shape[1] * shape[2] * shape[3] + 1,), torch.float32, scale=1.5)
+    x = base[1:].view(shape)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    r = make_tensor(shape, torch.float32, layout).requires_grad_()
+    grad_out = make_tensor(shape, torch.float32)
+    out = fused(x, r)
+    out.backward(grad_out)
+    ref_out, ref_gx, ref_gr = eager_step(eager, x, r, grad_out, relu_mask(out.detach()))
+    assert_close(out, ref_out, torch.float32, "output")
+    assert_close(x.grad, ref_gx, torch.float32, "grad_input")
+    assert_close(r.grad, ref_gr, torch.float32, "grad_residual")
+    assert_close(fused.weight.grad, eager.weight.grad, torch.float32, "grad_weight")
+    _check_state(fused, eager, torch.float32, 0)
