@@ -28,16 +28,9 @@ class _FusedBatchNormMixin:
         tracks = not self.training or self.track_running_stats
         running_mean = self.running_mean if tracks else None
         running_var = self.running_var if tracks else None
+        tensors = (input, residual, running_mean, running_var, self.weight, self.bias)
         functional.check_inputs(
-            type(self).__name__,
-            input,
-            residual,
-            running_mean,
-            running_var,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            num_features=self.num_features,
+            type(self).__name__, *tensors, use_batch_stats, num_features=self.num_features
         )
 
         momentum = 0.0 if self.momentum is None else self.momentum
@@ -45,17 +38,7 @@ class _FusedBatchNormMixin:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 momentum = 1.0 / float(self.num_batches_tracked)
-        return functional.batch_norm_act(
-            input,
-            residual,
-            running_mean,
-            running_var,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            momentum,
-            self.eps,
-        )
+        return functional.batch_norm_act(*tensors, use_batch_stats, momentum, self.eps)
 
 
 class _BatchNormReLU(_FusedBatchNormMixin):
