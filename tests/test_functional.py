@@ -21,7 +21,7 @@ def test_functional_matches_f_batch_norm(backend, residual, training, momentum):
     shape = (4, 6, 5, 3)
     x = make_tensor(shape, torch.float64)
     r = make_tensor(shape, torch.float64) if residual else None
-    weight, bias = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    weight, bias = torch.randn(6, dtype=torch.float64, device=DEVICE), torch.randn(6, dtype=torch.float64, device=DEVICE)
     rm, rv = _stats(6, torch.float64)
     ref_rm, ref_rv, initial_rm = rm.clone(), rv.clone(), rm.clone()
 
@@ -53,14 +53,14 @@ def test_functional_positional_order_matches_f_batch_norm(backend):
     x = make_tensor((3, 2, 4), torch.float64)
     r = make_tensor((3, 2, 4), torch.float64)
     rm, rv = _stats(2, torch.float64)
-    w, b = torch.rand(2, dtype=torch.float64) + 0.5, torch.randn(2, dtype=torch.float64)
+    w, b = torch.rand(2, dtype=torch.float64, device=DEVICE) + 0.5, torch.randn(2, dtype=torch.float64, device=DEVICE)
     out = fused_resnet.functional.batch_norm_add_relu(x, r, rm, rv, w, b, False, 0.1, 1e-2)
     ref = F.relu(F.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-2) + r)
     assert_close(out, ref, torch.float64, "output")
 
 
 def test_update_running_stats_is_the_eager_formula():
-    mean, var = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
+    mean, var = torch.randn(4, dtype=torch.float64, device=DEVICE), torch.rand(4, dtype=torch.float64, device=DEVICE)
     rm, rv = _stats(4, torch.float64)
     expected_rm = 0.9 * rm + 0.1 * mean
     expected_rv = 0.9 * rv + 0.1 * var * 10 / 9

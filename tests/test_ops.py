@@ -77,7 +77,7 @@ def test_gradcheck_float64(backend, layout, training):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradcheck_float64_no_affine_1d(backend, training):
     x = make_tensor((6, 3), torch.float64).requires_grad_()
-    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    rm, rv = torch.zeros(3, dtype=torch.float64, device=DEVICE), torch.ones(3, dtype=torch.float64, device=DEVICE)
 
     def fn(x):
         return fused_resnet.functional.batch_norm_relu(x, rm.clone(), rv.clone(), training=training)
@@ -129,7 +129,7 @@ def test_outputs_are_poisoned():
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_double_backward_is_a_clear_error(backend, training):
     x = make_tensor((3, 4, 5), torch.float64).requires_grad_()
-    rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    rm, rv = torch.zeros(4, dtype=torch.float64, device=DEVICE), torch.ones(4, dtype=torch.float64, device=DEVICE)
     y = fused_resnet.functional.batch_norm_relu(x, rm, rv, training=training)
     (grad_x,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     if backend == "reference":  # eager ops: double backward works and matches eager
