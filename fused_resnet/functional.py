@@ -15,7 +15,6 @@ import math
 import torch
 
 from . import ops
-from .reference import acc_dtype
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCED_PRECISION = (torch.float16, torch.bfloat16)
@@ -161,4 +160,4 @@ def batch_norm_add_relu(
     )
 
 
-__all__ = ["batch_norm_relu", "batch_norm_add_relu", "update_running_stats", "acc_dtype"]
+__all__ = ["batch_norm_relu", "batch_norm_add_relu", "update_running_stats"]
