@@ -52,4 +52,28 @@ TORCH_LIBRARY(fused_resnet, m) {
       "bn_act_bwd(Tensor grad_out, Tensor out, Tensor input, Tensor? weight, Tensor mean,"
       " Tensor invstd, bool batch_stats, bool residual_grad)"
       " -> (Tensor grad_input, Tensor grad_residual, Tensor grad_weight, Tensor grad_bias)");
+
+  // The pieces of the training ops, for statistics that span several processes (SyncBatchNorm,
+  // fused_resnet/nn/syncbn.py): local statistics, then a collective, then the apply pass. The
+  // forward apply with the merged (global) batch statistics is bn_act_fwd_eval(input, residual,
+  // global_mean, global_biased_var, weight, bias, eps).
+
+  // Local per-channel batch statistics: mean and biased variance over this input's M elements
+  // (Welford M2 = var·M). An empty input gives mean 0, var 0.
+  m.def("bn_stats(Tensor input) -> (Tensor mean, Tensor var)");
+
+  // Local backward reductions, dz = grad_out where out > 0:
+  //   sum_dz_xhat = Σdz·x̂,  sum_dz = Σdz   (= grad_weight, grad_bias of this input alone).
+  m.def(
+      "bn_act_bwd_reduce(Tensor grad_out, Tensor out, Tensor input, Tensor mean, Tensor invstd)"
+      " -> (Tensor sum_dz_xhat, Tensor sum_dz)");
+
+  // Backward apply with given (global) means of the reductions, Σ over all M_total elements:
+  //   grad_input = w·invstd·(dz - mean_dz - x̂·mean_dz_xhat),  grad_residual = dz,
+  //   mean_dz = Σdz / M_total,  mean_dz_xhat = Σdz·x̂ / M_total  (acc dtype, length C).
+  // grad_residual is an empty tensor unless residual_grad.
+  m.def(
+      "bn_act_bwd_apply(Tensor grad_out, Tensor out, Tensor input, Tensor? weight, Tensor mean,"
+      " Tensor invstd, Tensor mean_dz, Tensor mean_dz_xhat, bool residual_grad)"
+      " -> (Tensor grad_input, Tensor grad_residual)");
 }

@@ -34,6 +34,10 @@ class Backend:
     device_types: tuple  # device types whose tensors it runs, e.g. ("cpu",)
     fwd_train: Callable
     fwd_eval: Callable
+    # The SyncBatchNorm pieces: local statistics and the two halves of the backward.
+    stats: Callable
+    bwd_reduce: Callable
+    bwd_apply: Callable
 
 
 _registry: Dict[str, Backend] = {}

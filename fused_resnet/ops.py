@@ -5,8 +5,13 @@ Ops (schemas in csrc/fused_resnet.cpp, where the math is written out):
   bn_act_fwd_eval(input, residual?, running_mean, running_var, weight?, bias?, eps) -> out
   bn_act_bwd(grad_out, out, input, weight?, mean, invstd, batch_stats, residual_grad)
       -> (grad_input, grad_residual, grad_weight, grad_bias)
+and the pieces of the training ops that SyncBatchNorm runs around its collectives:
+  bn_stats(input) -> (mean, var)
+  bn_act_bwd_reduce(grad_out, out, input, mean, invstd) -> (sum_dz_xhat, sum_dz)
+  bn_act_bwd_apply(grad_out, out, input, weight?, mean, invstd, mean_dz, mean_dz_xhat, residual_grad)
+      -> (grad_input, grad_residual)
 
-Every compiled backend implements these three ops; `register_op_set` gives any such set the same
+Every compiled backend implements these six ops; `register_op_set` gives any such set the same
 fake impls and the same autograd formula, so backends differ only in their kernels. The
 "reference" backend is the eager composition in reference.py (autograd from eager ops).
 
@@ -52,10 +57,27 @@ def _fake_fwd_eval(input, residual, running_mean, running_var, weight, bias, eps
     return _empty_activation(input)
 
 
+def _empty_grad_residual(input, residual_grad):
+    return _empty_activation(input) if residual_grad else input.new_empty((0,))
+
+
 def _fake_bwd(grad_out, out, input, weight, mean, invstd, batch_stats, residual_grad):
-    grad_residual = _empty_activation(input) if residual_grad else input.new_empty((0,))
     stat = _empty_channel_stat
-    return _empty_activation(input), grad_residual, stat(input), stat(input)
+    return (
+        _empty_activation(input), _empty_grad_residual(input, residual_grad), stat(input), stat(input)
+    )
+
+
+def _fake_stats(input):
+    return _empty_channel_stat(input), _empty_channel_stat(input)
+
+
+def _fake_bwd_reduce(grad_out, out, input, mean, invstd):
+    return _empty_channel_stat(input), _empty_channel_stat(input)
+
+
+def _fake_bwd_apply(grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat, residual_grad):
+    return _empty_activation(input), _empty_grad_residual(input, residual_grad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,11 +146,18 @@ def _no_double_backward(ctx, *grads):
     )
 
 
-def register_op_set(fwd_train, fwd_eval, bwd):
-    """Give a backend's three ops (OpOverloads or triton_op handles) their fake impls and autograd."""
+def register_op_set(fwd_train, fwd_eval, bwd, stats, bwd_reduce, bwd_apply):
+    """Give a backend's six ops (OpOverloads or triton_op handles) their fake impls and autograd.
+
+    stats / bwd_reduce / bwd_apply are called only inside SyncBatchNorm's autograd.Function, so
+    they get fake impls and no autograd formula.
+    """
     torch.library.register_fake(fwd_train, _fake_fwd_train)
     torch.library.register_fake(fwd_eval, _fake_fwd_eval)
     torch.library.register_fake(bwd, _fake_bwd)
+    torch.library.register_fake(stats, _fake_stats)
+    torch.library.register_fake(bwd_reduce, _fake_bwd_reduce)
+    torch.library.register_fake(bwd_apply, _fake_bwd_apply)
     (backward_train, setup_train), (backward_eval, setup_eval) = _make_autograd(bwd)
     torch.library.register_autograd(fwd_train, backward_train, setup_context=setup_train)
     torch.library.register_autograd(fwd_eval, backward_eval, setup_context=setup_eval)
@@ -144,6 +173,9 @@ _backend.register(
         device_types=("cpu", "cuda"),
         fwd_train=reference.bn_act_fwd_train,
         fwd_eval=reference.bn_act_fwd_eval,
+        stats=reference.bn_stats,
+        bwd_reduce=reference.bn_act_bwd_reduce,
+        bwd_apply=reference.bn_act_bwd_apply,
     )
 )
 
@@ -156,7 +188,14 @@ def _register_compiled_backends(extension_error):
         _backend.mark_unavailable("cuda", reason)
         return
     ops = torch.ops.fused_resnet
-    register_op_set(ops.bn_act_fwd_train.default, ops.bn_act_fwd_eval.default, ops.bn_act_bwd.default)
+    register_op_set(
+        ops.bn_act_fwd_train.default,
+        ops.bn_act_fwd_eval.default,
+        ops.bn_act_bwd.default,
+        ops.bn_stats.default,
+        ops.bn_act_bwd_reduce.default,
+        ops.bn_act_bwd_apply.default,
+    )
     for device_type in ("cpu", "cuda"):
         has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
             ops.bn_act_fwd_train.default.name(), device_type.upper()
@@ -168,6 +207,9 @@ def _register_compiled_backends(extension_error):
                     device_types=(device_type,),
                     fwd_train=ops.bn_act_fwd_train.default,
                     fwd_eval=ops.bn_act_fwd_eval.default,
+                    stats=ops.bn_stats.default,
+                    bwd_reduce=ops.bn_act_bwd_reduce.default,
+                    bwd_apply=ops.bn_act_bwd_apply.default,
                 )
             )
 

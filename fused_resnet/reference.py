@@ -1,7 +1,8 @@
 """The op contract written as an eager composition of torch ops: the fallback backend "reference".
 
-Same signatures and results as torch.ops.fused_resnet.bn_act_fwd_train / bn_act_fwd_eval (see
-csrc/fused_resnet.cpp for the math). Autograd comes from the eager ops themselves. It makes several
+Same signatures and results as torch.ops.fused_resnet.bn_act_fwd_train / bn_act_fwd_eval and the
+SyncBatchNorm pieces bn_stats / bn_act_bwd_reduce / bn_act_bwd_apply (see csrc/fused_resnet.cpp for
+the math). Autograd of the two forwards comes from the eager ops themselves. It makes several
 passes over memory and is there for correctness on any device, not for speed.
 """
 
@@ -53,3 +54,46 @@ def bn_act_fwd_eval(input, residual, running_mean, running_var, weight, bias, ep
         invstd, input.dim()
     )
     return _affine_residual_relu(x_hat, residual, weight, bias, input.dtype)
+
+
+# The pieces of the training ops, used by SyncBatchNorm (schemas in csrc/fused_resnet.cpp).
+
+
+def _reduce_dims(input):
+    return [0] + list(range(2, input.dim()))
+
+
+def bn_stats(input):
+    acc = acc_dtype(input.dtype)
+    if input.numel() == 0:
+        zeros = input.new_zeros(input.shape[1], dtype=acc)
+        return zeros, zeros.clone()
+    var, mean = torch.var_mean(input.to(acc), dim=_reduce_dims(input), correction=0)
+    return mean, var
+
+
+def _masked_grad_and_x_hat(grad_out, out, input, mean, invstd):
+    # dz = 0 where out <= 0, else grad_out (NaN in out passes the gradient, as threshold_backward).
+    acc = acc_dtype(input.dtype)
+    dz = torch.where(out <= 0, torch.zeros_like(grad_out), grad_out).to(acc)
+    x_hat = (input.to(acc) - _per_channel(mean.to(acc), input.dim())) * _per_channel(
+        invstd.to(acc), input.dim()
+    )
+    return dz, x_hat
+
+
+def bn_act_bwd_reduce(grad_out, out, input, mean, invstd):
+    dz, x_hat = _masked_grad_and_x_hat(grad_out, out, input, mean, invstd)
+    dims = _reduce_dims(input)
+    return (dz * x_hat).sum(dims), dz.sum(dims)
+
+
+def bn_act_bwd_apply(grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat, residual_grad):
+    dz, x_hat = _masked_grad_and_x_hat(grad_out, out, input, mean, invstd)
+    ndim = input.dim()
+    scale = invstd.to(dz.dtype) if weight is None else invstd.to(dz.dtype) * weight.to(dz.dtype)
+    grad_input = (dz - _per_channel(mean_dz.to(dz.dtype), ndim) - x_hat * _per_channel(
+        mean_dz_xhat.to(dz.dtype), ndim
+    )) * _per_channel(scale, ndim)
+    grad_residual = dz.to(input.dtype) if residual_grad else input.new_empty((0,))
+    return grad_input.to(input.dtype), grad_residual
