@@ -18,6 +18,8 @@ fake impls and the same autograd formula, so backends differ only in their kerne
 Callers use `forward_train` / `forward_eval`, which pick the backend for the input's device.
 """
 
+import contextlib
+
 import torch
 
 from . import backend as _backend
@@ -81,6 +83,23 @@ def _fake_bwd_apply(grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz
 
 
 # ---------------------------------------------------------------------------------------------
+# Profiler names: every fused forward and backward runs inside record_function
+# "fused_resnet::bn_relu_fwd", "fused_resnet::bn_add_relu_bwd", ..., whatever the backend, so a
+# trace shows them under one name. Compiled graphs name the ops themselves, so tracing skips it.
+
+
+# record_function costs ~10 µs a call even with no profiler running, so it is entered only when one is.
+_profiler_enabled = torch._C._autograd._profiler_enabled
+
+
+def profiled(has_residual: bool, direction: str):
+    if torch.compiler.is_compiling() or not _profiler_enabled():
+        return contextlib.nullcontext()
+    op = "bn_add_relu" if has_residual else "bn_relu"
+    return torch.profiler.record_function(f"fused_resnet::{op}_{direction}")
+
+
+# ---------------------------------------------------------------------------------------------
 # Autograd, one formula for every op set. The forward ops return statistics that are not
 # differentiable; gradients flow to input, residual, weight and bias only.
 
@@ -97,13 +116,15 @@ def _make_autograd(bwd_op):
         out, save_mean, save_invstd, _batch_var = output
         ctx.save_for_backward(input, out, weight, bias, save_mean, save_invstd)
         ctx.mark_non_differentiable(*output[1:])
+        ctx.has_residual = residual is not None
 
     def backward_train(ctx, grad_out, _grad_mean, _grad_invstd, _grad_var):
         input, out, weight, bias, mean, invstd = ctx.saved_tensors
         need_input, need_residual, need_weight, need_bias, _ = ctx.needs_input_grad
-        grad_input, grad_residual, grad_weight, grad_bias = bwd_op(
-            grad_out, out, input, weight, mean, invstd, True, need_residual
-        )
+        with profiled(ctx.has_residual, "bwd"):
+            grad_input, grad_residual, grad_weight, grad_bias = bwd_op(
+                grad_out, out, input, weight, mean, invstd, True, need_residual
+            )
         return (
             grad_input if need_input else None,
             grad_residual if need_residual else None,
@@ -114,7 +135,8 @@ def _make_autograd(bwd_op):
 
     def setup_eval(ctx, inputs, output):
         # The statistics are taken now: the running buffers may be updated in place before backward.
-        input, _residual, running_mean, running_var, weight, bias, eps = inputs
+        input, residual, running_mean, running_var, weight, bias, eps = inputs
+        ctx.has_residual = residual is not None
         acc = acc_dtype(input.dtype)
         mean = running_mean.to(acc, copy=True)
         invstd = torch.rsqrt(running_var.to(acc, copy=True).add_(eps))
@@ -123,9 +145,10 @@ def _make_autograd(bwd_op):
     def backward_eval(ctx, grad_out):
         input, out, weight, bias, mean, invstd = ctx.saved_tensors
         need_input, need_residual, _, _, need_weight, need_bias, _ = ctx.needs_input_grad
-        grad_input, grad_residual, grad_weight, grad_bias = bwd_op(
-            grad_out, out, input, weight, mean, invstd, False, need_residual
-        )
+        with profiled(ctx.has_residual, "bwd"):
+            grad_input, grad_residual, grad_weight, grad_bias = bwd_op(
+                grad_out, out, input, weight, mean, invstd, False, need_residual
+            )
         return (
             grad_input if need_input else None,
             grad_residual if need_residual else None,
@@ -221,10 +244,12 @@ def _register_compiled_backends(extension_error):
 def forward_train(input, residual, weight, bias, eps):
     """Batch-statistics forward: (out, save_mean, save_invstd, batch_var)."""
     impl = _backend.resolve(input.device)
-    return impl.fwd_train(input, residual, weight, bias, eps)
+    with profiled(residual is not None, "fwd"):
+        return impl.fwd_train(input, residual, weight, bias, eps)
 
 
 def forward_eval(input, residual, running_mean, running_var, weight, bias, eps):
     """Running-statistics forward: out."""
     impl = _backend.resolve(input.device)
-    return impl.fwd_eval(input, residual, running_mean, running_var, weight, bias, eps)
+    with profiled(residual is not None, "fwd"):
+        return impl.fwd_eval(input, residual, running_mean, running_var, weight, bias, eps)
