@@ -1,4 +1,5 @@
-# make test   install what is missing, build the extension, run the whole test suite
+# make test   install what is missing, build the extension, run the whole test suite and the
+#             benchmark suite once as a smoke test (--benchmark-disable)
 # make bench  install what is missing, build the extension, run python -m fused_resnet.bench
 #
 # An importable torch (a CUDA build, say) is used as it is; only when none is importable is the
@@ -14,7 +15,7 @@ BENCH_ARGS ?=
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	@for pkg in setuptools:setuptools wheel:wheel ninja:ninja numpy:numpy triton:triton pytest:pytest \
-	            pytest_benchmark:pytest-benchmark hypothesis:hypothesis; do \
+	            pytest_benchmark:pytest-benchmark hypothesis:hypothesis tqdm:tqdm matplotlib:matplotlib; do \
 	    mod=$${pkg%%:*}; dist=$${pkg##*:}; \
 	    $(PYTHON) -c "import $$mod" 2>/dev/null || $(PIP) install "$$dist" || exit 1; \
 	done
@@ -22,6 +23,7 @@ install:
 
 test: install
 	$(PYTHON) -m pytest tests $(PYTEST_ARGS)
+	$(PYTHON) -m pytest benchmarks --benchmark-disable $(PYTEST_ARGS)
 
 bench: install
 	$(PYTHON) -m fused_resnet.bench $(BENCH_ARGS)

@@ -1,45 +1,49 @@
-"""pytest-benchmark suite: eager vs torch.compile vs every fused backend, per case.
+"""pytest-benchmark suite, op level: eager vs torch.compile vs every fused backend, per case.
 
     pytest benchmarks/ --benchmark-only --benchmark-group-by=group
-    pytest benchmarks/ --benchmark-disable          # smoke run: each case once, no timing
+    pytest benchmarks/ --benchmark-disable          # smoke run: quick cases, each once, no timing
 
 Cases and runners are those of `python -m fused_resnet.bench` (fused_resnet/bench.py), so both
-tools time the same thing. Each benchmark's extra_info holds the bytes a fused kernel must move.
+tools time the same thing. extra_info holds the bytes a fused kernel must move, GB/s, the
+fraction of the device's copy bandwidth and the peak memory of one call.
 """
 
 import math
 
-import pytest
 import torch
 
-from conftest import DEVICE
+from conftest import DEVICE, record, smoke, sync_if_cuda
 from fused_resnet import bench
 
-CASES = bench.GPU_CASES if DEVICE.type == "cuda" else bench.CPU_CASES
-DTYPES = ["bf16", "fp32"] if DEVICE.type == "cuda" else ["fp32"]
-PROVIDERS = bench.providers_for(DEVICE)
+DTYPES = ["fp32", "fp16", "bf16"] if DEVICE.type == "cuda" else ["fp32"]
 
 
-def _id(shape, layout):
+def _case_id(shape, layout):
     return "x".join(map(str, shape)) + ("-cl" if layout == "channels_last" else "")
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("mode", bench.MODES)
-@pytest.mark.parametrize("op", bench.OPS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,layout", CASES, ids=[_id(s, l) for s, l in CASES])
-def test_op(benchmark, shape, layout, dtype, op, mode, provider):
-    benchmark.group = f"{op} {mode} {dtype} {_id(shape, layout)}"
-    run = bench.make_runner(provider, op, shape, layout, bench.DTYPES[dtype], mode, DEVICE)
+def pytest_generate_tests(metafunc):
+    if metafunc.function.__name__ != "test_op":
+        return
+    quick = smoke(metafunc.config)
     if DEVICE.type == "cuda":
-        timed = lambda: (run(), torch.cuda.synchronize())  # noqa: E731  (count async launches)
+        cases = bench.GPU_QUICK_CASES if quick else bench.GPU_CASES
     else:
-        timed = run
-    timed()  # warm-up, and torch.compile's compilation, outside the timing
-    benchmark(timed)
+        cases = bench.CPU_QUICK_CASES if quick else bench.CPU_CASES
+    metafunc.parametrize("shape,layout", cases, ids=[_case_id(s, l) for s, l in cases])
+    metafunc.parametrize("dtype", DTYPES)
+    metafunc.parametrize("op", bench.OPS)
+    metafunc.parametrize("mode", bench.MODES)
+    metafunc.parametrize("provider", bench.providers_for(DEVICE))
+
+
+def test_op(benchmark, copy_bandwidth_gbps, shape, layout, dtype, op, mode, provider):
+    benchmark.group = f"{op} {mode} {dtype} {_case_id(shape, layout)}"
+    run = bench.make_runner(provider, op, shape, layout, bench.DTYPES[dtype], mode, DEVICE)
+    for _ in range(3):  # warm-up, and torch.compile's compilation, outside the timing
+        run()
+    peak = bench.peak_memory_bytes(run, DEVICE)
+    result = benchmark(sync_if_cuda(run))
+    assert result is not None
     nbytes = bench.bytes_moved(op, mode, math.prod(shape), torch.finfo(bench.DTYPES[dtype]).bits // 8)
-    benchmark.extra_info["bytes"] = nbytes
-    if benchmark.stats is not None:  # None under --benchmark-disable
-        seconds = benchmark.stats.stats.median
-        benchmark.extra_info["GB/s"] = nbytes / seconds / 1e9
+    record(benchmark, nbytes=nbytes, copy_bandwidth=copy_bandwidth_gbps, peak_bytes=peak)

@@ -1,53 +1,65 @@
 """python -m fused_resnet.bench: the fused ops against eager PyTorch and torch.compile, side by side.
 
-For each case (op, shape, layout, dtype, mode) every provider runs in the same process, one after
-the other, so the ratios are measured under the same conditions:
+For each case every provider runs in the same process, interleaved round by round, so the ratios
+are measured under the same conditions:
   eager     F.relu(F.batch_norm(x, ...) (+ r)), the unfused composition
   compile   torch.compile of that composition
-  <backend> fused_resnet.functional with that backend ("cpu", "cuda", "triton", ...)
+  <backend> fused_resnet.functional with that backend ("cpu", "cuda", "triton")
+Model-level cases run whole ResNets (fused_resnet.models): "eager" is the plain model, "fused" its
+fused twin on the same weights, and "compile" / "fused+compile" the two under torch.compile.
 
-Bytes counted are the fewest a fused implementation must move through memory:
+Bytes counted are the fewest a fused implementation must move through memory (x, r, y, dy, dx,
+dr each once; statistics and parameters are negligible):
   eval            read x (and r), write y                                   2 or 3 passes
-  train-fwd+bwd   forward: read x (and r), write y; backward: read dy, y, x,
-                  write dx (and dr)                                         6 or 8 passes
-The achieved rate is also given as a fraction of the device's measured copy bandwidth (a large
-tensor copy, counting bytes read plus bytes written).
+  train-fwd       read x (and r), write y                                   2 or 3 passes
+  train-fwd+bwd   forward as above; backward: read dy, y, x, write dx (and dr)  6 or 8 passes
+GB/s is those bytes over the median time; "%bw" divides it by the device's copy bandwidth,
+measured once per run with a large tensor copy (bytes read + bytes written per second). A fused
+training forward that reads x twice (statistics, then apply) tops out near 2/3 of that.
 """
 
 import argparse
+import contextlib
+import importlib.util
+import itertools
 import json
 import math
 import os
 import platform
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 import fused_resnet
 
-# (shape, layout): ResNet-50 stage outputs and a 3D video shape; CPU sizes are those of the
-# CPU performance table in the README, GPU sizes are real training batches.
+OPS = ("bn_relu", "bn_add_relu")
+MODES = ("eval", "train-fwd", "train-fwd+bwd")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# (shape, layout). GPU: the ResNet-50 stage outputs at batch 64 and a video shape. CPU: the same
+# stages at batch sizes this machine runs in seconds.
+GPU_CASES = [
+    (shape, layout)
+    for shape in [(64, 256, 56, 56), (64, 512, 28, 28), (64, 1024, 14, 14), (64, 2048, 7, 7), (16, 64, 8, 56, 56)]
+    for layout in ("contiguous", "channels_last")
+]
+GPU_QUICK_CASES = [((64, 256, 56, 56), "contiguous"), ((64, 256, 56, 56), "channels_last")]
 CPU_CASES = [
     ((8, 256, 56, 56), "contiguous"),
     ((8, 64, 56, 56), "channels_last"),
+    ((8, 1024, 14, 14), "channels_last"),
     ((2, 64, 8, 56, 56), "contiguous"),
 ]
 CPU_QUICK_CASES = [((4, 64, 28, 28), "contiguous"), ((4, 64, 28, 28), "channels_last")]
-GPU_CASES = [
-    ((64, 256, 56, 56), "contiguous"),
-    ((64, 256, 56, 56), "channels_last"),
-    ((64, 512, 28, 28), "channels_last"),
-    ((64, 1024, 14, 14), "channels_last"),
-    ((64, 2048, 7, 7), "channels_last"),
-    ((16, 64, 8, 56, 56), "contiguous"),
-    ((16, 64, 8, 56, 56), "channels_last"),
-]
-GPU_QUICK_CASES = GPU_CASES[:2]
-OPS = ("bn_relu", "bn_add_relu")
-MODES = ("eval", "train-fwd+bwd")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# (model builder in fused_resnet.models, input shape). Images for 2D models, clips for 3D ones.
+GPU_MODEL_CASES = [("resnet50", (128, 3, 224, 224)), ("resnet3d_50", (8, 3, 16, 112, 112))]
+CPU_MODEL_CASES = [("resnet50", (4, 3, 64, 64)), ("resnet3d_50", (2, 3, 4, 48, 48))]
+CPU_QUICK_MODEL_CASES = [("resnet50", (2, 3, 32, 32))]
+MODEL_MODES = ("eval", "train")
+MODEL_PROVIDERS = ("eager", "fused", "compile", "fused+compile")
 
 
 @dataclass
@@ -61,21 +73,79 @@ class Result:
     ms: float
     gbps: float
     bandwidth_fraction: float
+    peak_memory_bytes: int = 0
     speedup_vs_eager: float = float("nan")
     speedup_vs_compile: float = float("nan")
 
 
-def _memory_format(layout, ndim):
+@dataclass
+class ModelResult:
+    model: str
+    input_shape: tuple
+    dtype: str
+    layout: str
+    mode: str
+    provider: str
+    ms: float
+    items_per_s: float
+    peak_memory_bytes: int = 0
+    speedup_vs_eager: float = float("nan")
+    speedup_vs_compile: float = float("nan")
+    note: str = field(default="")
+
+
+def memory_format(layout, ndim):
     if layout != "channels_last":
         return torch.contiguous_format
     return torch.channels_last if ndim == 4 else torch.channels_last_3d
 
 
 def bytes_moved(op, mode, numel, element_size):
-    passes = {"eval": 2, "train-fwd+bwd": 6}[mode]
+    passes = {"eval": 2, "train-fwd": 2, "train-fwd+bwd": 6}[mode]
     if op == "bn_add_relu":
-        passes += {"eval": 1, "train-fwd+bwd": 2}[mode]
+        passes += {"eval": 1, "train-fwd": 1, "train-fwd+bwd": 2}[mode]
     return passes * numel * element_size
+
+
+def fused_providers(device):
+    """Fused backends worth timing on `device`: not the eager "reference", and not Triton's CPU
+    interpreter (a correctness tool, orders of magnitude slower than a kernel)."""
+    device = torch.device(device)
+    return [
+        name
+        for name in fused_resnet.available_backends(device)
+        if name != "reference" and not (name == "triton" and device.type == "cpu")
+    ]
+
+
+def providers_for(device):
+    return ["eager", "compile"] + fused_providers(device)
+
+
+def cache_bytes(device):
+    """The last-level cache: L2 on a GPU, the largest CPU cache level from sysfs (32 MiB if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size
+    sizes = []
+    for index in range(8):
+        path = f"/sys/devices/system/cpu/cpu0/cache/index{index}/size"
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            break
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+        sizes.append(int(text.rstrip("KMG")) * scale)
+    return max(sizes, default=32 << 20)
+
+
+def input_set_count(footprint_bytes, device):
+    """How many input sets to rotate so that a call does not find its inputs in the cache."""
+    return max(1, min(16, math.ceil(2 * cache_bytes(device) / max(footprint_bytes, 1))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Op-level runners.
 
 
 def _eager_composition(x, r, running_mean, running_var, weight, bias, training):
@@ -90,56 +160,133 @@ def _fused_composition(x, r, running_mean, running_var, weight, bias, training):
     return f.batch_norm_add_relu(x, r, running_mean, running_var, weight, bias, training, 0.1, 1e-5)
 
 
-def make_runner(provider, op, shape, layout, dtype, mode, device):
-    """A no-argument callable running one iteration of the case with the provider."""
-    fmt = _memory_format(layout, len(shape))
+def _op_function(provider):
+    if provider == "eager":
+        return _eager_composition
+    if provider == "compile":
+        return torch.compile(_eager_composition, dynamic=False)
+
+    def fused(*args):
+        with fused_resnet.use_backend(provider):
+            return _fused_composition(*args)
+
+    return fused
+
+
+def make_runner(provider, op, shape, layout, dtype, mode, device, rotate=True):
+    """A no-argument callable running one iteration of the case with the provider.
+
+    With `rotate`, successive calls cycle through enough independent input sets that the data
+    of one call has left the last-level cache when it comes round again.
+    """
+    device = torch.device(device)
+    fmt = memory_format(layout, len(shape))
     channels = shape[1]
     param_dtype = torch.float32 if dtype != torch.float64 else dtype
-    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
-    r = torch.randn_like(x) if op == "bn_add_relu" else None
+    training = mode != "eval"
     weight = torch.rand(channels, device=device, dtype=param_dtype) + 0.5
     bias = torch.randn(channels, device=device, dtype=param_dtype)
-    running_mean = torch.zeros(channels, device=device, dtype=param_dtype)
-    running_var = torch.ones(channels, device=device, dtype=param_dtype)
-    training = mode != "eval"
+    # Training modes record the autograd graph as a training step does; "train-fwd" drops it.
+    weight.requires_grad_(training)
+    bias.requires_grad_(training)
+    footprint = bytes_moved(op, mode, math.prod(shape), torch.finfo(dtype).bits // 8)
+    n_sets = input_set_count(footprint, device) if rotate else 1
 
-    if provider == "eager":
-        fn = _eager_composition
-    elif provider == "compile":
-        fn = torch.compile(_eager_composition, dynamic=False)
-    else:
-        backend = provider
+    def input_set():
+        x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+        r = torch.randn_like(x) if op == "bn_add_relu" else None
+        stats = (torch.zeros(channels, device=device, dtype=param_dtype), torch.ones(channels, device=device, dtype=param_dtype))
+        grad_out = torch.randn_like(x) if mode == "train-fwd+bwd" else None
+        if training:
+            x.requires_grad_(True)
+            if r is not None:
+                r.requires_grad_(True)
+        return x, r, stats, grad_out
 
-        def fn(*args):
-            with fused_resnet.use_backend(backend):
-                return _fused_composition(*args)
+    sets = [input_set() for _ in range(n_sets)]
+    fn = _op_function(provider)
+    cycle = itertools.cycle(sets)
 
-    if not training:
+    if mode == "eval":
 
         def run():
+            x, r, (running_mean, running_var), _ = next(cycle)
             with torch.no_grad():
                 return fn(x, r, running_mean, running_var, weight, bias, False)
 
-        return run
+    elif mode == "train-fwd":
 
-    x.requires_grad_(True)
-    weight.requires_grad_(True)
-    bias.requires_grad_(True)
-    if r is not None:
-        r.requires_grad_(True)
-    grad_out = torch.randn_like(x)
-    inputs = [t for t in (x, r, weight, bias) if t is not None]
+        def run():
+            x, r, (running_mean, running_var), _ = next(cycle)
+            return fn(x, r, running_mean, running_var, weight, bias, True)
 
-    def run():
-        y = fn(x, r, running_mean, running_var, weight, bias, True)
-        return torch.autograd.grad(y, inputs, grad_out)
+    else:
+
+        def run():
+            x, r, (running_mean, running_var), grad_out = next(cycle)
+            inputs = [t for t in (x, r, weight, bias) if t is not None]
+            y = fn(x, r, running_mean, running_var, weight, bias, training)
+            return torch.autograd.grad(y, inputs, grad_out)
 
     return run
 
 
+# ---------------------------------------------------------------------------------------------
+# Model-level runners.
+
+
+def _autocast(device, dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def make_model_runner(provider, model_name, input_shape, mode, device, dtype, layout):
+    """One inference batch ("eval") or one SGD training step ("train") of the model."""
+    from . import models
+
+    device = torch.device(device)
+    torch.manual_seed(0)
+    num_classes = 1000 if device.type == "cuda" else 10
+    fused = provider in ("fused", "fused+compile")
+    model = getattr(models, model_name)(num_classes=num_classes, fused=fused).to(device)
+    fmt = memory_format(layout, len(input_shape))
+    model = model.to(memory_format=fmt) if fmt != torch.contiguous_format else model
+    forward = torch.compile(model) if provider.endswith("compile") else model
+    x = torch.randn(input_shape, device=device).contiguous(memory_format=fmt)
+    target = torch.randint(0, num_classes, (input_shape[0],), device=device)
+
+    if mode == "eval":
+        model.eval()
+
+        def run():
+            with torch.no_grad(), _autocast(device, dtype):
+                return forward(x)
+
+        return run
+
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def run():
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, dtype):
+            loss = F.cross_entropy(forward(x), target)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and memory.
+
+
 def time_ms(run, device, min_run_time=0.5):
-    """Median milliseconds per call of `run` (already warmed up): CUDA events on a GPU,
-    torch.utils.benchmark on the CPU."""
+    """Median milliseconds per call of `run` (already warmed up): triton.testing.do_bench
+    (CUDA events around each call, L2 flushed in between) on a GPU, torch.utils.benchmark on the
+    CPU."""
     if device.type == "cuda":
         import triton.testing
 
@@ -150,7 +297,7 @@ def time_ms(run, device, min_run_time=0.5):
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
-def time_side_by_side(runners, device, rounds=3):
+def time_side_by_side(runners, device, rounds=3, min_run_time=0.3):
     """{provider: ms} for runners of one case, measured in interleaved rounds.
 
     Each round times every provider once, one after the other, so a burst of noise on a shared
@@ -160,11 +307,45 @@ def time_side_by_side(runners, device, rounds=3):
     for run in runners.values():
         for _ in range(3):
             run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     best = {name: float("inf") for name in runners}
     for _ in range(rounds):
         for name, run in runners.items():
-            best[name] = min(best[name], time_ms(run, device, min_run_time=0.3))
+            best[name] = min(best[name], time_ms(run, device, min_run_time=min_run_time))
     return best
+
+
+def peak_memory_bytes(run, device):
+    """Memory allocated at the peak of one call of `run`, above what was allocated before it.
+
+    CUDA: the caching allocator's peak counter. CPU: the profiler's allocation events
+    ("Total Allocated" of its [memory] records), which follow every CPU tensor allocation.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        run()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    if not totals:
+        return 0
+    first = next(e for e in events if e.get("name") == "[memory]")
+    baseline = first["args"]["Total Allocated"] - first["args"]["Bytes"]
+    return max(totals) - baseline
 
 
 def copy_bandwidth_gbps(device):
@@ -176,57 +357,145 @@ def copy_bandwidth_gbps(device):
     return 2 * n * src.element_size() / (ms * 1e-3) / 1e9
 
 
-def providers_for(device):
-    return ["eager", "compile"] + fused_resnet.available_backends(device)
+def _with_speedups(case):
+    by_provider = {r.provider: r.ms for r in case}
+    for r in case:
+        r.speedup_vs_eager = by_provider["eager"] / r.ms
+        compiled = by_provider.get("compile")
+        r.speedup_vs_compile = compiled / r.ms if compiled is not None else float("nan")
+    return case
 
 
-def run_benchmarks(device, dtype_names, quick, log=print):
+# ---------------------------------------------------------------------------------------------
+# The runs.
+
+
+def op_cases(device, dtype_names, quick):
     if device.type == "cuda":
         cases = GPU_QUICK_CASES if quick else GPU_CASES
     else:
         cases = CPU_QUICK_CASES if quick else CPU_CASES
-    bandwidth = copy_bandwidth_gbps(device)
-    log(f"device copy bandwidth: {bandwidth:.1f} GB/s (read + write)")
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-    results = []
-    for dtype_name in dtype_names:
-        dtype = DTYPES[dtype_name]
-        for shape, layout in cases:
-            for op in OPS:
-                for mode in MODES:
-                    runners = {
-                        provider: make_runner(provider, op, shape, layout, dtype, mode, device)
-                        for provider in providers_for(device)
-                    }
-                    timings = time_side_by_side(runners, device)
-                    nbytes = bytes_moved(op, mode, math.prod(shape), torch.finfo(dtype).bits // 8)
-                    case = []
-                    for provider, ms in timings.items():
-                        gbps = nbytes / (ms * 1e-3) / 1e9
-                        case.append(Result(op, shape, dtype_name, layout, mode, provider, ms, gbps, gbps / bandwidth))
-                    by_provider = {r.provider: r.ms for r in case}
-                    for r in case:
-                        r.speedup_vs_eager = by_provider["eager"] / r.ms
-                        r.speedup_vs_compile = by_provider["compile"] / r.ms
-                    results.extend(case)
-                    log(format_table(case, header=False))
-    return bandwidth, results
+    return [
+        (dtype_name, shape, layout, op, mode)
+        for dtype_name in dtype_names
+        for shape, layout in cases
+        for op in OPS
+        for mode in MODES
+    ]
+
+
+def model_cases(device, dtype_names, quick):
+    if device.type == "cuda":
+        cases = GPU_MODEL_CASES[:1] if quick else GPU_MODEL_CASES
+        # A GPU trains in reduced precision and channels_last: the setting the goals are set for.
+        dtype_name = next((d for d in dtype_names if d != "fp32"), dtype_names[0])
+        layout = "channels_last"
+    else:
+        cases = CPU_QUICK_MODEL_CASES if quick else CPU_MODEL_CASES
+        dtype_name, layout = "fp32", "contiguous"
+    return [(name, shape, dtype_name, layout, mode) for name, shape in cases for mode in MODEL_MODES]
+
+
+def model_providers(device, quick):
+    # torch.compile of a whole ResNet takes minutes on a small CPU: a quick CPU run leaves it out.
+    if quick and device.type == "cpu":
+        return ("eager", "fused")
+    return MODEL_PROVIDERS
+
+
+def run_op_case(device, bandwidth, dtype_name, shape, layout, op, mode, rounds, min_run_time):
+    dtype = DTYPES[dtype_name]
+    runners = {p: make_runner(p, op, shape, layout, dtype, mode, device) for p in providers_for(device)}
+    timings = time_side_by_side(runners, device, rounds=rounds, min_run_time=min_run_time)
+    nbytes = bytes_moved(op, mode, math.prod(shape), torch.finfo(dtype).bits // 8)
+    case = []
+    for provider, ms in timings.items():
+        gbps = nbytes / (ms * 1e-3) / 1e9
+        peak = peak_memory_bytes(runners[provider], device)
+        case.append(Result(op, shape, dtype_name, layout, mode, provider, ms, gbps, gbps / bandwidth, peak))
+    return _with_speedups(case)
+
+
+def run_model_case(device, providers, name, shape, dtype_name, layout, mode, rounds, min_run_time):
+    dtype = DTYPES[dtype_name]
+    runners = {p: make_model_runner(p, name, shape, mode, device, dtype, layout) for p in providers}
+    timings = time_side_by_side(runners, device, rounds=rounds, min_run_time=min_run_time)
+    case = []
+    for provider, ms in timings.items():
+        peak = peak_memory_bytes(runners[provider], device)
+        case.append(ModelResult(name, shape, dtype_name, layout, mode, provider, ms, shape[0] / (ms * 1e-3), peak))
+    return _with_speedups(case)
 
 
 def format_table(results, header=True):
-    cols = "{:<12} {:<20} {:<5} {:<14} {:<14} {:<10} {:>9} {:>8} {:>6} {:>8} {:>8}"
+    cols = "{:<12} {:<18} {:<5} {:<14} {:<14} {:<8} {:>9} {:>8} {:>5} {:>9} {:>8} {:>8}"
     lines = []
     if header:
-        lines.append(cols.format("op", "shape", "dtype", "layout", "mode", "provider", "ms", "GB/s", "%bw", "vs eager", "vs comp"))
+        lines.append(cols.format("op", "shape", "dtype", "layout", "mode", "provider", "ms", "GB/s", "%bw", "peak MiB", "vs eager", "vs comp"))
     for r in results:
         lines.append(
             cols.format(
                 r.op, "x".join(map(str, r.shape)), r.dtype, r.layout, r.mode, r.provider,
                 f"{r.ms:.3f}", f"{r.gbps:.1f}", f"{100 * r.bandwidth_fraction:.0f}",
+                f"{r.peak_memory_bytes / 2**20:.1f}", f"{r.speedup_vs_eager:.2f}x", f"{r.speedup_vs_compile:.2f}x",
+            )
+        )
+    return "\n".join(lines)
+
+
+def format_model_table(results, header=True):
+    cols = "{:<12} {:<18} {:<5} {:<14} {:<6} {:<14} {:>10} {:>10} {:>9} {:>8} {:>8}"
+    lines = []
+    if header:
+        lines.append(cols.format("model", "input", "dtype", "layout", "mode", "provider", "ms", "items/s", "peak MiB", "vs eager", "vs comp"))
+    for r in results:
+        lines.append(
+            cols.format(
+                r.model, "x".join(map(str, r.input_shape)), r.dtype, r.layout, r.mode, r.provider,
+                f"{r.ms:.2f}", f"{r.items_per_s:.1f}", f"{r.peak_memory_bytes / 2**20:.1f}",
                 f"{r.speedup_vs_eager:.2f}x", f"{r.speedup_vs_compile:.2f}x",
             )
         )
     return "\n".join(lines)
+
+
+def plot(op_results, model_results, path, title):
+    """Speed-up of each fused provider over eager and over torch.compile, one bar per case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    fused_op = [r for r in op_results if r.provider not in ("eager", "compile")]
+    if fused_op:
+        short = {"contiguous": "NC*", "channels_last": "CL"}
+        labels = [f"{r.op} {r.mode} {'x'.join(map(str, r.shape))} {short[r.layout]} {r.dtype} [{r.provider}]" for r in fused_op]
+        panels.append(("op level", labels, fused_op))
+    fused_model = [r for r in model_results if r.provider not in ("eager", "compile")]
+    if fused_model:
+        labels = [f"{r.model} {r.mode} {'x'.join(map(str, r.input_shape))} {r.dtype} [{r.provider}]" for r in fused_model]
+        panels.append(("model level", labels, fused_model))
+    if not panels:
+        return None
+    heights = [max(2.0, 0.28 * len(p[1]) + 1.0) for p in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, sum(heights)), gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, (name, labels, rows) in zip(axes[:, 0], panels):
+        ys = range(len(rows))
+        ax.barh([y - 0.2 for y in ys], [r.speedup_vs_eager for r in rows], height=0.4, label="vs eager")
+        ax.barh([y + 0.2 for y in ys], [r.speedup_vs_compile for r in rows], height=0.4, label="vs torch.compile")
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_yticks(list(ys))
+        ax.set_yticklabels(labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("speed-up (higher is better)")
+        ax.set_title(f"{title}: {name}", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def environment(device):
@@ -239,48 +508,80 @@ def environment(device):
         info["triton"] = None
     if device.type == "cuda":
         info["cuda"] = torch.version.cuda
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-        try:
-            with open("/proc/cpuinfo") as f:
-                model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-            name = f"CPU: {model}, {torch.get_num_threads()} threads"
-        except (OSError, StopIteration):
-            pass
-    return name, info
+        return torch.cuda.get_device_name(device), info
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU: {name}, {torch.get_num_threads()} threads", info
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fused_resnet.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="comma-separated: fp32,fp16,bf16 (default: fp32 on CPU, bf16,fp32 on GPU)")
-    parser.add_argument("--quick", action="store_true", help="small shapes, a smoke run")
-    parser.add_argument("--output", default=None, help="directory for results.json")
+    parser.add_argument("--dtype", default=None, help="comma-separated: fp32,fp16,bf16 (default: fp32 on CPU, bf16,fp16,fp32 on GPU)")
+    parser.add_argument("--quick", action="store_true", help="fewer and smaller cases: a smoke run")
+    parser.add_argument("--skip-models", action="store_true", help="op-level cases only")
+    parser.add_argument("--output", default=None, help="directory for results.json and speedup.png")
     args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
 
     device = torch.device(args.device)
-    dtype_names = (args.dtype or ("bf16,fp32" if device.type == "cuda" else "fp32")).split(",")
+    dtype_names = (args.dtype or ("bf16,fp16,fp32" if device.type == "cuda" else "fp32")).split(",")
     for name in dtype_names:
         if name not in DTYPES:
             parser.error(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        parser.error("the progress bar needs tqdm: pip install tqdm (make install does it)")
+    if args.output and importlib.util.find_spec("matplotlib") is None:
+        parser.error("--output draws speedup.png with matplotlib: pip install matplotlib")
+
     device_name, versions = environment(device)
+    command = " ".join(["python", "-m", "fused_resnet.bench"] + list(argv))
     print(f"fused_resnet.bench on {device_name}; torch {versions['torch']}, triton {versions['triton']}")
-    print(format_table([], header=True))
-    bandwidth, results = run_benchmarks(device, dtype_names, args.quick)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    rounds, min_run_time = (2, 0.2) if args.quick else (3, 0.3)
+
+    bandwidth = copy_bandwidth_gbps(device)
+    print(f"device copy bandwidth: {bandwidth:.1f} GB/s (read + write)")
+    ops_todo = op_cases(device, dtype_names, args.quick)
+    models_todo = [] if args.skip_models else model_cases(device, dtype_names, args.quick)
+    providers = model_providers(device, args.quick)
+    op_results, model_results = [], []
+    with tqdm(total=len(ops_todo) + len(models_todo), desc="cases", file=sys.stderr) as bar:
+        bar.write(format_table([], header=True))
+        for case in ops_todo:
+            rows = run_op_case(device, bandwidth, *case, rounds=rounds, min_run_time=min_run_time)
+            op_results.extend(rows)
+            bar.write(format_table(rows, header=False))
+            bar.update()
+        if models_todo:
+            bar.write(format_model_table([], header=True))
+        for case in models_todo:
+            rows = run_model_case(device, providers, *case, rounds=rounds, min_run_time=min_run_time)
+            model_results.extend(rows)
+            bar.write(format_model_table(rows, header=False))
+            bar.update()
+
     if args.output:
         os.makedirs(args.output, exist_ok=True)
         payload = {
             "device": device_name,
             "versions": versions,
-            "command": " ".join([os.path.basename(sys.executable), "-m", "fused_resnet.bench"] + (argv if argv is not None else sys.argv[1:])),
+            "command": command,
             "copy_bandwidth_gbps": bandwidth,
-            "results": [asdict(r) for r in results],
+            "results": [asdict(r) for r in op_results],
+            "model_results": [asdict(r) for r in model_results],
         }
         path = os.path.join(args.output, "results.json")
         with open(path, "w") as f:
             json.dump(payload, f, indent=1)
-        print(f"wrote {path}")
+        png = plot(op_results, model_results, os.path.join(args.output, "speedup.png"), device_name)
+        print(f"wrote {path}" + (f" and {png}" if png else ""))
 
 
 if __name__ == "__main__":

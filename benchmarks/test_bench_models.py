@@ -1,0 +1,36 @@
+"""pytest-benchmark suite, model level: ResNet-50 and resnet3d_50 training steps and inference.
+
+Providers: the eager model, its fused twin on the same weights, and both under torch.compile.
+extra_info holds images (or clips) per second and the peak memory of one call. CPU sizes are
+tiny; GPU sizes are real (bf16 autocast, channels_last). In smoke mode (--benchmark-disable)
+one tiny ResNet-50 runs eager and fused: compiling a whole ResNet takes minutes on a small CPU.
+"""
+
+from conftest import DEVICE, record, smoke, sync_if_cuda
+from fused_resnet import bench
+
+
+def _case_id(name, shape):
+    return f"{name}-{'x'.join(map(str, shape))}"
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.function.__name__ != "test_model":
+        return
+    quick = smoke(metafunc.config)
+    cases = bench.model_cases(DEVICE, ["bf16", "fp32"], quick and DEVICE.type == "cpu")
+    metafunc.parametrize(
+        "name,shape,dtype,layout,mode", cases, ids=[f"{_case_id(c[0], c[1])}-{c[2]}-{c[4]}" for c in cases]
+    )
+    metafunc.parametrize("provider", bench.model_providers(DEVICE, quick))
+
+
+def test_model(benchmark, name, shape, dtype, layout, mode, provider):
+    benchmark.group = f"{name} {mode} {dtype} {'x'.join(map(str, shape))}"
+    run = bench.make_model_runner(provider, name, shape, mode, DEVICE, bench.DTYPES[dtype], layout)
+    for _ in range(2):  # warm-up, and torch.compile's compilation, outside the timing
+        run()
+    peak = bench.peak_memory_bytes(run, DEVICE)
+    result = benchmark(sync_if_cuda(run))
+    assert result is not None
+    record(benchmark, items=shape[0], peak_bytes=peak)

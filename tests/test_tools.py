@@ -1,0 +1,93 @@
+"""The measuring tools run end to end: python -m fused_resnet.bench and python -m fused_resnet.profile.
+
+Tiny cases only: these check what the tools write and print, not speed.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICE
+from fused_resnet import bench, profile
+
+
+def test_bytes_moved_counts_passes():
+    numel, size = 1000, 4
+    assert bench.bytes_moved("bn_relu", "eval", numel, size) == 2 * numel * size
+    assert bench.bytes_moved("bn_add_relu", "eval", numel, size) == 3 * numel * size
+    assert bench.bytes_moved("bn_relu", "train-fwd", numel, size) == 2 * numel * size
+    assert bench.bytes_moved("bn_relu", "train-fwd+bwd", numel, size) == 6 * numel * size
+    assert bench.bytes_moved("bn_add_relu", "train-fwd+bwd", numel, size) == 8 * numel * size
+
+
+def test_peak_memory_sees_an_allocation():
+    n = 1 << 20
+
+    def run():
+        return torch.empty(n, dtype=torch.float32, device=DEVICE).fill_(1.0).sum()
+
+    assert bench.peak_memory_bytes(run, DEVICE) >= 4 * n
+
+
+@pytest.mark.parametrize("mode", bench.MODES)
+def test_runner_rotates_input_sets(mode):
+    assert bench.input_set_count(1, DEVICE) == 16
+    assert bench.input_set_count(1 << 40, DEVICE) == 1
+    run = bench.make_runner("eager", "bn_add_relu", (2, 3, 4, 4), "channels_last", torch.float32, mode, DEVICE)
+    first, second = run(), run()
+    first = first[0] if isinstance(first, tuple) else first
+    second = second[0] if isinstance(second, tuple) else second
+    assert not torch.equal(first, second), "successive calls should see different inputs"
+
+
+def test_bench_quick_writes_results_and_plot(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "CPU_QUICK_CASES", [((2, 5, 3, 3), "channels_last")])
+    monkeypatch.setattr(bench, "CPU_QUICK_MODEL_CASES", [("resnet18", (2, 3, 16, 16))])
+    monkeypatch.setattr(bench, "copy_bandwidth_gbps", lambda device: 10.0)
+    bench.main(["--device", "cpu", "--quick", "--output", str(tmp_path)])
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["device"].startswith("CPU")
+    assert payload["versions"]["torch"] == torch.__version__
+    assert payload["command"] == f"python -m fused_resnet.bench --device cpu --quick --output {tmp_path}"
+
+    providers = set(bench.providers_for(torch.device("cpu")))
+    seen = {}
+    for row in payload["results"]:
+        seen.setdefault((row["op"], row["mode"]), set()).add(row["provider"])
+        assert row["ms"] > 0 and math.isfinite(row["ms"])
+        nbytes = bench.bytes_moved(row["op"], row["mode"], 2 * 5 * 3 * 3, 4)
+        assert row["gbps"] == pytest.approx(nbytes / (row["ms"] * 1e-3) / 1e9)
+        assert row["bandwidth_fraction"] == pytest.approx(row["gbps"] / 10.0)
+        if row["provider"] == "eager":
+            assert row["speedup_vs_eager"] == pytest.approx(1.0)
+    assert seen == {(op, mode): providers for op in bench.OPS for mode in bench.MODES}
+
+    model_rows = payload["model_results"]
+    assert {(r["mode"], r["provider"]) for r in model_rows} == {
+        (m, p) for m in bench.MODEL_MODES for p in bench.model_providers(torch.device("cpu"), True)
+    }
+    for row in model_rows:
+        assert row["items_per_s"] == pytest.approx(2 / (row["ms"] * 1e-3))
+    assert (tmp_path / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "vs eager" in printed and "items/s" in printed
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_profile_writes_trace_and_table(tmp_path, capsys, fused):
+    trace = tmp_path / "trace.json"
+    args = ["--model", "resnet18", "--batch", "2", "--size", "16", "--warmup", "1", "--steps", "1"]
+    args += ["--device", "cpu", "--output", str(trace), "--fused" if fused else "--eager"]
+    assert profile.main(args) == 0
+    names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
+    printed = capsys.readouterr().out
+    assert "Self CPU" in printed
+    fused_names = {"fused_resnet::bn_relu_fwd", "fused_resnet::bn_add_relu_fwd", "fused_resnet::bn_relu_bwd", "fused_resnet::bn_add_relu_bwd"}
+    if fused:
+        assert fused_names <= names
+        assert "fused_resnet ops:" in printed
+    else:
+        assert not fused_names & names
+        assert "aten::native_batch_norm" in names or "aten::_native_batch_norm_legit" in names
