@@ -25,7 +25,7 @@ except ImportError as error:  # pure-Python install, or a build that failed
         stacklevel=2,
     )
 
-from . import functional, nn, ops
+from . import functional, models, nn, ops
 from .backend import available_backends, get_backend, set_backend, use_backend
 
 ops._register_compiled_backends(EXTENSION_ERROR)
@@ -34,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "functional",
+    "models",
     "nn",
     "ops",
     "available_backends",

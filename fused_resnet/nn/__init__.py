@@ -1,13 +1,16 @@
-"""Drop-in fused modules."""
+"""Drop-in fused modules and residual blocks."""
 
 from .batchnorm import (
+    AddReLU,
     BatchNormAddReLU1d,
     BatchNormAddReLU2d,
     BatchNormAddReLU3d,
     BatchNormReLU1d,
     BatchNormReLU2d,
     BatchNormReLU3d,
+    fuse_batchnorm_,
 )
+from .blocks import BasicBlock, BasicBlock3d, Bottleneck, Bottleneck3d
 
 __all__ = [
     "BatchNormReLU1d",
@@ -16,4 +19,10 @@ __all__ = [
     "BatchNormAddReLU1d",
     "BatchNormAddReLU2d",
     "BatchNormAddReLU3d",
+    "AddReLU",
+    "fuse_batchnorm_",
+    "BasicBlock",
+    "Bottleneck",
+    "BasicBlock3d",
+    "Bottleneck3d",
 ]

@@ -12,6 +12,7 @@ Unlike eager nn.BatchNorm, which increments num_batches_tracked before it raises
 first: a refused call changes no state.
 """
 
+import torch
 from torch import nn
 
 from .. import functional
@@ -73,3 +74,45 @@ class BatchNormAddReLU2d(_BatchNormAddReLU, nn.BatchNorm2d):
 
 class BatchNormAddReLU3d(_BatchNormAddReLU, nn.BatchNorm3d):
     """relu(BatchNorm3d(x) + residual) for (N, C, D, H, W) input."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Turning an eager BatchNorm into its fused twin, for the blocks and for fused_resnet.convert.
+
+_FUSED_TWIN = {
+    (nn.BatchNorm1d, False): BatchNormReLU1d,
+    (nn.BatchNorm2d, False): BatchNormReLU2d,
+    (nn.BatchNorm3d, False): BatchNormReLU3d,
+    (nn.BatchNorm1d, True): BatchNormAddReLU1d,
+    (nn.BatchNorm2d, True): BatchNormAddReLU2d,
+    (nn.BatchNorm3d, True): BatchNormAddReLU3d,
+}
+
+EAGER_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def fuse_batchnorm_(bn: nn.Module, with_residual: bool = False) -> nn.Module:
+    """Make the eager `bn` (exactly nn.BatchNorm1d/2d/3d) its fused twin, in place, and return it.
+
+    with_residual=False gives BatchNormReLU*d (forward(x) = relu(bn(x))), True gives
+    BatchNormAddReLU*d (forward(x, r) = relu(bn(x) + r)). Only the class changes: the object keeps
+    its parameters and buffers (the same tensors, so optimizers holding them stay valid), its
+    settings (eps, momentum, affine, track_running_stats), train/eval mode, device, dtype and hooks.
+    """
+    twin = _FUSED_TWIN.get((type(bn), with_residual))
+    if twin is None:
+        raise TypeError(
+            f"fuse_batchnorm_: expected an nn.BatchNorm1d, nn.BatchNorm2d or nn.BatchNorm3d, got "
+            f"{type(bn).__module__}.{type(bn).__qualname__}"
+        )
+    bn.__class__ = twin
+    return bn
+
+
+class AddReLU(nn.Module):
+    """relu(x + residual): a BatchNormAddReLU*d once its normalization is folded into the
+    preceding convolution (fused_resnet.optimize_for_inference). Two passes: the add writes a
+    fresh tensor, the ReLU rewrites it in place."""
+
+    def forward(self, input, residual):
+        return torch.add(input, residual).relu_()

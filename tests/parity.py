@@ -1,0 +1,75 @@
+"""Two models that must compute the same thing, compared step by step.
+
+`assert_same_training` runs both on the same inputs for a few SGD steps and compares, at every
+step, the outputs, the gradient of the input and of every parameter, every buffer (running
+statistics, num_batches_tracked), and the parameters after the optimizer step, by qualified name.
+"""
+
+import torch
+
+from conftest import TOLERANCES
+
+# Through a whole model the rounding errors of every layer add up (training-mode BatchNorm
+# backward subtracts means and so amplifies them) and scale with the tensor's largest value, not
+# with each element. Model outputs, gradients and states are therefore compared relative to their
+# largest magnitude, with the table's tolerance widened by this factor.
+MODEL_ERROR_GROWTH = 100.0
+
+
+def assert_close(actual, expected, dtype, what):
+    atol, rtol = TOLERANCES[dtype]
+    scale = max(expected.detach().abs().max().item(), 1.0) if expected.numel() else 1.0
+    torch.testing.assert_close(
+        actual.detach().double() / scale,
+        expected.detach().double() / scale,
+        atol=atol * MODEL_ERROR_GROWTH,
+        rtol=rtol * MODEL_ERROR_GROWTH,
+        msg=lambda m: f"{what} (relative to its largest value {scale:.3g}): {m}",
+    )
+
+
+def clone_input(x):
+    return x.detach().clone().requires_grad_(x.requires_grad)
+
+
+def assert_same_state(model, reference, dtype, what):
+    params, ref_params = dict(model.named_parameters()), dict(reference.named_parameters())
+    assert params.keys() == ref_params.keys(), f"{what}: parameter names differ"
+    for name, p in params.items():
+        assert_close(p, ref_params[name], dtype, f"{what}: {name}")
+    buffers, ref_buffers = dict(model.named_buffers()), dict(reference.named_buffers())
+    assert buffers.keys() == ref_buffers.keys(), f"{what}: buffer names differ"
+    for name, b in buffers.items():
+        if b.dtype.is_floating_point:
+            assert_close(b, ref_buffers[name], dtype, f"{what}: {name}")
+        else:
+            assert torch.equal(b, ref_buffers[name]), f"{what}: {name}"
+
+
+def assert_same_training(model, reference, make_input, dtype, steps=3, lr=0.05, training=True):
+    """Train (or, with training=False, run in eval mode and still step the optimizer) `model` and
+    `reference` side by side; they must start with the same state."""
+    model.train(training)
+    reference.train(training)
+    assert_same_state(model, reference, dtype, "initial state")
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=lr, momentum=0.9)
+    for step in range(steps):
+        x = make_input().requires_grad_()
+        x_ref = clone_input(x)
+        out, ref_out = model(x), reference(x_ref)
+        assert_close(out, ref_out, dtype, f"step {step}: output")
+        grad_out = torch.randn_like(ref_out)
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        out.backward(grad_out)
+        ref_out.backward(grad_out)
+        assert_close(x.grad, x_ref.grad, dtype, f"step {step}: grad of input")
+        ref_grads = {n: p.grad for n, p in reference.named_parameters()}
+        for name, p in model.named_parameters():
+            assert (p.grad is None) == (ref_grads[name] is None), f"step {step}: grad of {name}"
+            if p.grad is not None:
+                assert_close(p.grad, ref_grads[name], dtype, f"step {step}: grad of {name}")
+        opt.step()
+        ref_opt.step()
+        assert_same_state(model, reference, dtype, f"after step {step}")
