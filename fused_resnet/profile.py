@@ -70,9 +70,17 @@ def main(argv=None):
         fused_resnet.set_backend(args.backend)
     run = bench.make_model_runner(provider, args.model, shape, mode, device, dtype, layout)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    captured = {}
+
+    def on_trace_ready(prof):  # called once, when the active steps end
+        prof.export_chrome_trace(output)
+        captured["averages"] = prof.key_averages()
+
     with profile(
         activities=activities,
         schedule=schedule(wait=0, warmup=args.warmup, active=args.steps),
+        on_trace_ready=on_trace_ready,
         record_shapes=True,
     ) as prof:
         for _ in range(args.warmup + args.steps):
@@ -80,11 +88,9 @@ def main(argv=None):
             if on_gpu:
                 torch.cuda.synchronize(device)
             prof.step()
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    prof.export_chrome_trace(output)
 
     sort_key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-    averages = prof.key_averages()
+    averages = captured["averages"]
     print(
         f"{args.model} {'fused' if args.fused else 'eager'}{' compiled' if args.compile else ''}, {mode}, "
         f"input {'x'.join(map(str, shape))}, {str(dtype).replace('torch.', '')}, {layout}, on {device}; "
