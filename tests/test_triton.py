@@ -93,6 +93,27 @@ def test_amp_split_training(triton_backend, layout, dtype):
     run_against_eager(shape, layout, True, CONFIGS["default"], (dtype, torch.float32), True, steps=1)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("x_layout,r_layout", [("channels_last", "contiguous"), ("contiguous", "sliced"), ("contiguous", "channels_last")])
+def test_operands_in_other_layouts(triton_backend, x_layout, r_layout, training):
+    """A residual in another layout than the input, and a broadcast (stride 0) gradient, against
+    float64 eager; the outputs keep the input's memory format."""
+    shape = (3, 5, 6, 7)
+    x = make_tensor(shape, torch.float32, x_layout).requires_grad_()
+    r = make_tensor(shape, torch.float32, r_layout).requires_grad_()
+    w, b = torch.rand(5, device=DEVICE) + 0.5, torch.randn(5, device=DEVICE)
+    rm, rv = torch.randn(5, device=DEVICE), torch.rand(5, device=DEVICE) + 0.5
+    y = fused_resnet.functional.batch_norm_add_relu(x, r, rm.clone(), rv.clone(), w, b, training=training)
+    y.mean().backward()
+    x64, r64 = x.detach().double().requires_grad_(), r.detach().double().requires_grad_()
+    ref = torch.relu(torch.nn.functional.batch_norm(x64, rm.double(), rv.double(), w.double(), b.double(), training) + r64)
+    ref.mean().backward()
+    assert memory_format_of(y) == memory_format_of(x) == memory_format_of(x.grad)
+    assert_close(y, ref, torch.float32, "output")
+    assert_close(x.grad, x64.grad, torch.float32, "grad_input")
+    assert_close(r.grad, r64.grad, torch.float32, "grad_residual")
+
+
 def _sync_inputs(shape, layout, dtype):
     x = make_tensor(shape, dtype, layout, scale=1.5, offset=0.3)
     grad_out = make_tensor(shape, dtype, layout)

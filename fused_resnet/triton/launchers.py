@@ -361,7 +361,8 @@ def bn_stats(input: Tensor) -> Tuple[Tensor, Tensor]:
     if x.numel() == 0:
         var = x.new_zeros((x.shape[1],), dtype=acc_dtype(x.dtype))
         return torch.zeros_like(var), var
-    mean, var, _invstd = _launch_batch_stats(x, view_of(x), 0.0)
+    # invstd is computed on the way and dropped; any eps > 0 keeps it finite
+    mean, var, _invstd = _launch_batch_stats(x, view_of(x), 1.0)
     return mean, var
 
 
