@@ -23,7 +23,6 @@ if DEVICE.type == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fused_resnet  # noqa: E402  (after TRITON_INTERPRET is decided)
-import fused_resnet.triton  # noqa: E402
 
 BACKENDS = fused_resnet.available_backends(DEVICE)
 # The triton backend runs on the Triton interpreter (CPU tensors): slow, and no bfloat16.
