@@ -4,8 +4,9 @@
     bn = fused_resnet.nn.BatchNormAddReLU2d(64)   # drop-in for nn.BatchNorm2d(64) + add + ReLU
     y = bn(x, identity)
 
-The kernels live in the C++ extension fused_resnet._C (CPU, and CUDA when built with it). Without
-it the package still imports, warns once, and runs on the eager "reference" backend.
+The kernels live in the C++ extension fused_resnet._C (CPU, and CUDA when built with it) and in
+fused_resnet.triton (CUDA; CPU tensors through the Triton interpreter). Without the extension the
+package still imports, warns once, and runs on the eager "reference" backend (or Triton on CUDA).
 """
 
 import importlib
@@ -29,6 +30,10 @@ from . import functional, models, nn, ops
 from .backend import available_backends, get_backend, set_backend, use_backend
 
 ops._register_compiled_backends(EXTENSION_ERROR)
+
+from .triton import register_backend as _register_triton_backend  # noqa: E402
+
+_register_triton_backend()
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,405 @@
+"""Triton kernels of the fused BatchNorm (+ residual add) + ReLU. Launchers: launchers.py.
+
+Every kernel sees a tensor as a 3D view [n_outer, n_channels, n_inner] given by three strides per
+tensor, and works on tiles [BLOCK_A, BLOCK_C, BLOCK_B] of it:
+  NC* (contiguous)        [N, C, S]      strides (C*S, S, 1): tiles run along S (BLOCK_B lanes)
+  channels_last(_3d), 2D  [N*S, C, 1]    strides (C, 1, -):   tiles run along C (BLOCK_C lanes)
+so one kernel serves 1D, 2D and 3D inputs and both memory formats, and a stride of 1 (which Triton
+specializes) makes the loads coalesced along the fastest dimension. n_inner == 1 tells the
+channels-last view apart, which is what the autotune key and the config pruning look at.
+Offsets are computed in int64: N*C*S may exceed 2**31.
+
+Notation (per channel c, over the M = n_outer * n_inner values of that channel):
+  mean = Σx / M,  var = Σ(x - mean)² / M (biased),  invstd = 1 / sqrt(var + eps)
+  x̂ = (x - mean) * invstd,  y = relu(x̂ * w + b (+ r)),  dz = 0 where y <= 0 else dy.
+Accumulation is in float32 (float64 for float64 inputs); activations load and store in their own
+dtype.
+
+Reductions are split along the reduction dimensions (n_outer, n_inner) into a grid of
+splits_a x splits_b rectangles, one program per (channel block, rectangle); each program writes
+its partial results for its channels, and a combine kernel merges them in a fixed order. No
+atomics: results are bitwise reproducible for a given launch plan and tile config. With a single
+rectangle the partial kernel writes the final results itself (SINGLE_SPLIT), with no second launch.
+
+The kernels that autotune only write their outputs (never accumulate into them), so the
+autotuner's repeated benchmark launches leave the same results.
+"""
+
+import triton
+import triton.language as tl
+
+from . import interpreter_enabled
+
+# ---------------------------------------------------------------------------------------------
+# Tile configs. The interpreter (TRITON_INTERPRET=1, CPU tests) gets one small config per view,
+# so nothing is benchmarked there.
+
+
+def _config(block_a, block_c, block_b, num_warps):
+    return triton.Config({"BLOCK_A": block_a, "BLOCK_C": block_c, "BLOCK_B": block_b}, num_warps=num_warps)
+
+
+if interpreter_enabled():
+    TILE_CONFIGS = [_config(8, 4, 128, 1), _config(256, 16, 1, 1)]
+else:
+    TILE_CONFIGS = [
+        # NC*: lanes along S; several rows per tile when S is short (the 7x7 and 14x14 stages)
+        _config(1, 1, 1024, 4),
+        _config(1, 1, 2048, 8),
+        _config(2, 1, 512, 4),
+        _config(4, 1, 256, 4),
+        _config(8, 1, 128, 4),
+        _config(16, 1, 64, 4),
+        _config(4, 4, 64, 4),
+        # channels_last: lanes along C, rows along N*S
+        _config(64, 32, 1, 4),
+        _config(32, 64, 1, 4),
+        _config(16, 128, 1, 4),
+        _config(128, 16, 1, 4),
+        _config(64, 64, 1, 8),
+        _config(128, 32, 1, 8),
+    ]
+
+
+def _prune_tile_configs(configs, named_args, **kwargs):
+    """Keep the configs made for this view (n_inner == 1: channels fastest) and no tile that is
+    more than twice as wide as the dimension it runs along."""
+    n_channels, n_inner = named_args["n_channels"], named_args["n_inner"]
+    if n_inner == 1:
+        kept = [c for c in configs if c.kwargs["BLOCK_B"] == 1]
+        fits = [c for c in kept if c.kwargs["BLOCK_C"] <= max(16, 2 * n_channels)]
+    else:
+        kept = [c for c in configs if c.kwargs["BLOCK_B"] > 1]
+        fits = [c for c in kept if c.kwargs["BLOCK_B"] <= max(64, 2 * n_inner)]
+    return fits or kept[:1]
+
+
+def _autotuned(fn):
+    return triton.autotune(
+        configs=TILE_CONFIGS,
+        key=["n_channels", "n_inner"],
+        prune_configs_by={"early_config_prune": _prune_tile_configs},
+    )(fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers.
+
+
+@triton.jit
+def _acc(v):
+    """To the accumulation dtype: float64 stays float64, float16/bfloat16/float32 become float32."""
+    if v.dtype == tl.float64:
+        return v
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
+def _int64(v):
+    """An int argument as int64 (Triton may have specialized an argument equal to 1 to a constant)."""
+    return v + tl.zeros([], dtype=tl.int64)
+
+
+@triton.jit
+def _offsets(a, c, b, stride_a, stride_c, stride_b):
+    """int64 offsets of the tile a x c x b ([BLOCK_A], [BLOCK_C], [BLOCK_B] indices)."""
+    return (
+        a.to(tl.int64)[:, None, None] * stride_a
+        + c.to(tl.int64)[None, :, None] * stride_c
+        + b.to(tl.int64)[None, None, :] * stride_b
+    )
+
+
+@triton.jit
+def _split_bounds(split, splits_b, chunk_a, chunk_b, n_outer, n_inner):
+    """The rectangle [a_begin, a_end) x [b_begin, b_end) of the reduction that `split` covers."""
+    a_begin = (split // splits_b) * chunk_a
+    b_begin = (split % splits_b) * chunk_b
+    return a_begin, tl.minimum(a_begin + chunk_a, n_outer), b_begin, tl.minimum(b_begin + chunk_b, n_inner)
+
+
+@triton.jit
+def _split_counts(splits, splits_b, chunk_a, chunk_b, n_outer, n_inner):
+    """Number of values per channel in each split of the vector `splits` (as in _split_bounds)."""
+    a_begin = (splits // splits_b) * chunk_a
+    b_begin = (splits % splits_b) * chunk_b
+    a_len = tl.minimum(a_begin + chunk_a, n_outer) - a_begin
+    b_len = tl.minimum(b_begin + chunk_b, n_inner) - b_begin
+    return a_len.to(tl.int64) * b_len
+
+
+@triton.jit
+def _tile_position(n_outer, n_channels, n_inner, BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_B: tl.constexpr):
+    """Indices and masks of this program's tile in a flat 1D grid, n_inner tiles fastest, then
+    channels, so neighbouring programs touch neighbouring memory in both views."""
+    pid = tl.program_id(0)
+    b_tiles = tl.cdiv(n_inner, BLOCK_B)
+    c_tiles = tl.cdiv(n_channels, BLOCK_C)
+    b = (pid % b_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)
+    c = ((pid // b_tiles) % c_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+    a = (pid // (b_tiles * c_tiles)) * BLOCK_A + tl.arange(0, BLOCK_A)
+    c_mask = c < n_channels
+    mask = (a < n_outer)[:, None, None] & c_mask[None, :, None] & (b < n_inner)[None, None, :]
+    return a, c, b, c_mask, mask
+
+
+@triton.jit
+def _relu_mask_grad(dy, out):
+    """dz = 0 where out <= 0, else dy (a NaN in out passes dy, as aten's threshold_backward)."""
+    return tl.where(out <= 0, tl.zeros_like(dy), dy)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training forward: statistics.
+
+
+@_autotuned
+@triton.jit
+def _bn_fwd_stats_kernel(
+    x_ptr, stride_xa, stride_xc, stride_xb,
+    mean_part_ptr, m2_part_ptr,  # [num_splits, n_channels] partials, accumulation dtype
+    mean_ptr, var_ptr, invstd_ptr,  # [n_channels] results, written here when SINGLE_SPLIT
+    n_outer, n_channels, n_inner, chunk_a, chunk_b, splits_b, eps,
+    SINGLE_SPLIT: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Welford partials (mean, M2) of one split rectangle for BLOCK_C channels.
+
+    Each tile is reduced exactly (its mean, then Σ(x - tile mean)²) and merged into the running
+    partial with Chan's formula, for n = running count, k = tile count:
+      mean += δ·k/(n+k),  M2 += M2_tile + δ²·n·k/(n+k),  δ = mean_tile - mean.
+    Memory traffic: one read of x.
+    """
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < n_channels
+    split = tl.program_id(1)
+    a_begin, a_end, b_begin, b_end = _split_bounds(split, splits_b, chunk_a, chunk_b, n_outer, n_inner)
+
+    zero = _acc(tl.zeros([BLOCK_C], dtype=x_ptr.dtype.element_ty))
+    count = zero
+    mean = zero
+    m2 = zero
+    for a0 in range(a_begin, a_end, BLOCK_A):
+        a = a0 + tl.arange(0, BLOCK_A)
+        for b0 in range(b_begin, b_end, BLOCK_B):
+            b = b0 + tl.arange(0, BLOCK_B)
+            mask = (a < a_end)[:, None, None] & c_mask[None, :, None] & (b < b_end)[None, None, :]
+            x = _acc(tl.load(x_ptr + _offsets(a, c, b, stride_xa, stride_xc, stride_xb), mask=mask, other=0.0))
+            tile_count = (tl.minimum(a_end - a0, BLOCK_A) * tl.minimum(b_end - b0, BLOCK_B)).to(zero.dtype)
+            tile_mean = tl.sum(tl.sum(x, axis=2), axis=0) / tile_count
+            deviation = tl.where(mask, x - tile_mean[None, :, None], 0.0)
+            tile_m2 = tl.sum(tl.sum(deviation * deviation, axis=2), axis=0)
+            new_count = count + tile_count
+            delta = tile_mean - mean
+            mean += delta * (tile_count / new_count)
+            m2 += tile_m2 + delta * delta * (count * (tile_count / new_count))
+            count = new_count
+
+    if SINGLE_SPLIT:
+        var = m2 / count
+        tl.store(mean_ptr + c, mean, mask=c_mask)
+        tl.store(var_ptr + c, var, mask=c_mask)
+        tl.store(invstd_ptr + c, 1.0 / tl.sqrt(var + eps), mask=c_mask)
+    else:
+        part = split.to(tl.int64) * n_channels + c
+        tl.store(mean_part_ptr + part, mean, mask=c_mask)
+        tl.store(m2_part_ptr + part, m2, mask=c_mask)
+
+
+@triton.jit
+def _bn_fwd_stats_combine_kernel(
+    mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, invstd_ptr,
+    n_outer, n_channels, n_inner, chunk_a, chunk_b, splits_b, num_splits, eps,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Merge the Welford partials of every split, in split order (Chan et al. for many groups):
+      mean = Σ n_k·mean_k / M,  M2 = Σ (M2_k + n_k·(mean_k - mean)²),  var = M2 / M.
+    Two passes over the partials, BLOCK_S splits at a time; deviations from the final mean keep
+    the merge stable however the partials differ.
+    """
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < n_channels
+    zero = tl.zeros([BLOCK_C], dtype=mean_part_ptr.dtype.element_ty)
+    total = _int64(n_outer) * n_inner
+
+    weighted = zero
+    for s0 in range(0, num_splits, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < num_splits)[:, None] & c_mask[None, :]
+        part = s.to(tl.int64)[:, None] * n_channels + c[None, :]
+        counts = _split_counts(s, splits_b, chunk_a, chunk_b, n_outer, n_inner).to(zero.dtype)
+        means = tl.load(mean_part_ptr + part, mask=mask, other=0.0)
+        weighted += tl.sum(tl.where(mask, means * counts[:, None], 0.0), axis=0)
+    mean = weighted / total.to(zero.dtype)
+
+    m2 = zero
+    for s0 in range(0, num_splits, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < num_splits)[:, None] & c_mask[None, :]
+        part = s.to(tl.int64)[:, None] * n_channels + c[None, :]
+        counts = _split_counts(s, splits_b, chunk_a, chunk_b, n_outer, n_inner).to(zero.dtype)
+        deviation = tl.load(mean_part_ptr + part, mask=mask, other=0.0) - mean[None, :]
+        m2s = tl.load(m2_part_ptr + part, mask=mask, other=0.0)
+        m2 += tl.sum(tl.where(mask, m2s + counts[:, None] * deviation * deviation, 0.0), axis=0)
+
+    var = m2 / total.to(zero.dtype)
+    tl.store(mean_ptr + c, mean, mask=c_mask)
+    tl.store(var_ptr + c, var, mask=c_mask)
+    tl.store(invstd_ptr + c, 1.0 / tl.sqrt(var + eps), mask=c_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward apply (training and eval).
+
+
+@_autotuned
+@triton.jit
+def _bn_act_fwd_apply_kernel(
+    x_ptr, stride_xa, stride_xc, stride_xb,
+    r_ptr, stride_ra, stride_rc, stride_rb,
+    y_ptr,  # allocated like x: x's strides
+    mean_ptr, spread_ptr, w_ptr, b_ptr, eps,
+    n_outer, n_channels, n_inner,
+    SPREAD_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """y = relu((x - mean)·scale + b (+ r)), scale = w·invstd folded once per channel.
+
+    spread is invstd (training: the batch statistics) or the running variance (eval:
+    invstd = 1/sqrt(var + eps)). Memory traffic: read x (and r), write y.
+    """
+    a, c, b, c_mask, mask = _tile_position(n_outer, n_channels, n_inner, BLOCK_A, BLOCK_C, BLOCK_B)
+    mean = _acc(tl.load(mean_ptr + c, mask=c_mask, other=0.0))
+    spread = _acc(tl.load(spread_ptr + c, mask=c_mask, other=1.0))
+    if SPREAD_IS_VAR:
+        scale = 1.0 / tl.sqrt(spread + eps)
+    else:
+        scale = spread
+    if HAS_WEIGHT:
+        scale *= _acc(tl.load(w_ptr + c, mask=c_mask, other=0.0))
+    x = _acc(tl.load(x_ptr + _offsets(a, c, b, stride_xa, stride_xc, stride_xb), mask=mask, other=0.0))
+    z = (x - mean[None, :, None]) * scale[None, :, None]
+    if HAS_BIAS:
+        z += _acc(tl.load(b_ptr + c, mask=c_mask, other=0.0))[None, :, None]
+    if HAS_RESIDUAL:
+        z += _acc(tl.load(r_ptr + _offsets(a, c, b, stride_ra, stride_rc, stride_rb), mask=mask, other=0.0))
+    y = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu keeps NaN, as torch.relu
+    tl.store(y_ptr + _offsets(a, c, b, stride_xa, stride_xc, stride_xb), y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: reductions.
+
+
+@_autotuned
+@triton.jit
+def _bn_act_bwd_reduce_kernel(
+    dy_ptr, stride_dya, stride_dyc, stride_dyb,
+    out_ptr, stride_oa, stride_oc, stride_ob,
+    x_ptr, stride_xa, stride_xc, stride_xb,
+    mean_ptr, invstd_ptr,
+    dz_part_ptr, dzx_part_ptr,  # [num_splits, n_channels]: Σdz and Σdz·(x - mean), acc dtype
+    sum_dz_ptr, sum_dz_xhat_ptr,  # [n_channels] results, written here when SINGLE_SPLIT
+    n_outer, n_channels, n_inner, chunk_a, chunk_b, splits_b,
+    SINGLE_SPLIT: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Σdz and Σdz·(x - mean) over one split rectangle; Σdz·x̂ = invstd·Σdz·(x - mean) is taken
+    at the end (no E[dz·x] - mean·E[dz] cancellation). Memory traffic: read dy, y and x."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < n_channels
+    split = tl.program_id(1)
+    a_begin, a_end, b_begin, b_end = _split_bounds(split, splits_b, chunk_a, chunk_b, n_outer, n_inner)
+    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
+
+    sum_dz = tl.zeros([BLOCK_C], dtype=mean_ptr.dtype.element_ty)
+    sum_dzx = sum_dz
+    for a0 in range(a_begin, a_end, BLOCK_A):
+        a = a0 + tl.arange(0, BLOCK_A)
+        for b0 in range(b_begin, b_end, BLOCK_B):
+            b = b0 + tl.arange(0, BLOCK_B)
+            mask = (a < a_end)[:, None, None] & c_mask[None, :, None] & (b < b_end)[None, None, :]
+            dy = tl.load(dy_ptr + _offsets(a, c, b, stride_dya, stride_dyc, stride_dyb), mask=mask, other=0.0)
+            out = tl.load(out_ptr + _offsets(a, c, b, stride_oa, stride_oc, stride_ob), mask=mask, other=0.0)
+            x = tl.load(x_ptr + _offsets(a, c, b, stride_xa, stride_xc, stride_xb), mask=mask, other=0.0)
+            dz = _acc(_relu_mask_grad(dy, out)).to(sum_dz.dtype)
+            centered = _acc(x).to(sum_dz.dtype) - mean[None, :, None]
+            sum_dz += tl.sum(tl.sum(dz, axis=2), axis=0)
+            sum_dzx += tl.sum(tl.sum(dz * centered, axis=2), axis=0)
+
+    if SINGLE_SPLIT:
+        invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
+        tl.store(sum_dz_ptr + c, sum_dz, mask=c_mask)
+        tl.store(sum_dz_xhat_ptr + c, sum_dzx * invstd, mask=c_mask)
+    else:
+        part = split.to(tl.int64) * n_channels + c
+        tl.store(dz_part_ptr + part, sum_dz, mask=c_mask)
+        tl.store(dzx_part_ptr + part, sum_dzx, mask=c_mask)
+
+
+@triton.jit
+def _bn_act_bwd_reduce_combine_kernel(
+    dz_part_ptr, dzx_part_ptr, invstd_ptr, sum_dz_ptr, sum_dz_xhat_ptr,
+    n_channels, num_splits,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Sum the partials of every split in split order: Σdz, and Σdz·x̂ = invstd·Σdz·(x - mean)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < n_channels
+    sum_dz = tl.zeros([BLOCK_C], dtype=dz_part_ptr.dtype.element_ty)
+    sum_dzx = sum_dz
+    for s0 in range(0, num_splits, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < num_splits)[:, None] & c_mask[None, :]
+        part = s.to(tl.int64)[:, None] * n_channels + c[None, :]
+        sum_dz += tl.sum(tl.load(dz_part_ptr + part, mask=mask, other=0.0), axis=0)
+        sum_dzx += tl.sum(tl.load(dzx_part_ptr + part, mask=mask, other=0.0), axis=0)
+    invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
+    tl.store(sum_dz_ptr + c, sum_dz, mask=c_mask)
+    tl.store(sum_dz_xhat_ptr + c, sum_dzx * invstd, mask=c_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: apply.
+
+
+@_autotuned
+@triton.jit
+def _bn_act_bwd_apply_kernel(
+    dy_ptr, stride_dya, stride_dyc, stride_dyb,
+    out_ptr, stride_oa, stride_oc, stride_ob,
+    x_ptr, stride_xa, stride_xc, stride_xb,
+    dx_ptr, dr_ptr,  # allocated like x: x's strides
+    w_ptr, mean_ptr, invstd_ptr,
+    dz_stat_ptr, dzx_stat_ptr, count,  # Σdz and Σdz·x̂ over `count` values (count 1: means)
+    n_outer, n_channels, n_inner,
+    BATCH_STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr, WRITE_GRAD_RESIDUAL: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """grad_input = w·invstd·(dz - mean_dz - x̂·mean_dz_xhat) with batch statistics,
+    w·invstd·dz with running statistics; grad_residual = dz.
+    Memory traffic: read dy and y (and x with batch statistics), write dx (and dr)."""
+    a, c, b, c_mask, mask = _tile_position(n_outer, n_channels, n_inner, BLOCK_A, BLOCK_C, BLOCK_B)
+    invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
+    scale = invstd
+    if HAS_WEIGHT:
+        scale *= _acc(tl.load(w_ptr + c, mask=c_mask, other=0.0)).to(invstd.dtype)
+    dy = tl.load(dy_ptr + _offsets(a, c, b, stride_dya, stride_dyc, stride_dyb), mask=mask, other=0.0)
+    out = tl.load(out_ptr + _offsets(a, c, b, stride_oa, stride_oc, stride_ob), mask=mask, other=0.0)
+    dz = _relu_mask_grad(dy, out)
+    x_offsets = _offsets(a, c, b, stride_xa, stride_xc, stride_xb)
+    if WRITE_GRAD_RESIDUAL:
+        tl.store(dr_ptr + x_offsets, dz.to(dr_ptr.dtype.element_ty), mask=mask)
+    g = _acc(dz).to(invstd.dtype)
+    if BATCH_STATS:
+        mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
+        denominator = _int64(count).to(invstd.dtype)
+        mean_dz = tl.load(dz_stat_ptr + c, mask=c_mask, other=0.0) / denominator
+        mean_dzx = tl.load(dzx_stat_ptr + c, mask=c_mask, other=0.0) / denominator
+        x = _acc(tl.load(x_ptr + x_offsets, mask=mask, other=0.0)).to(invstd.dtype)
+        x_hat = (x - mean[None, :, None]) * invstd[None, :, None]
+        g = g - mean_dz[None, :, None] - x_hat * mean_dzx[None, :, None]
+    tl.store(dx_ptr + x_offsets, (g * scale[None, :, None]).to(dx_ptr.dtype.element_ty), mask=mask)
