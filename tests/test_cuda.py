@@ -66,10 +66,6 @@ def _params(channels, dtype):
     return w, b
 
 
-def _f64(t):
-    return None if t is None else t.double()
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("case", PATH_CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "offset1"])
@@ -300,7 +296,6 @@ def test_cuda_graph_capture():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = step()
-    expected = step()
     for _ in range(2):
         x.copy_(make_tensor(x.shape, torch.float32, "channels_last"))
         graph.replay()
