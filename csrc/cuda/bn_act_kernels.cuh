@@ -100,6 +100,14 @@ __device__ __forceinline__ A relu_grad(A dy, A y) {
   return y <= A(0) ? A(0) : dy;
 }
 
+// 1/v correctly rounded, without the full division sequence (Welford's per-access weight).
+__device__ __forceinline__ float reciprocal(float v) {
+  return __frcp_rn(v);
+}
+__device__ __forceinline__ double reciprocal(double v) {
+  return __drcp_rn(v);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Accumulator states. A state holds L lanes (the L elements of one access); in the planes layout
 // all lanes belong to one channel and are collapsed to one lane before the block merge.
@@ -142,7 +150,7 @@ struct Welford {
 
   __device__ __forceinline__ void push(const A (&x)[L]) {
     ++n;
-    const A inv = A(1) / static_cast<A>(n);  // one division per access, shared by the lanes
+    const A inv = reciprocal(static_cast<A>(n));  // one per access, shared by the lanes
 #pragma unroll
     for (int j = 0; j < L; ++j) {
       const A d = x[j] - mean[j];
