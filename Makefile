@@ -1,6 +1,7 @@
 # make test   install what is missing, build the extension, run the whole test suite and the
 #             benchmark suite once as a smoke test (--benchmark-disable)
 # make bench  install what is missing, build the extension, run python -m fused_resnet.bench
+# make nvcc-check  compile the CUDA sources with nvcc (no GPU, no build needed)
 #
 # An importable torch (a CUDA build, say) is used as it is; only when none is importable is the
 # CPU wheel torch==2.13.0 installed. Packages already importable are not reinstalled.
@@ -22,8 +23,12 @@ install:
 	$(PIP) install --no-build-isolation --no-deps -e .
 
 test: install
-	$(PYTHON) -m pytest tests $(PYTEST_ARGS)
+	$(PYTHON) -m pytest tests -rs $(PYTEST_ARGS)
 	$(PYTHON) -m pytest benchmarks --benchmark-disable $(PYTEST_ARGS)
+
+# compile-only check of the CUDA sources with this machine's nvcc (no GPU needed)
+nvcc-check:
+	$(PYTHON) -m pytest tests/test_cuda_compile.py -rs -s $(PYTEST_ARGS)
 
 bench: install
 	$(PYTHON) -m fused_resnet.bench $(BENCH_ARGS)

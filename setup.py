@@ -61,8 +61,12 @@ def _cpu_isa_flags():
 def _extensions():
     cxx_flags = ["-O3", "-fopenmp", "-std=c++17"] + _cpu_isa_flags()
     sources = [os.path.join("csrc", "fused_resnet.cpp")]
+    sources += sorted(glob.glob(os.path.join("csrc", "common", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    # csrc/cuda: the kernels (.cu, nvcc) and their host ops (.cpp, compiled once by the host
+    # compiler with the CUDA headers).
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    cuda_sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc")]
     if _want_cuda() and cuda_sources:
         arch_flags = []
@@ -72,7 +76,9 @@ def _extensions():
                 "-gencode=arch=compute_90,code=sm_90",
                 "-gencode=arch=compute_90,code=compute_90",
             ]
-        nvcc_flags = ["-O3", "-lineinfo", "--threads", str(os.cpu_count() or 1), "-std=c++17"]
+        # No -std: torch.utils.cpp_extension adds the standard its own headers need (C++20 in
+        # torch 2.13); the sources themselves are C++17.
+        nvcc_flags = ["-O3", "-lineinfo", "--threads", str(os.cpu_count() or 1)]
         nvcc_flags += ["--expt-relaxed-constexpr"] + arch_flags
         return [
             cpp_extension.CUDAExtension(

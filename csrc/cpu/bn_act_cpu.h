@@ -2,12 +2,9 @@
 // bn_act_common.cpp, bn_act_register.cpp). The math of every op is stated in
 // csrc/fused_resnet.cpp; this header holds what the kernels have in common:
 //
-//   * Geometry: the input viewed in one of two native layouts, never converted between them:
-//       planes  [N][C][S]   contiguous NC* (NCL, NCHW, NCDHW)
-//       rows    [N*S][C]    channels_last / channels_last_3d, and any input with S == 1
-//     Any other strided input is first made contiguous (NC*), and every other activation
-//     (residual, grad_out, out) is brought to the input's format, so a single linear index
-//     addresses all of them. Outputs are allocated like the canonical input.
+//   * Geometry (csrc/common/bn_act_host.h): the input viewed as planes [N][C][S] (contiguous
+//     NC*) or rows [N*S][C] (channels_last, or S == 1); other activations are brought to the
+//     input's format, so a single linear index addresses all of them.
 //   * VecT<T>: load/store of T as Vectorized<acc_t> (acc_t = double for double, else float).
 //     Half/BFloat16 load one Vectorized<T> (16 lanes) as two Vectorized<float>.
 //   * Moments: (count, mean, M2) partials merged with Chan's formula.
@@ -27,6 +24,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+
+#include "common/bn_act_host.h"
 
 #include <algorithm>
 #include <cmath>
@@ -75,40 +74,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(
 // ---------------------------------------------------------------------------------------------
 // Host-side helpers (bn_act_common.cpp).
 
-struct Geometry {
-  at::Tensor x;            // the input, contiguous in `format`
-  at::MemoryFormat format; // Contiguous, ChannelsLast or ChannelsLast3d
-  bool rows;               // true: [N*S][C] rows of C; false: [N][C][S] planes of S
-  int64_t N, C, S;
-  int64_t M() const { return N * S; }
-  int64_t numel() const { return N * C * S; }
-};
+// Input checks and layout selection, shared with the CUDA backend (csrc/common/bn_act_host.h).
+using fused_resnet::acc_dtype;
+using fused_resnet::activation_like_input;
+using fused_resnet::check_param;
+using fused_resnet::Geometry;
 
-// Checks the input (floating dtype, dim >= 2) and picks its native layout.
-Geometry canonicalize_input(const at::Tensor& input, const char* op);
-
-// Checks that `t` has the input's shape, dtype and device ("residual shape [..] does not match
-// input shape [..]"), and returns it in the canonical input's memory format.
-at::Tensor activation_like_input(
-    const at::Tensor& t, const at::Tensor& input, const Geometry& g, const char* name,
-    const char* op);
+inline Geometry canonicalize_input(const at::Tensor& input, const char* op) {
+  return fused_resnet::canonicalize_input(input, op, c10::DeviceType::CPU);
+}
 
 // Allocates an activation output laid out like the canonical input (fully written later).
 at::Tensor empty_activation(const Geometry& g);
 
-// Per-channel vectors. `check_param` validates a 1-D length-C tensor on the input's device whose
-// dtype is the input's or float32 (the AMP case; float32 is also the accumulation dtype of every
-// input dtype but float64). `read_param` converts it to acc_t (any stride); a missing optional
+// Converts a per-channel vector (checked by check_param) to acc_t (any stride); a missing optional
 // gives `fill`.
-void check_param(
-    const at::Tensor& t, const at::Tensor& input, int64_t C, const char* name, const char* op);
 template <typename acc_t>
 void read_param(const std::optional<at::Tensor>& t, int64_t C, acc_t fill, acc_t* dst);
-
-// The accumulation dtype for an input dtype: Double for Double, Float otherwise.
-inline at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Tuning constants.

@@ -1,0 +1,89 @@
+// Backward apply pass (bn_act_bwd with batch statistics, bn_act_bwd_apply):
+//   grad_input = w·invstd·(dz − mean_dz − x̂·mean_dz_xhat),  x̂ = (x − mean)·invstd,
+//   grad_residual = dz,
+// written per channel as a·(dz − d − (x − mean)·k) with a = w·invstd, d = mean_dz and
+// k = invstd·mean_dz_xhat. dz is read back from grad_residual when the reduce pass stored it
+// there (reads dz, x; writes dx), else formed from dy and y (reads dy, y, x; writes dx and, if
+// wanted, dr).
+#include "bn_act_kernels.cuh"
+#include "static_switch.h"
+
+namespace fused_resnet::cuda {
+
+namespace {
+
+template <typename T>
+struct BwdApplyOp {
+  using A = acc_t<T>;
+  static constexpr int kUnroll = 2;
+  struct Coef {
+    A a, mean, d, k;
+  };
+  template <int L>
+  struct Item {
+    Pack<T, L> g;  // dz (from dz_in) or dy
+    Pack<T, L> y;
+    Pack<T, L> x;
+  };
+
+  BwdApplyArgs<T> a;
+
+  __device__ __forceinline__ Coef coef(int64_t c) const {
+    const A invstd = load_channel<T>(a.invstd, c, A(1));
+    const A inv_count = static_cast<A>(a.inv_count);
+    return {load_channel<T>(a.weight, c, A(1)) * invstd, load_channel<T>(a.mean, c, A(0)),
+            load_channel<T>(a.sum_dz, c, A(0)) * inv_count,
+            invstd * (load_channel<T>(a.sum_dz_xhat, c, A(0)) * inv_count)};
+  }
+
+  template <int L>
+  __device__ __forceinline__ void load(Item<L>& it, int64_t off) const {
+    if (a.dz_in != nullptr) {
+      it.g = load_pack<T, L>(a.dz_in + off);
+    } else {
+      it.g = load_pack<T, L>(a.dy + off);
+      it.y = load_pack<T, L>(a.y + off);
+    }
+    it.x = load_pack<T, L>(a.x + off);
+  }
+
+  template <int L, int LC>
+  __device__ __forceinline__ void apply(const Coef (&k)[LC], const Item<L>& it, int64_t off) const {
+    A dz[L], dx[L];
+#pragma unroll
+    for (int j = 0; j < L; ++j) {
+      const Coef& kj = k[LC == 1 ? 0 : j];
+      dz[j] = a.dz_in != nullptr ? to_acc<A>(it.g.v[j])
+                                 : relu_grad(to_acc<A>(it.g.v[j]), to_acc<A>(it.y.v[j]));
+      dx[j] = kj.a * (dz[j] - kj.d - (to_acc<A>(it.x.v[j]) - kj.mean) * kj.k);
+    }
+    store_pack<T, L>(a.dx + off, dx);
+    if (a.dr != nullptr) {
+      store_pack<T, L>(a.dr + off, dz);
+    }
+  }
+};
+
+} // namespace
+
+template <typename T>
+void launch_bwd_apply(const Layout& layout, const BwdApplyArgs<T>& args, cudaStream_t stream) {
+  const bool vec = vector_ok<T>(
+      layout.rows ? layout.C : layout.S, {args.dy, args.y, args.dz_in, args.x, args.dx, args.dr});
+  const BwdApplyOp<T> op{args};
+  FR_BOOL_SWITCH(layout.rows, kRows, [&] {
+    FR_BOOL_SWITCH(vec, kVec, [&] {
+      run_apply<T, kVec ? vec_lanes<T>() : 1, kRows>(op, layout, stream);
+    });
+  });
+}
+
+#define FR_INSTANTIATE(T) \
+  template void launch_bwd_apply<T>(const Layout&, const BwdApplyArgs<T>&, cudaStream_t);
+FR_INSTANTIATE(float)
+FR_INSTANTIATE(double)
+FR_INSTANTIATE(c10::Half)
+FR_INSTANTIATE(c10::BFloat16)
+#undef FR_INSTANTIATE
+
+} // namespace fused_resnet::cuda

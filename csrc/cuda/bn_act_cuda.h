@@ -1,0 +1,139 @@
+// Interface between the host ops of the CUDA backend (bn_act_ops.cu) and the kernel launchers
+// (bn_act_stats.cu, bn_act_fwd_apply.cu, bn_act_bwd_reduce.cu, bn_act_bwd_apply.cu). The math of
+// every op is stated in csrc/fused_resnet.cpp.
+//
+// Every activation is addressed as a matrix [outer][inner] with one linear index:
+//   planes  [N][C][S]  (contiguous NC*, S > 1): row n*C + c is the plane of channel c in sample n
+//   rows    [N*S][C]   (channels_last, or S == 1): column c is channel c
+// (csrc/common/bn_act_host.h picks the layout and brings every activation to it.)
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace fused_resnet::cuda {
+
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+// Accumulation type: double for double, float for float, half and bfloat16.
+template <typename T>
+using acc_t = typename AccType<T>::type;
+
+// A per-channel vector in global memory: element c at ptr[c * stride], stored in the input's
+// dtype or in float32 (check_param allows exactly these). A null ptr means "absent" (weight or
+// bias not given) and reads as the caller's fill value.
+struct ChannelVec {
+  const void* ptr = nullptr;
+  int64_t stride = 1;
+  bool is_float = false;
+};
+
+struct Layout {
+  int64_t N, C, S;
+  bool rows;
+  int64_t numel() const { return N * C * S; }
+};
+
+// Training-forward statistics (bn_act_fwd_train, bn_stats): mean and biased variance per channel
+// (Welford per thread, Chan merges), and invstd = 1/sqrt(var + eps) when invstd is not null.
+template <typename T>
+struct StatsArgs {
+  const T* x;
+  acc_t<T>* mean;
+  acc_t<T>* var;
+  acc_t<T>* invstd;  // null: not wanted (bn_stats)
+  double eps;
+};
+
+// y = relu(x * scale + shift (+ r)), scale = w * invstd, shift = b - mean * scale, where invstd is
+// given (training: the batch statistics just computed) or 1/sqrt(var + eps) (eval: running stats).
+template <typename T>
+struct FwdApplyArgs {
+  const T* x;
+  const T* r;  // null: no residual
+  T* y;
+  ChannelVec mean;
+  ChannelVec var_or_invstd;
+  bool is_invstd;
+  ChannelVec weight;
+  ChannelVec bias;
+  double eps;
+};
+
+// Backward reductions, dz = 0 where out <= 0 else grad_out:
+//   sum_dz = Σdz,  sum_dz_xhat = invstd·Σdz·(x − mean).
+// The same pass may also store dz (dr: grad_residual, or the apply pass's input) and, when the
+// statistics are not batch statistics, grad_input = w·invstd·dz (dx), which needs no reduction.
+template <typename T>
+struct BwdReduceArgs {
+  const T* dy;
+  const T* y;
+  const T* x;
+  T* dr;  // null: dz not stored
+  T* dx;  // null: grad_input left to the apply pass
+  ChannelVec weight;
+  ChannelVec mean;
+  ChannelVec invstd;
+  acc_t<T>* sum_dz_xhat;
+  acc_t<T>* sum_dz;
+};
+
+// grad_input = w·invstd·(dz − mean_dz − x̂·mean_dz_xhat), x̂ = (x − mean)·invstd, with
+// mean_dz = sum_dz·inv_count and mean_dz_xhat = sum_dz_xhat·inv_count (inv_count = 1/M for sums,
+// 1 when the caller passes means). dz is read from dz_in when given (stored there by the reduce
+// pass), else formed from dy and y, and then stored to dr when dr is not null.
+template <typename T>
+struct BwdApplyArgs {
+  const T* dy;
+  const T* y;
+  const T* dz_in;  // null: dz from dy, y
+  const T* x;
+  T* dx;
+  T* dr;  // null: grad_residual not wanted (or already stored)
+  ChannelVec weight;
+  ChannelVec mean;
+  ChannelVec invstd;
+  ChannelVec sum_dz;
+  ChannelVec sum_dz_xhat;
+  double inv_count;
+};
+
+// Device memory for a launcher's temporaries (the reductions' staging buffer and counters),
+// supplied by the host op from PyTorch's caching allocator: valid for all work queued on the
+// launch stream. (The kernel files do not include ATen, which would triple their compile time.)
+class Workspace {
+ public:
+  virtual void* allocate(int64_t bytes) = 0;
+
+ protected:
+  ~Workspace() = default;
+};
+
+// Launchers (explicitly instantiated for float, double, c10::Half, c10::BFloat16). Each launches
+// on `stream` and checks the launch; none synchronizes. Preconditions (checked by the host ops):
+// numel > 0 (so N*S > 0 and C > 0), every activation dense in the layout's order, and the
+// stream's device current.
+template <typename T>
+void launch_stats(const Layout& layout, const StatsArgs<T>& args, Workspace& workspace,
+                  cudaStream_t stream);
+template <typename T>
+void launch_fwd_apply(const Layout& layout, const FwdApplyArgs<T>& args, cudaStream_t stream);
+template <typename T>
+void launch_bwd_reduce(const Layout& layout, const BwdReduceArgs<T>& args, Workspace& workspace,
+                       cudaStream_t stream);
+template <typename T>
+void launch_bwd_apply(const Layout& layout, const BwdApplyArgs<T>& args, cudaStream_t stream);
+
+// Number of multiprocessors of the current device (cached per device).
+int multiprocessor_count();
+
+} // namespace fused_resnet::cuda

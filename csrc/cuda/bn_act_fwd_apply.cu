@@ -1,0 +1,84 @@
+// Forward apply pass (bn_act_fwd_train after its statistics, and bn_act_fwd_eval):
+//   y = relu(x·scale + shift (+ r)),  scale = w·invstd,  shift = b − mean·scale,
+// in the accumulation type, rounded once to the activation dtype. Training passes the batch
+// mean and invstd just computed; eval passes the running statistics, folded here per channel
+// (invstd = 1/sqrt(running_var + eps)) once per thread (rows) or per plane (planes).
+// Memory traffic: reads x (and r), writes y, each once, in 16-byte accesses where aligned.
+#include "bn_act_kernels.cuh"
+#include "static_switch.h"
+
+namespace fused_resnet::cuda {
+
+namespace {
+
+template <typename T, bool kResidual>
+struct FwdApplyOp {
+  using A = acc_t<T>;
+  static constexpr int kUnroll = 4;
+  struct Coef {
+    A scale, shift;
+  };
+  template <int L>
+  struct Item {
+    Pack<T, L> x;
+    Pack<T, L> r;
+  };
+
+  FwdApplyArgs<T> a;
+
+  __device__ __forceinline__ Coef coef(int64_t c) const {
+    const A mean = load_channel<T>(a.mean, c, A(0));
+    const A v = load_channel<T>(a.var_or_invstd, c, A(1));
+    const A invstd = a.is_invstd ? v : A(1) / ::sqrt(v + static_cast<A>(a.eps));
+    const A scale = load_channel<T>(a.weight, c, A(1)) * invstd;
+    return {scale, load_channel<T>(a.bias, c, A(0)) - mean * scale};
+  }
+
+  template <int L>
+  __device__ __forceinline__ void load(Item<L>& it, int64_t off) const {
+    it.x = load_pack<T, L>(a.x + off);
+    if constexpr (kResidual) {
+      it.r = load_pack<T, L>(a.r + off);
+    }
+  }
+
+  template <int L, int LC>
+  __device__ __forceinline__ void apply(const Coef (&k)[LC], const Item<L>& it, int64_t off) const {
+    A y[L];
+#pragma unroll
+    for (int j = 0; j < L; ++j) {
+      const Coef& kj = k[LC == 1 ? 0 : j];
+      A z = to_acc<A>(it.x.v[j]) * kj.scale + kj.shift;
+      if constexpr (kResidual) {
+        z += to_acc<A>(it.r.v[j]);
+      }
+      y[j] = relu(z);
+    }
+    store_pack<T, L>(a.y + off, y);
+  }
+};
+
+} // namespace
+
+template <typename T>
+void launch_fwd_apply(const Layout& layout, const FwdApplyArgs<T>& args, cudaStream_t stream) {
+  const bool vec = vector_ok<T>(layout.rows ? layout.C : layout.S, {args.x, args.r, args.y});
+  FR_BOOL_SWITCH(args.r != nullptr, kResidual, [&] {
+    const FwdApplyOp<T, kResidual> op{args};
+    FR_BOOL_SWITCH(layout.rows, kRows, [&] {
+      FR_BOOL_SWITCH(vec, kVec, [&] {
+        run_apply<T, kVec ? vec_lanes<T>() : 1, kRows>(op, layout, stream);
+      });
+    });
+  });
+}
+
+#define FR_INSTANTIATE(T) \
+  template void launch_fwd_apply<T>(const Layout&, const FwdApplyArgs<T>&, cudaStream_t);
+FR_INSTANTIATE(float)
+FR_INSTANTIATE(double)
+FR_INSTANTIATE(c10::Half)
+FR_INSTANTIATE(c10::BFloat16)
+#undef FR_INSTANTIATE
+
+} // namespace fused_resnet::cuda

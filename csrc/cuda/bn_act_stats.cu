@@ -1,0 +1,85 @@
+// Training-forward statistics (bn_act_fwd_train, bn_stats): per channel, over its M = N·S
+// elements, mean and biased variance = M2 / M, and invstd = 1/sqrt(var + eps).
+//
+// One launch of reduce_kernel: Welford per thread (one division per access, shared by its lanes),
+// Chan merges across the warp, the block and the blocks of a channel. Reads x once (N·C·S
+// elements); writes O(C · blocks per channel) partials.
+#include "bn_act_kernels.cuh"
+#include "static_switch.h"
+
+#include <cmath>
+
+namespace fused_resnet::cuda {
+
+namespace {
+
+template <typename T>
+struct StatsOp {
+  using A = acc_t<T>;
+  static constexpr int kUnroll = 4;
+  template <int L>
+  using State = Welford<A, L>;
+  struct Ctx {};
+  template <int L>
+  struct Item {
+    Pack<T, L> x;
+  };
+
+  StatsArgs<T> a;
+
+  __device__ __forceinline__ Ctx context(int64_t) const {
+    return {};
+  }
+
+  template <int L>
+  __device__ __forceinline__ void load(Item<L>& it, int64_t off) const {
+    it.x = load_pack<T, L>(a.x + off);
+  }
+
+  template <int L>
+  __device__ __forceinline__ void accumulate(State<L>& st, const Ctx (&)[L], const Item<L>& it,
+                                             int64_t) const {
+    A x[L];
+#pragma unroll
+    for (int j = 0; j < L; ++j) {
+      x[j] = to_acc<A>(it.x.v[j]);
+    }
+    st.push(x);
+  }
+
+  // n = M > 0 for every channel (empty inputs never launch).
+  __device__ __forceinline__ void finalize(int64_t c, const State<1>& s) const {
+    const A var = s.m2[0] / static_cast<A>(s.n);
+    a.mean[c] = s.mean[0];
+    a.var[c] = var;
+    if (a.invstd != nullptr) {
+      // in double, rounded once (as the CPU backend and aten's batch_norm)
+      a.invstd[c] = static_cast<A>(1.0 / ::sqrt(static_cast<double>(var) + a.eps));
+    }
+  }
+};
+
+} // namespace
+
+template <typename T>
+void launch_stats(const Layout& layout, const StatsArgs<T>& args, Workspace& workspace,
+                  cudaStream_t stream) {
+  const bool vec = vector_ok<T>(layout.rows ? layout.C : layout.S, {args.x});
+  const StatsOp<T> op{args};
+  FR_BOOL_SWITCH(layout.rows, kRows, [&] {
+    FR_BOOL_SWITCH(vec, kVec, [&] {
+      run_reduce<T, kVec ? vec_lanes<T>() : 1, kRows>(op, layout, workspace, stream);
+    });
+  });
+}
+
+#define FR_INSTANTIATE(T)                                                                      \
+  template void launch_stats<T>(const Layout&, const StatsArgs<T>&, Workspace&,        \
+                                cudaStream_t);
+FR_INSTANTIATE(float)
+FR_INSTANTIATE(double)
+FR_INSTANTIATE(c10::Half)
+FR_INSTANTIATE(c10::BFloat16)
+#undef FR_INSTANTIATE
+
+} // namespace fused_resnet::cuda
