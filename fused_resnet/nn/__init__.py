@@ -1,4 +1,4 @@
-"""Drop-in fused modules."""
+"""Drop-in fused modules, and their synchronized (SyncBatchNorm) variants."""
 
 from .batchnorm import (
     BatchNormAddReLU1d,
@@ -8,6 +8,12 @@ from .batchnorm import (
     BatchNormReLU2d,
     BatchNormReLU3d,
 )
+from .syncbn import (
+    DistributedDataParallel,
+    SyncBatchNormAddReLU,
+    SyncBatchNormReLU,
+    convert_sync_batchnorm,
+)
 
 __all__ = [
     "BatchNormReLU1d",
@@ -16,4 +22,8 @@ __all__ = [
     "BatchNormAddReLU1d",
     "BatchNormAddReLU2d",
     "BatchNormAddReLU3d",
+    "SyncBatchNormReLU",
+    "SyncBatchNormAddReLU",
+    "convert_sync_batchnorm",
+    "DistributedDataParallel",
 ]
