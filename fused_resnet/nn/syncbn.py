@@ -40,6 +40,7 @@ differ; afterwards the local check of the input against num_features is enough.
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import backend as _backend
@@ -63,6 +64,7 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         input, out, weight, mean, invstd = ctx.saved_tensors
         need_input, need_residual, need_weight, need_bias = ctx.needs_input_grad[:4]
