@@ -25,9 +25,22 @@ def _fmt_shape(shape) -> str:
 
 
 def check_inputs(
-    caller, input, residual, running_mean, running_var, weight, bias, training, num_features=None
+    caller,
+    input,
+    residual,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    training,
+    num_features=None,
+    check_values_per_channel=True,
 ):
-    """Raise a clear error naming what is wrong; return nothing and change nothing."""
+    """Raise a clear error naming what is wrong; return nothing and change nothing.
+
+    check_values_per_channel=False skips the "more than 1 value per channel" check of training,
+    for batch statistics that span several processes (SyncBatchNorm checks the global count).
+    """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{caller}: expected input to be a Tensor, got {type(input).__name__}")
     if input.dtype not in _FLOATING:
@@ -93,7 +106,7 @@ def check_inputs(
             f"{caller}: running_mean and running_var are required when training=False "
             "(eval mode normalizes with the running statistics)"
         )
-    if training:
+    if training and check_values_per_channel:
         values_per_channel = input.shape[0] * math.prod(input.shape[2:])
         if values_per_channel == 1:
             # The same text as torch.nn.functional.batch_norm.

@@ -1,4 +1,6 @@
-// Backward CPU kernel of both forwards (bn_act_bwd).
+// Backward CPU kernels: bn_act_bwd (of both forwards), and its two passes as separate ops for
+// SyncBatchNorm, bn_act_bwd_reduce (the sums) and bn_act_bwd_apply (dx, dr from given global
+// means of the sums), built from the same reduce and apply code.
 //
 //   dz = (out <= 0) ? 0 : grad_out                  (aten threshold_backward; NaN out passes)
 //   grad_bias = Σdz,  grad_weight = Σdz·x̂ = invstd·Σdz·(x − mean)
@@ -6,6 +8,7 @@
 //       B = −A·invstd·grad_weight/M, D = −A·grad_bias/M     when batch_stats
 //       B = D = 0 (x is not even read)                       otherwise
 //   grad_residual = dz                                       when residual_grad
+//   bn_act_bwd_apply: B = −A·invstd·mean_dz_xhat, D = −A·mean_dz  (means over all processes)
 //
 // One reduce pass (reads dy, y, x) and one apply pass (reads dy, y, x; writes dx, dr). Sums
 // are two-level: vector accumulators over a block, then added to the running total in a fixed
@@ -203,15 +206,12 @@ struct BwdArgs {
   const T* dy;
   const T* y;
   const T* x;
-  T* dx;
+  T* dx;  // nullptr in bn_act_bwd_reduce
   T* dr;  // nullptr unless residual_grad
   int64_t N, C, S;
   const acc_type<T>* w;
   const acc_type<T>* mean;
   const acc_type<T>* invstd;
-  bool batch_stats;
-  acc_type<T>* gw;
-  acc_type<T>* gb;
 };
 
 template <typename A>
@@ -219,104 +219,78 @@ struct Coef {
   A a, b, d;
 };
 
-// Per-channel coefficients from the sums; also writes grad_weight and grad_bias.
-template <typename T>
-C10_ALWAYS_INLINE Coef<acc_type<T>> finalize_channel(
-    const BwdArgs<T>& args, int64_t c, const Sums<acc_type<T>>& s, int64_t M) {
-  using A = acc_type<T>;
-  const A invstd = args.invstd[c];
-  const A gw = s.dzx * invstd;
-  args.gw[c] = gw;
-  args.gb[c] = s.dz;
+// grad_input = a·dz + b·(x − mean) + d with a = w·invstd and, for batch statistics,
+//   b = −a·invstd·Σdz·x̂·inv_count,  d = −a·Σdz·inv_count
+// (inv_count = 1/M with this input's sums; 1 with given global means of the sums).
+template <typename A>
+C10_ALWAYS_INLINE Coef<A> batch_coef(A w, A invstd, A sum_dz_xhat, A sum_dz, A inv_count) {
   Coef<A> k;
-  k.a = args.w[c] * invstd;
-  k.b = A(0);
-  k.d = A(0);
-  if (args.batch_stats && M > 0) {
-    const A inv_m = A(1) / A(M);
-    k.b = -k.a * invstd * gw * inv_m;
-    k.d = -k.a * s.dz * inv_m;
-  }
+  k.a = w * invstd;
+  k.b = -k.a * invstd * sum_dz_xhat * inv_count;
+  k.d = -k.a * sum_dz * inv_count;
   return k;
 }
 
-template <typename T, typename F>
-C10_ALWAYS_INLINE void apply_channel_range(
-    const BwdArgs<T>& a, int64_t c, int64_t o, int64_t len, const Coef<acc_type<T>>& k) {
-  apply_span<T, F, false>(
-      a.dx + o, F::kResGrad ? a.dr + o : nullptr, a.dy + o, a.y + o, a.x + o, len, &k.a, &k.b,
-      a.mean + c, &k.d);
+// Running statistics: the mean terms vanish.
+template <typename A>
+C10_ALWAYS_INLINE Coef<A> running_coef(A w, A invstd) {
+  return Coef<A>{w * invstd, A(0), A(0)};
 }
 
-template <typename F>
-C10_ALWAYS_INLINE void for_channel_range(
-    int64_t C, int64_t S, int64_t c, int64_t e0, int64_t e1, const F& f) {
-  int64_t e = e0;
-  while (e < e1) {
-    const int64_t n = e / S;
-    const int64_t s = e - n * S;
-    const int64_t len = std::min(S - s, e1 - e);
-    f((n * C + c) * S + s, len);
-    e += len;
-  }
+// Σdz·x̂ = invstd·Σdz·(x − mean): grad_weight of this input.
+template <typename A>
+C10_ALWAYS_INLINE A sum_dz_xhat(const Sums<A>& s, A invstd) {
+  return s.dzx * invstd;
+}
+
+// ------------------------------------------------------------------------------------------
+// Planes layout (tasks: PlaneTasks in bn_act_cpu.h).
+
+template <typename T>
+Sums<acc_type<T>> task_sums(const BwdArgs<T>& a, const PlaneTasks& tasks, int64_t t) {
+  Sums<acc_type<T>> s;
+  const acc_type<T> mean = a.mean[tasks.channel(t)];
+  tasks.for_each_span(t, [&](int64_t o, int64_t len) {
+    reduce_span(a.dy + o, a.y + o, a.x + o, len, mean, s);
+  });
+  return s;
 }
 
 template <typename T, typename F>
-void bwd_planes(const BwdArgs<T>& a) {
-  using A = acc_type<T>;
-  const int64_t N = a.N, C = a.C, S = a.S, M = N * S;
-  const int64_t threads = at::get_num_threads();
-  const int64_t P = plan_plane_splits(C, M, threads);
+C10_ALWAYS_INLINE void apply_task(
+    const BwdArgs<T>& a, const PlaneTasks& tasks, int64_t t, const Coef<acc_type<T>>& k) {
+  const int64_t c = tasks.channel(t);
+  tasks.for_each_span(t, [&](int64_t o, int64_t len) {
+    apply_span<T, F, false>(
+        a.dx + o, F::kResGrad ? a.dr + o : nullptr, a.dy + o, a.y + o, a.x + o, len, &k.a, &k.b,
+        a.mean + c, &k.d);
+  });
+}
 
-  if (P == 1) {
-    // channel-local: reduce + apply in one task, the channel's dy, y, x stay in L2
-    const int64_t grain = std::max<int64_t>(1, kParallelMinElems / std::max<int64_t>(M, 1));
-    at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        Sums<A> s;
-        for (int64_t n = 0; n < N; ++n) {
-          const int64_t o = (n * C + c) * S;
-          reduce_span(a.dy + o, a.y + o, a.x + o, S, a.mean[c], s);
-        }
-        const Coef<A> k = finalize_channel(a, c, s, M);
-        for (int64_t n = 0; n < N; ++n) {
-          apply_channel_range<T, F>(a, c, (n * C + c) * S, S, k);
-        }
-      }
-      if (F::kNT) {
-        stream_fence();
-      }
-    });
-    return;
-  }
-
-  // split: C*P tasks (channel c = t / P, part t % P of its M elements)
-  std::vector<Sums<A>> part(C * P);
-  at::parallel_for(0, C * P, 1, [&](int64_t t0, int64_t t1) {
+// Per-channel sums: the tasks in parallel, then each channel's parts added in order.
+template <typename T>
+void planes_sums(const BwdArgs<T>& a, const PlaneTasks& tasks, Sums<acc_type<T>>* out) {
+  std::vector<Sums<acc_type<T>>> part(tasks.count());
+  at::parallel_for(0, tasks.count(), tasks.grain(), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t c = t / P, p = t % P;
-      Sums<A> s;
-      for_channel_range(C, S, c, M * p / P, M * (p + 1) / P, [&](int64_t o, int64_t len) {
-        reduce_span(a.dy + o, a.y + o, a.x + o, len, a.mean[c], s);
-      });
-      part[t] = s;
+      part[t] = task_sums(a, tasks, t);
     }
   });
-  std::vector<Coef<A>> coef(C);
-  for (int64_t c = 0; c < C; ++c) {
-    Sums<A> s;
-    for (int64_t p = 0; p < P; ++p) {
-      s.dz += part[c * P + p].dz;
-      s.dzx += part[c * P + p].dzx;
+  for (int64_t c = 0; c < tasks.C; ++c) {
+    Sums<acc_type<T>> s;
+    for (int64_t p = 0; p < tasks.P; ++p) {
+      s.dz += part[c * tasks.P + p].dz;
+      s.dzx += part[c * tasks.P + p].dzx;
     }
-    coef[c] = finalize_channel(a, c, s, M);
+    out[c] = s;
   }
-  at::parallel_for(0, C * P, 1, [&](int64_t t0, int64_t t1) {
+}
+
+template <typename T, typename F>
+void planes_apply(const BwdArgs<T>& a, const PlaneTasks& tasks, const Coef<acc_type<T>>* coef) {
+  at::parallel_for(0, tasks.count(), tasks.grain(), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t c = t / P, p = t % P;
-      for_channel_range(C, S, c, M * p / P, M * (p + 1) / P, [&](int64_t o, int64_t len) {
-        apply_channel_range<T, F>(a, c, o, len, coef[c]);
-      });
+      apply_task<T, F>(a, tasks, t, coef[tasks.channel(t)]);
     }
     if (F::kNT) {
       stream_fence();
@@ -408,30 +382,22 @@ void rows_chunk_sums(
   }
 }
 
-template <typename T, typename F>
-void bwd_rows(const BwdArgs<T>& a) {
+// Per-channel sums of the rows layout: chunk sums in parallel (per position, then the k positions
+// of each channel folded), added in chunk order, then the leftover rows. mean_ext: the means
+// repeated over a super-row.
+template <typename T>
+void rows_sums(
+    const BwdArgs<T>& a, const RowPlan& plan, const acc_type<T>* mean_ext, Sums<acc_type<T>>* out) {
   using A = acc_type<T>;
-  const int64_t C = a.C, R = a.N * a.S, M = R;
-  const int64_t k = plan_row_period(C, VecT<T>::kStep);
-  const int64_t W = k * C;
-  const int64_t G = R / k;       // full super-rows
-  const int64_t Rl = R - G * k;  // leftover rows (< k)
-  const int64_t threads = at::get_num_threads();
-  const int64_t P = plan_row_chunks(G, R * C, threads);
-
-  std::vector<A> mean_ext(W);
-  for (int64_t j = 0; j < W; ++j) {
-    mean_ext[j] = a.mean[j % C];
-  }
-
+  const int64_t C = plan.C, k = plan.k, W = plan.W, P = plan.P;
   std::vector<Sums<A>> part(P * C);
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     std::vector<A> scratch(2 * W);
     A* sdz = scratch.data();
     A* sdzx = sdz + W;
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t g0 = G * p / P, g1 = G * (p + 1) / P;
-      rows_chunk_sums(a.dy, a.y, a.x, W, g0, g1, mean_ext.data(), sdz, sdzx);
+      rows_chunk_sums(
+          a.dy, a.y, a.x, W, plan.chunk_begin(p), plan.chunk_end(p), mean_ext, sdz, sdzx);
       for (int64_t c = 0; c < C; ++c) {  // fold the k positions of each channel
         Sums<A> s;
         for (int64_t q = 0; q < k; ++q) {
@@ -443,47 +409,62 @@ void bwd_rows(const BwdArgs<T>& a) {
     }
   });
 
-  std::vector<A> cA(W), cB(W), cD(W);
   for (int64_t c = 0; c < C; ++c) {
     Sums<A> s;
     for (int64_t p = 0; p < P; ++p) {
       s.dz += part[p * C + c].dz;
       s.dzx += part[p * C + c].dzx;
     }
-    if (Rl > 0) {  // leftover rows (k > 1 only)
-      const int64_t o = G * W + c;
-      for (int64_t i = 0; i < Rl; ++i) {
+    if (plan.Rl > 0) {  // leftover rows (k > 1 only)
+      const int64_t o = plan.G * W + c;
+      for (int64_t i = 0; i < plan.Rl; ++i) {
         const int64_t e = o + i * C;
         const A dz = relu_grad_scalar(static_cast<A>(a.dy[e]), static_cast<A>(a.y[e]));
         s.dz += dz;
         s.dzx += dz * (static_cast<A>(a.x[e]) - a.mean[c]);
       }
     }
-    const Coef<A> kc = finalize_channel(a, c, s, M);
-    cA[c] = kc.a;
-    cB[c] = kc.b;
-    cD[c] = kc.d;
+    out[c] = s;
   }
-  for (int64_t j = C; j < W; ++j) {
-    cA[j] = cA[j % C];
-    cB[j] = cB[j % C];
-    cD[j] = cD[j % C];
-  }
+}
 
+// Per-position coefficient arrays of a super-row (width W) from per-channel ones.
+template <typename A>
+struct RowCoefs {
+  std::vector<A> a, b, d;
+  RowCoefs(const std::vector<Coef<A>>& coef, int64_t W) {
+    const int64_t C = static_cast<int64_t>(coef.size());
+    a.resize(C);
+    b.resize(C);
+    d.resize(C);
+    for (int64_t c = 0; c < C; ++c) {
+      a[c] = coef[c].a;
+      b[c] = coef[c].b;
+      d[c] = coef[c].d;
+    }
+    repeat_channels(a, C, W);
+    repeat_channels(b, C, W);
+    repeat_channels(d, C, W);
+  }
+};
+
+// Apply over every chunk, chunk p by thread p (the static partition of rows_sums).
+template <typename T, typename F>
+void rows_apply(
+    const BwdArgs<T>& a, const RowPlan& plan, const RowCoefs<acc_type<T>>& k,
+    const acc_type<T>* mean_ext) {
   auto apply = [&](int64_t o, int64_t len) {
     apply_span<T, F, true>(
-        a.dx + o, F::kResGrad ? a.dr + o : nullptr, a.dy + o, a.y + o, a.x + o, len, cA.data(),
-        cB.data(), mean_ext.data(), cD.data());
+        a.dx + o, F::kResGrad ? a.dr + o : nullptr, a.dy + o, a.y + o, a.x + o, len, k.a.data(),
+        k.b.data(), mean_ext, k.d.data());
   };
-  // chunk p is applied by the thread that reduced it (same static partition)
-  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, plan.P, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t g0 = G * p / P, g1 = G * (p + 1) / P;
-      for (int64_t g = g0; g < g1; ++g) {
-        apply(g * W, W);
+      for (int64_t g = plan.chunk_begin(p); g < plan.chunk_end(p); ++g) {
+        apply(g * plan.W, plan.W);
       }
-      if (p == P - 1 && Rl > 0) {
-        apply(G * W, Rl * C);
+      if (p == plan.P - 1 && plan.Rl > 0) {
+        apply(plan.G * plan.W, plan.Rl * plan.C);
       }
     }
     if (F::kNT) {
@@ -491,6 +472,168 @@ void bwd_rows(const BwdArgs<T>& a) {
     }
   });
 }
+
+template <typename T>
+std::vector<acc_type<T>> repeated_means(const BwdArgs<T>& a, const RowPlan& plan) {
+  std::vector<acc_type<T>> mean_ext(a.mean, a.mean + a.C);
+  repeat_channels(mean_ext, a.C, plan.W);
+  return mean_ext;
+}
+
+// ------------------------------------------------------------------------------------------
+// The three ops on a non-empty input. bn_act_bwd: the reduce and apply passes; planes with
+// enough channels run channel-local (a task keeps its channel's dy, y, x in L2 between the two),
+// rows reduce and apply the same chunk on the same thread. bn_act_bwd_reduce: the reduce pass;
+// bn_act_bwd_apply: the apply pass with coefficients from given means.
+
+template <typename T>
+struct ParamGrads {
+  bool batch_stats;
+  acc_type<T>* gw;  // Σdz·x̂
+  acc_type<T>* gb;  // Σdz
+};
+
+// Writes channel c's parameter gradients and returns its coefficients.
+template <typename T>
+C10_ALWAYS_INLINE Coef<acc_type<T>> finalize_channel(
+    const BwdArgs<T>& a, const ParamGrads<T>& pg, int64_t c, const Sums<acc_type<T>>& s,
+    int64_t M) {
+  using A = acc_type<T>;
+  const A gw = sum_dz_xhat(s, a.invstd[c]);
+  pg.gw[c] = gw;
+  pg.gb[c] = s.dz;
+  if (pg.batch_stats && M > 0) {
+    return batch_coef(a.w[c], a.invstd[c], gw, s.dz, A(1) / A(M));
+  }
+  return running_coef(a.w[c], a.invstd[c]);
+}
+
+template <typename T, typename F>
+void bwd_planes(const BwdArgs<T>& a, const ParamGrads<T>& pg) {
+  using A = acc_type<T>;
+  const PlaneTasks tasks(a.N, a.C, a.S, at::get_num_threads());
+  if (tasks.P == 1) {
+    // channel-local: reduce + apply in one task, the channel's dy, y, x stay in L2
+    at::parallel_for(0, tasks.count(), tasks.grain(), [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const Coef<A> k = finalize_channel(a, pg, c, task_sums(a, tasks, c), tasks.M);
+        apply_task<T, F>(a, tasks, c, k);
+      }
+      if (F::kNT) {
+        stream_fence();
+      }
+    });
+    return;
+  }
+  std::vector<Sums<A>> sums(a.C);
+  planes_sums(a, tasks, sums.data());
+  std::vector<Coef<A>> coef(a.C);
+  for (int64_t c = 0; c < a.C; ++c) {
+    coef[c] = finalize_channel(a, pg, c, sums[c], tasks.M);
+  }
+  planes_apply<T, F>(a, tasks, coef.data());
+}
+
+template <typename T, typename F>
+void bwd_rows(const BwdArgs<T>& a, const ParamGrads<T>& pg) {
+  using A = acc_type<T>;
+  const RowPlan plan(a.C, a.N * a.S, VecT<T>::kStep, at::get_num_threads());
+  const std::vector<A> mean_ext = repeated_means(a, plan);
+  std::vector<Sums<A>> sums(a.C);
+  rows_sums(a, plan, mean_ext.data(), sums.data());
+  std::vector<Coef<A>> coef(a.C);
+  for (int64_t c = 0; c < a.C; ++c) {
+    coef[c] = finalize_channel(a, pg, c, sums[c], a.N * a.S);
+  }
+  rows_apply<T, F>(a, plan, RowCoefs<A>(coef, plan.W), mean_ext.data());
+}
+
+template <typename T>
+void bwd_reduce(const BwdArgs<T>& a, const Geometry& g, acc_type<T>* gw, acc_type<T>* gb) {
+  using A = acc_type<T>;
+  const int64_t threads = at::get_num_threads();
+  std::vector<Sums<A>> sums(a.C);
+  if (g.rows) {
+    const RowPlan plan(a.C, g.M(), VecT<T>::kStep, threads);
+    rows_sums(a, plan, repeated_means(a, plan).data(), sums.data());
+  } else {
+    planes_sums(a, PlaneTasks(a.N, a.C, a.S, threads), sums.data());
+  }
+  for (int64_t c = 0; c < a.C; ++c) {
+    gw[c] = sum_dz_xhat(sums[c], a.invstd[c]);
+    gb[c] = sums[c].dz;
+  }
+}
+
+template <typename T, typename F>
+void bwd_apply(
+    const BwdArgs<T>& a, const Geometry& g, const acc_type<T>* mean_dz,
+    const acc_type<T>* mean_dz_xhat) {
+  using A = acc_type<T>;
+  const int64_t threads = at::get_num_threads();
+  std::vector<Coef<A>> coef(a.C);
+  for (int64_t c = 0; c < a.C; ++c) {
+    coef[c] = batch_coef(a.w[c], a.invstd[c], mean_dz_xhat[c], mean_dz[c], A(1));
+  }
+  if (g.rows) {
+    const RowPlan plan(a.C, g.M(), VecT<T>::kStep, threads);
+    rows_apply<T, F>(a, plan, RowCoefs<A>(coef, plan.W), repeated_means(a, plan).data());
+  } else {
+    planes_apply<T, F>(a, PlaneTasks(a.N, a.C, a.S, threads), coef.data());
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Host side shared by the three ops.
+
+struct BwdInputs {
+  Geometry g;
+  at::Tensor dy, y;
+};
+
+BwdInputs check_bwd_inputs(
+    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& input,
+    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& invstd,
+    const char* op) {
+  BwdInputs in;
+  in.g = canonicalize_input(input, op);
+  in.dy = activation_like_input(grad_out, input, in.g, "grad_out", op);
+  in.y = activation_like_input(out, input, in.g, "out", op);
+  if (weight.has_value() && weight->defined()) {
+    check_param(*weight, input, in.g.C, "weight", op);
+  }
+  check_param(mean, input, in.g.C, "mean", op);
+  check_param(invstd, input, in.g.C, "invstd", op);
+  return in;
+}
+
+// weight, mean and invstd read into acc_t vectors, and the pointers of the activations.
+template <typename T>
+struct BwdBuffers {
+  std::vector<acc_type<T>> w, mean, invstd;
+  BwdArgs<T> args;
+  BwdBuffers(
+      const BwdInputs& in, const std::optional<at::Tensor>& weight, const at::Tensor& mean_t,
+      const at::Tensor& invstd_t, at::Tensor* dx, at::Tensor* dr)
+      : w(in.g.C), mean(in.g.C), invstd(in.g.C) {
+    using A = acc_type<T>;
+    const int64_t C = in.g.C;
+    read_param<A>(weight, C, A(1), w.data());
+    read_param<A>(mean_t, C, A(0), mean.data());
+    read_param<A>(invstd_t, C, A(1), invstd.data());
+    args.dy = in.dy.const_data_ptr<T>();
+    args.y = in.y.const_data_ptr<T>();
+    args.x = in.g.x.const_data_ptr<T>();
+    args.dx = dx != nullptr ? dx->mutable_data_ptr<T>() : nullptr;
+    args.dr = dr != nullptr ? dr->mutable_data_ptr<T>() : nullptr;
+    args.N = in.g.N;
+    args.C = C;
+    args.S = in.g.S;
+    args.w = w.data();
+    args.mean = mean.data();
+    args.invstd = invstd.data();
+  }
+};
 
 } // namespace
 
@@ -504,17 +647,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(
     bool batch_stats,
     bool residual_grad) {
   constexpr const char* op = "bn_act_bwd";
-  const Geometry g = canonicalize_input(input, op);
-  const at::Tensor dy = activation_like_input(grad_out, input, g, "grad_out", op);
-  const at::Tensor y = activation_like_input(out, input, g, "out", op);
-  if (weight.has_value() && weight->defined()) {
-    check_param(*weight, input, g.C, "weight", op);
-  }
-  check_param(mean, input, g.C, "mean", op);
-  check_param(invstd, input, g.C, "invstd", op);
-
-  const auto acc = acc_dtype(input.scalar_type());
-  const auto stat_opts = input.options().dtype(acc);
+  const BwdInputs in = check_bwd_inputs(grad_out, out, input, weight, mean, invstd, op);
+  const Geometry& g = in.g;
+  const auto stat_opts = input.options().dtype(acc_dtype(input.scalar_type()));
   at::Tensor dx = empty_activation(g);
   at::Tensor dr = residual_grad ? empty_activation(g) : at::empty({0}, input.options());
   at::Tensor gw = at::empty({g.C}, stat_opts);
@@ -522,33 +657,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), op, [&] {
     using A = acc_type<scalar_t>;
-    const int64_t C = g.C;
-    std::vector<A> w(C), mu(C), is(C);
-    read_param<A>(weight, C, A(1), w.data());
-    read_param<A>(mean, C, A(0), mu.data());
-    read_param<A>(invstd, C, A(1), is.data());
-    A* gwp = gw.mutable_data_ptr<A>();
-    A* gbp = gb.mutable_data_ptr<A>();
-    if (g.M() == 0 || C == 0) {
-      std::fill(gwp, gwp + C, A(0));
-      std::fill(gbp, gbp + C, A(0));
+    const ParamGrads<scalar_t> pg{batch_stats, gw.mutable_data_ptr<A>(), gb.mutable_data_ptr<A>()};
+    if (g.M() == 0 || g.C == 0) {
+      std::fill(pg.gw, pg.gw + g.C, A(0));
+      std::fill(pg.gb, pg.gb + g.C, A(0));
       return;
     }
-    BwdArgs<scalar_t> a;
-    a.dy = dy.const_data_ptr<scalar_t>();
-    a.y = y.const_data_ptr<scalar_t>();
-    a.x = g.x.const_data_ptr<scalar_t>();
-    a.dx = dx.mutable_data_ptr<scalar_t>();
-    a.dr = residual_grad ? dr.mutable_data_ptr<scalar_t>() : nullptr;
-    a.N = g.N;
-    a.C = C;
-    a.S = g.S;
-    a.w = w.data();
-    a.mean = mu.data();
-    a.invstd = is.data();
-    a.batch_stats = batch_stats;
-    a.gw = gwp;
-    a.gb = gbp;
+    const BwdBuffers<scalar_t> buf(in, weight, mean, invstd, &dx, residual_grad ? &dr : nullptr);
     // bytes of activations touched: dy, y, x read; dx (and dr) written
     const int64_t bytes = g.numel() * int64_t(sizeof(scalar_t)) * (residual_grad ? 5 : 4);
     const bool nt = use_streaming_stores(bytes);
@@ -557,15 +672,78 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(
       constexpr bool kNT = decltype(nt_c)::value;
       if (batch_stats) {
         using F = BwdFlags<true, kRes, kNT>;
-        g.rows ? bwd_rows<scalar_t, F>(a) : bwd_planes<scalar_t, F>(a);
+        g.rows ? bwd_rows<scalar_t, F>(buf.args, pg) : bwd_planes<scalar_t, F>(buf.args, pg);
       } else {
         using F = BwdFlags<false, kRes, kNT>;
-        g.rows ? bwd_rows<scalar_t, F>(a) : bwd_planes<scalar_t, F>(a);
+        g.rows ? bwd_rows<scalar_t, F>(buf.args, pg) : bwd_planes<scalar_t, F>(buf.args, pg);
       }
     };
     dispatch_bools(residual_grad, nt, run);
   });
   return {dx, dr, gw, gb};
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_act_bwd_reduce_cpu(
+    const at::Tensor& grad_out,
+    const at::Tensor& out,
+    const at::Tensor& input,
+    const at::Tensor& mean,
+    const at::Tensor& invstd) {
+  constexpr const char* op = "bn_act_bwd_reduce";
+  const BwdInputs in = check_bwd_inputs(grad_out, out, input, std::nullopt, mean, invstd, op);
+  const Geometry& g = in.g;
+  const auto stat_opts = input.options().dtype(acc_dtype(input.scalar_type()));
+  at::Tensor sum_dz_xhat = at::empty({g.C}, stat_opts);
+  at::Tensor sum_dz = at::empty({g.C}, stat_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), op, [&] {
+    using A = acc_type<scalar_t>;
+    A* gw = sum_dz_xhat.mutable_data_ptr<A>();
+    A* gb = sum_dz.mutable_data_ptr<A>();
+    if (g.M() == 0 || g.C == 0) {
+      std::fill(gw, gw + g.C, A(0));
+      std::fill(gb, gb + g.C, A(0));
+      return;
+    }
+    const BwdBuffers<scalar_t> buf(in, std::nullopt, mean, invstd, nullptr, nullptr);
+    bwd_reduce(buf.args, g, gw, gb);
+  });
+  return {sum_dz_xhat, sum_dz};
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cpu(
+    const at::Tensor& grad_out,
+    const at::Tensor& out,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    const at::Tensor& mean_dz,
+    const at::Tensor& mean_dz_xhat,
+    bool residual_grad) {
+  constexpr const char* op = "bn_act_bwd_apply";
+  const BwdInputs in = check_bwd_inputs(grad_out, out, input, weight, mean, invstd, op);
+  const Geometry& g = in.g;
+  check_param(mean_dz, input, g.C, "mean_dz", op);
+  check_param(mean_dz_xhat, input, g.C, "mean_dz_xhat", op);
+  at::Tensor dx = empty_activation(g);
+  at::Tensor dr = residual_grad ? empty_activation(g) : at::empty({0}, input.options());
+  if (g.numel() == 0) {
+    return {dx, dr};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), op, [&] {
+    using A = acc_type<scalar_t>;
+    std::vector<A> mdz(g.C), mdzx(g.C);
+    read_param<A>(mean_dz, g.C, A(0), mdz.data());
+    read_param<A>(mean_dz_xhat, g.C, A(0), mdzx.data());
+    const BwdBuffers<scalar_t> buf(in, weight, mean, invstd, &dx, residual_grad ? &dr : nullptr);
+    // bytes of activations touched: dy, y, x read; dx (and dr) written
+    const int64_t bytes = g.numel() * int64_t(sizeof(scalar_t)) * (residual_grad ? 5 : 4);
+    dispatch_bools(residual_grad, use_streaming_stores(bytes), [&](auto res_c, auto nt_c) {
+      using F = BwdFlags<true, decltype(res_c)::value, decltype(nt_c)::value>;
+      bwd_apply<scalar_t, F>(buf.args, g, mdz.data(), mdzx.data());
+    });
+  });
+  return {dx, dr};
 }
 
 } // namespace fused_resnet::cpu

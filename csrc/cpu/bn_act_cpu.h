@@ -71,6 +71,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(
     bool batch_stats,
     bool residual_grad);
 
+// The pieces of the training ops for SyncBatchNorm (statistics spanning several processes).
+std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input);
+
+std::tuple<at::Tensor, at::Tensor> bn_act_bwd_reduce_cpu(
+    const at::Tensor& grad_out,
+    const at::Tensor& out,
+    const at::Tensor& input,
+    const at::Tensor& mean,
+    const at::Tensor& invstd);
+
+std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cpu(
+    const at::Tensor& grad_out,
+    const at::Tensor& out,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    const at::Tensor& mean_dz,
+    const at::Tensor& mean_dz_xhat,
+    bool residual_grad);
+
 // ---------------------------------------------------------------------------------------------
 // Host-side helpers (bn_act_common.cpp).
 
@@ -147,6 +168,55 @@ inline int64_t plan_row_chunks(int64_t G, int64_t numel, int64_t threads) {
     return 1;
   }
   return std::min<int64_t>(threads, G);
+}
+
+// Planes layout work split into C·P tasks: task t covers part t % P of channel t / P, the
+// channel's elements [M·p/P, M·(p+1)/P) in n-major order. With P == 1 a task is a whole channel,
+// and a thread takes at least kParallelMinElems elements' worth of channels.
+struct PlaneTasks {
+  int64_t C, S, M, P;
+  PlaneTasks(int64_t N, int64_t C_, int64_t S_, int64_t threads)
+      : C(C_), S(S_), M(N * S_), P(plan_plane_splits(C_, N * S_, threads)) {}
+  int64_t count() const { return C * P; }
+  int64_t grain() const {
+    return P == 1 ? std::max<int64_t>(1, kParallelMinElems / std::max<int64_t>(M, 1)) : 1;
+  }
+  int64_t channel(int64_t t) const { return t / P; }
+  // Calls f(offset, len) for the contiguous pieces of task t (offset: linear element index).
+  template <typename F>
+  C10_ALWAYS_INLINE void for_each_span(int64_t t, const F& f) const {
+    const int64_t c = t / P, p = t % P;
+    const int64_t e1 = M * (p + 1) / P;
+    int64_t e = M * p / P;
+    while (e < e1) {
+      const int64_t n = e / S;
+      const int64_t s = e - n * S;
+      const int64_t len = std::min(S - s, e1 - e);
+      f((n * C + c) * S + s, len);
+      e += len;
+    }
+  }
+};
+
+// Rows layout work split: the R = N·S rows of C values are grouped into G super-rows of k rows
+// (width W = k·C, see plan_row_period) and Rl < k leftover rows; the super-rows are cut into P
+// contiguous chunks, chunk p = [G·p/P, G·(p+1)/P), each reduced and applied by one thread.
+struct RowPlan {
+  int64_t C, k, W, G, Rl, P;
+  RowPlan(int64_t C_, int64_t R, int64_t step, int64_t threads)
+      : C(C_), k(plan_row_period(C_, step)), W(k * C_), G(R / k), Rl(R - G * k),
+        P(plan_row_chunks(G, R * C_, threads)) {}
+  int64_t chunk_begin(int64_t p) const { return G * p / P; }
+  int64_t chunk_end(int64_t p) const { return G * (p + 1) / P; }
+};
+
+// Per-channel values v[0, C) repeated over a super-row: v[j] = v[j % C] for j in [C, W).
+template <typename A>
+inline void repeat_channels(std::vector<A>& v, int64_t C, int64_t W) {
+  v.resize(W);
+  for (int64_t j = C; j < W; ++j) {
+    v[j] = v[j % C];
+  }
 }
 
 // Calls f(std::bool_constant<a>{}, std::bool_constant<b>{}): runtime flags to template constants.
@@ -352,6 +422,14 @@ C10_ALWAYS_INLINE void merge_into(Moments<A>& a, int64_t nb, A mean_b, A m2_b) {
 template <typename A>
 C10_ALWAYS_INLINE void merge_into(Moments<A>& a, const Moments<A>& b) {
   merge_into(a, b.n, b.mean, b.m2);
+}
+
+// (mean, biased variance) of merged moments; (0, 0) for an empty channel.
+template <typename A>
+C10_ALWAYS_INLINE std::pair<A, A> biased_mean_var(const Moments<A>& m) {
+  const A mean = m.n > 0 ? m.mean : A(0);
+  const A var = m.n > 0 ? m.m2 / A(m.n) : A(0);
+  return {mean, var};
 }
 
 } // namespace fused_resnet::cpu

@@ -1,6 +1,7 @@
 // Forward CPU kernels: bn_act_fwd_train (batch statistics) and bn_act_fwd_eval (running
 // statistics), y = relu(x·scale + shift (+ r)) with per-channel scale = w·invstd and
-// shift = b − mean·scale, computed in the accumulation type.
+// shift = b − mean·scale, computed in the accumulation type; and bn_stats, the statistics of
+// bn_act_fwd_train alone (same code, so the same bits), for SyncBatchNorm.
 //
 // Statistics: each block of at most kBlockBytes of one channel is reduced exactly by two passes
 // over L1-resident data (sum → block mean, then Σ(x − block mean)²); blocks, chunks and threads
@@ -119,18 +120,30 @@ C10_ALWAYS_INLINE void accumulate_span(Moments<acc_type<T>>& m, const T* p, int6
   }
 }
 
-// Calls f(offset, len) for the pieces of channel c's elements [e0, e1) (n-major order) in the
-// planes layout; offset is the linear index of the first element.
-template <typename F>
-C10_ALWAYS_INLINE void for_channel_range(
-    int64_t C, int64_t S, int64_t c, int64_t e0, int64_t e1, const F& f) {
-  int64_t e = e0;
-  while (e < e1) {
-    const int64_t n = e / S;
-    const int64_t s = e - n * S;
-    const int64_t len = std::min(S - s, e1 - e);
-    f((n * C + c) * S + s, len);
-    e += len;
+// Moments of planes-layout task t (part of one channel).
+template <typename T>
+Moments<acc_type<T>> task_moments(const T* x, const PlaneTasks& tasks, int64_t t) {
+  Moments<acc_type<T>> m;
+  tasks.for_each_span(t, [&](int64_t o, int64_t len) { accumulate_span(m, x + o, len); });
+  return m;
+}
+
+// Per-channel moments of the planes layout: the tasks in parallel, then an ordered merge of
+// each channel's parts.
+template <typename T>
+void planes_moments(const T* x, const PlaneTasks& tasks, Moments<acc_type<T>>* out) {
+  std::vector<Moments<acc_type<T>>> part(tasks.count());
+  at::parallel_for(0, tasks.count(), tasks.grain(), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      part[t] = task_moments(x, tasks, t);
+    }
+  });
+  for (int64_t c = 0; c < tasks.C; ++c) {
+    Moments<acc_type<T>> m;
+    for (int64_t p = 0; p < tasks.P; ++p) {
+      merge_into(m, part[c * tasks.P + p]);
+    }
+    out[c] = m;
   }
 }
 
@@ -375,8 +388,7 @@ template <typename A>
 C10_ALWAYS_INLINE std::pair<A, A> finalize_channel(
     const Moments<A>& m, int64_t c, const A* w, const A* b, double eps, A* mean_out,
     A* invstd_out, A* var_out) {
-  const A mean = m.n > 0 ? m.mean : A(0);
-  const A var = m.n > 0 ? m.m2 / A(m.n) : A(0);
+  const auto [mean, var] = biased_mean_var(m);
   // invstd in double, rounded once (as aten's batch_norm does)
   const double invstd = 1.0 / std::sqrt(static_cast<double>(var) + eps);
   const double scale = static_cast<double>(w[c]) * invstd;
@@ -390,26 +402,19 @@ C10_ALWAYS_INLINE std::pair<A, A> finalize_channel(
 template <typename T, bool kRes, bool kNT>
 void train_planes(const TrainArgs<T>& a) {
   using A = acc_type<T>;
-  const int64_t N = a.N, C = a.C, S = a.S, M = N * S;
-  const int64_t threads = at::get_num_threads();
-  const int64_t P = plan_plane_splits(C, M, threads);
+  const PlaneTasks tasks(a.N, a.C, a.S, at::get_num_threads());
 
-  if (P == 1) {
+  if (tasks.P == 1) {
     // channel-local: statistics + apply in one task, the channel stays in L2 in between
-    const int64_t grain = std::max<int64_t>(1, kParallelMinElems / std::max<int64_t>(M, 1));
-    at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, tasks.count(), tasks.grain(), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        Moments<A> m;
-        for (int64_t n = 0; n < N; ++n) {
-          accumulate_span(m, a.x + (n * C + c) * S, S);
-        }
+        const Moments<A> m = task_moments(a.x, tasks, c);
         const auto [scale, shift] =
             finalize_channel(m, c, a.w, a.b, a.eps, a.mean_out, a.invstd_out, a.var_out);
-        for (int64_t n = 0; n < N; ++n) {
-          const int64_t o = (n * C + c) * S;
+        tasks.for_each_span(c, [&](int64_t o, int64_t len) {
           fwd_apply_span<T, kRes, false, kNT>(
-              a.y + o, a.x + o, kRes ? a.r + o : nullptr, S, &scale, &shift);
-        }
+              a.y + o, a.x + o, kRes ? a.r + o : nullptr, len, &scale, &shift);
+        });
       }
       if (kNT) {
         stream_fence();
@@ -418,32 +423,19 @@ void train_planes(const TrainArgs<T>& a) {
     return;
   }
 
-  // split: C*P tasks, task t = (c = t / P, part = t % P) covers channel c's elements
-  // [M*part/P, M*(part+1)/P) in n-major order.
-  std::vector<Moments<A>> part(C * P);
-  at::parallel_for(0, C * P, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t c = t / P, p = t % P;
-      Moments<A> m;
-      for_channel_range(C, S, c, M * p / P, M * (p + 1) / P, [&](int64_t o, int64_t len) {
-        accumulate_span(m, a.x + o, len);
-      });
-      part[t] = m;
-    }
-  });
-  std::vector<A> scale(C), shift(C);
-  for (int64_t c = 0; c < C; ++c) {
-    Moments<A> m;
-    for (int64_t p = 0; p < P; ++p) {
-      merge_into(m, part[c * P + p]);
-    }
+  // split: partial moments of every part, an ordered merge, then the apply pass over the same
+  // parts (same static partition)
+  std::vector<Moments<A>> moments(a.C);
+  planes_moments(a.x, tasks, moments.data());
+  std::vector<A> scale(a.C), shift(a.C);
+  for (int64_t c = 0; c < a.C; ++c) {
     std::tie(scale[c], shift[c]) =
-        finalize_channel(m, c, a.w, a.b, a.eps, a.mean_out, a.invstd_out, a.var_out);
+        finalize_channel(moments[c], c, a.w, a.b, a.eps, a.mean_out, a.invstd_out, a.var_out);
   }
-  at::parallel_for(0, C * P, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, tasks.count(), tasks.grain(), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t c = t / P, p = t % P;
-      for_channel_range(C, S, c, M * p / P, M * (p + 1) / P, [&](int64_t o, int64_t len) {
+      const int64_t c = tasks.channel(t);
+      tasks.for_each_span(t, [&](int64_t o, int64_t len) {
         fwd_apply_span<T, kRes, false, kNT>(
             a.y + o, a.x + o, kRes ? a.r + o : nullptr, len, &scale[c], &shift[c]);
       });
@@ -454,16 +446,12 @@ void train_planes(const TrainArgs<T>& a) {
   });
 }
 
-template <typename T, bool kRes, bool kNT>
-void train_rows(const TrainArgs<T>& a) {
+// Per-channel moments of the rows layout: chunk partials in parallel (per position, then the k
+// positions of each channel folded), merged in chunk order, then the leftover rows.
+template <typename T>
+void rows_moments(const T* x, const RowPlan& plan, Moments<acc_type<T>>* out) {
   using A = acc_type<T>;
-  const int64_t C = a.C, R = a.N * a.S;
-  const int64_t k = plan_row_period(C, VecT<T>::kStep);
-  const int64_t W = k * C;
-  const int64_t G = R / k;       // full super-rows
-  const int64_t Rl = R - G * k;  // leftover rows (< k)
-  const int64_t threads = at::get_num_threads();
-  const int64_t P = plan_row_chunks(G, R * C, threads);
+  const int64_t C = plan.C, k = plan.k, W = plan.W, P = plan.P;
 
   // per-chunk, per-channel partials (count (g1-g0)*k, uniform over channels)
   std::vector<A> pmean(P * C), pm2(P * C);
@@ -472,11 +460,11 @@ void train_rows(const TrainArgs<T>& a) {
     A* mean = scratch.data();
     A* m2 = mean + W;
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t g0 = G * p / P, g1 = G * (p + 1) / P;
+      const int64_t g0 = plan.chunk_begin(p), g1 = plan.chunk_end(p);
       if (g1 == g0) {
         continue;
       }
-      rows_chunk_moments(a.x, W, g0, g1, mean, m2, m2 + W, m2 + 2 * W);
+      rows_chunk_moments(x, W, g0, g1, mean, m2, m2 + W, m2 + 2 * W);
       // fold the k positions of each channel (equal counts g1 - g0)
       for (int64_t c = 0; c < C; ++c) {
         Moments<A> m;
@@ -489,47 +477,67 @@ void train_rows(const TrainArgs<T>& a) {
     }
   });
 
-  std::vector<A> scale(W), shift(W);
   for (int64_t c = 0; c < C; ++c) {
     Moments<A> m;
     for (int64_t p = 0; p < P; ++p) {
-      const int64_t g0 = G * p / P, g1 = G * (p + 1) / P;
-      merge_into(m, (g1 - g0) * k, pmean[p * C + c], pm2[p * C + c]);
+      const int64_t count = (plan.chunk_end(p) - plan.chunk_begin(p)) * k;
+      merge_into(m, count, pmean[p * C + c], pm2[p * C + c]);
     }
-    if (Rl > 0) {  // leftover rows (k > 1 only): exact two-pass, scalar
-      const T* xl = a.x + G * W + c;
+    if (plan.Rl > 0) {  // leftover rows (k > 1 only): exact two-pass, scalar
+      const T* xl = x + plan.G * W + c;
       A s = A(0);
-      for (int64_t i = 0; i < Rl; ++i) {
+      for (int64_t i = 0; i < plan.Rl; ++i) {
         s += static_cast<A>(xl[i * C]);
       }
-      const A lm = s / A(Rl);
+      const A lm = s / A(plan.Rl);
       A l2 = A(0);
-      for (int64_t i = 0; i < Rl; ++i) {
+      for (int64_t i = 0; i < plan.Rl; ++i) {
         const A d = static_cast<A>(xl[i * C]) - lm;
         l2 += d * d;
       }
-      merge_into(m, Rl, lm, l2);
+      merge_into(m, plan.Rl, lm, l2);
     }
+    out[c] = m;
+  }
+}
+
+// Rows layout: apply to chunk p's super-rows (and, for the last chunk, the leftover rows) with
+// per-position scale/shift of width W.
+template <typename T, bool kRes, bool kNT>
+void fwd_apply_chunk(
+    const RowPlan& plan, int64_t p, T* y, const T* x, const T* r, const acc_type<T>* scale,
+    const acc_type<T>* shift) {
+  const int64_t g0 = plan.chunk_begin(p), g1 = plan.chunk_end(p);
+  const int64_t o = g0 * plan.W;
+  fwd_apply_rows<T, kRes, kNT>(
+      y + o, x + o, kRes ? r + o : nullptr, g1 - g0, plan.W, scale, shift);
+  if (p == plan.P - 1 && plan.Rl > 0) {
+    const int64_t ol = plan.G * plan.W;
+    fwd_apply_span<T, kRes, true, kNT>(
+        y + ol, x + ol, kRes ? r + ol : nullptr, plan.Rl * plan.C, scale, shift);
+  }
+}
+
+template <typename T, bool kRes, bool kNT>
+void train_rows(const TrainArgs<T>& a) {
+  using A = acc_type<T>;
+  const int64_t C = a.C;
+  const RowPlan plan(C, a.N * a.S, VecT<T>::kStep, at::get_num_threads());
+
+  std::vector<Moments<A>> moments(C);
+  rows_moments(a.x, plan, moments.data());
+  std::vector<A> scale(C), shift(C);
+  for (int64_t c = 0; c < C; ++c) {
     std::tie(scale[c], shift[c]) =
-        finalize_channel(m, c, a.w, a.b, a.eps, a.mean_out, a.invstd_out, a.var_out);
+        finalize_channel(moments[c], c, a.w, a.b, a.eps, a.mean_out, a.invstd_out, a.var_out);
   }
-  for (int64_t j = C; j < W; ++j) {
-    scale[j] = scale[j % C];
-    shift[j] = shift[j % C];
-  }
+  repeat_channels(scale, C, plan.W);
+  repeat_channels(shift, C, plan.W);
 
   // apply: chunk p by the thread that reduced it (same static partition)
-  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, plan.P, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t g0 = G * p / P, g1 = G * (p + 1) / P;
-      const int64_t o = g0 * W;
-      fwd_apply_rows<T, kRes, kNT>(
-          a.y + o, a.x + o, kRes ? a.r + o : nullptr, g1 - g0, W, scale.data(), shift.data());
-      if (p == P - 1 && Rl > 0) {
-        const int64_t ol = G * W;
-        fwd_apply_span<T, kRes, true, kNT>(
-            a.y + ol, a.x + ol, kRes ? a.r + ol : nullptr, Rl * C, scale.data(), shift.data());
-      }
+      fwd_apply_chunk<T, kRes, kNT>(plan, p, a.y, a.x, a.r, scale.data(), shift.data());
     }
     if (kNT) {
       stream_fence();
@@ -566,17 +574,12 @@ void eval_kernel(
     });
     return;
   }
-  const int64_t R = N * S;
-  const int64_t k = plan_row_period(C, VecT<T>::kStep);
-  const int64_t W = k * C;
-  const int64_t G = R / k;
-  const int64_t Rl = R - G * k;
-  std::vector<A> sc(W), sh(W);
-  for (int64_t j = 0; j < W; ++j) {
-    sc[j] = scale[j % C];
-    sh[j] = shift[j % C];
-  }
-  const int64_t units = G + (Rl > 0 ? 1 : 0);
+  const RowPlan plan(C, N * S, VecT<T>::kStep, at::get_num_threads());
+  const int64_t W = plan.W, G = plan.G;
+  std::vector<A> sc(scale, scale + C), sh(shift, shift + C);
+  repeat_channels(sc, C, W);
+  repeat_channels(sh, C, W);
+  const int64_t units = G + (plan.Rl > 0 ? 1 : 0);
   const int64_t grain = std::max<int64_t>(1, kParallelMinElems / W);
   at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
     const int64_t full_end = std::min(u1, G);
@@ -588,12 +591,23 @@ void eval_kernel(
     if (u1 > G) {
       const int64_t ol = G * W;
       fwd_apply_span<T, kRes, true, kNT>(
-          y + ol, x + ol, kRes ? r + ol : nullptr, Rl * C, sc.data(), sh.data());
+          y + ol, x + ol, kRes ? r + ol : nullptr, plan.Rl * C, sc.data(), sh.data());
     }
     if (kNT) {
       stream_fence();
     }
   });
+}
+
+// Per-channel moments of a non-empty input in its native layout.
+template <typename T>
+void channel_moments(const Geometry& g, const T* x, Moments<acc_type<T>>* out) {
+  const int64_t threads = at::get_num_threads();
+  if (g.rows) {
+    rows_moments(x, RowPlan(g.C, g.M(), VecT<T>::kStep, threads), out);
+  } else {
+    planes_moments(x, PlaneTasks(g.N, g.C, g.S, threads), out);
+  }
 }
 
 } // namespace
@@ -725,6 +739,27 @@ at::Tensor bn_act_fwd_eval_cpu(
     });
   });
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input) {
+  constexpr const char* op = "bn_stats";
+  const Geometry g = canonicalize_input(input, op);
+  const auto stat_opts = input.options().dtype(acc_dtype(input.scalar_type()));
+  at::Tensor mean = at::empty({g.C}, stat_opts);
+  at::Tensor var = at::empty({g.C}, stat_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), op, [&] {
+    using A = acc_type<scalar_t>;
+    std::vector<Moments<A>> moments(g.C);  // empty moments: mean 0, var 0
+    if (g.numel() > 0) {
+      channel_moments(g, g.x.const_data_ptr<scalar_t>(), moments.data());
+    }
+    A* mean_out = mean.mutable_data_ptr<A>();
+    A* var_out = var.mutable_data_ptr<A>();
+    for (int64_t c = 0; c < g.C; ++c) {
+      std::tie(mean_out[c], var_out[c]) = biased_mean_var(moments[c]);
+    }
+  });
+  return {mean, var};
 }
 
 } // namespace fused_resnet::cpu

@@ -7,4 +7,7 @@ TORCH_LIBRARY_IMPL(fused_resnet, CPU, m) {
   m.impl("bn_act_fwd_train", TORCH_FN(fused_resnet::cpu::bn_act_fwd_train_cpu));
   m.impl("bn_act_fwd_eval", TORCH_FN(fused_resnet::cpu::bn_act_fwd_eval_cpu));
   m.impl("bn_act_bwd", TORCH_FN(fused_resnet::cpu::bn_act_bwd_cpu));
+  m.impl("bn_stats", TORCH_FN(fused_resnet::cpu::bn_stats_cpu));
+  m.impl("bn_act_bwd_reduce", TORCH_FN(fused_resnet::cpu::bn_act_bwd_reduce_cpu));
+  m.impl("bn_act_bwd_apply", TORCH_FN(fused_resnet::cpu::bn_act_bwd_apply_cpu));
 }

@@ -1,4 +1,4 @@
-"""Drop-in fused modules and residual blocks."""
+"""Drop-in fused modules, residual blocks, and the synchronized (SyncBatchNorm) variants."""
 
 from .batchnorm import (
     AddReLU,
@@ -11,6 +11,12 @@ from .batchnorm import (
     fuse_batchnorm_,
 )
 from .blocks import BasicBlock, BasicBlock3d, Bottleneck, Bottleneck3d
+from .syncbn import (
+    DistributedDataParallel,
+    SyncBatchNormAddReLU,
+    SyncBatchNormReLU,
+    convert_sync_batchnorm,
+)
 
 __all__ = [
     "BatchNormReLU1d",
@@ -25,4 +31,8 @@ __all__ = [
     "Bottleneck",
     "BasicBlock3d",
     "Bottleneck3d",
+    "SyncBatchNormReLU",
+    "SyncBatchNormAddReLU",
+    "convert_sync_batchnorm",
+    "DistributedDataParallel",
 ]

@@ -21,24 +21,38 @@ from .. import functional
 class _FusedBatchNormMixin:
     """nn.BatchNorm's forward, with the input checks moved before any state changes."""
 
+    def _mode(self):
+        """(use_batch_stats, running_mean, running_var) as nn.BatchNorm decides them.
+
+        Batch statistics in training, and in eval when there are no running ones. The running
+        buffers are read in eval, and updated in training if they are tracked (else None).
+        """
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        tracks = not self.training or self.track_running_stats
+        return (
+            use_batch_stats,
+            self.running_mean if tracks else None,
+            self.running_var if tracks else None,
+        )
+
+    def _count_step(self):
+        """Count a training step in num_batches_tracked and return the running-stats momentum:
+        `momentum`, or the cumulative average 1 / num_batches_tracked when momentum is None."""
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return momentum
+
     def _fused_forward(self, input, residual):
         self._check_input_dim(input)  # nn.BatchNorm*d's own rank check and message
-        # As nn.BatchNorm: batch statistics in training, and in eval when there are no running ones.
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        # Running buffers are read in eval, and updated in training if they are tracked.
-        tracks = not self.training or self.track_running_stats
-        running_mean = self.running_mean if tracks else None
-        running_var = self.running_var if tracks else None
+        use_batch_stats, running_mean, running_var = self._mode()
         tensors = (input, residual, running_mean, running_var, self.weight, self.bias)
         functional.check_inputs(
             type(self).__name__, *tensors, use_batch_stats, num_features=self.num_features
         )
-
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(self.num_batches_tracked)
+        momentum = self._count_step()
         return functional.batch_norm_act(*tensors, use_batch_stats, momentum, self.eps)
 
 

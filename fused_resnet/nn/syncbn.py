@@ -1,0 +1,268 @@
+"""Synchronized fused BatchNorm: batch statistics over every process of a torch.distributed group.
+
+    SyncBatchNormReLU(C)(x)          == relu(nn.SyncBatchNorm(C)(x))
+    SyncBatchNormAddReLU(C)(x, r)    == relu(nn.SyncBatchNorm(C)(x) + r)
+
+for inputs of any rank from 2 (N, C) to 5 (N, C, D, H, W), on any backend: NCCL on GPUs, gloo on
+CPU tensors (which nn.SyncBatchNorm refuses). They subclass nn.SyncBatchNorm: same constructor
+(process_group included), parameters, buffers and state_dict keys.
+
+Training step, per rank, with the backend's ops (fused_resnet/ops.py) and two collectives:
+
+  forward   bn_stats(x)                 local (count, mean, M2 = var·count) per channel
+            all_gather, once            every rank's (count, mean, M2): 2C + 1 float64 values
+            Chan's merge (float64)      n = Σ n_i,  mean = Σ n_i·mean_i / n,
+                                        M2 = Σ (M2_i + n_i·(mean_i − mean)²),  var = M2 / n
+            bn_act_fwd_eval(x, r, mean, var, w, b, eps)
+            running statistics          nn.SyncBatchNorm's update, unbiased with the global n
+  backward  bn_act_bwd_reduce           local Σdz, Σdz·x̂
+            all_reduce (sum), once      the packed [Σdz, Σdz·x̂]: 2C values
+            bn_act_bwd_apply            dx, dr with the global means Σdz / n, Σdz·x̂ / n
+            grad_weight, grad_bias      the local sums: per rank, as nn.SyncBatchNorm; DDP
+                                        averages them
+
+Why all_gather of (count, mean, M2) and not all_reduce of sums: summing (n, Σx, Σx²) over ranks
+gives the variance as E[x²] − E[x]², which cancels catastrophically when |mean| ≫ std (in
+float32, a mean of 1000 with std 1 loses every digit of the variance). Gathering each rank's
+centred M2 and merging with Chan's formula adds only non-negative terms. The gathered data are
+2C + 1 values per rank, negligible next to the activations. Ranks with an empty batch send
+count 0 and drop out of the merge.
+
+Eval mode, a world size of 1, or no initialized process group: exactly the non-sync fused modules
+(fused_resnet/nn/batchnorm.py), with no communication.
+
+Ranks must agree on the number of channels: tensors of different sizes in one collective abort
+the process (gloo) or hang (NCCL). The first synchronized forward of each module therefore
+gathers num_features once per process group and raises a clear error on every rank when they
+differ; afterwards the local check of the input against num_features is enough.
+"""
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .. import backend as _backend
+from .. import functional
+from ..reference import acc_dtype
+from .batchnorm import _BatchNormAddReLU, _BatchNormReLU, _FusedBatchNormMixin
+
+
+class _SyncBatchNormActFunction(torch.autograd.Function):
+    """relu(batch_norm(x) (+ r)) with given global batch statistics; the backward all-reduces
+    the two per-channel sums once. The statistics' dependence on x is in the backward formula."""
+
+    @staticmethod
+    def forward(ctx, input, residual, weight, bias, mean, var, eps, impl, group, count):
+        out = impl.fwd_eval(input, residual, mean, var, weight, bias, eps)
+        # invstd as fwd_eval computes it: in float64 from var, rounded once
+        invstd = torch.rsqrt(var.double() + eps).to(var.dtype)
+        ctx.save_for_backward(input, out, weight, mean, invstd)
+        ctx.impl, ctx.group, ctx.count = impl, group, count
+        ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (weight, bias))
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        input, out, weight, mean, invstd = ctx.saved_tensors
+        need_input, need_residual, need_weight, need_bias = ctx.needs_input_grad[:4]
+        impl = ctx.impl
+        grad_input = grad_residual = grad_weight = grad_bias = None
+        if need_input or need_weight or need_bias:
+            sum_dz_xhat, sum_dz = impl.bwd_reduce(grad_out, out, input, mean, invstd)
+            weight_dtype, bias_dtype = ctx.param_dtypes
+            if need_weight:
+                grad_weight = sum_dz_xhat.to(weight_dtype)
+            if need_bias:
+                grad_bias = sum_dz.to(bias_dtype)
+        if need_input:
+            channels = mean.shape[0]
+            packed = torch.cat([sum_dz, sum_dz_xhat])
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=ctx.group)
+            mean_dz, mean_dz_xhat = packed.div_(ctx.count).split(channels)
+            grad_input, grad_residual = impl.bwd_apply(
+                grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat, need_residual
+            )
+            grad_residual = grad_residual if need_residual else None  # else an empty tensor
+        elif need_residual:
+            # grad_residual = dz needs no global statistics: any means do
+            zeros = torch.zeros_like(mean)
+            _, grad_residual = impl.bwd_apply(
+                grad_out, out, input, weight, mean, invstd, zeros, zeros, True
+            )
+        return grad_input, grad_residual, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _gather_batch_stats(impl, input, group, world_size, caller):
+    """Global per-channel (mean, biased var) in float64 and the global count: one all_gather."""
+    channels = input.shape[1]
+    count = input.numel() // channels
+    with torch.no_grad():
+        mean, var = impl.stats(input)
+        mean, var = mean.double(), var.double()
+        packed = torch.cat([mean.new_full((1,), count), mean, var * count])  # (n, mean, M2)
+        gathered = [torch.empty_like(packed) for _ in range(world_size)]
+        dist.all_gather(gathered, packed, group=group)
+        gathered = torch.stack(gathered)
+        counts, means, m2s = gathered[:, :1], gathered[:, 1 : channels + 1], gathered[:, channels + 1 :]
+        total = int(counts.sum().item())
+        if total == 1:
+            raise ValueError(
+                f"{caller}: Expected more than 1 value per channel when training, got 1 value per "
+                f"channel over {world_size} processes (local input size {input.size()})"
+            )
+        if total == 0:  # every rank's batch is empty: the ops' convention, mean 0 and var 0
+            return mean.new_zeros(channels), mean.new_zeros(channels), 0
+        global_mean = (counts * means).sum(0) / total
+        global_m2 = (m2s + counts * (means - global_mean).square()).sum(0)
+    return global_mean, global_m2 / total, total
+
+
+class _SyncFusedBatchNormMixin(_FusedBatchNormMixin):
+    """nn.SyncBatchNorm's forward on the fused ops; every check runs before any state changes."""
+
+    def _sync_group(self):
+        """(process group, world size) when this call synchronizes, else None (as nn.SyncBatchNorm)."""
+        use_batch_stats, _, _ = self._mode()
+        if not (self.training and use_batch_stats and dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group else dist.group.WORLD
+        world_size = dist.get_world_size(group)
+        return (group, world_size) if world_size > 1 else None
+
+    def _check_channels_agree(self, group, world_size, device):
+        """Once per process group: every rank's num_features, gathered, must be equal."""
+        key = (id(group), world_size)
+        if getattr(self, "_channels_agreed_in", None) == key:
+            return
+        mine = torch.tensor([self.num_features], dtype=torch.int64, device=device)
+        gathered = [torch.empty_like(mine) for _ in range(world_size)]
+        dist.all_gather(gathered, mine, group=group)
+        counts = [int(t.item()) for t in gathered]
+        if len(set(counts)) != 1:
+            raise ValueError(
+                f"{type(self).__name__}: the processes disagree on the number of channels "
+                f"(num_features by rank in the process group: {counts}); every rank must run the "
+                "same model"
+            )
+        self._channels_agreed_in = key
+
+    def _sync_forward(self, input, residual):
+        sync = self._sync_group()
+        if sync is None:
+            return self._fused_forward(input, residual)
+        group, world_size = sync
+
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        _, running_mean, running_var = self._mode()
+        caller = type(self).__name__
+        tensors = (input, residual, running_mean, running_var, self.weight, self.bias)
+        functional.check_inputs(
+            caller, *tensors, True, num_features=self.num_features, check_values_per_channel=False
+        )
+        self._check_channels_agree(group, world_size, input.device)
+
+        impl = _backend.resolve(input.device)
+        mean, var, count = _gather_batch_stats(impl, input, group, world_size, caller)
+        # every check has passed: the state may change now
+        momentum = self._count_step()
+        acc = acc_dtype(input.dtype)
+        out = _SyncBatchNormActFunction.apply(
+            input, residual, self.weight, self.bias, mean.to(acc), var.to(acc), self.eps, impl, group, count
+        )
+        if running_mean is not None:
+            functional.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        return out
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module, process_group=None):
+        """fused_resnet.nn.convert_sync_batchnorm (the fused modules keep their activation)."""
+        return convert_sync_batchnorm(module, process_group)
+
+
+class SyncBatchNormReLU(_SyncFusedBatchNormMixin, _BatchNormReLU, nn.SyncBatchNorm):
+    """relu(SyncBatchNorm(x)) for input of rank 2 to 5, (N, C, *)."""
+
+    def forward(self, input):
+        return self._sync_forward(input, None)
+
+
+class SyncBatchNormAddReLU(_SyncFusedBatchNormMixin, _BatchNormAddReLU, nn.SyncBatchNorm):
+    """relu(SyncBatchNorm(x) + residual) for input of rank 2 to 5, (N, C, *)."""
+
+    def forward(self, input, residual):
+        return self._sync_forward(input, residual)
+
+
+class DistributedDataParallel(nn.parallel.DistributedDataParallel):
+    """torch.nn.parallel.DistributedDataParallel that accepts the fused sync modules on CPU.
+
+    DDP refuses any nn.SyncBatchNorm in a CPU module ("SyncBatchNorm layers only work with GPU
+    modules"), since nn.SyncBatchNorm's own kernels are GPU-only. The fused sync modules subclass
+    nn.SyncBatchNorm but run on CPU tensors with gloo, so here DDP's check applies to the other
+    SyncBatchNorm layers only. Everything else is DDP itself; with GPU modules torch's DDP works
+    as well.
+    """
+
+    def _passing_sync_batchnorm_handle(self, module):
+        others = [
+            m for m in module.modules()
+            if isinstance(m, nn.SyncBatchNorm) and not isinstance(m, _SyncFusedBatchNormMixin)
+        ]
+        super()._passing_sync_batchnorm_handle(nn.ModuleList(others))
+
+
+def _sync_class(module):
+    if isinstance(module, _BatchNormAddReLU):
+        return SyncBatchNormAddReLU
+    if isinstance(module, _BatchNormReLU):
+        return SyncBatchNormReLU
+    return nn.SyncBatchNorm
+
+
+def convert_sync_batchnorm(module, process_group=None):
+    """Replace every BatchNorm in `module` by its synchronized equivalent, as
+    nn.SyncBatchNorm.convert_sync_batchnorm does, keeping the fused activations:
+
+        BatchNormReLU1d/2d/3d     -> SyncBatchNormReLU
+        BatchNormAddReLU1d/2d/3d  -> SyncBatchNormAddReLU
+        any other nn.BatchNorm*d  -> nn.SyncBatchNorm
+
+    The new modules take over the parameters and buffers themselves (an optimizer built before
+    still holds them), the hyperparameters, the training mode and any qconfig; names in the
+    module tree are kept. Returns `module`, or the new module if `module` itself is a BatchNorm.
+
+    nn.SyncBatchNorm.convert_sync_batchnorm would turn a fused module into a plain
+    nn.SyncBatchNorm and silently drop its ReLU: use this function (or the classmethod of the
+    fused sync modules) on models holding fused modules. nn.SyncBatchNorm itself refuses CPU
+    tensors in synchronized training; the fused ones do not.
+    """
+    converted = module
+    if isinstance(module, _BatchNorm):
+        converted = _sync_class(module)(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            process_group,
+        )
+        if module.affine:
+            with torch.no_grad():
+                converted.weight = module.weight
+                converted.bias = module.bias
+        converted.running_mean = module.running_mean
+        converted.running_var = module.running_var
+        converted.num_batches_tracked = module.num_batches_tracked
+        converted.training = module.training
+        if hasattr(module, "qconfig"):
+            converted.qconfig = module.qconfig
+    for name, child in module.named_children():
+        converted.add_module(name, convert_sync_batchnorm(child, process_group))
+    return converted
+
+
+__all__ = ["SyncBatchNormReLU", "SyncBatchNormAddReLU", "convert_sync_batchnorm", "DistributedDataParallel"]
