@@ -597,24 +597,37 @@ def _folded_replacement(bn):
     return nn.Identity()
 
 
-def _fold_target(walk, module, node):
-    """The (conv name, bn name) pair `node` (a norm call) folds with, or the reason it cannot."""
-    bn = module.get_submodule(node.target)
-    if bn.running_mean is None or bn.running_var is None:
-        return "it has no running statistics to fold (track_running_stats=False)"
-    source = node.args[0] if node.args else None
+def _norm_call(module, node):
+    """(norm target, input node) when `node` applies a BatchNorm (eager or fused): a call of the
+    module, or a call of _bn_add_relu that convert() generated; else None."""
+    if node.op == "call_module":
+        norm, source = _resolve(module, node.target), node.args[0] if node.args else None
+        target = node.target
+    elif node.op == "call_function" and node.target is _bn_add_relu and node.args[0].op == "get_attr":
+        target, source = node.args[0].target, node.args[1]
+        norm = _resolve(module, target)
+    else:
+        return None
+    if type(norm) in EAGER_BATCHNORMS or isinstance(norm, _FUSED_NORMS):
+        return target, source
+    return None
+
+
+def _fold_target(walk, module, target, source):
+    """The convolution the norm `target`, fed by `source`, folds into; None if it cannot."""
+    bn = module.get_submodule(target)
+    if bn.running_mean is None or bn.running_var is None:  # normalizes with batch statistics
+        return None
     if not (isinstance(source, torch.fx.Node) and source.op == "call_module"):
-        return "no convolution feeds it"
+        return None
     conv = module.get_submodule(source.target)
-    if type(conv) not in _CONVS:
-        return "no convolution feeds it"
+    if type(conv) not in _CONVS or conv.out_channels != bn.num_features:
+        return None
     if len(source.users) != 1 or walk.calls[id(conv)] != 1 or walk.owners[id(conv)] != 1:
-        return "the convolution that feeds it has other uses"
-    if conv._forward_hooks or conv._forward_pre_hooks:
-        return "the convolution that feeds it has hooks"
-    if conv.out_channels != bn.num_features:
-        return "the convolution's output channels do not match"
-    return walk.why_not_alone(bn) or (source.target, node.target)
+        return None  # its output is used elsewhere too
+    if conv._forward_hooks or conv._forward_pre_hooks or walk.why_not_alone(bn):
+        return None
+    return source.target
 
 
 def optimize_for_inference(
@@ -639,15 +652,14 @@ def optimize_for_inference(
     walk = _Walk(model, fold_report, trace_our_blocks=True)
     for module, graph in walk.graphs.items():
         for node in graph.nodes:
-            if node.op != "call_module":
+            call = _norm_call(module, node)
+            if call is None:
                 continue
-            bn = module.get_submodule(node.target)
-            if type(bn) not in EAGER_BATCHNORMS and not isinstance(bn, _FUSED_NORMS):
+            bn_target, source = call
+            conv_target = _fold_target(walk, module, bn_target, source)
+            if conv_target is None:  # convert fuses it, or leaves it with the reason
                 continue
-            target = _fold_target(walk, module, node)
-            if isinstance(target, str):
-                continue
-            conv_target, bn_target = target
+            bn = module.get_submodule(bn_target)
             _fold_into_conv(module.get_submodule(conv_target), bn)
             parent, _, attr = bn_target.rpartition(".")
             setattr(module.get_submodule(parent), attr, _folded_replacement(bn))
