@@ -26,8 +26,8 @@ regenerating its code could drop an in-place update another reader sees.
 optimize_for_inference(model) folds each eval-mode BatchNorm into the Conv1d/2d/3d that feeds it
 (W' = W * g / sqrt(var + eps) per output channel, b' = (b - mean) * g / sqrt(var + eps) + beta)
 and converts the BatchNorms that cannot fold. A folded BatchNorm becomes nn.Identity, a folded
-BatchNormReLU*d an nn.ReLU, and a folded BatchNormAddReLU*d an AddReLU (eager add, then an in-place
-ReLU); an eager BatchNorm followed by add + ReLU keeps its eager add + ReLU.
+BatchNormReLU*d an nn.ReLU, and a folded BatchNormAddReLU*d an AddReLU (the fused kernel with
+identity statistics); an eager BatchNorm followed by add + ReLU keeps its eager add + ReLU.
 """
 
 import copy

@@ -123,3 +123,17 @@ def test_inplace():
     model = _eval_model(lambda: seeds.CifarBasicBlock(3, 4))
     assert fused_resnet.optimize_for_inference(model, inplace=True) is model
     assert isinstance(model.bn1, nn.Identity)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(3, 5, 4, 7), (6, 9), (2, 3, 2, 3, 5)])
+def test_add_relu_is_exact(backend, shape, dtype):
+    """Identity statistics make the fused kernel compute relu(x + r) with no rounding of its own."""
+    x = make_tensor(shape, dtype).requires_grad_()
+    r = make_tensor(shape, dtype).requires_grad_()
+    out = AddReLU()(x, r)
+    expected = torch.relu(x.detach() + r.detach())
+    assert out.dtype == dtype and torch.equal(out, expected)
+    out.backward(torch.ones_like(out))
+    mask = (expected > 0).to(dtype)
+    assert torch.equal(x.grad, mask) and torch.equal(r.grad, mask)
