@@ -107,6 +107,12 @@ def _refuse_pickle(self, protocol):
     )
 
 
+def _copy_module(self):
+    copied = object.__new__(type(self))
+    copied.__dict__.update(self.__dict__)
+    return copied
+
+
 def _deepcopy_module(self, memo):
     copied = object.__new__(type(self))
     memo[id(self)] = copied
@@ -128,6 +134,7 @@ def install_forward(module, forward, graph):
         "__module__": base.__module__,
         "__qualname__": base.__qualname__,
         "__reduce_ex__": _refuse_pickle,
+        "__copy__": _copy_module,
         "__deepcopy__": _deepcopy_module,
     }
     module.__class__ = type(base.__name__, (base,), namespace)
@@ -251,6 +258,8 @@ def _module_graph(module):
         for mode in (training, not training):
             module.training = mode
             graphs.append(_trace_through_raises(module))
+    except NotRewritable:
+        raise
     except Exception as error:  # noqa: BLE001  (torch.fx raises many kinds)
         raise NotRewritable(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
     finally:

@@ -373,13 +373,14 @@ def test_converting_twice_changes_nothing():
     torch.testing.assert_close(twice(x), once(x))
 
 
-def test_deepcopy_works_and_pickling_says_what_to_do():
+def test_copies_work_and_pickling_says_what_to_do():
     net = fused_resnet.convert(seeds.CifarBasicBlock(3, 3))
     assert isinstance(net, seeds.CifarBasicBlock) and type(net).__name__ == "CifarBasicBlock"
     copied = copy.deepcopy(net)
     assert type(copied) is type(net) and copied.bn1 is not net.bn1
     x = torch.randn(2, 3, 4, 4)
     torch.testing.assert_close(copied(x), net(x))
+    torch.testing.assert_close(copy.copy(net)(x), net(x))
     with pytest.raises(TypeError, match="save its state_dict and call fused_resnet.convert again"):
         pickle.dumps(net)
 
