@@ -20,7 +20,7 @@ MODELS = {
     ),
     "003_converted": (lambda: fused_resnet.convert(seeds.ResidualNet(12, 16, 5, 2)), (8, 12)),
     "resnet_fused_blocks": (
-        lambda: models.ResNet(models.resnet.Bottleneck, [1, 1, 1, 1], num_classes=5), (2, 3, 48, 48)
+        lambda: models.ResNet(fused_resnet.nn.Bottleneck, [1, 1, 1, 1], num_classes=5), (2, 3, 48, 48)
     ),
 }
 COMPILED = [b for b in BACKENDS if b != "reference"]
