@@ -403,3 +403,28 @@ def test_fuse_batchnorm_refuses_other_modules():
         fused_resnet.nn.fuse_batchnorm_(nn.GroupNorm(2, 4))
     with pytest.raises(TypeError, match="BatchNormReLU2d"):
         fused_resnet.nn.fuse_batchnorm_(BatchNormReLU2d(4))
+
+
+class NormsInContainers(nn.Module):
+    """BatchNorms held in a ModuleList and a ModuleDict, called from the owner's forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(3, 3, 3, padding=1) for _ in range(2)])
+        self.norms = nn.ModuleList([nn.BatchNorm2d(3) for _ in range(2)])
+        self.heads = nn.ModuleDict({"out": nn.BatchNorm2d(3)})
+
+    def forward(self, x):
+        for conv, norm in zip(self.convs, self.norms):
+            x = torch.relu(norm(conv(x)))
+        return F.relu(x + self.heads["out"](0.5 * x))
+
+
+def test_norms_in_module_lists_and_dicts():
+    torch.manual_seed(0)
+    net = _prepare(NormsInContainers())
+    converted, report = fused_resnet.convert(net, return_report=True)
+    assert dict(report.fused) == {
+        "norms.0": "BatchNormReLU2d", "norms.1": "BatchNormReLU2d", "heads.out": "BatchNormAddReLU2d"
+    }  # fmt: skip
+    assert_same_training(converted, net, lambda: make_tensor((2, 3, 5, 4), torch.float64), torch.float64)
