@@ -517,10 +517,13 @@ def _rewrite(walk, module, graph):
             fusion.relu.replace_all_uses_with(node)
             graph.erase_node(fusion.relu)
         else:
+            # Read the residual now: an earlier fusion may have replaced the node it was.
+            left, right, _ = _add_operands(fusion.add)
+            residual = right if fusion.bn_on_left else left
             with graph.inserting_before(fusion.add):
                 bn_attr = graph.get_attr(node.target)
                 fused = graph.call_function(
-                    _bn_add_relu, (bn_attr, node.args[0], fusion.residual, fusion.bn_on_left)
+                    _bn_add_relu, (bn_attr, node.args[0], residual, fusion.bn_on_left)
                 )
             fusion.relu.replace_all_uses_with(fused)
             for dead in (fusion.relu, fusion.add, node):
