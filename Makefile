@@ -16,7 +16,8 @@ BENCH_ARGS ?=
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	@for pkg in setuptools:setuptools wheel:wheel ninja:ninja numpy:numpy triton:triton pytest:pytest \
-	            pytest_benchmark:pytest-benchmark hypothesis:hypothesis tqdm:tqdm matplotlib:matplotlib; do \
+	            pytest_benchmark:pytest-benchmark hypothesis:hypothesis \
+	            sklearn:scikit-learn tqdm:tqdm matplotlib:matplotlib; do \
 	    mod=$${pkg%%:*}; dist=$${pkg##*:}; \
 	    $(PYTHON) -c "import $$mod" 2>/dev/null || $(PIP) install "$$dist" || exit 1; \
 	done

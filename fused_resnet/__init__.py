@@ -28,6 +28,7 @@ except ImportError as error:  # pure-Python install, or a build that failed
 
 from . import functional, models, nn, ops
 from .backend import available_backends, get_backend, set_backend, use_backend
+from .convert import ConversionReport, convert, optimize_for_inference
 
 ops._register_compiled_backends(EXTENSION_ERROR)
 
@@ -46,4 +47,7 @@ __all__ = [
     "get_backend",
     "set_backend",
     "use_backend",
+    "convert",
+    "optimize_for_inference",
+    "ConversionReport",
 ]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .. import functional
+from ..reference import acc_dtype
 
 
 class _FusedBatchNormMixin:
@@ -125,8 +126,16 @@ def fuse_batchnorm_(bn: nn.Module, with_residual: bool = False) -> nn.Module:
 
 class AddReLU(nn.Module):
     """relu(x + residual): a BatchNormAddReLU*d once its normalization is folded into the
-    preceding convolution (fused_resnet.optimize_for_inference). Two passes: the add writes a
-    fresh tensor, the ReLU rewrites it in place."""
+    preceding convolution (fused_resnet.optimize_for_inference).
+
+    It runs the fused eval kernel with identity statistics, mean 0, var 1 and eps 0, so that
+    (x - 0) * rsqrt(1 + 0) = x exactly: one pass reading x and the residual and writing the
+    output, where an eager add + ReLU makes two.
+    """
 
     def forward(self, input, residual):
-        return torch.add(input, residual).relu_()
+        channels = input.shape[1] if input.dim() >= 2 else 0
+        stats_dtype = acc_dtype(input.dtype) if input.dtype.is_floating_point else input.dtype
+        mean = torch.zeros(channels, dtype=stats_dtype, device=input.device)
+        var = torch.ones(channels, dtype=stats_dtype, device=input.device)
+        return functional.batch_norm_add_relu(input, residual, mean, var, training=False, eps=0.0)

@@ -1,0 +1,66 @@
+"""torch.compile(fullgraph=True) over converted models and the fused ResNets: no graph break, the
+same outputs, gradients and running statistics as the uncompiled model (aot_eager: dynamo capture,
+the fake impls and AOT autograd, where a graph would break)."""
+
+import copy
+
+import pytest
+import torch
+
+import fused_resnet
+from fused_resnet import models
+from conftest import BACKENDS, DEVICE, make_tensor
+from parity import assert_close, assert_same_state
+import seed_models as seeds
+
+MODELS = {
+    "001_converted": (
+        lambda: fused_resnet.convert(seeds.CifarResNet(seeds.CifarBasicBlock, [1, 1, 1], width=4)),
+        (4, 3, 12, 12),
+    ),
+    "003_converted": (lambda: fused_resnet.convert(seeds.ResidualNet(12, 16, 5, 2)), (8, 12)),
+    "resnet_fused_blocks": (
+        lambda: models.ResNet(fused_resnet.nn.Bottleneck, [1, 1, 1, 1], num_classes=5), (2, 3, 48, 48)
+    ),
+}
+COMPILED = [b for b in BACKENDS if b != "reference"]
+
+
+@pytest.mark.skipif(not COMPILED, reason="no compiled backend (fused_resnet._C not built)")
+@pytest.mark.parametrize("backend_name", COMPILED)
+@pytest.mark.parametrize("name", MODELS)
+def test_compiled_converted_model(backend_name, name):
+    factory, shape = MODELS[name]
+    torch._dynamo.reset()
+    with fused_resnet.use_backend(backend_name):
+        _compare_compiled(factory, shape)
+
+
+def _compare_compiled(factory, shape):
+    torch.manual_seed(0)
+    model = factory().to(DEVICE)
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for training in (True, False):
+        model.train(training)
+        reference.train(training)
+        x = make_tensor(shape, torch.float32).requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        out, ref = compiled(x), reference(x_ref)
+        assert_close(out, ref, torch.float32, f"training={training}: output")
+        out.sum().backward()
+        ref.sum().backward()
+        assert_close(x.grad, x_ref.grad, torch.float32, f"training={training}: grad of input")
+        for (n, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+            assert_close(p.grad, q.grad, torch.float32, f"training={training}: grad of {n}")
+        assert_same_state(model, reference, torch.float32, f"training={training}")
+
+
+def test_compiled_inference_model():
+    torch._dynamo.reset()
+    model = seeds.CifarResNet(seeds.CifarBasicBlock, [1, 1, 1], width=4).to(DEVICE).eval()
+    optimized = fused_resnet.optimize_for_inference(model)
+    compiled = torch.compile(optimized, fullgraph=True, backend="aot_eager")
+    x = make_tensor((3, 3, 12, 12), torch.float32)
+    with torch.no_grad():
+        assert_close(compiled(x), model(x), torch.float32, "output")
