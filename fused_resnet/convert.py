@@ -49,6 +49,7 @@ from .nn.batchnorm import (
     fuse_batchnorm_,
 )
 from .nn.blocks import BasicBlock, Bottleneck
+from .nn.syncbn import convert_sync_batchnorm
 
 _RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
@@ -536,13 +537,8 @@ def _rewrite(walk, module, graph):
 
 
 def _check_sync(sync_batchnorm, process_group):
-    if sync_batchnorm:
-        raise NotImplementedError(
-            "fused_resnet.convert(sync_batchnorm=True) needs the fused SyncBatchNorm modules, "
-            "which this build does not have yet"
-        )
-    if process_group is not None:
-        raise ValueError("process_group is only used with sync_batchnorm=True")
+    if process_group is not None and not sync_batchnorm:
+        raise ValueError("fused_resnet.convert: process_group is only used with sync_batchnorm=True")
 
 
 def _finish(model, report, verbose, return_report):
@@ -563,8 +559,11 @@ def convert(
 
     Returns the converted model (a deep copy unless inplace=True), or (model, ConversionReport)
     with return_report=True; verbose=True prints the report. The result computes what `model`
-    computes and has the same state_dict keys. sync_batchnorm / process_group are reserved for
-    the fused SyncBatchNorm modules.
+    computes and has the same state_dict keys.
+
+    sync_batchnorm=True then makes every BatchNorm synchronized over `process_group` (default:
+    the whole world) with fused_resnet.nn.convert_sync_batchnorm: the fused modules become
+    SyncBatchNormReLU / SyncBatchNormAddReLU, the BatchNorms left unfused nn.SyncBatchNorm.
     """
     _check_sync(sync_batchnorm, process_group)
     if not isinstance(model, nn.Module):
@@ -585,6 +584,8 @@ def convert(
     for name, m in model.named_modules():
         if type(m) in EAGER_BATCHNORMS and name not in fused:
             report.left.append((name, reasons.get(name) or _unreached_reason(walk, name)))
+    if sync_batchnorm:
+        model = convert_sync_batchnorm(model, process_group)
     return _finish(model, report, verbose, return_report)
 
 

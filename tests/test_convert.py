@@ -390,8 +390,6 @@ def test_report_verbose_and_errors(capsys):
     printed = capsys.readouterr().out
     assert "fused (2):" in printed and "bn2 -> BatchNormAddReLU2d" in printed and str(report) in printed
     assert str(fused_resnet.ConversionReport()) == "no BatchNorm found"
-    with pytest.raises(NotImplementedError, match="sync_batchnorm=True"):
-        fused_resnet.convert(model, sync_batchnorm=True)
     with pytest.raises(ValueError, match="process_group is only used with sync_batchnorm=True"):
         fused_resnet.convert(model, process_group=object())
     with pytest.raises(TypeError, match="expected an nn.Module, got function"):
@@ -428,3 +426,28 @@ def test_norms_in_module_lists_and_dicts():
         "norms.0": "BatchNormReLU2d", "norms.1": "BatchNormReLU2d", "heads.out": "BatchNormAddReLU2d"
     }  # fmt: skip
     assert_same_training(converted, net, lambda: make_tensor((2, 3, 5, 4), torch.float64), torch.float64)
+
+
+def test_sync_batchnorm_conversion():
+    """convert(sync_batchnorm=True): the fused BatchNorms become the fused sync modules, the one
+    left unfused nn.SyncBatchNorm; same keys and, with no process group, the same computation."""
+    torch.manual_seed(0)
+    original = seeds.CifarBasicBlock(3, 4, stride=2).train()  # shortcut conv + BatchNorm: left unfused
+    model, report = fused_resnet.convert(original, sync_batchnorm=True, return_report=True)
+    kinds = {name: type(m) for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    fused_names = {name for name, _ in report.fused}
+    assert fused_names, "the block should fuse"
+    for name, kind in kinds.items():
+        expected = (
+            {"BatchNormReLU2d": fused_resnet.nn.SyncBatchNormReLU, "BatchNormAddReLU2d": fused_resnet.nn.SyncBatchNormAddReLU}[
+                dict(report.fused)[name]
+            ]
+            if name in fused_names
+            else nn.SyncBatchNorm
+        )
+        assert kind is expected, name
+    model.load_state_dict(original.state_dict(), strict=True)
+    if any(kind is nn.SyncBatchNorm for kind in kinds.values()):
+        model.eval(), original.eval()  # nn.SyncBatchNorm refuses CPU training; eval runs anywhere
+    x = torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(model(x), original(x))
