@@ -28,6 +28,13 @@ BACKENDS = fused_resnet.available_backends(DEVICE)
 # The triton backend runs on the Triton interpreter (CPU tensors): slow, and no bfloat16.
 TRITON_INTERPRETED = "triton" in BACKENDS and DEVICE.type == "cpu"
 
+
+def dynamo_backend_for(backend_name: str) -> str:
+    """torch.compile backend for tests of a fused backend: aot_eager (dynamo capture, the fake
+    impls and AOT autograd, where a graph would break), except for Triton under the interpreter,
+    whose kernels cannot run on AOT's traced tensors: there dynamo's "eager" (fullgraph capture)."""
+    return "eager" if backend_name == "triton" and TRITON_INTERPRETED else "aot_eager"
+
 # One (atol, rtol) per input dtype, for outputs, gradients and running statistics alike. The
 # oracle runs in float64, so these are the error of the backend's own arithmetic: fp32
 # accumulation for fp32/fp16/bf16, and one rounding of the result to the activation dtype.

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fused_resnet
-from conftest import BACKENDS, DEVICE, TRITON_INTERPRETED, assert_close, make_tensor
+from conftest import BACKENDS, DEVICE, assert_close, dynamo_backend_for, make_tensor
 
 COMPILED = [b for b in BACKENDS if b != "reference"]
 
@@ -18,7 +18,7 @@ def test_compile_fullgraph_module(backend_name):
     # Under the Triton interpreter wrap_triton hands back the raw interpreted kernel, which AOT
     # autograd cannot trace into; "eager" still checks dynamo's full-graph capture through the
     # fake impls (a CUDA run covers aot_eager, and test_triton.py inductor).
-    compile_backend = "eager" if backend_name == "triton" and TRITON_INTERPRETED else "aot_eager"
+    compile_backend = dynamo_backend_for(backend_name)
     torch._dynamo.reset()
     bn = fused_resnet.nn.BatchNormAddReLU2d(4).to(DEVICE)
     eager_bn = fused_resnet.nn.BatchNormAddReLU2d(4).to(DEVICE)

@@ -9,7 +9,7 @@ import torch
 
 import fused_resnet
 from fused_resnet import models
-from conftest import BACKENDS, DEVICE, make_tensor
+from conftest import BACKENDS, DEVICE, dynamo_backend_for, make_tensor
 from parity import assert_close, assert_same_state
 import seed_models as seeds
 
@@ -33,14 +33,14 @@ def test_compiled_converted_model(backend_name, name):
     factory, shape = MODELS[name]
     torch._dynamo.reset()
     with fused_resnet.use_backend(backend_name):
-        _compare_compiled(factory, shape)
+        _compare_compiled(factory, shape, dynamo_backend_for(backend_name))
 
 
-def _compare_compiled(factory, shape):
+def _compare_compiled(factory, shape, compile_backend):
     torch.manual_seed(0)
     model = factory().to(DEVICE)
     reference = copy.deepcopy(model)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=compile_backend)
     for training in (True, False):
         model.train(training)
         reference.train(training)

@@ -295,6 +295,54 @@ def _empty_grad_residual(x, residual_grad):
 
 
 # ---------------------------------------------------------------------------------------------
+# Operand checks, with the C++ backends' messages (csrc/common/bn_act_host.cpp): the ops can be
+# called directly, not only through fused_resnet.functional, which checks first.
+
+_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _shape(t: Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _check_operands(op: str, input: Tensor, activations=(), per_channel=()):
+    """input: floating, at least 2-D; activations: (name, tensor) pairs shaped like input;
+    per_channel: (name, tensor or None) pairs of C values, in input's dtype or float32."""
+    if not input.is_floating_point():
+        raise RuntimeError(f"{op}: expected a floating-point input, got {input.dtype}")
+    if input.dtype not in _FLOATING:
+        raise RuntimeError(f"{op}: unsupported input dtype {input.dtype}")
+    if input.dim() < 2:
+        raise RuntimeError(
+            f"{op}: expected an input of at least 2 dimensions (N, C, *), got {input.dim()}D input "
+            f"of shape {_shape(input)}"
+        )
+    for name, t in activations:
+        if t is None:
+            continue
+        if t.shape != input.shape:
+            raise RuntimeError(f"{op}: {name} shape {_shape(t)} does not match input shape {_shape(input)}")
+        if t.dtype != input.dtype:
+            raise RuntimeError(f"{op}: {name} dtype {t.dtype} does not match input dtype {input.dtype}")
+        if t.device != input.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but input is on {input.device}")
+    channels = input.shape[1]
+    allowed = (torch.float32,) if input.dtype == torch.float32 else (input.dtype, torch.float32)
+    for name, t in per_channel:
+        if t is None:
+            continue
+        if t.dim() != 1 or t.shape[0] != channels:
+            raise RuntimeError(
+                f"{op}: expected {name} to be a 1-D tensor with one entry per channel ({channels}), "
+                f"got shape {_shape(t)}"
+            )
+        if t.dtype not in allowed:
+            raise RuntimeError(f"{op}: {name} dtype {t.dtype} is not allowed for a {input.dtype} input")
+        if t.device != input.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but input is on {input.device}")
+
+
+# ---------------------------------------------------------------------------------------------
 # The ops (schemas and math: csrc/fused_resnet.cpp). An empty input launches nothing: its
 # statistics are mean 0, var 0, and its reductions 0.
 
@@ -303,6 +351,7 @@ def _empty_grad_residual(x, residual_grad):
 def bn_act_fwd_train(
     input: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_operands("bn_act_fwd_train", input, [("residual", residual)], [("weight", weight), ("bias", bias)])
     x = canonical_layout(input)
     if x.numel() == 0:
         var = x.new_zeros((x.shape[1],), dtype=acc_dtype(x.dtype))
@@ -323,6 +372,10 @@ def bn_act_fwd_eval(
     bias: Optional[Tensor],
     eps: float,
 ) -> Tensor:
+    _check_operands(
+        "bn_act_fwd_eval", input, [("residual", residual)],
+        [("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)],
+    )
     x = canonical_layout(input)
     if x.numel() == 0:
         return torch.empty_like(x)
@@ -342,6 +395,10 @@ def bn_act_bwd(
     batch_stats: bool,
     residual_grad: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_operands(
+        "bn_act_bwd", input, [("grad_out", grad_out), ("out", out)],
+        [("weight", weight), ("mean", mean), ("invstd", invstd)],
+    )
     x = canonical_layout(input)
     if x.numel() == 0:
         sum_dz = x.new_zeros((x.shape[1],), dtype=acc_dtype(x.dtype))
@@ -357,6 +414,7 @@ def bn_act_bwd(
 
 @triton_op(f"{LIBRARY}::bn_stats", mutates_args=())
 def bn_stats(input: Tensor) -> Tuple[Tensor, Tensor]:
+    _check_operands("bn_stats", input)
     x = canonical_layout(input)
     if x.numel() == 0:
         var = x.new_zeros((x.shape[1],), dtype=acc_dtype(x.dtype))
@@ -368,6 +426,9 @@ def bn_stats(input: Tensor) -> Tuple[Tensor, Tensor]:
 
 @triton_op(f"{LIBRARY}::bn_act_bwd_reduce", mutates_args=())
 def bn_act_bwd_reduce(grad_out: Tensor, out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor) -> Tuple[Tensor, Tensor]:
+    _check_operands(
+        "bn_act_bwd_reduce", input, [("grad_out", grad_out), ("out", out)], [("mean", mean), ("invstd", invstd)]
+    )
     x = canonical_layout(input)
     if x.numel() == 0:
         sum_dz = x.new_zeros((x.shape[1],), dtype=acc_dtype(x.dtype))
@@ -387,6 +448,10 @@ def bn_act_bwd_apply(
     mean_dz_xhat: Tensor,
     residual_grad: bool,
 ) -> Tuple[Tensor, Tensor]:
+    _check_operands(
+        "bn_act_bwd_apply", input, [("grad_out", grad_out), ("out", out)],
+        [("weight", weight), ("mean", mean), ("invstd", invstd), ("mean_dz", mean_dz), ("mean_dz_xhat", mean_dz_xhat)],
+    )
     x = canonical_layout(input)
     if x.numel() == 0:
         return torch.empty_like(x), _empty_grad_residual(x, residual_grad)
