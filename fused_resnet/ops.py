@@ -59,14 +59,15 @@ def _fake_fwd_eval(input, residual, running_mean, running_var, weight, bias, eps
     return _empty_activation(input)
 
 
-def _empty_grad_residual(input, residual_grad):
+def empty_grad_residual(input, residual_grad):
+    """grad_residual of the backward ops: like the canonical input, or an empty tensor when not asked for."""
     return _empty_activation(input) if residual_grad else input.new_empty((0,))
 
 
 def _fake_bwd(grad_out, out, input, weight, mean, invstd, batch_stats, residual_grad):
     stat = _empty_channel_stat
     return (
-        _empty_activation(input), _empty_grad_residual(input, residual_grad), stat(input), stat(input)
+        _empty_activation(input), empty_grad_residual(input, residual_grad), stat(input), stat(input)
     )
 
 
@@ -79,7 +80,7 @@ def _fake_bwd_reduce(grad_out, out, input, mean, invstd):
 
 
 def _fake_bwd_apply(grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat, residual_grad):
-    return _empty_activation(input), _empty_grad_residual(input, residual_grad)
+    return _empty_activation(input), empty_grad_residual(input, residual_grad)
 
 
 # ---------------------------------------------------------------------------------------------

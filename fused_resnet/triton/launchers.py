@@ -21,7 +21,7 @@ import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from ..ops import canonical_layout
+from ..ops import canonical_layout, empty_grad_residual
 from ..reference import acc_dtype
 from . import interpreter_enabled, kernels
 
@@ -274,7 +274,7 @@ def _launch_bwd_apply(grad_out, out, x, view, weight, mean, invstd, dz_stat, dzx
     dy, dy_strides = _operand(grad_out, x, view)
     y, y_strides = _operand(out, x, view)
     grad_input = torch.empty_like(x)
-    grad_residual = _empty_grad_residual(x, residual_grad)
+    grad_residual = empty_grad_residual(x, residual_grad)
     wrap_triton(kernels._bn_act_bwd_apply_kernel)[_tile_grid(view)](
         dy, *dy_strides,
         y, *y_strides,
@@ -288,10 +288,6 @@ def _launch_bwd_apply(grad_out, out, x, view, weight, mean, invstd, dz_stat, dzx
         WRITE_GRAD_RESIDUAL=residual_grad,
     )
     return grad_input, grad_residual
-
-
-def _empty_grad_residual(x, residual_grad):
-    return torch.empty_like(x) if residual_grad else x.new_empty((0,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,7 +398,7 @@ def bn_act_bwd(
     x = canonical_layout(input)
     if x.numel() == 0:
         sum_dz = x.new_zeros((x.shape[1],), dtype=acc_dtype(x.dtype))
-        return torch.empty_like(x), _empty_grad_residual(x, residual_grad), torch.zeros_like(sum_dz), sum_dz
+        return torch.empty_like(x), empty_grad_residual(x, residual_grad), torch.zeros_like(sum_dz), sum_dz
     view = view_of(x)
     sum_dz_xhat, sum_dz = _launch_bwd_reduce(grad_out, out, x, view, mean, invstd)
     grad_input, grad_residual = _launch_bwd_apply(
@@ -454,7 +450,7 @@ def bn_act_bwd_apply(
     )
     x = canonical_layout(input)
     if x.numel() == 0:
-        return torch.empty_like(x), _empty_grad_residual(x, residual_grad)
+        return torch.empty_like(x), empty_grad_residual(x, residual_grad)
     return _launch_bwd_apply(
         grad_out, out, x, view_of(x), weight, mean, invstd, mean_dz, mean_dz_xhat, 1,
         True, residual_grad,
