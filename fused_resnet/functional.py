@@ -123,13 +123,19 @@ def update_running_stats(running_mean, running_var, batch_mean, batch_var, count
     running_var  <- (1 - momentum) * running_var  + momentum * batch_var * count / (count - 1)
 
     computed in the accumulation dtype. An empty batch leaves both untouched, as eager does.
+    Buffers already in that dtype are updated in place with two ops each (this runs once per
+    BatchNorm per training step, where a handful of tiny ops cost more than a small kernel).
     """
     if count == 0:
         return
+    unbiased = count / (count - 1)
+    if running_mean.dtype == batch_mean.dtype and running_var.dtype == batch_var.dtype:
+        running_mean.mul_(1.0 - momentum).add_(batch_mean, alpha=momentum)
+        running_var.mul_(1.0 - momentum).add_(batch_var, alpha=momentum * unbiased)
+        return
     acc = batch_mean.dtype
-    unbiased_var = batch_var * (count / (count - 1))
     running_mean.copy_(running_mean.to(acc) * (1.0 - momentum) + batch_mean * momentum)
-    running_var.copy_(running_var.to(acc) * (1.0 - momentum) + unbiased_var * momentum)
+    running_var.copy_(running_var.to(acc) * (1.0 - momentum) + batch_var * unbiased * momentum)
 
 
 def batch_norm_act(input, residual, running_mean, running_var, weight, bias, training, momentum, eps):

@@ -23,6 +23,7 @@ if DEVICE.type == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fused_resnet  # noqa: E402  (after TRITON_INTERPRET is decided)
+from fused_resnet.reference import acc_dtype  # noqa: E402
 
 BACKENDS = fused_resnet.available_backends(DEVICE)
 # The triton backend runs on the Triton interpreter (CPU tensors): slow, and no bfloat16.
@@ -68,6 +69,23 @@ def grad_input_gain(x, weight):
     invstd = torch.rsqrt(x64.var(dim=dims, correction=0) + 1e-5)
     w = torch.ones_like(invstd) if weight is None else weight.detach().double().abs()
     return max(1.0, float((w * invstd).max()))
+
+
+def sum_atol_scale(terms, dtype):
+    """atol scale for per-channel sums of many terms, e.g. grad_weight = Σdz·x̂ over N·S values.
+
+    A backend forms and adds each term in its accumulation dtype, every rounding with relative
+    error up to eps; over a channel these add up like a random walk to about eps·sqrt(Σ terms²),
+    while the sum itself may cancel to far less (the table's rtol then allows nothing). atol is
+    widened to 8 such walks where they exceed it: an fp32 total of 10⁶ terms passes, a sum
+    that loses the partial sums' precision (an fp32 running total over thousands of blocks,
+    ~eps·|partial sum|·sqrt(blocks)) does not.
+    """
+    t = terms.detach().double()
+    dims = [0] + list(range(2, t.dim()))
+    norm = float(t.pow(2).sum(dim=dims).sqrt().max())
+    eps = torch.finfo(acc_dtype(dtype)).eps
+    return max(1.0, 8 * eps * norm / TOLERANCES[dtype][0])
 
 
 def _interpreter_skip_reason(item):

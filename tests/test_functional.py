@@ -67,3 +67,16 @@ def test_update_running_stats_is_the_eager_formula():
     fused_resnet.functional.update_running_stats(rm, rv, mean, var, 10, 0.1)
     assert_close(rm, expected_rm, torch.float64, "running_mean")
     assert_close(rv, expected_rv, torch.float64, "running_var")
+
+
+def test_update_running_stats_of_reduced_precision_buffers_is_computed_in_float32():
+    # bf16 buffers with fp32 batch statistics (a bf16 model): the update runs in fp32, rounded once.
+    mean, var = torch.randn(4, device=DEVICE), torch.rand(4, device=DEVICE)
+    rm = torch.randn(4, device=DEVICE).to(torch.bfloat16)
+    rv = (torch.rand(4, device=DEVICE) + 0.5).to(torch.bfloat16)
+    expected_rm = (0.9 * rm.float() + 0.1 * mean).to(torch.bfloat16)
+    expected_rv = (0.9 * rv.float() + 0.1 * var * 10 / 9).to(torch.bfloat16)
+    fused_resnet.functional.update_running_stats(rm, rv, mean, var, 10, 0.1)
+    assert rm.dtype == rv.dtype == torch.bfloat16
+    assert_close(rm, expected_rm, torch.bfloat16, "running_mean")
+    assert_close(rv, expected_rv, torch.bfloat16, "running_var")

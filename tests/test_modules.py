@@ -19,6 +19,7 @@ from conftest import (
     memory_format_of,
     randomize_affine,
     relu_mask,
+    sum_atol_scale,
 )
 
 SHAPES = [
@@ -213,9 +214,18 @@ def test_large_activations(backend, layout, training):
     grad_out = make_tensor(shape, torch.float32)
     out = fused(x, r)
     out.backward(grad_out)
-    ref_out, ref_gx, ref_gr = eager_step(eager, x, r, grad_out, relu_mask(out.detach()))
+    mask = relu_mask(out.detach())
+    ref_out, ref_gx, ref_gr = eager_step(eager, x, r, grad_out, mask)
     assert_close(out, ref_out, torch.float32, "output")
     assert_close(x.grad, ref_gx, torch.float32, "grad_input")
     assert_close(r.grad, ref_gr, torch.float32, "grad_residual")
-    assert_close(fused.weight.grad, eager.weight.grad, torch.float32, "grad_weight")
+    # grad_weight sums 728,000 products per channel: compare within the rounding of such a sum
+    x64 = x.detach().double()
+    if training:
+        mean, var = x64.mean(dim=(0, 2, 3)), x64.var(dim=(0, 2, 3), correction=0)
+    else:
+        mean, var = eager.running_mean, eager.running_var
+    xhat = (x64 - mean.view(1, -1, 1, 1)) * torch.rsqrt(var.view(1, -1, 1, 1) + eager.eps)
+    scale = sum_atol_scale(grad_out.double() * mask * xhat, torch.float32)
+    assert_close(fused.weight.grad, eager.weight.grad, torch.float32, "grad_weight", atol_scale=scale)
     _check_state(fused, eager, torch.float32, 0)

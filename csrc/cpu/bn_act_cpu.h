@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -356,6 +357,46 @@ template <typename A>
 C10_ALWAYS_INLINE A relu_grad_scalar(A dy, A y) {
   return y <= A(0) ? A(0) : dy;
 }
+
+// ReLU masks packed as bits, one word per Vectorized<acc_t> of H lanes (bit i for lane i), set
+// where out <= 0 (dz = 0): lane_bits packs a comparison result (lanes all ones or all zeros),
+// lanes_from_bits expands a word back into one, for blendv. Built with AVX2 only
+// (kHaveMaskBits); other builds read out instead (bn_act_bwd.cpp, RowMask).
+#if defined(CPU_CAPABILITY_AVX2)
+constexpr bool kHaveMaskBits = true;
+using MaskWord = uint8_t;  // H <= 8 lanes
+C10_ALWAYS_INLINE MaskWord lane_bits(const at::vec::Vectorized<float>& m) {
+  return static_cast<MaskWord>(_mm256_movemask_ps(__m256(m)));
+}
+C10_ALWAYS_INLINE MaskWord lane_bits(const at::vec::Vectorized<double>& m) {
+  return static_cast<MaskWord>(_mm256_movemask_pd(__m256d(m)));
+}
+template <typename AV>
+C10_ALWAYS_INLINE AV lanes_from_bits(MaskWord bits);
+template <>
+C10_ALWAYS_INLINE at::vec::Vectorized<float> lanes_from_bits(MaskWord bits) {
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i v = _mm256_and_si256(_mm256_set1_epi32(bits), lane_bit);
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(v, lane_bit));
+}
+template <>
+C10_ALWAYS_INLINE at::vec::Vectorized<double> lanes_from_bits(MaskWord bits) {
+  const __m256i lane_bit = _mm256_setr_epi64x(1, 2, 4, 8);
+  const __m256i v = _mm256_and_si256(_mm256_set1_epi64x(bits), lane_bit);
+  return _mm256_castsi256_pd(_mm256_cmpeq_epi64(v, lane_bit));
+}
+#else
+constexpr bool kHaveMaskBits = false;
+using MaskWord = uint8_t;
+template <typename AV>
+C10_ALWAYS_INLINE MaskWord lane_bits(const AV&) {
+  return 0;  // never called: RowMask is disabled without kHaveMaskBits
+}
+template <typename AV>
+C10_ALWAYS_INLINE AV lanes_from_bits(MaskWord) {
+  return AV();
+}
+#endif
 
 template <typename AV>
 C10_ALWAYS_INLINE typename AV::value_type hsum(const AV& v) {
