@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
-# benchmarks/gpu_run.sh OUTDIR [build|test|bench|sanitize|all]...
+# benchmarks/gpu_run.sh OUTDIR [build|test|bench|sanitize|all|record]...
 #
 # Everything a GPU session must do, in as few device calls as possible (each call may run 10
 # minutes; a session has 30). Phases, in order; "all" is build test bench sanitize:
 #   build     pip install --no-build-isolation -e . (CUDA kernels included), device facts
 #   test      the whole tests/ suite on CUDA tensors, every backend available (cuda, triton, reference)
-#   bench     python -m fused_resnet.bench (full) and the pytest-benchmark suite, copy bandwidth included
+#   bench     python -m fused_resnet.bench (full) and the pytest-benchmark suite, copy bandwidth included;
+#             then benchmarks/check_goals.py over its results.json into OUTDIR/goals.txt (the
+#             summary also goes to summary.txt)
 #   sanitize  compute-sanitizer memcheck and racecheck over a small case of each CUDA kernel
+#   record    not in "all": copies OUTDIR/bench/results.json and speedup.png to
+#             $RECORD_DIR/<slug>.json and .png (RECORD_DIR defaults to benchmarks/results), slug
+#             being the device name lower-cased, each run of non-alphanumerics turned into '-'
+#             (e.g. nvidia-h100-80gb-hbm3). Run it here, on the fetched OUTDIR (files_at), since
+#             nothing but $OUT comes back from the device; then commit the two files.
 # Every phase writes its log under OUTDIR and goes on after a failure, so one call brings back
 # everything; the exit status is that of the first failed phase.
 #
 # On the device tool:  run(command="bash benchmarks/gpu_run.sh $OUT all")
+# Back here:           bash benchmarks/gpu_run.sh FILES_AT record
 set -uo pipefail
-OUT=${1:?usage: benchmarks/gpu_run.sh OUTDIR [build|test|bench|sanitize|all]...}
+OUT=${1:?usage: benchmarks/gpu_run.sh OUTDIR [build|test|bench|sanitize|all|record]...}
 shift
 PHASES=("${@:-all}")
 [[ " ${PHASES[*]} " == *" all "* ]] && PHASES=(build test bench sanitize)
@@ -20,7 +28,8 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 status=0
 
-note() { echo "== $(date +%H:%M:%S) $*" | tee -a "$OUT/summary.txt"; }
+# A fetched OUTDIR is read-only: the line still goes to stdout when summary.txt cannot be written.
+note() { echo "== $(date +%H:%M:%S) $*" | tee -a "$OUT/summary.txt" 2> /dev/null; }
 phase_failed() { note "FAILED: $1 (exit $2)"; [[ $status -eq 0 ]] && status=$2; }
 
 for phase in "${PHASES[@]}"; do
@@ -50,6 +59,9 @@ PYEOF
     note "bench: python -m fused_resnet.bench"
     # BENCH_ARGS (e.g. "--dtype bf16") splits the full run across calls when it would pass 10 minutes.
     $PY -m fused_resnet.bench ${BENCH_ARGS:-} --output "$OUT/bench" > "$OUT/bench.log" 2>"$OUT/bench.err" || phase_failed bench $?
+    note "bench: benchmarks/check_goals.py"
+    $PY benchmarks/check_goals.py "$OUT/bench/results.json" > "$OUT/goals.txt" 2>&1 || phase_failed check-goals $?
+    sed -n '/^== summary/,$p' "$OUT/goals.txt" | tee -a "$OUT/summary.txt"
     note "bench: pytest benchmarks --benchmark-only"
     $PY -m pytest benchmarks --benchmark-only -q -p no:cacheprovider --benchmark-group-by=group \
       --benchmark-json="$OUT/pytest-benchmark.json" > "$OUT/pytest-benchmark.log" 2>&1 || phase_failed pytest-benchmark $?
@@ -65,6 +77,20 @@ PYEOF
     else
       note "sanitize: skipped (no benchmarks/sanitize_cuda.py or no compute-sanitizer)"
     fi
+    ;;
+  record)
+    dest=${RECORD_DIR:-benchmarks/results}
+    if [[ ! -f "$OUT/bench/results.json" || ! -f "$OUT/bench/speedup.png" ]]; then
+      note "record: no $OUT/bench/results.json or speedup.png"
+      phase_failed record 1
+      continue
+    fi
+    device=$($PY -c 'import json, sys; print(json.load(open(sys.argv[1]))["device"])' "$OUT/bench/results.json") \
+      || { phase_failed record $?; continue; }
+    slug=$(echo "$device" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+//; s/-+$//')
+    note "record: $device -> $dest/$slug.json, $dest/$slug.png"
+    mkdir -p "$dest" && cp "$OUT/bench/results.json" "$dest/$slug.json" && cp "$OUT/bench/speedup.png" "$dest/$slug.png" \
+      || phase_failed record $?
     ;;
   *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
