@@ -57,7 +57,9 @@ PYEOF
     ;;
   bench)
     note "bench: python -m fused_resnet.bench"
-    # BENCH_ARGS (e.g. "--dtype bf16") splits the full run across calls when it would pass 10 minutes.
+    # BENCH_ARGS splits the full run across calls when it would pass 10 minutes: "--dtype bf16",
+    # "--modes eval,train-fwd+bwd" (the modes the goals name), "--cases channels_last" (a regex on
+    # "OP MODE SHAPE LAYOUT DTYPE"), "--skip-models". check_goals.py merges the calls' results.json.
     $PY -m fused_resnet.bench ${BENCH_ARGS:-} --output "$OUT/bench" > "$OUT/bench.log" 2>"$OUT/bench.err" || phase_failed bench $?
     note "bench: benchmarks/check_goals.py"
     $PY benchmarks/check_goals.py "$OUT/bench/results.json" > "$OUT/goals.txt" 2>&1 || phase_failed check-goals $?

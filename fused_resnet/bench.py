@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 from dataclasses import asdict, dataclass, field
 
@@ -370,18 +371,27 @@ def _with_speedups(case):
 # The runs.
 
 
-def op_cases(device, dtype_names, quick):
+def case_label(dtype_name, shape, layout, op, mode):
+    """The text --cases matches, e.g. "bn_add_relu train-fwd+bwd 64x256x56x56 channels_last bf16"."""
+    return f"{op} {mode} {'x'.join(map(str, shape))} {layout} {dtype_name}"
+
+
+def op_cases(device, dtype_names, quick, modes=MODES, pattern=None):
+    """Op-level cases, optionally only `modes` and those whose case_label matches the regex `pattern`."""
     if device.type == "cuda":
         cases = GPU_QUICK_CASES if quick else GPU_CASES
     else:
         cases = CPU_QUICK_CASES if quick else CPU_CASES
-    return [
+    todo = [
         (dtype_name, shape, layout, op, mode)
         for dtype_name in dtype_names
         for shape, layout in cases
         for op in OPS
-        for mode in MODES
+        for mode in modes
     ]
+    if pattern is not None:
+        todo = [case for case in todo if re.search(pattern, case_label(*case))]
+    return todo
 
 
 def model_cases(device, dtype_names, quick):
@@ -524,6 +534,16 @@ def main(argv=None):
     parser.add_argument("--dtype", default=None, help="comma-separated: fp32,fp16,bf16 (default: fp32 on CPU, bf16,fp16,fp32 on GPU)")
     parser.add_argument("--quick", action="store_true", help="fewer and smaller cases: a smoke run")
     parser.add_argument("--skip-models", action="store_true", help="op-level cases only")
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated op-level modes (default: {','.join(MODES)})"
+    )
+    parser.add_argument(
+        "--cases",
+        default=None,
+        metavar="REGEX",
+        help='only the op-level cases whose label matches, e.g. "channels_last" or "bn_relu eval 64x256"; '
+        'a label reads "OP MODE SHAPE LAYOUT DTYPE" (to split a long GPU run across calls)',
+    )
     parser.add_argument("--output", default=None, help="directory for results.json and speedup.png")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
@@ -533,6 +553,15 @@ def main(argv=None):
     for name in dtype_names:
         if name not in DTYPES:
             parser.error(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+    modes = args.modes.split(",")
+    for mode in modes:
+        if mode not in MODES:
+            parser.error(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    if args.cases is not None:
+        try:
+            re.compile(args.cases)
+        except re.error as e:
+            parser.error(f"--cases {args.cases!r} is not a regular expression: {e}")
     try:
         from tqdm import tqdm
     except ImportError:
@@ -548,7 +577,7 @@ def main(argv=None):
 
     bandwidth = copy_bandwidth_gbps(device)
     print(f"device copy bandwidth: {bandwidth:.1f} GB/s (read + write)")
-    ops_todo = op_cases(device, dtype_names, args.quick)
+    ops_todo = op_cases(device, dtype_names, args.quick, modes, args.cases)
     models_todo = [] if args.skip_models else model_cases(device, dtype_names, args.quick)
     providers = model_providers(device, args.quick)
     op_results, model_results = [], []

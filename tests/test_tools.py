@@ -75,6 +75,29 @@ def test_bench_quick_writes_results_and_plot(tmp_path, monkeypatch, capsys):
     assert "vs eager" in printed and "items/s" in printed
 
 
+def test_bench_case_selection_splits_the_gpu_cases():
+    cuda = torch.device("cuda")
+    every = bench.op_cases(cuda, ["bf16", "fp32"], quick=False)
+    assert len(every) == len(bench.GPU_CASES) * 2 * len(bench.OPS) * len(bench.MODES)
+    goal_modes = bench.op_cases(cuda, ["bf16"], quick=False, modes=("eval", "train-fwd+bwd"))
+    assert {case[4] for case in goal_modes} == {"eval", "train-fwd+bwd"}
+    picked = bench.op_cases(cuda, ["bf16", "fp32"], quick=False, pattern="bn_relu eval 64x256x56x56 channels_last")
+    assert picked == [
+        (dtype, (64, 256, 56, 56), "channels_last", "bn_relu", "eval") for dtype in ("bf16", "fp32")
+    ]
+    # every case is in exactly one of the two halves split on layout
+    halves = [bench.op_cases(cuda, ["bf16"], quick=False, pattern=p) for p in (" contiguous ", " channels_last ")]
+    assert sorted(halves[0] + halves[1]) == sorted(bench.op_cases(cuda, ["bf16"], quick=False))
+
+
+@pytest.mark.parametrize("argv", [["--modes", "eval,backward"], ["--cases", "("]])
+def test_bench_refuses_bad_case_selection(argv, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", *argv])
+    err = capsys.readouterr().err
+    assert ("unknown mode 'backward'" in err) if "--modes" in argv else ("not a regular expression" in err)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_profile_writes_trace_and_table(tmp_path, capsys, fused):
     trace = tmp_path / "trace.json"
