@@ -11,11 +11,12 @@
 //   bn_act_bwd_apply: B = −A·invstd·mean_dz_xhat, D = −A·mean_dz  (means over all processes)
 //
 // One reduce pass (reads dy, y, x) and one apply pass (reads dy, y, x; writes dx, dr). Sums
-// are two-level: vector accumulators over a block, then added to the running total in a fixed
-// order (deterministic for a given thread count). Layouts and parallel decomposition mirror the
-// forward (bn_act_fwd.cpp): in the planes layout a channel-local task keeps the channel's three
-// inputs in L2 between its two passes; in the rows layout each thread reduces and then applies
-// its own contiguous chunk of rows.
+// are two-level: fp32 (double for double) vector accumulators over a block, then added to a
+// double total in a fixed order (deterministic for a given thread count). Layouts and parallel
+// decomposition mirror the forward (bn_act_fwd.cpp): in the planes layout a channel-local task
+// keeps the channel's three inputs in L2 between its two passes; in the rows layout each thread
+// reduces and then applies its own contiguous chunk of rows, and bn_act_bwd's apply pass takes
+// the ReLU mask as bits recorded by the reduce pass instead of reading y again (RowMask).
 #include "bn_act_cpu.h"
 
 #include <ATen/ops/empty.h>
