@@ -35,8 +35,9 @@ struct BwdFlags {
 // Per-channel totals of the reduce pass, in double whatever the dtype. Σdz·(x − mean) over a
 // channel's N·S elements can cancel to far less than its partial sums (eval mode, where mean is
 // the running mean, or a gradient that sums to ~0): fp32 block sums (a kBlockBytes span, or
-// kRowBlock rows) are exact enough, but thousands of them added into an fp32 total lose the
-// result. Adding them in double costs one add per block.
+// kRowBlock rows, at most 4 blocks of them in the rows layout) are exact enough, but thousands
+// of them added into an fp32 total lose the result. Adding them in double costs one add per
+// block.
 struct Sums {
   double dz = 0;
   double dzx = 0;  // Σdz·(x − mean)
@@ -320,13 +321,13 @@ void planes_apply(const BwdArgs<T>& a, const PlaneTasks& tasks, const Coef<acc_t
 // Rows layout.
 
 // Per-position Σdz and Σdz·(x − mean) of a tile of NS vector steps (positions [j, j + NS*K))
-// over rows [r0, r0 + nr) of width W; the block totals are added to sdz/sdzx (double, see Sums).
+// over rows [r0, r0 + nr) of width W; added to sdz/sdzx (the block total goes in in one add).
 // kRecord: also writes the ReLU mask of each vector to mask[element index / H].
 template <typename T, int64_t NS, bool kRecord>
 C10_ALWAYS_INLINE void rows_reduce_tile(
     const T* __restrict__ dy, const T* __restrict__ y, const T* __restrict__ x, int64_t W,
     int64_t r0, int64_t nr, int64_t j, const acc_type<T>* __restrict__ mean,
-    double* __restrict__ sdz, double* __restrict__ sdzx, MaskWord* __restrict__ mask) {
+    acc_type<T>* __restrict__ sdz, acc_type<T>* __restrict__ sdzx, MaskWord* __restrict__ mask) {
   using V = VecT<T>;
   using A = typename V::acc_t;
   using AV = typename V::AV;
@@ -365,39 +366,53 @@ C10_ALWAYS_INLINE void rows_reduce_tile(
   FR_UNROLL
   for (int64_t i = 0; i < NA; ++i) {
     const int64_t t = j + i * H;
-    alignas(64) A bd[H], bx[H];
-    sd[i].store(bd);
-    sx[i].store(bx);
-    for (int64_t h = 0; h < H; ++h) {
-      sdz[t + h] += static_cast<double>(bd[h]);
-      sdzx[t + h] += static_cast<double>(bx[h]);
-    }
+    (AV::loadu(sdz + t) + sd[i]).store(sdz + t);
+    (AV::loadu(sdzx + t) + sx[i]).store(sdzx + t);
   }
 }
 
 // Per-position sums over super-rows [g0, g1) of width W, in blocks of kRowBlock rows. With a
-// mask (W a multiple of the vector step), records the ReLU mask of every element.
+// mask (W a multiple of the vector step), records the ReLU mask of every element. Block totals
+// go into acc_t sums (psdz, psdzx: W each), which are added into the double sums every
+// kFlushBlocks blocks (see Sums).
 template <typename T>
 void rows_chunk_sums(
     const T* dy, const T* y, const T* x, int64_t W, int64_t g0, int64_t g1,
-    const acc_type<T>* mean, double* sdz, double* sdzx, MaskWord* mask) {
+    const acc_type<T>* mean, double* sdz, double* sdzx, acc_type<T>* psdz, acc_type<T>* psdzx,
+    MaskWord* mask) {
   using V = VecT<T>;
   using A = typename V::acc_t;
   constexpr int64_t K = V::kStep;
   constexpr int64_t NS = kTileVectors / V::kParts;
+  constexpr int64_t kFlushBlocks = 4;
   const int64_t Wv = W / K * K;
   std::fill(sdz, sdz + W, 0.0);
   std::fill(sdzx, sdzx + W, 0.0);
+  std::fill(psdz, psdz + W, A(0));
+  std::fill(psdzx, psdzx + W, A(0));
+  auto flush = [&] {
+    for (int64_t t = 0; t < W; ++t) {
+      sdz[t] += static_cast<double>(psdz[t]);
+      sdzx[t] += static_cast<double>(psdzx[t]);
+      psdz[t] = A(0);
+      psdzx[t] = A(0);
+    }
+  };
+  int64_t blocks = 0;
   for (int64_t gb = g0; gb < g1; gb += kRowBlock) {
     const int64_t nb = std::min(kRowBlock, g1 - gb);
+    if (blocks++ == kFlushBlocks) {
+      flush();
+      blocks = 1;
+    }
     int64_t j = 0;
     auto tiles = [&](auto record) {
       constexpr bool kRecord = decltype(record)::value;
       for (; j + NS * K <= Wv; j += NS * K) {
-        rows_reduce_tile<T, NS, kRecord>(dy, y, x, W, gb, nb, j, mean, sdz, sdzx, mask);
+        rows_reduce_tile<T, NS, kRecord>(dy, y, x, W, gb, nb, j, mean, psdz, psdzx, mask);
       }
       for (; j < Wv; j += K) {
-        rows_reduce_tile<T, 1, kRecord>(dy, y, x, W, gb, nb, j, mean, sdz, sdzx, mask);
+        rows_reduce_tile<T, 1, kRecord>(dy, y, x, W, gb, nb, j, mean, psdz, psdzx, mask);
       }
     };
     if (mask != nullptr) {
@@ -413,10 +428,11 @@ void rows_chunk_sums(
         bd += dz;
         bx += dz * (static_cast<A>(x[e]) - mean[j]);
       }
-      sdz[j] += bd;
-      sdzx[j] += bx;
+      psdz[j] += bd;
+      psdzx[j] += bx;
     }
   }
+  flush();
 }
 
 // Per-channel sums of the rows layout: chunk sums in parallel (per position, then the k positions
@@ -431,12 +447,14 @@ void rows_sums(
   const int64_t C = plan.C, k = plan.k, W = plan.W, P = plan.P;
   std::vector<Sums> part(P * C);
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<double> scratch(2 * W);
-    double* sdz = scratch.data();
+    std::vector<double> totals(2 * W);
+    std::vector<A> partials(2 * W);
+    double* sdz = totals.data();
     double* sdzx = sdz + W;
     for (int64_t p = p0; p < p1; ++p) {
       rows_chunk_sums(
-          a.dy, a.y, a.x, W, plan.chunk_begin(p), plan.chunk_end(p), mean_ext, sdz, sdzx, mask);
+          a.dy, a.y, a.x, W, plan.chunk_begin(p), plan.chunk_end(p), mean_ext, sdz, sdzx,
+          partials.data(), partials.data() + W, mask);
       for (int64_t c = 0; c < C; ++c) {  // fold the k positions of each channel
         Sums s;
         for (int64_t q = 0; q < k; ++q) {
@@ -495,13 +513,22 @@ struct RowCoefs {
 // super-rows when W is a multiple of the vector step (each of their elements is then in a
 // whole vector) and the build has the bit packing (kHaveMaskBits); leftover rows, other
 // widths and other builds read out.
+//
+// The words live in a buffer of the calling thread that only grows: a fresh allocation per call
+// (200 KB for (8,64,56,56)) is above glibc's mmap threshold, so it was mapped, page-faulted (50
+// faults) and unmapped on every call, which measured as slower than reading out.
 template <typename T>
 struct RowMask {
-  std::unique_ptr<MaskWord[]> words;  // null: no mask
+  MaskWord* words = nullptr;  // null: no mask
   explicit RowMask(const RowPlan& plan) {
     if (kHaveMaskBits && plan.W % VecT<T>::kStep == 0) {
       // every word is written by the reduce pass before the apply pass reads it
-      words.reset(new MaskWord[plan.G * plan.W / VecT<T>::AV::size()]);
+      thread_local std::vector<MaskWord> buffer;
+      const size_t count = static_cast<size_t>(plan.G * plan.W / VecT<T>::AV::size());
+      if (buffer.size() < count) {
+        buffer.resize(count);
+      }
+      words = buffer.data();
     }
   }
 };
@@ -606,12 +633,12 @@ void bwd_rows(const BwdArgs<T>& a, const ParamGrads<T>& pg) {
   const std::vector<A> mean_ext = repeated_means(a, plan);
   std::vector<Sums> sums(a.C);
   const RowMask<T> mask(plan);
-  rows_sums(a, plan, mean_ext.data(), sums.data(), mask.words.get());
+  rows_sums(a, plan, mean_ext.data(), sums.data(), mask.words);
   std::vector<Coef<A>> coef(a.C);
   for (int64_t c = 0; c < a.C; ++c) {
     coef[c] = finalize_channel(a, pg, c, sums[c], a.N * a.S);
   }
-  rows_apply<T, F>(a, plan, RowCoefs<A>(coef, plan.W), mean_ext.data(), mask.words.get());
+  rows_apply<T, F>(a, plan, RowCoefs<A>(coef, plan.W), mean_ext.data(), mask.words);
 }
 
 template <typename T>
