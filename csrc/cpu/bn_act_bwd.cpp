@@ -514,9 +514,10 @@ struct RowCoefs {
 // whole vector) and the build has the bit packing (kHaveMaskBits); leftover rows, other
 // widths and other builds read out.
 //
-// The words live in a buffer of the calling thread that only grows: a fresh allocation per call
-// (200 KB for (8,64,56,56)) is above glibc's mmap threshold, so it was mapped, page-faulted (50
-// faults) and unmapped on every call, which measured as slower than reading out.
+// The words live in a buffer of the calling thread that only grows (to 1/32 of the largest
+// fp32 activation seen): a fresh allocation per call (200 KB for (8,64,56,56)) is above glibc's
+// mmap threshold, so it was mapped, page-faulted and unmapped on every call (50-96 page faults
+// per training step, counted with getrusage).
 template <typename T>
 struct RowMask {
   MaskWord* words = nullptr;  // null: no mask
