@@ -115,6 +115,14 @@ def check_inputs(
             )
 
 
+def _blend_into(buffer, batch_value, momentum, scale=1.0):
+    """buffer <- (1 - momentum) * buffer + momentum * scale * batch_value, in batch_value's dtype."""
+    value = buffer.to(batch_value.dtype)  # the buffer itself when it already has that dtype
+    value.mul_(1.0 - momentum).add_(batch_value, alpha=momentum * scale)
+    if buffer.dtype != batch_value.dtype:
+        buffer.copy_(value)
+
+
 @torch.no_grad()
 def update_running_stats(running_mean, running_var, batch_mean, batch_var, count, momentum):
     """nn.BatchNorm's update, the only one in the package:
@@ -122,20 +130,15 @@ def update_running_stats(running_mean, running_var, batch_mean, batch_var, count
     running_mean <- (1 - momentum) * running_mean + momentum * batch_mean
     running_var  <- (1 - momentum) * running_var  + momentum * batch_var * count / (count - 1)
 
-    computed in the accumulation dtype. An empty batch leaves both untouched, as eager does.
-    Buffers already in that dtype are updated in place with two ops each (this runs once per
-    BatchNorm per training step, where a handful of tiny ops cost more than a small kernel).
+    computed in the accumulation dtype (the batch statistics'), in place with two ops per buffer
+    when the buffer has that dtype (this runs once per BatchNorm per training step, where a
+    handful of tiny ops cost more than a small kernel). An empty batch leaves both untouched, as
+    eager does.
     """
     if count == 0:
         return
-    unbiased = count / (count - 1)
-    if running_mean.dtype == batch_mean.dtype and running_var.dtype == batch_var.dtype:
-        running_mean.mul_(1.0 - momentum).add_(batch_mean, alpha=momentum)
-        running_var.mul_(1.0 - momentum).add_(batch_var, alpha=momentum * unbiased)
-        return
-    acc = batch_mean.dtype
-    running_mean.copy_(running_mean.to(acc) * (1.0 - momentum) + batch_mean * momentum)
-    running_var.copy_(running_var.to(acc) * (1.0 - momentum) + batch_var * unbiased * momentum)
+    _blend_into(running_mean, batch_mean, momentum)
+    _blend_into(running_var, batch_var, momentum, scale=count / (count - 1))
 
 
 def batch_norm_act(input, residual, running_mean, running_var, weight, bias, training, momentum, eps):

@@ -352,8 +352,8 @@ C10_ALWAYS_INLINE void rows_reduce_tile(
       V::load(x + o + u * K, xv);
       FR_UNROLL
       for (int64_t q = 0; q < P; ++q) {
-        const AV off = ov[q] <= zero;
-        const AV dz = AV::blendv(g[q], zero, off);  // relu_grad_vec
+        const AV off = relu_off_vec(ov[q], zero);
+        const AV dz = AV::blendv(g[q], zero, off);
         if constexpr (kRecord) {
           mask[(o + u * K + q * H) / H] = lane_bits(off);
         }
@@ -547,14 +547,17 @@ void rows_apply(
         a.dx + o, F::kResGrad ? a.dr + o : nullptr, a.dy + o, a.y + o, a.x + o, len, k.a.data(),
         k.b.data(), mean_ext, k.d.data(), kMask ? mask + o / H : nullptr);
   };
+  auto apply_rows = [&](int64_t g0, int64_t g1, auto use_mask) {
+    for (int64_t g = g0; g < g1; ++g) {
+      apply(g * plan.W, plan.W, use_mask);
+    }
+  };
   at::parallel_for(0, plan.P, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      for (int64_t g = plan.chunk_begin(p); g < plan.chunk_end(p); ++g) {
-        if (mask != nullptr) {
-          apply(g * plan.W, plan.W, std::true_type{});
-        } else {
-          apply(g * plan.W, plan.W, std::false_type{});
-        }
+      if (mask != nullptr) {
+        apply_rows(plan.chunk_begin(p), plan.chunk_end(p), std::true_type{});
+      } else {
+        apply_rows(plan.chunk_begin(p), plan.chunk_end(p), std::false_type{});
       }
       if (p == plan.P - 1 && plan.Rl > 0) {
         apply(plan.G * plan.W, plan.Rl * plan.C, std::false_type{});

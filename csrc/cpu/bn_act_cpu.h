@@ -349,9 +349,14 @@ C10_ALWAYS_INLINE A relu_scalar(A z) {
 
 // dz = grad where out > 0, 0 where out <= 0; NaN out lets the gradient through (aten's
 // threshold_backward: out <= threshold ? 0 : grad).
+// The lanes where relu passes no gradient: out <= 0 (all ones there; NaN out is not among them).
+template <typename AV>
+C10_ALWAYS_INLINE AV relu_off_vec(const AV& y, const AV& zero) {
+  return y <= zero;
+}
 template <typename AV>
 C10_ALWAYS_INLINE AV relu_grad_vec(const AV& dy, const AV& y, const AV& zero) {
-  return AV::blendv(dy, zero, y <= zero);
+  return AV::blendv(dy, zero, relu_off_vec(y, zero));
 }
 template <typename A>
 C10_ALWAYS_INLINE A relu_grad_scalar(A dy, A y) {
@@ -359,7 +364,7 @@ C10_ALWAYS_INLINE A relu_grad_scalar(A dy, A y) {
 }
 
 // ReLU masks packed as bits, one word per Vectorized<acc_t> of H lanes (bit i for lane i), set
-// where out <= 0 (dz = 0): lane_bits packs a comparison result (lanes all ones or all zeros),
+// where out <= 0 (dz = 0): lane_bits packs relu_off_vec's result (lanes all ones or all zeros),
 // lanes_from_bits expands a word back into one, for blendv. Built with AVX2 only
 // (kHaveMaskBits); other builds read out instead (bn_act_bwd.cpp, RowMask).
 #if defined(CPU_CAPABILITY_AVX2)
