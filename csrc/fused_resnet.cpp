@@ -28,11 +28,19 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(fused_resnet, m) {
   // Training forward with batch statistics.
-  // Returns (out, save_mean, save_invstd, batch_var): batch_var is the biased variance; Python
-  // turns it into the unbiased running estimate. An empty batch (M == 0) gives mean 0, var 0.
+  // Returns (out, save_mean, save_invstd, batch_var, relu_mask): batch_var is the biased
+  // variance; Python turns it into the unbiased running estimate. An empty batch (M == 0) gives
+  // mean 0, var 0. relu_mask is the ReLU mask kept for bn_act_bwd, a uint8 vector in a form of
+  // the backend's own:
+  //   CPU, an input in the rows layout (channels_last, or no spatial dimensions):
+  //     ceil(numel / 8) bytes; bit e % 8 of byte e / 8 is set where out[e] <= 0, e the element's
+  //     index in memory order. All zeros where the kernel keeps no mask (float64, a build
+  //     without AVX2, or channel counts whose rows do not fill whole vectors).
+  //   Otherwise: empty (bn_act_bwd reads out).
   m.def(
       "bn_act_fwd_train(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, float eps)"
-      " -> (Tensor out, Tensor save_mean, Tensor save_invstd, Tensor batch_var)");
+      " -> (Tensor out, Tensor save_mean, Tensor save_invstd, Tensor batch_var,"
+      " Tensor relu_mask)");
 
   // Inference forward with the running statistics, folded per channel into
   //   scale = w / sqrt(running_var + eps),  shift = b - running_mean * scale,
@@ -48,9 +56,11 @@ TORCH_LIBRARY(fused_resnet, m) {
   //   grad_input = w·invstd·dz                           otherwise (running statistics).
   // grad_residual is an empty tensor unless residual_grad. grad_weight and grad_bias are always
   // returned, in the accumulation dtype; the caller casts them to the parameter's dtype.
+  // relu_mask: bn_act_fwd_train's (the backward of the training forward), whose bits then stand
+  // in for out where it has them; or an empty tensor (the backward of the eval forward).
   m.def(
-      "bn_act_bwd(Tensor grad_out, Tensor out, Tensor input, Tensor? weight, Tensor mean,"
-      " Tensor invstd, bool batch_stats, bool residual_grad)"
+      "bn_act_bwd(Tensor grad_out, Tensor out, Tensor relu_mask, Tensor input, Tensor? weight,"
+      " Tensor mean, Tensor invstd, bool batch_stats, bool residual_grad)"
       " -> (Tensor grad_input, Tensor grad_residual, Tensor grad_weight, Tensor grad_bias)");
 
   // The pieces of the training ops, for statistics that span several processes (SyncBatchNorm,

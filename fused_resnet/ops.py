@@ -1,15 +1,20 @@
 """The one op API of fused_resnet: fake impls, autograd, and dispatch to a backend.
 
 Ops (schemas in csrc/fused_resnet.cpp, where the math is written out):
-  bn_act_fwd_train(input, residual?, weight?, bias?, eps) -> (out, save_mean, save_invstd, batch_var)
+  bn_act_fwd_train(input, residual?, weight?, bias?, eps)
+      -> (out, save_mean, save_invstd, batch_var, relu_mask)
   bn_act_fwd_eval(input, residual?, running_mean, running_var, weight?, bias?, eps) -> out
-  bn_act_bwd(grad_out, out, input, weight?, mean, invstd, batch_stats, residual_grad)
+  bn_act_bwd(grad_out, out, relu_mask, input, weight?, mean, invstd, batch_stats, residual_grad)
       -> (grad_input, grad_residual, grad_weight, grad_bias)
 and the pieces of the training ops that SyncBatchNorm runs around its collectives:
   bn_stats(input) -> (mean, var)
   bn_act_bwd_reduce(grad_out, out, input, mean, invstd) -> (sum_dz_xhat, sum_dz)
   bn_act_bwd_apply(grad_out, out, input, weight?, mean, invstd, mean_dz, mean_dz_xhat, residual_grad)
       -> (grad_input, grad_residual)
+
+relu_mask is the ReLU mask the training forward keeps for its backward, in a packed form of the
+backend's own (or empty: the backward then takes the mask from out); autograd passes it from one
+to the other and `forward_train` does not return it.
 
 Every compiled backend implements these six ops; `register_op_set` gives any such set the same
 fake impls and the same autograd formula, so backends differ only in their kernels. The
@@ -50,9 +55,33 @@ def _empty_channel_stat(input: torch.Tensor) -> torch.Tensor:
     return input.new_empty((input.shape[1],), dtype=acc_dtype(input.dtype))
 
 
-def _fake_fwd_train(input, residual, weight, bias, eps):
-    stat = _empty_channel_stat
-    return _empty_activation(input), stat(input), stat(input), stat(input)
+def empty_relu_mask(input: torch.Tensor, size=0) -> torch.Tensor:
+    return input.new_empty((size,), dtype=torch.uint8)
+
+
+def cpu_relu_mask_bytes(input: torch.Tensor):
+    """Length of the C++ ops' relu_mask (csrc/fused_resnet.cpp): one bit per element for a CPU
+    input in the rows layout (channels_last, or no spatial dimensions), else 0."""
+    if input.device.type != "cpu":
+        return 0
+    spatial = 1
+    for size in input.shape[2:]:
+        spatial *= size
+    rows = not canonical_layout(input).is_contiguous() or spatial == 1
+    return (input.numel() + 7) // 8 if rows else 0
+
+
+def no_relu_mask_bytes(input: torch.Tensor):
+    return 0
+
+
+def _make_fake_fwd_train(relu_mask_bytes):
+    def fake_fwd_train(input, residual, weight, bias, eps):
+        stat = _empty_channel_stat
+        mask = empty_relu_mask(input, relu_mask_bytes(input))
+        return _empty_activation(input), stat(input), stat(input), stat(input), mask
+
+    return fake_fwd_train
 
 
 def _fake_fwd_eval(input, residual, running_mean, running_var, weight, bias, eps):
@@ -64,7 +93,7 @@ def empty_grad_residual(input, residual_grad):
     return _empty_activation(input) if residual_grad else input.new_empty((0,))
 
 
-def _fake_bwd(grad_out, out, input, weight, mean, invstd, batch_stats, residual_grad):
+def _fake_bwd(grad_out, out, relu_mask, input, weight, mean, invstd, batch_stats, residual_grad):
     stat = _empty_channel_stat
     return (
         _empty_activation(input), empty_grad_residual(input, residual_grad), stat(input), stat(input)
@@ -114,17 +143,17 @@ def _param_grad(grad, param, needed):
 def _make_autograd(bwd_op):
     def setup_train(ctx, inputs, output):
         input, residual, weight, bias, _eps = inputs
-        out, save_mean, save_invstd, _batch_var = output
-        ctx.save_for_backward(input, out, weight, bias, save_mean, save_invstd)
+        out, save_mean, save_invstd, _batch_var, relu_mask = output
+        ctx.save_for_backward(input, out, relu_mask, weight, bias, save_mean, save_invstd)
         ctx.mark_non_differentiable(*output[1:])
         ctx.has_residual = residual is not None
 
-    def backward_train(ctx, grad_out, _grad_mean, _grad_invstd, _grad_var):
-        input, out, weight, bias, mean, invstd = ctx.saved_tensors
+    def backward_train(ctx, grad_out, _grad_mean, _grad_invstd, _grad_var, _grad_mask):
+        input, out, relu_mask, weight, bias, mean, invstd = ctx.saved_tensors
         need_input, need_residual, need_weight, need_bias, _ = ctx.needs_input_grad
         with profiled(ctx.has_residual, "bwd"):
             grad_input, grad_residual, grad_weight, grad_bias = bwd_op(
-                grad_out, out, input, weight, mean, invstd, True, need_residual
+                grad_out, out, relu_mask, input, weight, mean, invstd, True, need_residual
             )
         return (
             grad_input if need_input else None,
@@ -148,7 +177,8 @@ def _make_autograd(bwd_op):
         need_input, need_residual, _, _, need_weight, need_bias, _ = ctx.needs_input_grad
         with profiled(ctx.has_residual, "bwd"):
             grad_input, grad_residual, grad_weight, grad_bias = bwd_op(
-                grad_out, out, input, weight, mean, invstd, False, need_residual
+                grad_out, out, empty_relu_mask(input), input, weight, mean, invstd, False,
+                need_residual,
             )
         return (
             grad_input if need_input else None,
@@ -170,13 +200,14 @@ def _no_double_backward(ctx, *grads):
     )
 
 
-def register_op_set(fwd_train, fwd_eval, bwd, stats, bwd_reduce, bwd_apply):
+def register_op_set(fwd_train, fwd_eval, bwd, stats, bwd_reduce, bwd_apply, relu_mask_bytes):
     """Give a backend's six ops (OpOverloads or triton_op handles) their fake impls and autograd.
 
+    relu_mask_bytes(input): the length of the relu_mask its fwd_train returns for that input.
     stats / bwd_reduce / bwd_apply are called only inside SyncBatchNorm's autograd.Function, so
     they get fake impls and no autograd formula.
     """
-    torch.library.register_fake(fwd_train, _fake_fwd_train)
+    torch.library.register_fake(fwd_train, _make_fake_fwd_train(relu_mask_bytes))
     torch.library.register_fake(fwd_eval, _fake_fwd_eval)
     torch.library.register_fake(bwd, _fake_bwd)
     torch.library.register_fake(stats, _fake_stats)
@@ -219,6 +250,7 @@ def _register_compiled_backends(extension_error):
         ops.bn_stats.default,
         ops.bn_act_bwd_reduce.default,
         ops.bn_act_bwd_apply.default,
+        relu_mask_bytes=cpu_relu_mask_bytes,
     )
     for device_type in ("cpu", "cuda"):
         has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
@@ -243,10 +275,14 @@ def _register_compiled_backends(extension_error):
 
 
 def forward_train(input, residual, weight, bias, eps):
-    """Batch-statistics forward: (out, save_mean, save_invstd, batch_var)."""
+    """Batch-statistics forward: (out, save_mean, save_invstd, batch_var). (Autograd keeps the
+    op's relu_mask for the backward.)"""
     impl = _backend.resolve(input.device)
     with profiled(residual is not None, "fwd"):
-        return impl.fwd_train(input, residual, weight, bias, eps)
+        out, save_mean, save_invstd, batch_var, _relu_mask = impl.fwd_train(
+            input, residual, weight, bias, eps
+        )
+    return out, save_mean, save_invstd, batch_var
 
 
 def forward_eval(input, residual, running_mean, running_var, weight, bias, eps):

@@ -44,7 +44,9 @@ def bn_act_fwd_train(input, residual, weight, bias, eps):
     invstd = torch.rsqrt(var + eps)
     x_hat = (x - _per_channel(mean, x.dim())) * _per_channel(invstd, x.dim())
     out = _affine_residual_relu(x_hat, residual, weight, bias, input.dtype)
-    return out, mean.detach(), invstd.detach(), var.detach()
+    # no relu_mask: eager autograd keeps what relu's backward needs
+    relu_mask = input.new_empty((0,), dtype=torch.uint8)
+    return out, mean.detach(), invstd.detach(), var.detach(), relu_mask
 
 
 def bn_act_fwd_eval(input, residual, running_mean, running_var, weight, bias, eps):

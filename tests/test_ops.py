@@ -48,15 +48,17 @@ def test_opcheck(sample, requires_grad):
     torch.library.opcheck(ops.bn_act_fwd_train.default, (x, r, w, b, 1e-5))
     torch.library.opcheck(ops.bn_act_fwd_eval.default, (x, r, rm, rv, w, b, 1e-5))
     with torch.no_grad():
-        out, mean, invstd, _ = ops.bn_act_fwd_train(x, r, w, b, 1e-5)
+        out, mean, invstd, _, relu_mask = ops.bn_act_fwd_train(x, r, w, b, 1e-5)
     grad_out = make_tensor(x.shape, x.dtype)
+    no_mask = relu_mask.new_empty((0,))
     # the backward op has no derivative of its own (double backward is refused, tested below)
     for batch_stats in (True, False):
         for residual_grad in (True, False):
-            torch.library.opcheck(
-                ops.bn_act_bwd.default,
-                (grad_out, out, x.detach(), w.detach(), mean, invstd, batch_stats, residual_grad),
-            )
+            for mask in (relu_mask, no_mask):
+                torch.library.opcheck(
+                    ops.bn_act_bwd.default,
+                    (grad_out, out, mask, x.detach(), w.detach(), mean, invstd, batch_stats, residual_grad),
+                )
 
 
 @pytest.mark.skipif(not COMPILED, reason="no compiled backend (fused_resnet._C not built)")
@@ -147,3 +149,112 @@ def test_double_backward_is_a_clear_error(backend, training):
     else:
         with pytest.raises(NotImplementedError, match="double backward"):
             grad_x.sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU kernels' relu_mask (csrc/fused_resnet.cpp): bit e % 8 of byte e / 8 set where out[e] <= 0
+# (e in memory order) for rows-layout inputs whose rows fill whole vectors; bn_act_bwd reads it
+# instead of out.
+
+CPU_COMPILED = "cpu" in fused_resnet.available_backends(torch.device("cpu"))
+cpu_only = pytest.mark.skipif(not CPU_COMPILED, reason="the C++ CPU backend is not built")
+
+
+def _memory_order(t):
+    """The elements of a dense tensor (storage offset 0) as they lie in memory."""
+    return t.as_strided((t.numel(),), (1,))
+
+
+def _expected_mask(out):
+    off = (_memory_order(out).float() <= 0).to(torch.uint8)
+    off = torch.nn.functional.pad(off, (0, (-off.numel()) % 8)).reshape(-1, 8)
+    return (off << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+
+
+def _cpu_keeps_mask():
+    """Whether this build keeps masks at all (it needs AVX2): probed on a case that always has one."""
+    x = torch.randn(2, 64, 3, 3).contiguous(memory_format=torch.channels_last)
+    return bool(ops.bn_act_fwd_train(x, None, None, None, 1e-5)[4].any())
+
+
+def _rows_fill_vectors(channels, dtype):
+    # bn_act_cpu.h, plan_row_period: super-rows of lcm(C, step) elements, step = one vector of T
+    # (8 float lanes, 16 for Half/BFloat16), up to 4096 elements
+    import math
+
+    step = 8 if dtype == torch.float32 else 16
+    return math.lcm(channels, step) <= 4096
+
+
+MASK_CASES = [
+    # (shape, layout), all in the rows layout: C = 1, 3, 19 (super-rows with leftover rows), 64,
+    # 520; 517 rows cannot fill whole vectors (lcm(517, 8) > 4096)
+    ((2, 3, 5, 5), "channels_last"),
+    ((3, 19, 7, 5), "channels_last"),
+    ((2, 64, 6, 7), "channels_last"),
+    ((13, 1), "contiguous"),
+    ((2, 5, 3, 2, 7), "channels_last"),
+    ((37, 19), "contiguous"),
+    ((9, 520), "contiguous"),
+    ((3, 517, 1, 1), "contiguous"),
+]
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("case", MASK_CASES, ids=[f"{'x'.join(map(str, s))}-{l}" for s, l in MASK_CASES])
+def test_cpu_relu_mask_bits(case, dtype):
+    shape, layout = case
+    x = make_tensor(shape, dtype, layout, device="cpu")
+    r = make_tensor(shape, dtype, layout, device="cpu")
+    out, _, _, _, mask = ops.bn_act_fwd_train(x, r, None, None, 1e-5)
+    assert mask.dtype == torch.uint8 and mask.shape == ((x.numel() + 7) // 8,)
+    assert fused_resnet.ops.cpu_relu_mask_bytes(x) == mask.numel()
+    keeps = dtype != torch.float64 and _rows_fill_vectors(shape[1], dtype) and _cpu_keeps_mask()
+    if keeps:
+        assert torch.equal(mask, _expected_mask(out))
+    else:
+        assert not mask.any()
+
+
+@cpu_only
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (2, 3, 2, 3, 4), (4, 6, 5)])
+def test_cpu_relu_mask_empty_for_planes(shape):
+    x = make_tensor(shape, torch.float32, device="cpu")
+    mask = ops.bn_act_fwd_train(x, None, None, None, 1e-5)[4]
+    assert mask.numel() == 0 == fused_resnet.ops.cpu_relu_mask_bytes(x)
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("residual_grad", [True, False], ids=["dr", "no-dr"])
+@pytest.mark.parametrize("case", MASK_CASES[:6], ids=[f"{'x'.join(map(str, s))}-{l}" for s, l in MASK_CASES[:6]])
+def test_cpu_bwd_with_relu_mask_equals_bwd_from_out(case, dtype, residual_grad):
+    """The saved bits give exactly the results of the mask taken from out (same sums, same
+    order), ties (out == 0, plenty after the ReLU) and a NaN channel included."""
+    shape, layout = case
+    x = make_tensor(shape, dtype, layout, device="cpu")
+    x[:, 0] = float("nan")
+    w = torch.rand(shape[1]) + 0.5
+    b = torch.randn(shape[1])
+    out, mean, invstd, _, mask = ops.bn_act_fwd_train(x, None, w, b, 1e-5)
+    grad_out = make_tensor(shape, dtype, layout, device="cpu")
+    with_mask = ops.bn_act_bwd(grad_out, out, mask, x, w, mean, invstd, True, residual_grad)
+    from_out = ops.bn_act_bwd(grad_out, out, mask.new_empty((0,)), x, w, mean, invstd, True, residual_grad)
+    for mine, theirs in zip(with_mask, from_out):
+        assert torch.equal(mine.nan_to_num(7.0), theirs.nan_to_num(7.0))
+    assert with_mask[0][:, 1:].isfinite().all()  # the NaN stays in its channel
+
+
+@cpu_only
+def test_cpu_bwd_rejects_a_wrong_relu_mask():
+    x = make_tensor((2, 8, 3, 3), torch.float32, "channels_last", device="cpu")
+    out, mean, invstd, _, mask = ops.bn_act_fwd_train(x, None, None, None, 1e-5)
+    args = (x, None, mean, invstd, True, False)
+    with pytest.raises(RuntimeError, match=r"relu_mask has 8 bytes where bn_act_fwd_train gives 18"):
+        ops.bn_act_bwd(x, out, mask[:8], *args)
+    with pytest.raises(RuntimeError, match="relu_mask must be a 1-D uint8 tensor"):
+        ops.bn_act_bwd(x, out, mask.float(), *args)
+    planes = x.contiguous()
+    with pytest.raises(RuntimeError, match="where bn_act_fwd_train gives 0"):
+        ops.bn_act_bwd(planes, out.contiguous(), mask, planes, None, mean, invstd, True, False)

@@ -246,10 +246,11 @@ def test_opcheck(sample):
     check(triton_ops.bn_act_fwd_train.default, (x, r, w, b, 1e-5))
     check(triton_ops.bn_act_fwd_eval.default, (x, r, rm, rv, w, b, 1e-5))
     with torch.no_grad():
-        out, mean, invstd, _ = triton_ops.bn_act_fwd_train(x, r, w, b, 1e-5)
+        out, mean, invstd, _, relu_mask = triton_ops.bn_act_fwd_train(x, r, w, b, 1e-5)
+    assert relu_mask.numel() == 0  # the triton kernels keep no mask
     xd, wd, grad_out = x.detach(), w.detach(), make_tensor(shape, dtype)
     for batch_stats in (True, False):
-        check(triton_ops.bn_act_bwd.default, (grad_out, out, xd, wd, mean, invstd, batch_stats, residual))
+        check(triton_ops.bn_act_bwd.default, (grad_out, out, relu_mask, xd, wd, mean, invstd, batch_stats, residual))
     check(triton_ops.bn_stats.default, (xd,))
     check(triton_ops.bn_act_bwd_reduce.default, (grad_out, out, xd, mean, invstd))
     check(triton_ops.bn_act_bwd_apply.default, (grad_out, out, xd, wd, mean, invstd, mean * 0.1, invstd * 0.1, residual))

@@ -15,8 +15,9 @@
 // double total in a fixed order (deterministic for a given thread count). Layouts and parallel
 // decomposition mirror the forward (bn_act_fwd.cpp): in the planes layout a channel-local task
 // keeps the channel's three inputs in L2 between its two passes; in the rows layout each thread
-// reduces and then applies its own contiguous chunk of rows, and bn_act_bwd's apply pass takes
-// the ReLU mask as bits recorded by the reduce pass instead of reading y again (RowMask).
+// reduces and then applies its own contiguous chunk of rows, and bn_act_bwd takes the ReLU mask
+// as bits instead of reading y: those bn_act_fwd_train saved (relu_mask; then y is not read at
+// all), or else bits its reduce pass records for its apply pass (RowMask).
 #include "bn_act_cpu.h"
 
 #include <ATen/ops/empty.h>
@@ -187,7 +188,7 @@ C10_ALWAYS_INLINE void apply_span(
     for (int64_t q = 0; q < P; ++q) {
       AV dz;
       if constexpr (kMask) {
-        dz = AV::blendv(g[q], zero, lanes_from_bits<AV>(mask[(j + q * H) / H]));
+        dz = AV::blendv(g[q], zero, lanes_from_bits(mask[(j + q * H) / 8]));
       } else {
         dz = relu_grad_vec(g[q], o[q], zero);
       }
@@ -231,6 +232,7 @@ struct BwdArgs {
   const acc_type<T>* w;
   const acc_type<T>* mean;
   const acc_type<T>* invstd;
+  const MaskWord* relu_mask;  // bn_act_bwd: the bits bn_act_fwd_train saved, or null
 };
 
 template <typename A>
@@ -320,14 +322,20 @@ void planes_apply(const BwdArgs<T>& a, const PlaneTasks& tasks, const Coef<acc_t
 // ------------------------------------------------------------------------------------------
 // Rows layout.
 
+// Where the rows reduce pass takes the ReLU mask from: out (kOut), out while recording its bits
+// for the apply pass (kOutRecord), or the bits bn_act_fwd_train saved (kSavedBits).
+enum class MaskSource { kOut, kOutRecord, kSavedBits };
+
 // Per-position Σdz and Σdz·(x − mean) of a tile of NS vector steps (positions [j, j + NS*K))
 // over rows [r0, r0 + nr) of width W; added to sdz/sdzx (the block total goes in in one add).
-// kRecord: also writes the ReLU mask of each vector to mask[element index / H].
-template <typename T, int64_t NS, bool kRecord>
+// The mask bits of the vector at element e are byte e / 8 of saved (kSavedBits) or of record
+// (kOutRecord, written here).
+template <typename T, int64_t NS, MaskSource kSrc>
 C10_ALWAYS_INLINE void rows_reduce_tile(
     const T* __restrict__ dy, const T* __restrict__ y, const T* __restrict__ x, int64_t W,
     int64_t r0, int64_t nr, int64_t j, const acc_type<T>* __restrict__ mean,
-    acc_type<T>* __restrict__ sdz, acc_type<T>* __restrict__ sdzx, MaskWord* __restrict__ mask) {
+    acc_type<T>* __restrict__ sdz, acc_type<T>* __restrict__ sdzx,
+    const MaskWord* __restrict__ saved, MaskWord* __restrict__ record) {
   using V = VecT<T>;
   using A = typename V::acc_t;
   using AV = typename V::AV;
@@ -348,14 +356,22 @@ C10_ALWAYS_INLINE void rows_reduce_tile(
     for (int64_t u = 0; u < NS; ++u) {
       AV g[P], ov[P], xv[P];
       V::load(dy + o + u * K, g);
-      V::load(y + o + u * K, ov);
+      if constexpr (kSrc != MaskSource::kSavedBits) {
+        V::load(y + o + u * K, ov);
+      }
       V::load(x + o + u * K, xv);
       FR_UNROLL
       for (int64_t q = 0; q < P; ++q) {
-        const AV off = relu_off_vec(ov[q], zero);
+        const int64_t e = o + u * K + q * H;
+        AV off;
+        if constexpr (kSrc == MaskSource::kSavedBits) {
+          off = lanes_from_bits(saved[e / 8]);
+        } else {
+          off = relu_off_vec(ov[q], zero);
+        }
         const AV dz = AV::blendv(g[q], zero, off);
-        if constexpr (kRecord) {
-          mask[(o + u * K + q * H) / H] = lane_bits(off);
+        if constexpr (kSrc == MaskSource::kOutRecord) {
+          record[e / 8] = lane_bits(off);
         }
         const AV m = AV::loadu(mean + j + u * K + q * H);
         sd[u * P + q] = sd[u * P + q] + dz;
@@ -371,15 +387,57 @@ C10_ALWAYS_INLINE void rows_reduce_tile(
   }
 }
 
-// Per-position sums over super-rows [g0, g1) of width W, in blocks of kRowBlock rows. With a
-// mask (W a multiple of the vector step), records the ReLU mask of every element. Block totals
-// go into acc_t sums (psdz, psdzx: W each), which are added into the double sums every
+// The ReLU mask of the rows path, as bits (bn_act_cpu.h), for the super-rows when
+// rows_keep_mask (leftover rows, other widths and other builds read out). The apply pass needs
+// dz = (out <= 0) ? 0 : dy for every element after the reduce pass has streamed dy, out and x
+// through the caches; with the bits it reads dy, x and the bits (2 + 1/32 operands) instead of
+// dy, out and x (3).
+//   saved:  relu_mask from bn_act_fwd_train; the reduce pass reads it too, so out is not read
+//           at all (the training backward).
+//   record: otherwise (bn_act_bwd after the eval forward), the reduce pass records the bits
+//           from out for the apply pass, into a buffer of the calling thread that only grows:
+//           a fresh 200 KB allocation per call ((8,64,56,56) fp32) was above glibc's mmap
+//           threshold, so it was mapped, page-faulted and unmapped on every call (50-96 page
+//           faults per training step, counted with getrusage).
+// Measured on the 2-core EPYC VM, (8,64,56,56) channels_last fp32, in-process A/B: recording
+// made the op 5-10% faster than reading out twice (session 3); reading saved bits instead of
+// out in the reduce pass as well: 0.40 vs 0.52 ms for the op, cold inputs (session 4).
+struct RowMask {
+  const MaskWord* saved = nullptr;
+  MaskWord* record = nullptr;
+  // reads the bits of the apply pass
+  const MaskWord* bits() const { return saved != nullptr ? saved : record; }
+};
+
+template <typename T>
+RowMask row_mask(const RowPlan& plan, const MaskWord* saved) {
+  RowMask m;
+  if (!rows_keep_mask<T>(plan)) {
+    return m;
+  }
+  if (saved != nullptr) {
+    m.saved = saved;
+    return m;
+  }
+  // every byte is written by the reduce pass before the apply pass reads it
+  thread_local std::vector<MaskWord> buffer;
+  const size_t count = static_cast<size_t>(plan.G * plan.W / 8);
+  if (buffer.size() < count) {
+    buffer.resize(count);
+  }
+  m.record = buffer.data();
+  return m;
+}
+
+// Per-position sums over super-rows [g0, g1) of width W, in blocks of kRowBlock rows, the
+// ReLU mask taken as `mask` says (RowMask; W is then a multiple of the vector step). Block
+// totals go into acc_t sums (psdz, psdzx: W each), which are added into the double sums every
 // kFlushBlocks blocks (see Sums).
 template <typename T>
 void rows_chunk_sums(
     const T* dy, const T* y, const T* x, int64_t W, int64_t g0, int64_t g1,
     const acc_type<T>* mean, double* sdz, double* sdzx, acc_type<T>* psdz, acc_type<T>* psdzx,
-    MaskWord* mask) {
+    const RowMask& mask) {
   using V = VecT<T>;
   using A = typename V::acc_t;
   constexpr int64_t K = V::kStep;
@@ -406,19 +464,30 @@ void rows_chunk_sums(
       blocks = 1;
     }
     int64_t j = 0;
-    auto tiles = [&](auto record) {
-      constexpr bool kRecord = decltype(record)::value;
+    auto tiles = [&](auto source) {
+      constexpr MaskSource kSrc = decltype(source)::value;
       for (; j + NS * K <= Wv; j += NS * K) {
-        rows_reduce_tile<T, NS, kRecord>(dy, y, x, W, gb, nb, j, mean, psdz, psdzx, mask);
+        rows_reduce_tile<T, NS, kSrc>(
+            dy, y, x, W, gb, nb, j, mean, psdz, psdzx, mask.saved, mask.record);
       }
       for (; j < Wv; j += K) {
-        rows_reduce_tile<T, 1, kRecord>(dy, y, x, W, gb, nb, j, mean, psdz, psdzx, mask);
+        rows_reduce_tile<T, 1, kSrc>(
+            dy, y, x, W, gb, nb, j, mean, psdz, psdzx, mask.saved, mask.record);
       }
     };
-    if (mask != nullptr) {
-      tiles(std::true_type{});
-    } else {
-      tiles(std::false_type{});
+    using Src = MaskSource;
+    const MaskSource source = mask.saved != nullptr ? Src::kSavedBits
+        : mask.record != nullptr                    ? Src::kOutRecord
+                                                    : Src::kOut;
+    if constexpr (kMaskableType<T>) {
+      if (source == Src::kSavedBits) {
+        tiles(std::integral_constant<Src, Src::kSavedBits>{});
+      } else if (source == Src::kOutRecord) {
+        tiles(std::integral_constant<Src, Src::kOutRecord>{});
+      }
+    }
+    if (source == Src::kOut) {
+      tiles(std::integral_constant<Src, Src::kOut>{});
     }
     for (; j < W; ++j) {  // positions past the last full vector (k == 1, C % K != 0)
       A bd = A(0), bx = A(0);
@@ -437,12 +506,11 @@ void rows_chunk_sums(
 
 // Per-channel sums of the rows layout: chunk sums in parallel (per position, then the k positions
 // of each channel folded), added in chunk order, then the leftover rows. mean_ext: the means
-// repeated over a super-row. mask (may be null): where to record the ReLU mask of the super-rows
-// (see RowMask).
+// repeated over a super-row. mask: where the super-rows' ReLU mask comes from (RowMask).
 template <typename T>
 void rows_sums(
     const BwdArgs<T>& a, const RowPlan& plan, const acc_type<T>* mean_ext, Sums* out,
-    MaskWord* mask = nullptr) {
+    const RowMask& mask = RowMask{}) {
   using A = acc_type<T>;
   const int64_t C = plan.C, k = plan.k, W = plan.W, P = plan.P;
   std::vector<Sums> part(P * C);
@@ -505,47 +573,17 @@ struct RowCoefs {
   }
 };
 
-// The ReLU mask of bn_act_bwd's rows path. The apply pass needs dz = (out <= 0) ? 0 : dy for
-// every element, after the reduce pass has streamed dy, out and x through the caches. The
-// reduce pass records the comparison as 1 bit per element, so the apply pass reads dy, x and
-// the bits (2 + 1/32 operands) instead of dy, out and x (3). Measured on the 2-core EPYC VM,
-// (8,64,56,56) channels_last fp32 in-process A/B: the op 5-10% faster. Recorded for the
-// super-rows when W is a multiple of the vector step (each of their elements is then in a
-// whole vector) and the build has the bit packing (kHaveMaskBits); leftover rows, other
-// widths and other builds read out.
-//
-// The words live in a buffer of the calling thread that only grows (to 1/32 of the largest
-// fp32 activation seen): a fresh allocation per call (200 KB for (8,64,56,56)) is above glibc's
-// mmap threshold, so it was mapped, page-faulted and unmapped on every call (50-96 page faults
-// per training step, counted with getrusage).
-template <typename T>
-struct RowMask {
-  MaskWord* words = nullptr;  // null: no mask
-  explicit RowMask(const RowPlan& plan) {
-    if (kHaveMaskBits && plan.W % VecT<T>::kStep == 0) {
-      // every word is written by the reduce pass before the apply pass reads it
-      thread_local std::vector<MaskWord> buffer;
-      const size_t count = static_cast<size_t>(plan.G * plan.W / VecT<T>::AV::size());
-      if (buffer.size() < count) {
-        buffer.resize(count);
-      }
-      words = buffer.data();
-    }
-  }
-};
-
-// Apply over every chunk, chunk p by thread p (the static partition of rows_sums). mask:
-// recorded by rows_sums, or null.
+// Apply over every chunk, chunk p by thread p (the static partition of rows_sums). mask: the
+// super-rows' ReLU mask bits (RowMask::bits), or null.
 template <typename T, typename F>
 void rows_apply(
     const BwdArgs<T>& a, const RowPlan& plan, const RowCoefs<acc_type<T>>& k,
     const acc_type<T>* mean_ext, const MaskWord* mask = nullptr) {
-  constexpr int64_t H = VecT<T>::AV::size();
   auto apply = [&](int64_t o, int64_t len, auto use_mask) {
     constexpr bool kMask = decltype(use_mask)::value;
     apply_span<T, F, true, kMask>(
         a.dx + o, F::kResGrad ? a.dr + o : nullptr, a.dy + o, a.y + o, a.x + o, len, k.a.data(),
-        k.b.data(), mean_ext, k.d.data(), kMask ? mask + o / H : nullptr);
+        k.b.data(), mean_ext, k.d.data(), kMask ? mask + o / 8 : nullptr);
   };
   auto apply_rows = [&](int64_t g0, int64_t g1, auto use_mask) {
     for (int64_t g = g0; g < g1; ++g) {
@@ -554,9 +592,14 @@ void rows_apply(
   };
   at::parallel_for(0, plan.P, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      if (mask != nullptr) {
-        apply_rows(plan.chunk_begin(p), plan.chunk_end(p), std::true_type{});
-      } else {
+      bool masked = false;
+      if constexpr (kMaskableType<T>) {
+        if (mask != nullptr) {
+          apply_rows(plan.chunk_begin(p), plan.chunk_end(p), std::true_type{});
+          masked = true;
+        }
+      }
+      if (!masked) {
         apply_rows(plan.chunk_begin(p), plan.chunk_end(p), std::false_type{});
       }
       if (p == plan.P - 1 && plan.Rl > 0) {
@@ -636,13 +679,13 @@ void bwd_rows(const BwdArgs<T>& a, const ParamGrads<T>& pg) {
   const RowPlan plan(a.C, a.N * a.S, VecT<T>::kStep, at::get_num_threads());
   const std::vector<A> mean_ext = repeated_means(a, plan);
   std::vector<Sums> sums(a.C);
-  const RowMask<T> mask(plan);
-  rows_sums(a, plan, mean_ext.data(), sums.data(), mask.words);
+  const RowMask mask = row_mask<T>(plan, a.relu_mask);
+  rows_sums(a, plan, mean_ext.data(), sums.data(), mask);
   std::vector<Coef<A>> coef(a.C);
   for (int64_t c = 0; c < a.C; ++c) {
     coef[c] = finalize_channel(a, pg, c, sums[c], a.N * a.S);
   }
-  rows_apply<T, F>(a, plan, RowCoefs<A>(coef, plan.W), mean_ext.data(), mask.words);
+  rows_apply<T, F>(a, plan, RowCoefs<A>(coef, plan.W), mean_ext.data(), mask.bits());
 }
 
 template <typename T>
@@ -729,14 +772,38 @@ struct BwdBuffers {
     args.w = w.data();
     args.mean = mean.data();
     args.invstd = invstd.data();
+    args.relu_mask = nullptr;
   }
 };
+
+// bn_act_bwd's relu_mask: empty, or what bn_act_fwd_train returns for this input (bn_act_cpu.h).
+// Returns the bits to read, or null where out gives the mask (empty, or a layout or dtype whose
+// kernel keeps no mask: then the forward returned zeros).
+const MaskWord* check_relu_mask(const at::Tensor& relu_mask, const Geometry& g, const char* op) {
+  TORCH_CHECK(
+      relu_mask.scalar_type() == at::kByte && relu_mask.dim() == 1,
+      op, ": relu_mask must be a 1-D uint8 tensor (from bn_act_fwd_train) or empty, got ",
+      relu_mask.scalar_type(), " of shape ", relu_mask.sizes());
+  if (relu_mask.numel() == 0) {
+    return nullptr;
+  }
+  const int64_t expected = g.rows ? relu_mask_bytes(g.numel()) : 0;
+  TORCH_CHECK(
+      relu_mask.numel() == expected,
+      op, ": relu_mask has ", relu_mask.numel(), " bytes where bn_act_fwd_train gives ", expected,
+      " for this input (pass an empty tensor to take the ReLU mask from out)");
+  TORCH_CHECK(
+      relu_mask.device().is_cpu() && relu_mask.is_contiguous(),
+      op, ": relu_mask must be a contiguous CPU tensor, got ", relu_mask.device());
+  return relu_mask.const_data_ptr<MaskWord>();
+}
 
 } // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(
     const at::Tensor& grad_out,
     const at::Tensor& out,
+    const at::Tensor& relu_mask,
     const at::Tensor& input,
     const std::optional<at::Tensor>& weight,
     const at::Tensor& mean,
@@ -746,6 +813,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(
   constexpr const char* op = "bn_act_bwd";
   const BwdInputs in = check_bwd_inputs(grad_out, out, input, weight, mean, invstd, op);
   const Geometry& g = in.g;
+  const MaskWord* saved_mask = check_relu_mask(relu_mask, g, op);
   const auto stat_opts = input.options().dtype(acc_dtype(input.scalar_type()));
   at::Tensor dx = empty_activation(g);
   at::Tensor dr = residual_grad ? empty_activation(g) : at::empty({0}, input.options());
@@ -760,8 +828,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(
       std::fill(pg.gb, pg.gb + g.C, A(0));
       return;
     }
-    const BwdBuffers<scalar_t> buf(in, weight, mean, invstd, &dx, residual_grad ? &dr : nullptr);
-    // bytes of activations touched: dy, y, x read; dx (and dr) written
+    BwdBuffers<scalar_t> buf(in, weight, mean, invstd, &dx, residual_grad ? &dr : nullptr);
+    buf.args.relu_mask = saved_mask;
+    // bytes of activations touched: dy, y (or the mask), x read; dx (and dr) written
     const int64_t bytes = g.numel() * int64_t(sizeof(scalar_t)) * (residual_grad ? 5 : 4);
     const bool nt = use_streaming_stores(bytes);
     auto run = [&](auto res_c, auto nt_c) {

@@ -11,6 +11,8 @@
 //   * Row "super-rows": in the rows layout, k consecutive rows (W = k*C elements) are handled
 //     as one period so that W is a multiple of the vector width even when C is not (C = 3,
 //     19, ...): per-position parameters are expanded to W entries, position j is channel j % C.
+//   * ReLU mask bits: the rows layout's training forward keeps 1 bit per element of out <= 0,
+//     which bn_act_bwd reads instead of out (MaskWord, rows_keep_mask).
 //   * Memory: large outputs are written with streaming stores (use_streaming_stores) and get
 //     transparent huge pages (empty_activation); both are described where they are defined.
 //
@@ -46,7 +48,7 @@ namespace fused_resnet::cpu {
 // ---------------------------------------------------------------------------------------------
 // Host functions (registered in bn_act_register.cpp).
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_train_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_train_cpu(
     const at::Tensor& input,
     const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& weight,
@@ -65,6 +67,7 @@ at::Tensor bn_act_fwd_eval_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(
     const at::Tensor& grad_out,
     const at::Tensor& out,
+    const at::Tensor& relu_mask,
     const at::Tensor& input,
     const std::optional<at::Tensor>& weight,
     const at::Tensor& mean,
@@ -310,6 +313,8 @@ struct VecT {
   static C10_ALWAYS_INLINE void load(const T* p, AV (&o)[1]) { o[0] = AV::loadu(p); }
   static C10_ALWAYS_INLINE void store(T* p, const AV (&v)[1]) { v[0].store(p); }
   static C10_ALWAYS_INLINE void store_nt(T* p, const AV (&v)[1]) { stream_vec(p, v[0]); }
+  // The values as store() leaves them in memory (T = acc_t: unchanged).
+  static C10_ALWAYS_INLINE void round(const AV (&v)[1], AV (&o)[1]) { o[0] = v[0]; }
 };
 
 template <typename T>
@@ -330,6 +335,12 @@ struct VecReduced {
   }
   static C10_ALWAYS_INLINE void store_nt(T* p, const AV (&v)[2]) {
     stream_vec(p, at::vec::convert_from_float<T>(v[0], v[1]));
+  }
+  // The values as store() leaves them in memory: rounded to T (a tiny positive may become 0).
+  static C10_ALWAYS_INLINE void round(const AV (&v)[2], AV (&o)[2]) {
+    auto r = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v[0], v[1]));
+    o[0] = std::get<0>(r);
+    o[1] = std::get<1>(r);
   }
 };
 template <>
@@ -367,45 +378,61 @@ C10_ALWAYS_INLINE A relu_grad_scalar(A dy, A y) {
   return y <= A(0) ? A(0) : dy;
 }
 
-// ReLU masks packed as bits, one word per Vectorized<acc_t> of H lanes (bit i for lane i), set
-// where out <= 0 (dz = 0): lane_bits packs relu_off_vec's result (lanes all ones or all zeros),
-// lanes_from_bits expands a word back into one, for blendv. Built with AVX2 only
-// (kHaveMaskBits); other builds read out instead (bn_act_bwd.cpp, RowMask).
+// ReLU masks packed as bits: bit e % 8 of byte e / 8 is set where out[e] <= 0 (dz = 0), e the
+// element's index in memory order. This is the CPU form of bn_act_fwd_train's relu_mask, and
+// what bn_act_bwd records for itself when it gets none (bn_act_bwd.cpp, RowMask). A byte holds
+// the 8 float lanes of one Vectorized<float>: lane_bits packs relu_off_vec's result (lanes all
+// ones or all zeros), lanes_from_bits expands a byte back into one, for blendv. Built with AVX2
+// only (kHaveMaskBits); other builds read out instead.
+using MaskWord = uint8_t;
 #if defined(CPU_CAPABILITY_AVX2)
 constexpr bool kHaveMaskBits = true;
-using MaskWord = uint8_t;  // H <= 8 lanes
 C10_ALWAYS_INLINE MaskWord lane_bits(const at::vec::Vectorized<float>& m) {
   return static_cast<MaskWord>(_mm256_movemask_ps(__m256(m)));
 }
-C10_ALWAYS_INLINE MaskWord lane_bits(const at::vec::Vectorized<double>& m) {
-  return static_cast<MaskWord>(_mm256_movemask_pd(__m256d(m)));
-}
-template <typename AV>
-C10_ALWAYS_INLINE AV lanes_from_bits(MaskWord bits);
-template <>
 C10_ALWAYS_INLINE at::vec::Vectorized<float> lanes_from_bits(MaskWord bits) {
   const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   const __m256i v = _mm256_and_si256(_mm256_set1_epi32(bits), lane_bit);
   return _mm256_castsi256_ps(_mm256_cmpeq_epi32(v, lane_bit));
 }
-template <>
-C10_ALWAYS_INLINE at::vec::Vectorized<double> lanes_from_bits(MaskWord bits) {
-  const __m256i lane_bit = _mm256_setr_epi64x(1, 2, 4, 8);
-  const __m256i v = _mm256_and_si256(_mm256_set1_epi64x(bits), lane_bit);
-  return _mm256_castsi256_pd(_mm256_cmpeq_epi64(v, lane_bit));
-}
 #else
 constexpr bool kHaveMaskBits = false;
-using MaskWord = uint8_t;
-template <typename AV>
-C10_ALWAYS_INLINE MaskWord lane_bits(const AV&) {
-  return 0;  // never called: RowMask is disabled without kHaveMaskBits
+C10_ALWAYS_INLINE MaskWord lane_bits(const at::vec::Vectorized<float>&) {
+  return 0;  // never called: no mask is kept without kHaveMaskBits
 }
-template <typename AV>
-C10_ALWAYS_INLINE AV lanes_from_bits(MaskWord) {
-  return AV();
+C10_ALWAYS_INLINE at::vec::Vectorized<float> lanes_from_bits(MaskWord) {
+  return at::vec::Vectorized<float>();
 }
 #endif
+
+// Bytes of a mask of numel elements (the size of relu_mask for a rows-layout input).
+inline int64_t relu_mask_bytes(int64_t numel) {
+  return (numel + 7) / 8;
+}
+
+// Whether the rows-layout kernels keep the mask of this plan: every element of the super-rows
+// then lies in a whole vector of float lanes (W a multiple of the step, T computed in float),
+// so each vector's bits fill one byte (two for Half/BFloat16) and chunks start on a byte.
+template <typename T>
+constexpr bool kMaskableType = std::is_same_v<acc_type<T>, float>;
+template <typename T>
+C10_ALWAYS_INLINE bool rows_keep_mask(const RowPlan& plan) {
+  return kHaveMaskBits && kMaskableType<T> && plan.W % VecT<T>::kStep == 0;
+}
+
+// Sets the mask bits of elements [j0, j1) of a span whose element 0 starts a mask byte, from
+// their outputs, one at a time (the tails that no whole vector covers). A byte is cleared when
+// its first element is reached, so j0 must start a byte or follow bits already set here.
+template <typename T>
+C10_ALWAYS_INLINE void set_mask_bits(MaskWord* mask, const T* y, int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; ++j) {
+    if ((j & 7) == 0) {
+      mask[j >> 3] = 0;
+    }
+    const bool off = static_cast<acc_type<T>>(y[j]) <= acc_type<T>(0);
+    mask[j >> 3] |= static_cast<MaskWord>(off) << (j & 7);
+  }
+}
 
 template <typename AV>
 C10_ALWAYS_INLINE typename AV::value_type hsum(const AV& v) {

@@ -15,7 +15,8 @@
 // over the same parts (same thread, same data).
 // Rows layout [N*S][C]: each thread reduces a contiguous chunk of rows into per-position
 // partials (vectorized along C), the chunks are merged in order, and each thread applies its
-// own chunk.
+// own chunk; the training forward's apply also writes the ReLU mask bits (relu_mask, for
+// bn_act_bwd: 1 bit per element instead of re-reading out).
 #include "bn_act_cpu.h"
 
 #include <ATen/ops/empty.h>
@@ -150,17 +151,21 @@ void planes_moments(const T* x, const PlaneTasks& tasks, Moments<acc_type<T>>* o
 // ------------------------------------------------------------------------------------------
 // Apply: y = relu(x·scale + shift (+ r)). kPerPos: scale/shift are per-element arrays (rows
 // layout, indexed like the span); otherwise scale[0]/shift[0] are constants (planes layout).
+// kMask: also writes the ReLU mask bits of the span (bn_act_cpu.h) to mask, whose byte 0 the
+// span's element 0 starts; whole vectors then start on a byte (T computed in float).
 
-template <typename T, bool kRes, bool kPerPos, bool kNT>
+template <typename T, bool kRes, bool kPerPos, bool kNT, bool kMask = false>
 C10_ALWAYS_INLINE void fwd_apply_span(
     T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ r, int64_t L,
-    const acc_type<T>* __restrict__ scale, const acc_type<T>* __restrict__ shift) {
+    const acc_type<T>* __restrict__ scale, const acc_type<T>* __restrict__ shift,
+    MaskWord* __restrict__ mask = nullptr) {
   using V = VecT<T>;
   using A = typename V::acc_t;
   using AV = typename V::AV;
   constexpr int64_t K = V::kStep;
   constexpr int64_t P = V::kParts;
   constexpr int64_t H = AV::size();
+  static_assert(!kMask || H == 8, "mask bytes hold the 8 lanes of a float vector");
   auto scalar = [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       const A s = kPerPos ? scale[j] : scale[0];
@@ -171,6 +176,9 @@ C10_ALWAYS_INLINE void fwd_apply_span(
       }
       y[j] = static_cast<T>(relu_scalar(z));
     }
+    if constexpr (kMask) {
+      set_mask_bits(mask, y, j0, j1);
+    }
   };
   auto store = [&](T* p, const AV (&v)[P]) {
     if constexpr (kNT) {
@@ -179,17 +187,29 @@ C10_ALWAYS_INLINE void fwd_apply_span(
       V::store(p, v);
     }
   };
+  const AV zero(A(0));
+  // the mask of out as stored (in T), like bn_act_bwd reads it from out
+  auto record = [&](int64_t j0, const AV (&v)[P]) {
+    if constexpr (kMask) {
+      AV stored[P];
+      V::round(v, stored);
+      FR_UNROLL
+      for (int64_t q = 0; q < P; ++q) {
+        mask[(j0 + q * H) / 8] = lane_bits(relu_off_vec(stored[q], zero));
+      }
+    }
+  };
   int64_t j = 0;
   if constexpr (kNT) {
     const int64_t head = stream_head(y);
-    if (head < 0) {
-      fwd_apply_span<T, kRes, kPerPos, false>(y, x, r, L, scale, shift);
+    // (a head would shift the vectors off the mask bytes: plain stores then)
+    if (head < 0 || (kMask && head != 0)) {
+      fwd_apply_span<T, kRes, kPerPos, false, kMask>(y, x, r, L, scale, shift, mask);
       return;
     }
     j = std::min(head, L);
     scalar(0, j);
   }
-  const AV zero(A(0));
   const AV sc0(scale[0]);
   const AV sh0(shift[0]);
   for (; j + 2 * K <= L; j += 2 * K) {
@@ -220,6 +240,8 @@ C10_ALWAYS_INLINE void fwd_apply_span(
     }
     store(y + j, a);
     store(y + j + K, b);
+    record(j, a);
+    record(j + K, b);
   }
   for (; j + K <= L; j += K) {
     AV a[P], ra[P];
@@ -241,18 +263,21 @@ C10_ALWAYS_INLINE void fwd_apply_span(
       a[q] = relu_vec(za, zero);
     }
     store(y + j, a);
+    record(j, a);
   }
   scalar(j, L);
 }
 
 // Rows layout: apply to `nrows` consecutive super-rows of width W (per-position params of W).
-template <typename T, bool kRes, bool kNT>
+// With a mask (kMask), W is a multiple of 8 and mask points at the bits of y[0].
+template <typename T, bool kRes, bool kNT, bool kMask = false>
 void fwd_apply_rows(
     T* y, const T* x, const T* r, int64_t nrows, int64_t W, const acc_type<T>* scale,
-    const acc_type<T>* shift) {
+    const acc_type<T>* shift, MaskWord* mask = nullptr) {
   for (int64_t i = 0; i < nrows; ++i) {
     const int64_t o = i * W;
-    fwd_apply_span<T, kRes, true, kNT>(y + o, x + o, kRes ? r + o : nullptr, W, scale, shift);
+    fwd_apply_span<T, kRes, true, kNT, kMask>(
+        y + o, x + o, kRes ? r + o : nullptr, W, scale, shift, kMask ? mask + o / 8 : nullptr);
   }
 }
 
@@ -381,6 +406,7 @@ struct TrainArgs {
   acc_type<T>* mean_out;
   acc_type<T>* invstd_out;
   acc_type<T>* var_out;
+  MaskWord* relu_mask;  // rows layout: the ReLU mask bits (written when rows_keep_mask)
 };
 
 // From the merged moments of channel c: writes the statistics and returns (scale, shift).
@@ -502,19 +528,22 @@ void rows_moments(const T* x, const RowPlan& plan, Moments<acc_type<T>>* out) {
 }
 
 // Rows layout: apply to chunk p's super-rows (and, for the last chunk, the leftover rows) with
-// per-position scale/shift of width W.
-template <typename T, bool kRes, bool kNT>
+// per-position scale/shift of width W. kMask: with the mask bits of all of them (W % 8 == 0, so
+// the chunk and the leftover rows start on a mask byte).
+template <typename T, bool kRes, bool kNT, bool kMask>
 void fwd_apply_chunk(
     const RowPlan& plan, int64_t p, T* y, const T* x, const T* r, const acc_type<T>* scale,
-    const acc_type<T>* shift) {
+    const acc_type<T>* shift, MaskWord* mask) {
   const int64_t g0 = plan.chunk_begin(p), g1 = plan.chunk_end(p);
   const int64_t o = g0 * plan.W;
-  fwd_apply_rows<T, kRes, kNT>(
-      y + o, x + o, kRes ? r + o : nullptr, g1 - g0, plan.W, scale, shift);
+  fwd_apply_rows<T, kRes, kNT, kMask>(
+      y + o, x + o, kRes ? r + o : nullptr, g1 - g0, plan.W, scale, shift,
+      kMask ? mask + o / 8 : nullptr);
   if (p == plan.P - 1 && plan.Rl > 0) {
     const int64_t ol = plan.G * plan.W;
-    fwd_apply_span<T, kRes, true, kNT>(
-        y + ol, x + ol, kRes ? r + ol : nullptr, plan.Rl * plan.C, scale, shift);
+    fwd_apply_span<T, kRes, true, kNT, kMask>(
+        y + ol, x + ol, kRes ? r + ol : nullptr, plan.Rl * plan.C, scale, shift,
+        kMask ? mask + ol / 8 : nullptr);
   }
 }
 
@@ -535,14 +564,25 @@ void train_rows(const TrainArgs<T>& a) {
   repeat_channels(shift, C, plan.W);
 
   // apply: chunk p by the thread that reduced it (same static partition)
-  at::parallel_for(0, plan.P, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      fwd_apply_chunk<T, kRes, kNT>(plan, p, a.y, a.x, a.r, scale.data(), shift.data());
+  auto apply = [&](auto keep_mask) {
+    constexpr bool kMask = decltype(keep_mask)::value;
+    at::parallel_for(0, plan.P, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        fwd_apply_chunk<T, kRes, kNT, kMask>(
+            plan, p, a.y, a.x, a.r, scale.data(), shift.data(), a.relu_mask);
+      }
+      if (kNT) {
+        stream_fence();
+      }
+    });
+  };
+  if constexpr (kMaskableType<T>) {
+    if (rows_keep_mask<T>(plan)) {
+      apply(std::true_type{});
+      return;
     }
-    if (kNT) {
-      stream_fence();
-    }
-  });
+  }
+  apply(std::false_type{});
 }
 
 // ------------------------------------------------------------------------------------------
@@ -612,7 +652,7 @@ void channel_moments(const Geometry& g, const T* x, Moments<acc_type<T>>* out) {
 
 } // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_train_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_train_cpu(
     const at::Tensor& input,
     const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& weight,
@@ -640,6 +680,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_train_cpu(
   at::Tensor mean = at::empty({g.C}, stat_opts);
   at::Tensor invstd = at::empty({g.C}, stat_opts);
   at::Tensor var = at::empty({g.C}, stat_opts);
+  // the rows layout's ReLU mask (bn_act_cpu.h), for bn_act_bwd; zeros where the kernel keeps none
+  at::Tensor relu_mask =
+      at::empty({g.rows ? relu_mask_bytes(g.numel()) : 0}, input.options().dtype(at::kByte));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), op, [&] {
     using A = acc_type<scalar_t>;
@@ -659,6 +702,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_train_cpu(
     a.mean_out = mean.mutable_data_ptr<A>();
     a.invstd_out = invstd.mutable_data_ptr<A>();
     a.var_out = var.mutable_data_ptr<A>();
+    a.relu_mask = relu_mask.mutable_data_ptr<MaskWord>();
+    if (g.rows && !rows_keep_mask<scalar_t>(RowPlan(g.C, g.M(), VecT<scalar_t>::kStep, 1))) {
+      relu_mask.zero_();
+    }
     if (g.M() == 0) {
       // empty batch: mean 0, var 0, invstd 1/sqrt(eps); out is empty
       for (int64_t c = 0; c < g.C; ++c) {
@@ -683,7 +730,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_train_cpu(
     };
     dispatch_bools(has_res, nt, run);
   });
-  return {out, mean, invstd, var};
+  return {out, mean, invstd, var, relu_mask};
 }
 
 at::Tensor bn_act_fwd_eval_cpu(

@@ -105,7 +105,7 @@ T* mutable_ptr(const at::Tensor& t) {
 
 } // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_train_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_train_cuda(
     const at::Tensor& input,
     const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& weight,
@@ -129,15 +129,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_train_cuda
   at::Tensor mean = empty_channel_stat(g);
   at::Tensor invstd = empty_channel_stat(g);
   at::Tensor var = empty_channel_stat(g);
+  // No ReLU mask is kept on the GPU yet: bn_act_bwd_cuda reads out.
+  at::Tensor relu_mask = at::empty({0}, input.options().dtype(at::kByte));
   if (g.M() == 0) {
     // empty batch: mean 0, var 0, invstd 1/sqrt(eps); out is empty
     mean.zero_();
     var.zero_();
     invstd.fill_(1.0 / std::sqrt(eps));
-    return {out, mean, invstd, var};
+    return {out, mean, invstd, var, relu_mask};
   }
   if (g.C == 0) {
-    return {out, mean, invstd, var};
+    return {out, mean, invstd, var, relu_mask};
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.x.scalar_type(), op, [&] {
@@ -154,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_train_cuda
         channel_vec(invstd), /*is_invstd=*/true, channel_vec(weight), channel_vec(bias), eps};
     launch_fwd_apply<scalar_t>(layout, apply, stream);
   });
-  return {out, mean, invstd, var};
+  return {out, mean, invstd, var, relu_mask};
 }
 
 at::Tensor bn_act_fwd_eval_cuda(
@@ -199,6 +201,7 @@ at::Tensor bn_act_fwd_eval_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cuda(
     const at::Tensor& grad_out,
     const at::Tensor& out,
+    const at::Tensor& relu_mask,
     const at::Tensor& input,
     const std::optional<at::Tensor>& weight,
     const at::Tensor& mean,
@@ -209,6 +212,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cuda(
   const Geometry g = canonicalize_input(input, op, kCUDA);
   const at::Tensor dy = activation_like_input(grad_out, input, g, "grad_out", op);
   const at::Tensor y = activation_like_input(out, input, g, "out", op);
+  // bn_act_fwd_train_cuda keeps no ReLU mask: the mask comes from out.
+  TORCH_CHECK(
+      relu_mask.numel() == 0,
+      op, ": relu_mask must be empty on CUDA (bn_act_fwd_train returns an empty one), got ",
+      relu_mask.numel(), " elements");
   if (given(weight)) {
     check_param(*weight, input, g.C, "weight", op);
   }

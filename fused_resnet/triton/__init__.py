@@ -51,7 +51,7 @@ def register_backend() -> None:
 
     from .. import ops
 
-    ops.register_op_set(*launchers.OPS)
+    ops.register_op_set(*launchers.OPS, relu_mask_bytes=ops.no_relu_mask_bytes)
     fwd_train, fwd_eval, _bwd, stats, bwd_reduce, bwd_apply = launchers.OPS
     _backend.register(
         _backend.Backend(

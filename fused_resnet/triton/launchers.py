@@ -21,7 +21,7 @@ import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from ..ops import canonical_layout, empty_grad_residual
+from ..ops import canonical_layout, empty_grad_residual, empty_relu_mask
 from ..reference import acc_dtype
 from . import interpreter_enabled, kernels
 
@@ -346,16 +346,17 @@ def _check_operands(op: str, input: Tensor, activations=(), per_channel=()):
 @triton_op(f"{LIBRARY}::bn_act_fwd_train", mutates_args=())
 def bn_act_fwd_train(
     input: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _check_operands("bn_act_fwd_train", input, [("residual", residual)], [("weight", weight), ("bias", bias)])
     x = canonical_layout(input)
+    relu_mask = empty_relu_mask(x)  # none kept: bn_act_bwd reads out
     if x.numel() == 0:
         var = x.new_zeros((x.shape[1],), dtype=acc_dtype(x.dtype))
-        return torch.empty_like(x), torch.zeros_like(var), torch.rsqrt(var + eps), var
+        return torch.empty_like(x), torch.zeros_like(var), torch.rsqrt(var + eps), var, relu_mask
     view = view_of(x)
     mean, var, invstd = _launch_batch_stats(x, view, eps)
     out = _launch_fwd_apply(x, view, residual, mean, invstd, weight, bias, eps, spread_is_var=False)
-    return out, mean, invstd, var
+    return out, mean, invstd, var, relu_mask
 
 
 @triton_op(f"{LIBRARY}::bn_act_fwd_eval", mutates_args=())
@@ -384,6 +385,7 @@ def bn_act_fwd_eval(
 def bn_act_bwd(
     grad_out: Tensor,
     out: Tensor,
+    relu_mask: Tensor,
     input: Tensor,
     weight: Optional[Tensor],
     mean: Tensor,
@@ -395,6 +397,11 @@ def bn_act_bwd(
         "bn_act_bwd", input, [("grad_out", grad_out), ("out", out)],
         [("weight", weight), ("mean", mean), ("invstd", invstd)],
     )
+    if relu_mask.numel() != 0:
+        raise RuntimeError(
+            "bn_act_bwd: relu_mask must be empty for the triton backend (its bn_act_fwd_train "
+            f"returns an empty one), got {relu_mask.numel()} elements"
+        )
     x = canonical_layout(input)
     if x.numel() == 0:
         sum_dz = x.new_zeros((x.shape[1],), dtype=acc_dtype(x.dtype))
