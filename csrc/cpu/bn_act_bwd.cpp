@@ -832,7 +832,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(
     buf.args.relu_mask = saved_mask;
     // bytes of activations touched: dy, y (or the mask), x read; dx (and dr) written
     const int64_t bytes = g.numel() * int64_t(sizeof(scalar_t)) * (residual_grad ? 5 : 4);
-    const bool nt = use_streaming_stores(bytes);
+    const bool nt = use_streaming_stores(bytes, Pass::kTwo);
     auto run = [&](auto res_c, auto nt_c) {
       constexpr bool kRes = decltype(res_c)::value;
       constexpr bool kNT = decltype(nt_c)::value;
@@ -904,7 +904,8 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cpu(
     const BwdBuffers<scalar_t> buf(in, weight, mean, invstd, &dx, residual_grad ? &dr : nullptr);
     // bytes of activations touched: dy, y, x read; dx (and dr) written
     const int64_t bytes = g.numel() * int64_t(sizeof(scalar_t)) * (residual_grad ? 5 : 4);
-    dispatch_bools(residual_grad, use_streaming_stores(bytes), [&](auto res_c, auto nt_c) {
+    // (one pass here, but the second of a training backward split around a collective)
+    dispatch_bools(residual_grad, use_streaming_stores(bytes, Pass::kTwo), [&](auto res_c, auto nt_c) {
       using F = BwdFlags<true, decltype(res_c)::value, decltype(nt_c)::value>;
       bwd_apply<scalar_t, F>(buf.args, g, mdz.data(), mdzx.data());
     });

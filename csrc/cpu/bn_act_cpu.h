@@ -288,8 +288,11 @@ C10_ALWAYS_INLINE void stream_fence() {
 }
 
 // Whether an op touching `bytes` of activations (all inputs and outputs) should stream its
-// outputs: only when they cannot stay in the last-level cache anyway.
-bool use_streaming_stores(int64_t bytes);
+// outputs: when they would not stay in the last-level cache anyway, and in the two-pass
+// training ops already from a smaller size (the thresholds and their measurements are in
+// bn_act_common.cpp).
+enum class Pass { kOne, kTwo };  // inputs read once (eval) or twice (training forward, backward)
+bool use_streaming_stores(int64_t bytes, Pass passes);
 
 // Number of leading elements of p to skip so that p + head is aligned for stream_vec, or -1
 // when no such head exists (p not even element-aligned).

@@ -718,7 +718,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_fw
     }
     // bytes of activations touched: x (read twice unless it stays in cache), r, y
     const int64_t bytes = g.numel() * int64_t(sizeof(scalar_t)) * (has_res ? 3 : 2);
-    const bool nt = use_streaming_stores(bytes);
+    const bool nt = use_streaming_stores(bytes, Pass::kTwo);
     auto run = [&](auto res_c, auto nt_c) {
       constexpr bool kRes = decltype(res_c)::value;
       constexpr bool kNT = decltype(nt_c)::value;
@@ -779,7 +779,7 @@ at::Tensor bn_act_fwd_eval_cpu(
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
     const scalar_t* rp = has_res ? r.const_data_ptr<scalar_t>() : nullptr;
     const int64_t bytes = g.numel() * int64_t(sizeof(scalar_t)) * (has_res ? 3 : 2);
-    const bool nt = use_streaming_stores(bytes);
+    const bool nt = use_streaming_stores(bytes, Pass::kOne);
     dispatch_bools(has_res, nt, [&](auto res_c, auto nt_c) {
       eval_kernel<scalar_t, decltype(res_c)::value, decltype(nt_c)::value>(
           g, x, rp, y, scale.data(), shift.data());
