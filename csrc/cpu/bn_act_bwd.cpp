@@ -119,8 +119,8 @@ C10_ALWAYS_INLINE void reduce_span(
 // Apply over one contiguous span: dx = A·dz + B·(x − mean) + D; dr = dz. kPerPos: coefficient
 // arrays indexed like the span (rows layout), otherwise coefficient[0] constants.
 
-// kMask: whole vectors take the ReLU mask from `mask` (one word per vector of the span, see
-// lane_bits) instead of reading y; the scalar head and tail still read y.
+// kMask: whole vectors take the ReLU mask from the bits `mask` (bn_act_cpu.h; byte 0 starts at
+// the span's element 0) instead of reading y; the scalar head and tail still read y.
 template <typename T, typename F, bool kPerPos, bool kMask = false>
 C10_ALWAYS_INLINE void apply_span(
     T* __restrict__ dx, T* __restrict__ dr, const T* __restrict__ dy, const T* __restrict__ y,
@@ -477,19 +477,15 @@ void rows_chunk_sums(
       }
     };
     using Src = MaskSource;
-    const MaskSource source = mask.saved != nullptr ? Src::kSavedBits
-        : mask.record != nullptr                    ? Src::kOutRecord
-                                                    : Src::kOut;
-    if constexpr (kMaskableType<T>) {
-      if (source == Src::kSavedBits) {
+    if constexpr (kMaskableType<T>) {  // (row_mask keeps no mask for other types)
+      if (mask.saved != nullptr) {
         tiles(std::integral_constant<Src, Src::kSavedBits>{});
-      } else if (source == Src::kOutRecord) {
+      } else if (mask.record != nullptr) {
         tiles(std::integral_constant<Src, Src::kOutRecord>{});
       }
     }
-    if (source == Src::kOut) {
-      tiles(std::integral_constant<Src, Src::kOut>{});
-    }
+    // without a mask: every tile (after a masked call j == Wv already, and this adds none)
+    tiles(std::integral_constant<Src, Src::kOut>{});
     for (; j < W; ++j) {  // positions past the last full vector (k == 1, C % K != 0)
       A bd = A(0), bx = A(0);
       for (int64_t i = 0; i < nb; ++i) {
@@ -755,7 +751,8 @@ struct BwdBuffers {
   BwdArgs<T> args;
   BwdBuffers(
       const BwdInputs& in, const std::optional<at::Tensor>& weight, const at::Tensor& mean_t,
-      const at::Tensor& invstd_t, at::Tensor* dx, at::Tensor* dr)
+      const at::Tensor& invstd_t, at::Tensor* dx, at::Tensor* dr,
+      const MaskWord* relu_mask = nullptr)
       : w(in.g.C), mean(in.g.C), invstd(in.g.C) {
     using A = acc_type<T>;
     const int64_t C = in.g.C;
@@ -773,7 +770,7 @@ struct BwdBuffers {
     args.w = w.data();
     args.mean = mean.data();
     args.invstd = invstd.data();
-    args.relu_mask = nullptr;
+    args.relu_mask = relu_mask;
   }
 };
 
@@ -829,8 +826,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(
       std::fill(pg.gb, pg.gb + g.C, A(0));
       return;
     }
-    BwdBuffers<scalar_t> buf(in, weight, mean, invstd, &dx, residual_grad ? &dr : nullptr);
-    buf.args.relu_mask = saved_mask;
+    const BwdBuffers<scalar_t> buf(
+        in, weight, mean, invstd, &dx, residual_grad ? &dr : nullptr, saved_mask);
     // bytes of activations touched: dy, y (or the mask), x read; dx (and dr) written
     const int64_t bytes = g.numel() * int64_t(sizeof(scalar_t)) * (residual_grad ? 5 : 4);
     const bool nt = use_streaming_stores(bytes, Pass::kTwo);
@@ -906,7 +903,8 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cpu(
     // bytes of activations touched: dy, y, x read; dx (and dr) written
     const int64_t bytes = g.numel() * int64_t(sizeof(scalar_t)) * (residual_grad ? 5 : 4);
     // (one pass here, but the second of a training backward split around a collective)
-    dispatch_bools(residual_grad, use_streaming_stores(bytes, Pass::kTwo), [&](auto res_c, auto nt_c) {
+    const bool nt = use_streaming_stores(bytes, Pass::kTwo);
+    dispatch_bools(residual_grad, nt, [&](auto res_c, auto nt_c) {
       using F = BwdFlags<true, decltype(res_c)::value, decltype(nt_c)::value>;
       bwd_apply<scalar_t, F>(buf.args, g, mdz.data(), mdzx.data());
     });

@@ -583,6 +583,8 @@ void train_rows(const TrainArgs<T>& a) {
     }
   }
   apply(std::false_type{});
+  // no mask kept: defined contents, which bn_act_bwd does not read
+  std::fill(a.relu_mask, a.relu_mask + relu_mask_bytes(a.N * a.S * C), MaskWord(0));
 }
 
 // ------------------------------------------------------------------------------------------
@@ -680,7 +682,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_fw
   at::Tensor mean = at::empty({g.C}, stat_opts);
   at::Tensor invstd = at::empty({g.C}, stat_opts);
   at::Tensor var = at::empty({g.C}, stat_opts);
-  // the rows layout's ReLU mask (bn_act_cpu.h), for bn_act_bwd; zeros where the kernel keeps none
+  // the rows layout's ReLU mask (bn_act_cpu.h), for bn_act_bwd; zeros where the kernel keeps
+  // none (train_rows)
   at::Tensor relu_mask =
       at::empty({g.rows ? relu_mask_bytes(g.numel()) : 0}, input.options().dtype(at::kByte));
 
@@ -703,9 +706,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_fw
     a.invstd_out = invstd.mutable_data_ptr<A>();
     a.var_out = var.mutable_data_ptr<A>();
     a.relu_mask = relu_mask.mutable_data_ptr<MaskWord>();
-    if (g.rows && !rows_keep_mask<scalar_t>(RowPlan(g.C, g.M(), VecT<scalar_t>::kStep, 1))) {
-      relu_mask.zero_();
-    }
     if (g.M() == 0) {
       // empty batch: mean 0, var 0, invstd 1/sqrt(eps); out is empty
       for (int64_t c = 0; c < g.C; ++c) {
