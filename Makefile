@@ -3,8 +3,10 @@
 # make bench  install what is missing, build the extension, run python -m fused_resnet.bench
 # make nvcc-check  compile the CUDA sources with nvcc (no GPU, no build needed)
 #
-# An importable torch (a CUDA build, say) is used as it is; only when none is importable is the
-# CPU wheel torch==2.13.0 installed. Packages already importable are not reinstalled.
+# An importable torch is used as it is; only when none is importable is torch==2.14.1 with
+# torchvision==0.29.1 installed: the CUDA build `pip install torch` gives users on Linux, so the
+# CUDA kernels are compiled and linked (nothing CUDA runs without a GPU; the suite runs on CPU
+# tensors). Packages already importable are not reinstalled.
 
 PYTHON ?= python
 PIP := $(PYTHON) -m pip
@@ -14,9 +16,9 @@ BENCH_ARGS ?=
 .PHONY: install test bench nvcc-check clean
 
 install:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.14.1 torchvision==0.29.1
 	@for pkg in setuptools:setuptools wheel:wheel ninja:ninja numpy:numpy triton:triton pytest:pytest \
-	            pytest_benchmark:pytest-benchmark hypothesis:hypothesis \
+	            pytest_benchmark:pytest-benchmark xdist:pytest-xdist hypothesis:hypothesis \
 	            sklearn:scikit-learn tqdm:tqdm matplotlib:matplotlib; do \
 	    mod=$${pkg%%:*}; dist=$${pkg##*:}; \
 	    $(PYTHON) -c "import $$mod" 2>/dev/null || $(PIP) install "$$dist" || exit 1; \

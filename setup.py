@@ -10,7 +10,9 @@ Environment:
 
 import glob
 import os
+import re
 import shutil
+import subprocess
 
 from setuptools import find_packages, setup
 
@@ -29,15 +31,54 @@ def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def _has_cuda_headers(home):
+    return home is not None and os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h"))
+
+
+def _toolkit_of_nvcc():
+    """The CUDA toolkit the `nvcc` on PATH really runs, from `nvcc --dryrun`'s `TOP=` line.
+
+    torch guesses CUDA_HOME as the folder above `nvcc`'s, which is wrong when `nvcc` is a wrapper
+    script (say /usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc): the host-compiled
+    sources then miss cuda_runtime_api.h. nvcc itself knows where its toolkit lies.
+    """
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        dryrun = subprocess.run([nvcc, "--dryrun", "-c", "x.cu"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r"^#\$ TOP=(.+)$", dryrun.stdout + dryrun.stderr, re.MULTILINE)
+    return os.path.realpath(match.group(1).strip()) if match else None
+
+
+def _cuda_home():
+    """torch's CUDA_HOME when it holds the CUDA headers, else the toolkit of the real `nvcc`.
+
+    The choice is written back into torch.utils.cpp_extension (and the environment, for the
+    compiler subprocesses), whose include paths and nvcc path are derived from it.
+    """
+    home = cpp_extension.CUDA_HOME
+    if _has_cuda_headers(home):
+        return home
+    found = _toolkit_of_nvcc()
+    if not _has_cuda_headers(found):
+        return None
+    cpp_extension.CUDA_HOME = found
+    os.environ["CUDA_HOME"] = found
+    return found
+
+
 def _want_cuda():
     if _flag("FUSED_RESNET_NO_CUDA"):
         return False
     if _flag("FUSED_RESNET_FORCE_CUDA"):
+        _cuda_home()
         return True
     import torch
 
-    has_nvcc = cpp_extension.CUDA_HOME is not None or shutil.which("nvcc") is not None
-    return torch.version.cuda is not None and has_nvcc
+    return torch.version.cuda is not None and _cuda_home() is not None
 
 
 def _cpu_isa_flags():
@@ -59,7 +100,9 @@ def _cpu_isa_flags():
 
 
 def _extensions():
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++17"] + _cpu_isa_flags()
+    # No -std: torch.utils.cpp_extension adds the C++ standard its own headers need (C++17 up to
+    # torch 2.13, C++20 from 2.14); the sources are written to compile under either.
+    cxx_flags = ["-O3", "-fopenmp"] + _cpu_isa_flags()
     sources = [os.path.join("csrc", "fused_resnet.cpp")]
     sources += sorted(glob.glob(os.path.join("csrc", "common", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
@@ -76,8 +119,6 @@ def _extensions():
                 "-gencode=arch=compute_90,code=sm_90",
                 "-gencode=arch=compute_90,code=compute_90",
             ]
-        # No -std: torch.utils.cpp_extension adds the standard its own headers need (C++20 in
-        # torch 2.13); the sources themselves are C++17.
         nvcc_flags = ["-O3", "-lineinfo", "--threads", str(os.cpu_count() or 1)]
         nvcc_flags += ["--expt-relaxed-constexpr"] + arch_flags
         return [
