@@ -2,6 +2,9 @@
 #             benchmark suite once as a smoke test (--benchmark-disable)
 # make bench  install what is missing, build the extension, run python -m fused_resnet.bench
 # make nvcc-check  compile the CUDA sources with nvcc (no GPU, no build needed)
+# make device-twin the GPU machine's stack (Python 3.12, torch 2.11.0, triton 3.6.0) in a cached
+#             virtual environment: builds the sm_90 extension that travels to the GPU machine,
+#             compiles the Triton kernels for sm_90, runs the CPU suite (benchmarks/device_twin.sh)
 #
 # An importable torch is used as it is; only when none is importable is torch==2.14.1 with
 # torchvision==0.29.1 installed: the CUDA build `pip install torch` gives users on Linux, so the
@@ -11,9 +14,11 @@
 PYTHON ?= python
 PIP := $(PYTHON) -m pip
 PYTEST_ARGS ?=
+# pytest-xdist workers for the test suite: one per core
+TEST_WORKERS ?= auto
 BENCH_ARGS ?=
 
-.PHONY: install test bench nvcc-check clean
+.PHONY: install test bench nvcc-check device-twin clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.14.1 torchvision==0.29.1
@@ -26,15 +31,18 @@ install:
 	$(PIP) install --no-build-isolation --no-deps -e .
 
 test: install
-	$(PYTHON) -m pytest tests -rs $(PYTEST_ARGS)
+	$(PYTHON) -m pytest tests -rs -n $(TEST_WORKERS) --durations=20 $(PYTEST_ARGS)
 	$(PYTHON) -m pytest benchmarks --benchmark-disable $(PYTEST_ARGS)
 
-# compile-only check of the CUDA sources with this machine's nvcc (no GPU needed)
+# compile-only check of the CUDA sources with this machine's nvcc and the build's flags (no GPU needed)
 nvcc-check:
-	$(PYTHON) -m pytest tests/test_cuda_compile.py -rs -s $(PYTEST_ARGS)
+	FUSED_RESNET_NVCC_CHECK=1 $(PYTHON) -m pytest tests/test_cuda_compile.py -rs -s $(PYTEST_ARGS)
 
 bench: install
 	$(PYTHON) -m fused_resnet.bench $(BENCH_ARGS)
+
+device-twin:
+	bash benchmarks/device_twin.sh
 
 clean:
 	rm -rf build *.egg-info fused_resnet/_C*.so

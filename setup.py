@@ -99,55 +99,59 @@ def _cpu_isa_flags():
     return []
 
 
-def _extensions():
-    # No -std: torch.utils.cpp_extension adds the C++ standard its own headers need (C++17 up to
-    # torch 2.13, C++20 from 2.14); the sources are written to compile under either.
+def _sources(*patterns):
+    """Source files under ROOT matching the glob patterns, as relative paths (setuptools wants them)."""
+    return sorted(os.path.relpath(f, ROOT) for p in patterns for f in glob.glob(os.path.join(ROOT, p)))
+
+
+CPU_SOURCES = _sources("csrc/fused_resnet.cpp", "csrc/common/*.cpp", "csrc/cpu/*.cpp")
+# csrc/cuda: the kernels (.cu, nvcc) and their host ops (.cpp, built by the host compiler with the
+# CUDA headers).
+CUDA_SOURCES = _sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp")
+
+
+def extension(cuda, sources=None):
+    """fused_resnet._C: the CPU sources, plus the CUDA ones when `cuda`. `sources` replaces the
+    list with the same flags (tests/test_cuda_compile.py compiles the CUDA sources alone)."""
+    # No -std: torch.utils.cpp_extension adds the C++ standard its own headers need (C++20 in
+    # current releases); the sources compile under C++17 and C++20.
     cxx_flags = ["-O3", "-fopenmp"] + _cpu_isa_flags()
-    sources = [os.path.join("csrc", "fused_resnet.cpp")]
-    sources += sorted(glob.glob(os.path.join("csrc", "common", "*.cpp")))
-    sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    # csrc/cuda: the kernels (.cu, nvcc) and their host ops (.cpp, compiled once by the host
-    # compiler with the CUDA headers).
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    cuda_sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc")]
-    if _want_cuda() and cuda_sources:
-        arch_flags = []
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            arch_flags = [
-                "-gencode=arch=compute_80,code=sm_80",
-                "-gencode=arch=compute_90,code=sm_90",
-                "-gencode=arch=compute_90,code=compute_90",
-            ]
-        nvcc_flags = ["-O3", "-lineinfo", "--threads", str(os.cpu_count() or 1)]
-        nvcc_flags += ["--expt-relaxed-constexpr"] + arch_flags
-        return [
-            cpp_extension.CUDAExtension(
-                "fused_resnet._C",
-                sources + cuda_sources,
-                include_dirs=include_dirs,
-                extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-                extra_link_args=["-fopenmp"],
-            )
-        ]
-    return [
-        cpp_extension.CppExtension(
+    if not cuda:
+        return cpp_extension.CppExtension(
             "fused_resnet._C",
-            sources,
+            CPU_SOURCES if sources is None else sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"],
         )
-    ]
+    arch_flags = []
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        arch_flags = [
+            "-gencode=arch=compute_80,code=sm_80",
+            "-gencode=arch=compute_90,code=sm_90",
+            "-gencode=arch=compute_90,code=compute_90",
+        ]
+    nvcc_flags = ["-O3", "-lineinfo", "--threads", str(os.cpu_count() or 1)]
+    nvcc_flags += ["--expt-relaxed-constexpr"] + arch_flags
+    return cpp_extension.CUDAExtension(
+        "fused_resnet._C",
+        CPU_SOURCES + CUDA_SOURCES if sources is None else sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=["-fopenmp"],
+    )
 
 
-setup(
-    name="fused_resnet",
-    version="0.1.0",
-    description="Fused BatchNorm(+add)+ReLU kernels and ResNet blocks for PyTorch",
-    packages=find_packages(include=["fused_resnet", "fused_resnet.*"]),
-    python_requires=">=3.9",
-    ext_modules=_extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    zip_safe=False,
-)
+# setuptools runs this file as __main__ (pip's build backend too); the test imports it for its flags.
+if __name__ == "__main__":
+    setup(
+        name="fused_resnet",
+        version="0.1.0",
+        description="Fused BatchNorm(+add)+ReLU kernels and ResNet blocks for PyTorch",
+        packages=find_packages(include=["fused_resnet", "fused_resnet.*"]),
+        python_requires=">=3.9",
+        ext_modules=[extension(cuda=_want_cuda() and bool(CUDA_SOURCES))],
+        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+        zip_safe=False,
+    )
