@@ -608,7 +608,7 @@ def main():
             writer.run(f"big/{name}/{kind}", name, lambda: check_big(ns, DEVICE, shape, layout, big_dtype))
             if gpu:
                 torch.cuda.empty_cache()
-    summary = dict(writer.counts, check="summary", seconds=round(time.perf_counter() - start, 1),
+    summary = dict({f"n_{k}": v for k, v in writer.counts.items()}, check="summary", seconds=round(time.perf_counter() - start, 1),
                    triton_specializations=triton_specializations(), device=str(DEVICE),
                    device_name=torch.cuda.get_device_name(DEVICE) if gpu else "cpu (dry run)")
     writer.write(summary)
