@@ -184,7 +184,8 @@ def slug(device_name):
 
 
 def record(args):
-    """Merge the bench results of a fetched OUTDIR into DEST/<slug>.json (+ .png).
+    """Merge the bench results (and phase d's model.json) of a fetched OUTDIR into
+    DEST/<slug>.json (+ .png).
 
     The chunks are read in the order gpu_check.sh ran them (bench-1-..., bench-2-...); where two
     hold the same case and provider, the later one wins: the chunks with torch.compile re-time
@@ -217,12 +218,19 @@ def record(args):
                 key = (row["op"], tuple(row["shape"]), row["dtype"], row["layout"], row["mode"], row["provider"])
                 rows[key] = row
         merged["results"] = list(rows.values())
+        # Phase d's model.json rows have bench's ModelResult fields: check_goals.py judges them.
+        for path in glob.glob(os.path.join(source, "**", "model.json"), recursive=True):
+            with open(path) as f:
+                payload = json.load(f)
+            if payload["device"] == merged["device"]:
+                merged["model_results"] += payload["results"]
         os.makedirs(args.dest, exist_ok=True)
         base = os.path.join(args.dest, slug(merged["device"]))
         with open(base + ".json", "w") as f:
             json.dump(merged, f, indent=1)
         results = [bench.Result(**dict(r, shape=tuple(r["shape"]))) for r in merged["results"]]
-        png = bench.plot(results, [], base + ".png", merged["device"]) if results else None
+        model_rows = [bench.ModelResult(**dict(r, input_shape=tuple(r["input_shape"]))) for r in merged["model_results"]]
+        png = bench.plot(results, model_rows, base + ".png", merged["device"]) if results or model_rows else None
         print(f"record: {len(paths)} results.json -> {base}.json" + (f" and {png}" if png else ""))
     return 0
 

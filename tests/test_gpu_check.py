@@ -99,6 +99,9 @@ def test_record_merges_bench_chunks(tmp_path):
         (fetched / "gpu_check" / chunk).mkdir(parents=True)
         (fetched / "gpu_check" / chunk / "results.json").write_text(
             json.dumps({"device": gpu, "command": chunk, "copy_bandwidth_gbps": 3000.0, "results": rows}))
+    model_row = {"model": "resnet50", "input_shape": [128, 3, 224, 224], "dtype": "bf16", "layout": "channels_last",
+                 "mode": "train", "provider": "fused", "ms": 100.0, "items_per_s": 1280.0, "speedup_vs_eager": 1.2}
+    (fetched / "gpu_check" / "model.json").write_text(json.dumps({"device": gpu, "results": [model_row]}))
     # What the device sends back: the packed OUTDIR.
     with tarfile.open(fetched / "gpu_check.tgz", "w:gz") as tar:
         tar.add(fetched / "gpu_check", arcname="gpu_check")
@@ -112,3 +115,4 @@ def test_record_merges_bench_chunks(tmp_path):
     assert merged["device"] == gpu and len(merged["commands"]) == 2
     by_provider = {r["provider"]: r["ms"] for r in merged["results"]}
     assert by_provider == {"eager": 2.0, "cuda": 0.9, "compile": 1.5}  # the later chunk wins
+    assert merged["model_results"] == [model_row]  # phase d's rows, for check_goals.py
