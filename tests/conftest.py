@@ -36,15 +36,8 @@ def dynamo_backend_for(backend_name: str) -> str:
     whose kernels cannot run on AOT's traced tensors: there dynamo's "eager" (fullgraph capture)."""
     return "eager" if backend_name == "triton" and TRITON_INTERPRETED else "aot_eager"
 
-# One (atol, rtol) per input dtype, for outputs, gradients and running statistics alike. The
-# oracle runs in float64, so these are the error of the backend's own arithmetic: fp32
-# accumulation for fp32/fp16/bf16, and one rounding of the result to the activation dtype.
-TOLERANCES = {
-    torch.float64: (1e-10, 1e-8),
-    torch.float32: (1e-4, 1e-4),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (1.6e-2, 1.6e-2),
-}
+# One (atol, rtol) per input dtype: the table lives in tolerances.py, which scripts import too.
+from tolerances import TOLERANCES  # noqa: E402
 
 
 def assert_close(actual, expected, dtype, what, atol_scale=1.0):
