@@ -20,6 +20,7 @@ training forward that reads x twice (statistics, then apply) tops out near 2/3 o
 
 import argparse
 import contextlib
+import ctypes
 import importlib.util
 import itertools
 import json
@@ -317,11 +318,31 @@ def time_side_by_side(runners, device, rounds=3, min_run_time=0.3):
     return best
 
 
+@contextlib.contextmanager
+def _native_output_dropped():
+    """Within: file descriptors 1 and 2 point at /dev/null. The profiler's native side (kineto)
+    writes its start/stop lines ("USDT: ... profiler_start") straight to them, past sys.stdout."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        ctypes.CDLL(None).fflush(None)  # what C stdio still buffers goes to /dev/null too
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
 def peak_memory_bytes(run, device):
     """Memory allocated at the peak of one call of `run`, above what was allocated before it.
 
     CUDA: the caching allocator's peak counter. CPU: the profiler's allocation events
-    ("Total Allocated" of its [memory] records), which follow every CPU tensor allocation.
+    ("Total Allocated" of its [memory] records), which follow every CPU tensor allocation. The
+    profiler's own start and stop messages are dropped; `run` prints as it would.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -334,11 +355,18 @@ def peak_memory_bytes(run, device):
 
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _native_output_dropped():
+        prof.start()
+    try:
         run()
+    finally:
+        with _native_output_dropped():
+            prof.stop()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
+        with _native_output_dropped():
+            prof.export_chrome_trace(path)
         with open(path) as f:
             events = json.load(f)["traceEvents"]
     totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]

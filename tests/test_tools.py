@@ -22,13 +22,16 @@ def test_bytes_moved_counts_passes():
     assert bench.bytes_moved("bn_add_relu", "train-fwd+bwd", numel, size) == 8 * numel * size
 
 
-def test_peak_memory_sees_an_allocation():
+def test_peak_memory_sees_an_allocation(capfd):
     n = 1 << 20
 
     def run():
+        print("run prints")
         return torch.empty(n, dtype=torch.float32, device=DEVICE).fill_(1.0).sum()
 
     assert bench.peak_memory_bytes(run, DEVICE) >= 4 * n
+    out, err = capfd.readouterr()
+    assert out == "run prints\n" and err == ""  # nothing of the profiler's (kineto's "USDT: ...")
 
 
 @pytest.mark.parametrize("mode", bench.MODES)
