@@ -254,7 +254,8 @@ def make_model_runner(provider, model_name, input_shape, mode, device, dtype, la
     model = getattr(models, model_name)(num_classes=num_classes, fused=fused).to(device)
     fmt = memory_format(layout, len(input_shape))
     model = model.to(memory_format=fmt) if fmt != torch.contiguous_format else model
-    forward = torch.compile(model) if provider.endswith("compile") else model
+    # Static shapes, as for the op-level composition: the bench times one input shape per case.
+    forward = torch.compile(model, dynamic=False) if provider.endswith("compile") else model
     x = torch.randn(input_shape, device=device).contiguous(memory_format=fmt)
     target = torch.randint(0, num_classes, (input_shape[0],), device=device)
 

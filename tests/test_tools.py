@@ -78,6 +78,13 @@ def test_bench_quick_writes_results_and_plot(tmp_path, monkeypatch, capsys):
     assert "vs eager" in printed and "items/s" in printed
 
 
+def test_model_compile_is_static(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compiled.append(kwargs) or model)
+    run = bench.make_model_runner("compile", "resnet18", (1, 3, 16, 16), "eval", torch.device("cpu"), torch.float32, "contiguous")
+    assert compiled == [{"dynamic": False}] and run().shape == (1, 10)
+
+
 def test_bench_case_selection_splits_the_gpu_cases():
     cuda = torch.device("cuda")
     every = bench.op_cases(cuda, ["bf16", "fp32"], quick=False)
