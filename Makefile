@@ -1,6 +1,7 @@
 # make test   install what is missing, build the extension, run the whole test suite and the
 #             benchmark suite once as a smoke test (--benchmark-disable)
 # make bench  install what is missing, build the extension, run python -m fused_resnet.bench
+#             (results.json and speedup.png in bench-out/; BENCH_ARGS="--output DIR" for another)
 # make nvcc-check  compile the CUDA sources with nvcc (no GPU, no build needed)
 #
 # An importable torch is used as it is; only when none is importable is torch==2.14.1 with
