@@ -354,8 +354,9 @@ def time_side_by_side(runners, device, rounds=3, min_run_time=0.3, errors=None):
 
 @contextlib.contextmanager
 def _native_output_dropped():
-    """Within: file descriptors 1 and 2 point at /dev/null. The profiler's native side (kineto)
-    writes its start/stop lines ("USDT: ... profiler_start") straight to them, past sys.stdout."""
+    """Within: file descriptors 1 and 2 point at /dev/null. The profiler's native side writes
+    straight to them, past sys.stdout: kineto's start/stop lines ("USDT: ... profiler_start"), the
+    allocator's warning about blocks allocated before profiling started."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
@@ -375,8 +376,9 @@ def peak_memory_bytes(run, device):
     """Memory allocated at the peak of one call of `run`, above what was allocated before it.
 
     CUDA: the caching allocator's peak counter. CPU: the profiler's allocation events
-    ("Total Allocated" of its [memory] records), which follow every CPU tensor allocation. The
-    profiler's own start and stop messages are dropped; `run` prints as it would.
+    ("Total Allocated" of its [memory] records), which follow every CPU tensor allocation. What
+    the profiled call writes to file descriptors 1 and 2 is dropped with the profiler's own
+    messages (`run` was warmed up, so it has shown anything it had to say).
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -389,18 +391,11 @@ def peak_memory_bytes(run, device):
 
     from torch.profiler import ProfilerActivity, profile
 
-    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with _native_output_dropped():
-        prof.start()
-    try:
-        run()
-    finally:
-        with _native_output_dropped():
-            prof.stop()
-    with tempfile.TemporaryDirectory() as tmp:
+    with _native_output_dropped(), tempfile.TemporaryDirectory() as tmp:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            run()
         path = os.path.join(tmp, "trace.json")
-        with _native_output_dropped():
-            prof.export_chrome_trace(path)
+        prof.export_chrome_trace(path)
         with open(path) as f:
             events = json.load(f)["traceEvents"]
     totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
