@@ -5,6 +5,7 @@ finished row on disk; its "complete" field turns true only when the run reached 
 """
 
 import json
+import math
 import os
 from dataclasses import asdict
 
@@ -15,7 +16,7 @@ MODEL_FORMAT = "{:<9} {:<12} {:<18} {:<5} {:<14} {:<6} {:<14} {:>10} {:>10} {:>9
 
 
 def _speedup(value):
-    return f"{value:.2f}x"
+    return f"{value:.2f}x" if math.isfinite(value) else "-"  # "-": no measured row to compare with
 
 
 def _op_cells(r):
