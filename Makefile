@@ -1,6 +1,7 @@
 # make test   install what is missing, build the extension, run the whole test suite and the
 #             benchmark suite once as a smoke test (--benchmark-disable)
 # make bench  install what is missing, build the extension, run python -m fused_resnet.bench
+#             (results.json and speedup.png in bench-out/; BENCH_ARGS="--output DIR" for another)
 # make nvcc-check  compile the CUDA sources with nvcc (no GPU, no build needed)
 # make device-twin the GPU machine's stack (Python 3.12, torch 2.11.0, triton 3.6.0) in a cached
 #             virtual environment: builds the sm_90 extension that travels to the GPU machine,

@@ -5,7 +5,8 @@ merged, e.g. a GPU run split by --dtype across device calls; they must name the 
 prints, for each goal and each case it covers, the measured value, the threshold, PASS / MISS /
 MISSING and the margin, then a summary. A case the goal needs that the results lack, or whose
 value is not a number (e.g. speed-up over torch.compile without a compile row), is MISSING: never
-a pass.
+a pass. So is a case whose row failed (bench.py records the exception in the row's "error"): the
+reason is printed with it. A results.json whose run was cut off ("complete": false) is named.
 
 Op-level cases are judged on the best fused provider of the case (the highest value among the
 fused backends: cuda, triton, cpu), and every fused provider's own verdict follows in brackets.
@@ -122,12 +123,15 @@ def load_results(paths):
             payload = json.load(f)
         if merged is None:
             merged = dict(payload, commands=[payload.get("command", "")], copy_bandwidths=[payload.get("copy_bandwidth_gbps")])
+            merged["incomplete"] = [path] if payload.get("complete") is False else []
             merged["results"] = list(payload.get("results", []))
             merged["model_results"] = list(payload.get("model_results", []))
             continue
         if payload.get("device") != merged.get("device"):
             raise ValueError(f"{path}: device {payload.get('device')!r}, not {merged.get('device')!r}")
         merged["commands"].append(payload.get("command", ""))
+        if payload.get("complete") is False:
+            merged["incomplete"].append(path)
         merged["copy_bandwidths"].append(payload.get("copy_bandwidth_gbps"))
         merged["results"] += payload.get("results", [])
         merged["model_results"] += payload.get("model_results", [])
@@ -170,6 +174,15 @@ def _cell_label(level, cell):
     return " ".join(part if part is not None else "any" for part in (model, shape, dtype, layout, mode))
 
 
+# The provider a metric divides by: its failure leaves the metric unmeasured in every row of the case.
+BASELINE = {"speedup_vs_eager": "eager", "speedup_vs_compile": "compile"}
+
+
+def _failures(by_provider, providers):
+    """"P failed: reason" for each of `providers` whose row records an error, in order."""
+    return [f"{p} failed: {by_provider[p]['error']}" for p in providers if p in by_provider and by_provider[p].get("error")]
+
+
 def evaluate_goal(goal, payload):
     """The verdicts of one goal: one per matching case in the results, or a MISSING one per cell
     that no row matches."""
@@ -185,18 +198,30 @@ def evaluate_goal(goal, payload):
             continue
         for key, by_provider in cases.items():
             judged = [goal.provider] if goal.provider else [p for p in by_provider if p not in UNFUSED]
+            baseline = by_provider.get(BASELINE.get(goal.metric), {})
             per_provider = {}
             for p in judged:
-                value = by_provider[p].get(goal.metric) if p in by_provider else None
+                row = by_provider.get(p)
+                measured = row is not None and not row.get("error") and not baseline.get("error")
+                value = row.get(goal.metric) if measured else None
                 value = float("nan") if value is None else float(value)
                 per_provider[p] = (value, judge(value, goal.threshold))
             finite = {p: v for p, (v, _) in per_provider.items() if math.isfinite(v)}
+            failures = _failures(by_provider, judged)
             if not finite:
-                why = f"no {goal.provider or 'fused'} row" if not by_provider.keys() & set(judged) else f"{goal.metric} is not a number"
+                failures += _failures(by_provider, [BASELINE[goal.metric]] if goal.metric in BASELINE else [])
+                if failures:
+                    why = "; ".join(failures)
+                elif not by_provider.keys() & set(judged):
+                    why = f"no {goal.provider or 'fused'} row"
+                else:
+                    why = f"{goal.metric} is not a number"
                 verdicts.append(Verdict(goal, _label(key), MISSING, per_provider=per_provider, note=why))
                 continue
             best = max(finite, key=finite.get)
-            verdicts.append(Verdict(goal, _label(key), judge(finite[best], goal.threshold), finite[best], best, per_provider))
+            verdicts.append(
+                Verdict(goal, _label(key), judge(finite[best], goal.threshold), finite[best], best, per_provider, "; ".join(failures))
+            )
     return verdicts
 
 
@@ -233,10 +258,10 @@ def format_margin(status, m):
 def format_verdict(v):
     metric, threshold = v.goal.metric, v.goal.threshold
     text = f"  {v.status:<7} {v.case:<58} {format_value(metric, v.value):>7} >= {format_value(metric, threshold):<6}"
-    if v.status == MISSING:
-        text += f" ({v.note})" if v.note else ""
-    else:
+    if v.status != MISSING:
         text += f" {format_margin(v.status, v.margin)}"
+    if v.note:
+        text += f" ({v.note})"
     if v.per_provider and (v.goal.provider is None or v.status == MISSING):
         parts = []
         for p, (value, status) in sorted(v.per_provider.items()):
@@ -279,6 +304,7 @@ def format_report(payload, verdicts, goal_set, paths=()):
         f"copy bandwidth: {bandwidths} GB/s",
     ]
     lines += [f"command: {c}" for c in payload.get("commands", [payload.get("command", "")])]
+    lines += [f"cut off before its end (complete: false): {path}" for path in payload.get("incomplete", [])]
     lines.append("margin = value / threshold - 1: for a MISS, the fraction by which the time must fall to pass")
     for goal in GOALS[goal_set]:
         threshold = format_value(goal.metric, goal.threshold)

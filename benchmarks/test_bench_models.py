@@ -1,9 +1,10 @@
-"""pytest-benchmark suite, model level: ResNet-50 and resnet3d_50 training steps and inference.
+"""pytest-benchmark suite, model level: ResNet training steps and inference (bench.py's model cases).
 
 Providers: the eager model, its fused twin on the same weights, and both under torch.compile.
-extra_info holds images (or clips) per second and the peak memory of one call. CPU sizes are
-tiny; GPU sizes are real (bf16 autocast, channels_last). In smoke mode (--benchmark-disable)
-one tiny ResNet-50 runs eager and fused: compiling a whole ResNet takes minutes on a small CPU.
+extra_info holds images (or clips) per second and the peak memory of one call. GPU: resnet50 and
+resnet3d_50 at real sizes (bf16 autocast, channels_last); CPU: resnet18 and resnet3d_18 on tiny
+inputs. In smoke mode (--benchmark-disable) one tiny ResNet-50 runs eager and fused: compiling a
+whole ResNet takes minutes on a small CPU.
 """
 
 from conftest import DEVICE, record, smoke, sync_if_cuda

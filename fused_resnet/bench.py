@@ -20,6 +20,7 @@ training forward that reads x twice (statistics, then apply) tops out near 2/3 o
 
 import argparse
 import contextlib
+import ctypes
 import importlib.util
 import itertools
 import json
@@ -28,12 +29,16 @@ import os
 import platform
 import re
 import sys
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 import fused_resnet
+
+from .bench_report import ResultsFile, format_model_table, format_table, plot
 
 OPS = ("bn_relu", "bn_add_relu")
 MODES = ("eval", "train-fwd", "train-fwd+bwd")
@@ -56,8 +61,10 @@ CPU_CASES = [
 CPU_QUICK_CASES = [((4, 64, 28, 28), "contiguous"), ((4, 64, 28, 28), "channels_last")]
 
 # (model builder in fused_resnet.models, input shape). Images for 2D models, clips for 3D ones.
+# On a CPU, compiling the models dominates the run (torch.compile of one ResNet-50 training step
+# took 8 minutes on a shared 2-core machine), so the CPU cases are the 18-layer twins.
 GPU_MODEL_CASES = [("resnet50", (128, 3, 224, 224)), ("resnet3d_50", (8, 3, 16, 112, 112))]
-CPU_MODEL_CASES = [("resnet50", (4, 3, 64, 64)), ("resnet3d_50", (2, 3, 4, 48, 48))]
+CPU_MODEL_CASES = [("resnet18", (4, 3, 64, 64)), ("resnet3d_18", (2, 3, 4, 48, 48))]
 CPU_QUICK_MODEL_CASES = [("resnet50", (2, 3, 32, 32))]
 MODEL_MODES = ("eval", "train")
 MODEL_PROVIDERS = ("eager", "fused", "compile", "fused+compile")
@@ -74,9 +81,10 @@ class Result:
     ms: float
     gbps: float
     bandwidth_fraction: float
-    peak_memory_bytes: int = 0
+    peak_memory_bytes: Optional[int] = 0  # None when the provider failed
     speedup_vs_eager: float = float("nan")
     speedup_vs_compile: float = float("nan")
+    error: str = ""  # "ExceptionType: first line" when the provider failed; its numbers are NaN
 
 
 @dataclass
@@ -89,10 +97,11 @@ class ModelResult:
     provider: str
     ms: float
     items_per_s: float
-    peak_memory_bytes: int = 0
+    peak_memory_bytes: Optional[int] = 0  # None when the provider failed
     speedup_vs_eager: float = float("nan")
     speedup_vs_compile: float = float("nan")
     note: str = field(default="")
+    error: str = ""  # as in Result
 
 
 def memory_format(layout, ndim):
@@ -253,7 +262,8 @@ def make_model_runner(provider, model_name, input_shape, mode, device, dtype, la
     model = getattr(models, model_name)(num_classes=num_classes, fused=fused).to(device)
     fmt = memory_format(layout, len(input_shape))
     model = model.to(memory_format=fmt) if fmt != torch.contiguous_format else model
-    forward = torch.compile(model) if provider.endswith("compile") else model
+    # Static shapes, as for the op-level composition: the bench times one input shape per case.
+    forward = torch.compile(model, dynamic=False) if provider.endswith("compile") else model
     x = torch.randn(input_shape, device=device).contiguous(memory_format=fmt)
     target = torch.randint(0, num_classes, (input_shape[0],), device=device)
 
@@ -298,30 +308,79 @@ def time_ms(run, device, min_run_time=0.5):
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
-def time_side_by_side(runners, device, rounds=3, min_run_time=0.3):
+def describe_failure(exc):
+    """What a failed row records: the exception's type and the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def time_side_by_side(runners, device, rounds=3, min_run_time=0.3, errors=None):
     """{provider: ms} for runners of one case, measured in interleaved rounds.
 
     Each round times every provider once, one after the other, so a burst of noise on a shared
     machine hits one round of all providers rather than all rounds of one; the best round's
     median is kept for each provider. Warm-up (which also triggers torch.compile) comes first.
+
+    With an `errors` dict, a provider that raises (an Exception, not a KeyboardInterrupt) gets
+    its describe_failure there and is left out of the rest and of the result; without one, the
+    exception propagates.
     """
-    for run in runners.values():
+    live = dict(runners)
+
+    def attempt(name, call):
+        if errors is None:
+            return call()
+        try:
+            return call()
+        except Exception as e:
+            errors[name] = describe_failure(e)
+            del live[name]
+            return None
+
+    def warm_up(run):
         for _ in range(3):
             run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    best = {name: float("inf") for name in runners}
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for name, run in list(live.items()):
+        attempt(name, lambda: warm_up(run))
+    best = {}
     for _ in range(rounds):
-        for name, run in runners.items():
-            best[name] = min(best[name], time_ms(run, device, min_run_time=min_run_time))
-    return best
+        for name, run in list(live.items()):
+            ms = attempt(name, lambda: time_ms(run, device, min_run_time=min_run_time))
+            if ms is not None:
+                best[name] = min(best.get(name, float("inf")), ms)
+    return {name: best[name] for name in live}
+
+
+@contextlib.contextmanager
+def _native_output_dropped():
+    """Within: file descriptors 1 and 2 point at /dev/null. The profiler's native side writes
+    straight to them, past sys.stdout: kineto's start/stop lines ("USDT: ... profiler_start"), the
+    allocator's warning about blocks allocated before profiling started."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        ctypes.CDLL(None).fflush(None)  # what C stdio still buffers goes to /dev/null too
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 def peak_memory_bytes(run, device):
     """Memory allocated at the peak of one call of `run`, above what was allocated before it.
 
     CUDA: the caching allocator's peak counter. CPU: the profiler's allocation events
-    ("Total Allocated" of its [memory] records), which follow every CPU tensor allocation.
+    ("Total Allocated" of its [memory] records), which follow every CPU tensor allocation. What
+    the profiled call writes to file descriptors 1 and 2 is dropped with the profiler's own
+    messages (`run` was warmed up, so it has shown anything it had to say).
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -334,9 +393,9 @@ def peak_memory_bytes(run, device):
 
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    with tempfile.TemporaryDirectory() as tmp:
+    with _native_output_dropped(), tempfile.TemporaryDirectory() as tmp:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            run()
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
         with open(path) as f:
@@ -358,12 +417,37 @@ def copy_bandwidth_gbps(device):
     return 2 * n * src.element_size() / (ms * 1e-3) / 1e9
 
 
+def measure(make_runner_for, providers, device, rounds, min_run_time):
+    """({provider: (ms, peak bytes)}, {provider: failure}) of one case.
+
+    A provider whose runner raises while it is built, warmed up, timed or measured for memory is
+    in the second dict, with describe_failure's text, and not in the first; the others go on.
+    """
+    runners, errors = {}, {}
+    for provider in providers:
+        try:
+            runners[provider] = make_runner_for(provider)
+        except Exception as e:
+            errors[provider] = describe_failure(e)
+    timings = time_side_by_side(runners, device, rounds=rounds, min_run_time=min_run_time, errors=errors)
+    measured = {}
+    for provider, ms in timings.items():
+        try:
+            measured[provider] = (ms, peak_memory_bytes(runners[provider], device))
+        except Exception as e:
+            errors[provider] = describe_failure(e)
+    return measured, errors
+
+
 def _with_speedups(case):
-    by_provider = {r.provider: r.ms for r in case}
+    """Speed-ups over eager and over compile, between rows that were measured (NaN otherwise)."""
+    by_provider = {r.provider: r.ms for r in case if not r.error}
+    nan = float("nan")
     for r in case:
-        r.speedup_vs_eager = by_provider["eager"] / r.ms
-        compiled = by_provider.get("compile")
-        r.speedup_vs_compile = compiled / r.ms if compiled is not None else float("nan")
+        if r.error:
+            continue
+        r.speedup_vs_eager = by_provider["eager"] / r.ms if "eager" in by_provider else nan
+        r.speedup_vs_compile = by_provider["compile"] / r.ms if "compile" in by_provider else nan
     return case
 
 
@@ -415,97 +499,60 @@ def model_providers(device, quick):
 
 def run_op_case(device, bandwidth, dtype_name, shape, layout, op, mode, rounds, min_run_time):
     dtype = DTYPES[dtype_name]
-    runners = {p: make_runner(p, op, shape, layout, dtype, mode, device) for p in providers_for(device)}
-    timings = time_side_by_side(runners, device, rounds=rounds, min_run_time=min_run_time)
+    measured, errors = measure(
+        lambda p: make_runner(p, op, shape, layout, dtype, mode, device), providers_for(device), device, rounds, min_run_time
+    )
     nbytes = bytes_moved(op, mode, math.prod(shape), torch.finfo(dtype).bits // 8)
+    nan = float("nan")
     case = []
-    for provider, ms in timings.items():
+    for provider in providers_for(device):
+        if provider in errors:
+            case.append(Result(op, shape, dtype_name, layout, mode, provider, nan, nan, nan, None, error=errors[provider]))
+            continue
+        ms, peak = measured[provider]
         gbps = nbytes / (ms * 1e-3) / 1e9
-        peak = peak_memory_bytes(runners[provider], device)
         case.append(Result(op, shape, dtype_name, layout, mode, provider, ms, gbps, gbps / bandwidth, peak))
     return _with_speedups(case)
 
 
 def run_model_case(device, providers, name, shape, dtype_name, layout, mode, rounds, min_run_time):
     dtype = DTYPES[dtype_name]
-    runners = {p: make_model_runner(p, name, shape, mode, device, dtype, layout) for p in providers}
-    timings = time_side_by_side(runners, device, rounds=rounds, min_run_time=min_run_time)
+    measured, errors = measure(
+        lambda p: make_model_runner(p, name, shape, mode, device, dtype, layout), providers, device, rounds, min_run_time
+    )
+    nan = float("nan")
     case = []
-    for provider, ms in timings.items():
-        peak = peak_memory_bytes(runners[provider], device)
+    for provider in providers:
+        if provider in errors:
+            case.append(ModelResult(name, shape, dtype_name, layout, mode, provider, nan, nan, None, error=errors[provider]))
+            continue
+        ms, peak = measured[provider]
         case.append(ModelResult(name, shape, dtype_name, layout, mode, provider, ms, shape[0] / (ms * 1e-3), peak))
     return _with_speedups(case)
 
 
-def format_table(results, header=True):
-    cols = "{:<12} {:<18} {:<5} {:<14} {:<14} {:<8} {:>9} {:>8} {:>5} {:>9} {:>8} {:>8}"
-    lines = []
-    if header:
-        lines.append(cols.format("op", "shape", "dtype", "layout", "mode", "provider", "ms", "GB/s", "%bw", "peak MiB", "vs eager", "vs comp"))
-    for r in results:
-        lines.append(
-            cols.format(
-                r.op, "x".join(map(str, r.shape)), r.dtype, r.layout, r.mode, r.provider,
-                f"{r.ms:.3f}", f"{r.gbps:.1f}", f"{100 * r.bandwidth_fraction:.0f}",
-                f"{r.peak_memory_bytes / 2**20:.1f}", f"{r.speedup_vs_eager:.2f}x", f"{r.speedup_vs_compile:.2f}x",
-            )
-        )
-    return "\n".join(lines)
-
-
-def format_model_table(results, header=True):
-    cols = "{:<12} {:<18} {:<5} {:<14} {:<6} {:<14} {:>10} {:>10} {:>9} {:>8} {:>8}"
-    lines = []
-    if header:
-        lines.append(cols.format("model", "input", "dtype", "layout", "mode", "provider", "ms", "items/s", "peak MiB", "vs eager", "vs comp"))
-    for r in results:
-        lines.append(
-            cols.format(
-                r.model, "x".join(map(str, r.input_shape)), r.dtype, r.layout, r.mode, r.provider,
-                f"{r.ms:.2f}", f"{r.items_per_s:.1f}", f"{r.peak_memory_bytes / 2**20:.1f}",
-                f"{r.speedup_vs_eager:.2f}x", f"{r.speedup_vs_compile:.2f}x",
-            )
-        )
-    return "\n".join(lines)
-
-
-def plot(op_results, model_results, path, title):
-    """Speed-up of each fused provider over eager and over torch.compile, one bar per case."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = []
-    fused_op = [r for r in op_results if r.provider not in ("eager", "compile")]
-    if fused_op:
-        short = {"contiguous": "NC*", "channels_last": "CL"}
-        labels = [f"{r.op} {r.mode} {'x'.join(map(str, r.shape))} {short[r.layout]} {r.dtype} [{r.provider}]" for r in fused_op]
-        panels.append(("op level", labels, fused_op))
-    fused_model = [r for r in model_results if r.provider not in ("eager", "compile")]
-    if fused_model:
-        labels = [f"{r.model} {r.mode} {'x'.join(map(str, r.input_shape))} {r.dtype} [{r.provider}]" for r in fused_model]
-        panels.append(("model level", labels, fused_model))
-    if not panels:
-        return None
-    heights = [max(2.0, 0.28 * len(p[1]) + 1.0) for p in panels]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(11, sum(heights)), gridspec_kw={"height_ratios": heights}, squeeze=False)
-    for ax, (name, labels, rows) in zip(axes[:, 0], panels):
-        ys = range(len(rows))
-        ax.barh([y - 0.2 for y in ys], [r.speedup_vs_eager for r in rows], height=0.4, label="vs eager")
-        ax.barh([y + 0.2 for y in ys], [r.speedup_vs_compile for r in rows], height=0.4, label="vs torch.compile")
-        ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_xscale("log")
-        ax.set_yticks(list(ys))
-        ax.set_yticklabels(labels, fontsize=7)
-        ax.invert_yaxis()
-        ax.set_xlabel("speed-up (higher is better)")
-        ax.set_title(f"{title}: {name}", fontsize=9)
-        ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+def run_cases(results, device, bandwidth, ops_todo, models_todo, providers, rounds, min_run_time):
+    """Run the cases in order; print each case's rows and add them to `results` (a ResultsFile)
+    as it ends. Returns (op rows, model rows)."""
+    total = len(ops_todo) + len(models_todo)
+    op_results, model_results = [], []
+    # Each case compiles for its own shapes, and a compiled program is timed at the shapes it was
+    # compiled for: a recompile stays static (the 2D and 3D models share ResNet.forward, whose
+    # recompile for a new rank would otherwise turn dynamic), and one code object may hold as many
+    # compiled versions as there are cases.
+    limit = max(torch._dynamo.config.cache_size_limit, 256)
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False, cache_size_limit=limit):
+        for k, case in enumerate(ops_todo, 1):
+            rows = run_op_case(device, bandwidth, *case, rounds=rounds, min_run_time=min_run_time)
+            op_results.extend(rows)
+            results.add("results", rows)
+            print(format_table(rows, header=k == 1, progress=f"[{k}/{total}]"), flush=True)
+        for k, case in enumerate(models_todo, len(ops_todo) + 1):
+            rows = run_model_case(device, providers, *case, rounds=rounds, min_run_time=min_run_time)
+            model_results.extend(rows)
+            results.add("model_results", rows)
+            print(format_model_table(rows, header=k == len(ops_todo) + 1, progress=f"[{k}/{total}]"), flush=True)
+    return op_results, model_results
 
 
 def environment(device):
@@ -544,7 +591,10 @@ def main(argv=None):
         help='only the op-level cases whose label matches, e.g. "channels_last" or "bn_relu eval 64x256"; '
         'a label reads "OP MODE SHAPE LAYOUT DTYPE" (to split a long GPU run across calls)',
     )
-    parser.add_argument("--output", default=None, help="directory for results.json and speedup.png")
+    parser.add_argument(
+        "--output", default="bench-out", metavar="DIR",
+        help="directory for results.json (rewritten after every case) and speedup.png (default: bench-out)",
+    )
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
 
@@ -562,55 +612,47 @@ def main(argv=None):
             re.compile(args.cases)
         except re.error as e:
             parser.error(f"--cases {args.cases!r} is not a regular expression: {e}")
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        parser.error("the progress bar needs tqdm: pip install tqdm (make install does it)")
-    if args.output and importlib.util.find_spec("matplotlib") is None:
-        parser.error("--output draws speedup.png with matplotlib: pip install matplotlib")
 
     device_name, versions = environment(device)
     command = " ".join(["python", "-m", "fused_resnet.bench"] + list(argv))
-    print(f"fused_resnet.bench on {device_name}; torch {versions['torch']}, triton {versions['triton']}")
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    print(f"fused_resnet.bench on {device_name}; torch {versions['torch']}, triton {versions['triton']}", flush=True)
     rounds, min_run_time = (2, 0.2) if args.quick else (3, 0.3)
-
     bandwidth = copy_bandwidth_gbps(device)
-    print(f"device copy bandwidth: {bandwidth:.1f} GB/s (read + write)")
+    print(f"device copy bandwidth: {bandwidth:.1f} GB/s (read + write)", flush=True)
+    png = os.path.join(args.output, "speedup.png")
+    if os.path.exists(png):
+        os.remove(png)  # a run cut off must not leave the plot of an earlier run beside its rows
+    results = ResultsFile(
+        args.output, {"device": device_name, "versions": versions, "command": command, "copy_bandwidth_gbps": bandwidth}
+    )
+    print(f"rows go to {results.path} as each case ends", flush=True)
+
     ops_todo = op_cases(device, dtype_names, args.quick, modes, args.cases)
     models_todo = [] if args.skip_models else model_cases(device, dtype_names, args.quick)
-    providers = model_providers(device, args.quick)
-    op_results, model_results = [], []
-    with tqdm(total=len(ops_todo) + len(models_todo), desc="cases", file=sys.stderr) as bar:
-        bar.write(format_table([], header=True))
-        for case in ops_todo:
-            rows = run_op_case(device, bandwidth, *case, rounds=rounds, min_run_time=min_run_time)
-            op_results.extend(rows)
-            bar.write(format_table(rows, header=False))
-            bar.update()
-        if models_todo:
-            bar.write(format_model_table([], header=True))
-        for case in models_todo:
-            rows = run_model_case(device, providers, *case, rounds=rounds, min_run_time=min_run_time)
-            model_results.extend(rows)
-            bar.write(format_model_table(rows, header=False))
-            bar.update()
+    start = time.monotonic()
+    try:
+        op_results, model_results = run_cases(
+            results, device, bandwidth, ops_todo, models_todo, model_providers(device, args.quick), rounds, min_run_time
+        )
+    except KeyboardInterrupt:
+        print(f"interrupted: the finished cases are in {results.path}", file=sys.stderr, flush=True)
+        raise
+    results.finish()
+    minutes, seconds = divmod(round(time.monotonic() - start), 60)
+    print(f"{len(ops_todo) + len(models_todo)} cases in {minutes} min {seconds} s", flush=True)
 
-    if args.output:
-        os.makedirs(args.output, exist_ok=True)
-        payload = {
-            "device": device_name,
-            "versions": versions,
-            "command": command,
-            "copy_bandwidth_gbps": bandwidth,
-            "results": [asdict(r) for r in op_results],
-            "model_results": [asdict(r) for r in model_results],
-        }
-        path = os.path.join(args.output, "results.json")
-        with open(path, "w") as f:
-            json.dump(payload, f, indent=1)
-        png = plot(op_results, model_results, os.path.join(args.output, "speedup.png"), device_name)
-        print(f"wrote {path}" + (f" and {png}" if png else ""))
+    failed = sum(bool(r.error) for r in op_results + model_results)
+    if failed:
+        print(f"{failed} row(s) FAILED: their reason is in the table and in results.json", flush=True)
+    if importlib.util.find_spec("matplotlib") is None:
+        print(f"wrote {results.path}; no {png}: pip install matplotlib to draw it", flush=True)
+        return
+    try:
+        drawn = plot(op_results, model_results, png, device_name)
+    except Exception as e:
+        print(f"wrote {results.path}; {png} not drawn: {describe_failure(e)}", flush=True)
+        return
+    print(f"wrote {results.path}" + (f" and {drawn}" if drawn else ""), flush=True)
 
 
 if __name__ == "__main__":

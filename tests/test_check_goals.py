@@ -191,6 +191,64 @@ def test_files_merge_and_must_share_a_device(tmp_path):
         cg.load_results([a, write(tmp_path, "c", CPU)])
 
 
+
+def failed(rows, provider, error):
+    """`rows` as bench.py writes them when `provider` failed: its row has NaN numbers and the
+    reason, and no row has a speed-up over it."""
+    nan = float("nan")
+    out = [dict(r) for r in rows]
+    for r in out:
+        if provider in ("eager", "compile"):
+            r[f"speedup_vs_{provider}"] = nan
+    row = next(r for r in out if r["provider"] == provider)
+    row.update(ms=nan, gbps=nan, bandwidth_fraction=nan, peak_memory_bytes=None, speedup_vs_eager=nan,
+               speedup_vs_compile=nan, error=error)
+    return out
+
+
+def test_failed_rows_are_missing_with_their_reason(tmp_path):
+    case = ("bn_relu", (8, 256, 56, 56), "fp32", "contiguous", "eval")
+    label = "bn_relu 8x256x56x56 fp32 contiguous eval"
+    # The compile provider failed: the speed-up over compile is not measured, over eager it is.
+    rows = failed(op_case(*case, {"cpu": 0.5}, compile_ms=1.0, eager_ms=2.0), "compile", "InductorError: LoweringException")
+    verdicts = cg.evaluate(cg.load_results([write(tmp_path, "compile", CPU, rows)]), "cpu")
+    vs_compile = verdict(verdicts, "op (CPU, fp32): fused vs torch.compile", label)
+    assert vs_compile.status == "MISSING" and vs_compile.note == "compile failed: InductorError: LoweringException"
+    assert "(compile failed: InductorError: LoweringException)" in cg.format_verdict(vs_compile)
+    assert verdict(verdicts, "op (CPU, fp32): fused vs eager", label).status == "PASS"
+
+    # The only fused provider failed: every goal of the case is MISSING, with its reason, even if
+    # the failed row carried a number.
+    rows = failed(op_case(*case, {"cpu": 0.5}), "cpu", "RuntimeError: boom")
+    rows[-1]["speedup_vs_eager"] = 9.0
+    verdicts = cg.evaluate(cg.load_results([write(tmp_path, "fused", CPU, rows)]), "cpu")
+    for goal in ("op (CPU, fp32): fused vs eager", "op (CPU, fp32): fused vs torch.compile"):
+        v = verdict(verdicts, goal, label)
+        assert (v.status, v.note) == ("MISSING", "cpu failed: RuntimeError: boom")
+
+    # One of two fused providers failed: the other is judged, and the failure is named beside it.
+    rows = failed(op_case(*case, {"cpu": 0.5, "triton": 0.4}), "triton", "RuntimeError: no kernel")
+    verdicts = cg.evaluate(cg.load_results([write(tmp_path, "one", CPU, rows)]), "cpu")
+    v = verdict(verdicts, "op (CPU, fp32): fused vs eager", label)
+    assert (v.status, v.provider, v.note) == ("PASS", "cpu", "triton failed: RuntimeError: no kernel")
+    assert v.per_provider["triton"][1] == "MISSING"
+
+
+def test_cli_reports_failed_rows_and_cut_off_runs(tmp_path):
+    passing = all_cpu_cells_passing()  # three rows a case: eager, compile, cpu
+    rows = failed(passing[:3], "compile", "InductorError: LoweringException: ValueRangeError") + passing[3:]
+    models = model_case("resnet3d_50", (2, 3, 4, 48, 48), "eval", {"eager": 10.0, "fused": 8.0, "compile": 9.0, "fused+compile": 7.0})
+    models = failed(models, "fused+compile", "InductorError: LoweringException")
+    path = write(tmp_path, "cut", CPU, rows, models)
+    payload = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(payload, complete=False)))
+    done = run_cli(path, "--strict")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "compile failed: InductorError: LoweringException: ValueRangeError" in done.stdout
+    assert f"cut off before its end (complete: false): {path}" in done.stdout
+    assert "total: 24 cases: 23 PASS, 0 MISS, 1 MISSING" in done.stdout
+
+
 def all_cpu_cells_passing():
     return [
         row

@@ -5,6 +5,7 @@ Tiny cases only: these check what the tools write and print, not speed.
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -22,13 +23,41 @@ def test_bytes_moved_counts_passes():
     assert bench.bytes_moved("bn_add_relu", "train-fwd+bwd", numel, size) == 8 * numel * size
 
 
-def test_peak_memory_sees_an_allocation():
+def test_peak_memory_sees_an_allocation(capfd):
     n = 1 << 20
 
     def run():
+        os.write(2, b"native noise\n")  # as the profiler's native side writes, past sys.stderr
         return torch.empty(n, dtype=torch.float32, device=DEVICE).fill_(1.0).sum()
 
+    print("before")
     assert bench.peak_memory_bytes(run, DEVICE) >= 4 * n
+    print("after")
+    out, err = capfd.readouterr()
+    assert out == "before\nafter\n" and err == ""  # nothing of the profiler's (kineto's "USDT: ...")
+
+
+def test_time_side_by_side_drops_a_failing_provider():
+    calls = {"flaky": 0}
+
+    def flaky():
+        calls["flaky"] += 1
+        if calls["flaky"] > 3:  # past the warm-up: fails while timed
+            raise RuntimeError("lost the device\nsecond line")
+
+    errors = {}
+    best = bench.time_side_by_side({"ok": lambda: None, "flaky": flaky}, torch.device("cpu"), rounds=2, min_run_time=0.01, errors=errors)
+    assert list(best) == ["ok"] and best["ok"] > 0
+    assert errors == {"flaky": "RuntimeError: lost the device"}
+    with pytest.raises(RuntimeError):  # without an errors dict the failure is the caller's
+        calls["flaky"] = 0
+        bench.time_side_by_side({"flaky": flaky}, torch.device("cpu"), rounds=1, min_run_time=0.01)
+
+
+def _tiny_cpu_bench(monkeypatch):
+    """One tiny quick case on the CPU, the copy bandwidth not measured."""
+    monkeypatch.setattr(bench, "CPU_QUICK_CASES", [((2, 5, 3, 3), "channels_last")])
+    monkeypatch.setattr(bench, "copy_bandwidth_gbps", lambda device: 10.0)
 
 
 @pytest.mark.parametrize("mode", bench.MODES)
@@ -73,6 +102,70 @@ def test_bench_quick_writes_results_and_plot(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "vs eager" in printed and "items/s" in printed
+
+
+def test_bench_records_a_failed_provider_and_goes_on(tmp_path, monkeypatch, capsys):
+    _tiny_cpu_bench(monkeypatch)
+    op_function = bench._op_function
+
+    def compile_breaks(provider):
+        if provider == "compile":
+            raise RuntimeError("InductorError: LoweringException\nthe traceback")
+        return op_function(provider)
+
+    monkeypatch.setattr(bench, "_op_function", compile_breaks)
+    bench.main(["--device", "cpu", "--quick", "--skip-models", "--cases", "bn_relu eval", "--output", str(tmp_path)])
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["complete"] is True
+    rows = {r["provider"]: r for r in payload["results"]}
+    assert list(rows) == bench.providers_for(torch.device("cpu"))
+    broken = rows.pop("compile")
+    assert broken["error"] == "RuntimeError: InductorError: LoweringException"
+    assert math.isnan(broken["ms"]) and math.isnan(broken["speedup_vs_eager"]) and broken["peak_memory_bytes"] is None
+    for row in rows.values():  # the others are measured, and only against measured rows
+        assert row["error"] == "" and row["ms"] > 0 and row["peak_memory_bytes"] >= 0
+        assert row["speedup_vs_eager"] == pytest.approx(rows["eager"]["ms"] / row["ms"])
+        assert math.isnan(row["speedup_vs_compile"])
+    printed = capsys.readouterr().out
+    assert "FAILED RuntimeError: InductorError: LoweringException" in printed
+    assert "1 row(s) FAILED" in printed and "the traceback" not in printed
+
+
+def test_bench_writes_each_case_as_it_ends(tmp_path, monkeypatch, capsys):
+    """A run cut off in its second case leaves the first on disk, in bench-out/ by default."""
+    _tiny_cpu_bench(monkeypatch)
+    monkeypatch.setattr(bench, "providers_for", lambda device: ["eager"] + bench.fused_providers(device))
+    run_op_case = bench.run_op_case
+    cases = []
+
+    def interrupted_second(*args, **kwargs):
+        cases.append(args[2:])
+        if len(cases) == 2:
+            raise KeyboardInterrupt
+        return run_op_case(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_op_case", interrupted_second)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bench-out").mkdir()
+    (tmp_path / "bench-out" / "speedup.png").write_bytes(b"an earlier run's plot")
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--device", "cpu", "--quick", "--skip-models"])
+    payload = json.loads((tmp_path / "bench-out" / "results.json").read_text())
+    assert payload["complete"] is False
+    first = cases[0]  # (dtype, shape, layout, op, mode)
+    assert [(r["dtype"], tuple(r["shape"]), r["layout"], r["op"], r["mode"]) for r in payload["results"]] == [first] * len(
+        bench.providers_for(torch.device("cpu"))
+    )
+    assert all(r["ms"] > 0 for r in payload["results"])
+    assert not (tmp_path / "bench-out" / "speedup.png").exists()
+    assert "interrupted: the finished cases are in bench-out/results.json" in capsys.readouterr().err
+
+
+def test_model_compile_is_static(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compiled.append(kwargs) or model)
+    run = bench.make_model_runner("compile", "resnet18", (1, 3, 16, 16), "eval", torch.device("cpu"), torch.float32, "contiguous")
+    assert compiled == [{"dynamic": False}] and run().shape == (1, 10)
 
 
 def test_bench_case_selection_splits_the_gpu_cases():
