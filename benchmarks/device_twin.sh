@@ -12,8 +12,11 @@
 # Env: TWIN_PYTEST_ARGS (extra pytest arguments, e.g. "-x" or "-k triton"), MAX_JOBS (default 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-venv=$(bash benchmarks/torch_venv.sh 2.11.0 3.12 triton==3.6.0 pytest pytest-xdist pytest-benchmark \
-  hypothesis scikit-learn tqdm matplotlib)
+# numpy<2.4: triton 3.6's interpreter (not its compiler) keeps program ids as 1-element arrays
+# and loop bounds made from them reach int(), which NumPy 2.4 refuses ("only 0-dimensional arrays
+# can be converted to Python scalars"); triton 3.8's interpreter makes them 0-dimensional.
+venv=$(bash benchmarks/torch_venv.sh 2.11.0 3.12 triton==3.6.0 "numpy<2.4" pytest pytest-xdist \
+  pytest-benchmark hypothesis scikit-learn tqdm matplotlib)
 python="$venv/bin/python"
 "$python" -c 'import sys, torch, triton; print("device twin: Python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__)'
 

@@ -118,6 +118,10 @@ def test_bwd_apply_matches_float64(backend, shape, layout, dtype, residual_grad,
 def test_pieces_compose_to_the_training_ops(backend, shape, layout, residual):
     """One process's statistics through the pieces: stats -> eval apply -> reduce -> apply with
     the means of the sums gives the training forward and backward."""
+    if backend == "triton" and TRITON_INTERPRETED and shape == SHAPES[-1] and (layout, residual) != ("channels_last", False):
+        # 35k values per channel take the interpreter a minute a case; one case composes the split
+        # pieces, and test_*_matches_float64 check each split piece in every layout.
+        pytest.skip("one split-reduction case under the Triton interpreter (a GPU run covers the rest)")
     dtype, channels = torch.float32, shape[1]
     impl = _impl()
     x = make_tensor(shape, dtype, layout)

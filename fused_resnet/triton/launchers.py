@@ -20,6 +20,7 @@ import torch
 import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
+from triton.runtime.interpreter import InterpretedFunction
 
 from ..ops import canonical_layout, empty_grad_residual, empty_relu_mask
 from ..reference import acc_dtype
@@ -30,6 +31,15 @@ LIBRARY = "fused_resnet_triton"
 # Combine kernels: partials merged BLOCK_S splits x BLOCK_C channels at a time.
 _COMBINE_BLOCK_S = 16
 _COMBINE_BLOCK_C = 64
+
+
+def _launchable(kernel):
+    """`kernel` as triton_op launches it: through wrap_triton, so torch.compile traces into it.
+
+    Under the interpreter a plain @triton.jit kernel is an InterpretedFunction, which torch 2.14's
+    wrap_triton hands back as it is and earlier releases refuse; it is launched directly there
+    (the interpreter only runs on CPU tensors, which inductor does not give to Triton)."""
+    return kernel if isinstance(kernel, InterpretedFunction) else wrap_triton(kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,14 +203,14 @@ def _launch_batch_stats(x, view, eps):
         mean_part = m2_part = mean  # not read
     else:
         mean_part, m2_part = (x.new_empty((plan.num_splits, c), dtype=acc) for _ in range(2))
-    wrap_triton(kernels._bn_fwd_stats_kernel)[_split_grid(view, plan)](
+    _launchable(kernels._bn_fwd_stats_kernel)[_split_grid(view, plan)](
         x, *_view_strides(x, view),
         mean_part, m2_part, mean, var, invstd,
         view.n_outer, c, view.n_inner, plan.chunk_a, plan.chunk_b, plan.splits_b, eps,
         SINGLE_SPLIT=single,
     )
     if not single:
-        wrap_triton(kernels._bn_fwd_stats_combine_kernel)[(triton.cdiv(c, _COMBINE_BLOCK_C),)](
+        _launchable(kernels._bn_fwd_stats_combine_kernel)[(triton.cdiv(c, _COMBINE_BLOCK_C),)](
             mean_part, m2_part, mean, var, invstd,
             view.n_outer, c, view.n_inner, plan.chunk_a, plan.chunk_b, plan.splits_b,
             plan.num_splits, eps,
@@ -215,7 +225,7 @@ def _launch_fwd_apply(x, view, residual, mean, spread, weight, bias, eps, spread
         r, r_strides = _operand(residual, x, view)
     else:
         r, r_strides = x, (0, 0, 0)
-    wrap_triton(kernels._bn_act_fwd_apply_kernel)[_tile_grid(view)](
+    _launchable(kernels._bn_act_fwd_apply_kernel)[_tile_grid(view)](
         x, *_view_strides(x, view),
         r, *r_strides,
         y,
@@ -246,7 +256,7 @@ def _launch_bwd_reduce(grad_out, out, x, view, mean, invstd):
         dz_part = dzx_part = sum_dz  # not read
     else:
         dz_part, dzx_part = (x.new_empty((plan.num_splits, c), dtype=acc) for _ in range(2))
-    wrap_triton(kernels._bn_act_bwd_reduce_kernel)[_split_grid(view, plan)](
+    _launchable(kernels._bn_act_bwd_reduce_kernel)[_split_grid(view, plan)](
         dy, *dy_strides,
         y, *y_strides,
         x, *_view_strides(x, view),
@@ -256,7 +266,7 @@ def _launch_bwd_reduce(grad_out, out, x, view, mean, invstd):
         SINGLE_SPLIT=single,
     )
     if not single:
-        wrap_triton(kernels._bn_act_bwd_reduce_combine_kernel)[(triton.cdiv(c, _COMBINE_BLOCK_C),)](
+        _launchable(kernels._bn_act_bwd_reduce_combine_kernel)[(triton.cdiv(c, _COMBINE_BLOCK_C),)](
             dz_part, dzx_part, invstd, sum_dz, sum_dz_xhat,
             c, plan.num_splits,
             BLOCK_S=_COMBINE_BLOCK_S, BLOCK_C=_COMBINE_BLOCK_C,
@@ -275,7 +285,7 @@ def _launch_bwd_apply(grad_out, out, x, view, weight, mean, invstd, dz_stat, dzx
     y, y_strides = _operand(out, x, view)
     grad_input = torch.empty_like(x)
     grad_residual = empty_grad_residual(x, residual_grad)
-    wrap_triton(kernels._bn_act_bwd_apply_kernel)[_tile_grid(view)](
+    _launchable(kernels._bn_act_bwd_apply_kernel)[_tile_grid(view)](
         dy, *dy_strides,
         y, *y_strides,
         x, *_view_strides(x, view),
