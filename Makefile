@@ -29,7 +29,16 @@ install:
 	    mod=$${pkg%%:*}; dist=$${pkg##*:}; \
 	    $(PYTHON) -c "import $$mod" 2>/dev/null || $(PIP) install "$$dist" || exit 1; \
 	done
-	$(PIP) install --no-build-isolation --no-deps -e .
+	@# pip's editable build starts from scratch every time (minutes with the CUDA kernels): build
+	@# only when no build by this Python and torch is recorded, a source or setup.py is newer than
+	@# the record, or the extension does not load. `make clean` forgets the record.
+	@stamp="build/.installed-$$($(PYTHON) -c 'import hashlib, sys, torch; print(hashlib.sha1(f"{sys.prefix} {torch.__version__}".encode()).hexdigest()[:12])')"; \
+	if [ -f "$$stamp" ] && [ -z "$$(find csrc setup.py -newer "$$stamp" -print -quit)" ] \
+	    && $(PYTHON) -c "import fused_resnet, sys; sys.exit(fused_resnet.EXTENSION_ERROR is not None)" 2>/dev/null; then \
+	  echo "fused_resnet: the extension is up to date (built by this Python and torch; make clean to rebuild)"; \
+	else \
+	  $(PIP) install --no-build-isolation --no-deps -e . && mkdir -p build && touch "$$stamp"; \
+	fi
 
 test: install
 	$(PYTHON) -m pytest tests -rs -n $(TEST_WORKERS) --durations=20 $(PYTEST_ARGS)

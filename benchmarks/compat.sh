@@ -43,7 +43,7 @@ for spec in "${specs[@]}"; do
       env_build=(TORCH_CUDA_ARCH_LIST=9.0)
     fi
     if (cd "$scratch" && env "${env_build[@]}" "$python" setup.py build_ext --inplace) > "$logs/$tag-$build-build.log" 2>&1 \
-      && (cd "$scratch" && "$python" benchmarks/compat_smoke.py "$build") > "$logs/$tag-$build-smoke.log" 2>&1; then
+      && (cd "$scratch" && PYTHONPATH="$scratch" "$python" benchmarks/compat_smoke.py "$build") > "$logs/$tag-$build-smoke.log" 2>&1; then
       echo "ok   $tag $build build: built and smoke-tested in $((SECONDS - start)) s"
     else
       echo "FAIL $tag $build build after $((SECONDS - start)) s: see $logs/$tag-$build-{build,smoke}.log"

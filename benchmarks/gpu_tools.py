@@ -70,70 +70,14 @@ def facts(args):
 
 
 def bench_chunk(args):
-    import torch
-
     from fused_resnet import bench
 
-    wanted = args.providers.split(",")
-    if "eager" not in wanted:
+    if "eager" not in args.providers.split(","):
         sys.exit("gpu_tools bench: --providers must include eager (every speed-up is against it)")
-
-    def providers_for(device):
-        return [p for p in wanted if p in ("eager", "compile") or p in bench.fused_providers(device)]
-
-    bench.providers_for = providers_for
-    _stand_ins_for_missing_bench_deps(bench)
     if args.bandwidth:
         bench.copy_bandwidth_gbps = lambda device: args.bandwidth
-    print(f"gpu_tools bench: providers {providers_for(torch.device(_device_of(args.bench_args)))}", flush=True)
-    bench.main(args.bench_args)
+    bench.main(["--providers", args.providers] + args.bench_args)
     return 0
-
-
-def _stand_ins_for_missing_bench_deps(bench):
-    """bench.main refuses to run without tqdm (its progress bar) and, with --output, without
-    matplotlib (speedup.png); the GPU machine's image promises neither (torch, triton, pytest).
-    Stand-ins: a bar that only prints the table lines, and no plot: results.json is written all
-    the same, and `record` draws the png here."""
-    import importlib.machinery
-    import importlib.util
-    import types
-
-    if importlib.util.find_spec("tqdm") is None:
-
-        class Bar:
-            def __init__(self, *args, **kwargs):
-                pass
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                return False
-
-            def write(self, text):
-                print(text, flush=True)
-
-            def update(self, n=1):
-                pass
-
-        sys.modules["tqdm"] = types.ModuleType("tqdm")
-        sys.modules["tqdm"].tqdm = Bar
-        print("gpu_tools bench: no tqdm here, printing rows without a progress bar", flush=True)
-    if importlib.util.find_spec("matplotlib") is None:
-        stand_in = types.ModuleType("matplotlib")
-        stand_in.__spec__ = importlib.machinery.ModuleSpec("matplotlib", None)
-        sys.modules["matplotlib"] = stand_in  # find_spec answers from sys.modules
-        bench.plot = lambda *args, **kwargs: None
-        print("gpu_tools bench: no matplotlib here, no speedup.png (record draws it)", flush=True)
-
-
-def _device_of(bench_args):
-    import torch
-
-    if "--device" in bench_args:
-        return bench_args[bench_args.index("--device") + 1]
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def model(args):

@@ -497,15 +497,17 @@ def model_providers(device, quick):
     return MODEL_PROVIDERS
 
 
-def run_op_case(device, bandwidth, dtype_name, shape, layout, op, mode, rounds, min_run_time):
+def run_op_case(device, bandwidth, dtype_name, shape, layout, op, mode, rounds, min_run_time, providers=None):
+    """Rows of one op-level case for `providers` (default: providers_for(device))."""
     dtype = DTYPES[dtype_name]
+    providers = providers_for(device) if providers is None else providers
     measured, errors = measure(
-        lambda p: make_runner(p, op, shape, layout, dtype, mode, device), providers_for(device), device, rounds, min_run_time
+        lambda p: make_runner(p, op, shape, layout, dtype, mode, device), providers, device, rounds, min_run_time
     )
     nbytes = bytes_moved(op, mode, math.prod(shape), torch.finfo(dtype).bits // 8)
     nan = float("nan")
     case = []
-    for provider in providers_for(device):
+    for provider in providers:
         if provider in errors:
             case.append(Result(op, shape, dtype_name, layout, mode, provider, nan, nan, nan, None, error=errors[provider]))
             continue
@@ -531,9 +533,10 @@ def run_model_case(device, providers, name, shape, dtype_name, layout, mode, rou
     return _with_speedups(case)
 
 
-def run_cases(results, device, bandwidth, ops_todo, models_todo, providers, rounds, min_run_time):
-    """Run the cases in order; print each case's rows and add them to `results` (a ResultsFile)
-    as it ends. Returns (op rows, model rows)."""
+def run_cases(results, device, bandwidth, ops_todo, models_todo, op_providers, providers, rounds, min_run_time):
+    """Run the cases in order, op-level ones with `op_providers`, models with `providers`; print
+    each case's rows and add them to `results` (a ResultsFile) as it ends. Returns (op rows,
+    model rows)."""
     total = len(ops_todo) + len(models_todo)
     op_results, model_results = [], []
     # Each case compiles for its own shapes, and a compiled program is timed at the shapes it was
@@ -543,7 +546,7 @@ def run_cases(results, device, bandwidth, ops_todo, models_todo, providers, roun
     limit = max(torch._dynamo.config.cache_size_limit, 256)
     with torch._dynamo.config.patch(automatic_dynamic_shapes=False, cache_size_limit=limit):
         for k, case in enumerate(ops_todo, 1):
-            rows = run_op_case(device, bandwidth, *case, rounds=rounds, min_run_time=min_run_time)
+            rows = run_op_case(device, bandwidth, *case, rounds=rounds, min_run_time=min_run_time, providers=op_providers)
             op_results.extend(rows)
             results.add("results", rows)
             print(format_table(rows, header=k == 1, progress=f"[{k}/{total}]"), flush=True)
@@ -592,6 +595,13 @@ def main(argv=None):
         'a label reads "OP MODE SHAPE LAYOUT DTYPE" (to split a long GPU run across calls)',
     )
     parser.add_argument(
+        "--providers",
+        default=None,
+        metavar="LIST",
+        help="comma-separated op-level providers, of eager, compile and the fused backends (default: "
+        "every one the device runs); those the device cannot run are left out, with a note",
+    )
+    parser.add_argument(
         "--output", default="bench-out", metavar="DIR",
         help="directory for results.json (rewritten after every case) and speedup.png (default: bench-out)",
     )
@@ -613,6 +623,18 @@ def main(argv=None):
         except re.error as e:
             parser.error(f"--cases {args.cases!r} is not a regular expression: {e}")
 
+    op_providers = providers_for(device)
+    if args.providers is not None:
+        named = args.providers.split(",")
+        known = ("eager", "compile") + tuple(b for b in fused_resnet.backend.BACKEND_NAMES if b != "auto")
+        unknown = [p for p in named if p not in known]
+        if unknown:
+            parser.error(f"unknown provider(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+        left_out = [p for p in named if p not in op_providers]
+        if left_out:
+            print(f"--providers: {', '.join(left_out)} left out: this device runs {', '.join(op_providers)}", flush=True)
+        op_providers = [p for p in op_providers if p in named]
+
     device_name, versions = environment(device)
     command = " ".join(["python", "-m", "fused_resnet.bench"] + list(argv))
     print(f"fused_resnet.bench on {device_name}; torch {versions['torch']}, triton {versions['triton']}", flush=True)
@@ -632,7 +654,8 @@ def main(argv=None):
     start = time.monotonic()
     try:
         op_results, model_results = run_cases(
-            results, device, bandwidth, ops_todo, models_todo, model_providers(device, args.quick), rounds, min_run_time
+            results, device, bandwidth, ops_todo, models_todo, op_providers, model_providers(device, args.quick),
+            rounds, min_run_time,
         )
     except KeyboardInterrupt:
         print(f"interrupted: the finished cases are in {results.path}", file=sys.stderr, flush=True)

@@ -131,6 +131,20 @@ def test_bench_records_a_failed_provider_and_goes_on(tmp_path, monkeypatch, caps
     assert "1 row(s) FAILED" in printed and "the traceback" not in printed
 
 
+def test_bench_runs_the_named_providers(tmp_path, monkeypatch, capsys):
+    """--providers keeps those named that the device runs, says which it left out, and refuses a
+    name that is no provider at all."""
+    _tiny_cpu_bench(monkeypatch)
+    args = ["--device", "cpu", "--quick", "--skip-models", "--cases", "bn_relu eval", "--output", str(tmp_path)]
+    bench.main(args + ["--providers", "eager,cpu,cuda"])
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [r["provider"] for r in rows] == ["eager", "cpu"]
+    assert "--providers: cuda left out" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(args + ["--providers", "eager,cudnn"])
+    assert "unknown provider(s) cudnn" in capsys.readouterr().err
+
+
 def test_bench_writes_each_case_as_it_ends(tmp_path, monkeypatch, capsys):
     """A run cut off in its second case leaves the first on disk, in bench-out/ by default."""
     _tiny_cpu_bench(monkeypatch)
