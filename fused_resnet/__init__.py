@@ -28,7 +28,9 @@ except ImportError as error:  # pure-Python install, or a build that failed
 
 from . import functional, models, nn, ops
 from .backend import available_backends, get_backend, set_backend, use_backend
-from .convert import ConversionReport, convert, optimize_for_inference
+from .convert import ConversionReport, convert
+from .inference import optimize_for_inference
+from .unfuse import unfuse
 
 ops._register_compiled_backends(EXTENSION_ERROR)
 
@@ -49,5 +51,6 @@ __all__ = [
     "use_backend",
     "convert",
     "optimize_for_inference",
+    "unfuse",
     "ConversionReport",
 ]

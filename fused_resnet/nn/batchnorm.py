@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import functional
 from ..reference import acc_dtype
+from .tracing import record_module_call, refuse_script
 
 
 class _FusedBatchNormMixin:
@@ -57,14 +58,19 @@ class _FusedBatchNormMixin:
         return functional.batch_norm_act(*tensors, use_batch_stats, momentum, self.eps)
 
 
+    __prepare_scriptable__ = refuse_script
+
+
 class _BatchNormReLU(_FusedBatchNormMixin):
     def forward(self, input):
-        return self._fused_forward(input, None)
+        traced = record_module_call(self, input)  # a leaf for torch.fx (nn/tracing.py)
+        return traced if traced is not None else self._fused_forward(input, None)
 
 
 class _BatchNormAddReLU(_FusedBatchNormMixin):
     def forward(self, input, residual):
-        return self._fused_forward(input, residual)
+        traced = record_module_call(self, input, residual)
+        return traced if traced is not None else self._fused_forward(input, residual)
 
 
 class BatchNormReLU1d(_BatchNormReLU, nn.BatchNorm1d):
@@ -105,6 +111,9 @@ _FUSED_TWIN = {
 
 EAGER_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
+# Where fused_resnet.convert keeps, on a BatchNorm it fused, the class it had (for unfuse).
+UNFUSED_CLASS = "_fused_resnet_unfused_class"
+
 
 def fuse_batchnorm_(bn: nn.Module, with_residual: bool = False) -> nn.Module:
     """Make the eager `bn` (exactly nn.BatchNorm1d/2d/3d) its fused twin, in place, and return it.
@@ -133,7 +142,12 @@ class AddReLU(nn.Module):
     output, where an eager add + ReLU makes two.
     """
 
+    __prepare_scriptable__ = refuse_script
+
     def forward(self, input, residual):
+        traced = record_module_call(self, input, residual)
+        if traced is not None:
+            return traced
         channels = input.shape[1] if input.dim() >= 2 else 0
         stats_dtype = acc_dtype(input.dtype) if input.dtype.is_floating_point else input.dtype
         mean = torch.zeros(channels, dtype=stats_dtype, device=input.device)

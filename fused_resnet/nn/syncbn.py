@@ -46,7 +46,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import backend as _backend
 from .. import functional
 from ..reference import acc_dtype
-from .batchnorm import _BatchNormAddReLU, _BatchNormReLU, _FusedBatchNormMixin
+from .batchnorm import UNFUSED_CLASS, _BatchNormAddReLU, _BatchNormReLU, _FusedBatchNormMixin
 
 
 class _SyncBatchNormActFunction(torch.autograd.Function):
@@ -260,6 +260,8 @@ def convert_sync_batchnorm(module, process_group=None):
         converted.training = module.training
         if hasattr(module, "qconfig"):
             converted.qconfig = module.qconfig
+        if UNFUSED_CLASS in module.__dict__:  # fused by convert: unfuse makes it nn.SyncBatchNorm
+            converted.__dict__[UNFUSED_CLASS] = nn.SyncBatchNorm
     for name, child in module.named_children():
         converted.add_module(name, convert_sync_batchnorm(child, process_group))
     return converted

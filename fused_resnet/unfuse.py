@@ -1,0 +1,88 @@
+"""unfuse(model): the plain model back, for tools that expect nn.BatchNorm and its ReLU apart.
+
+Third-party BatchNorm tools treat a fused module as the nn.BatchNorm*d it subclasses and silently
+drop its ReLU (timm.layers.freeze_batch_norm_2d; torch.nn.utils.fusion.fuse_conv_bn_eval followed
+by an nn.Identity in the BatchNorm's place). unfuse gives them plain modules, with the same
+state_dict keys and the same parameter and buffer objects:
+
+- each module convert rewrote gets its own class and forward back (a GraphModule its graph);
+- each BatchNorm convert fused gets the class it had (nn.BatchNorm2d, timm's BatchNormAct2d,
+  nn.SyncBatchNorm after convert(..., sync_batchnorm=True));
+- the fused BatchNorms of this package's blocks and ResNets become nn.BatchNorm*d: those
+  forwards apply the ReLU and the add themselves when the norm does not;
+- an AddReLU (a BatchNormAddReLU*d that optimize_for_inference folded) becomes the nn.Identity
+  a folded eager BatchNorm is, and the eager forward adds and applies the ReLU.
+
+A fused module it cannot give back (one a user's own forward calls expecting the ReLU, a frozen
+one) is named in a ValueError before anything changes.
+"""
+
+import copy
+
+from torch import nn
+
+from .convert import FUSED_NORMS, _check_module
+from .nn.batchnorm import EAGER_BATCHNORMS, UNFUSED_CLASS, AddReLU
+from .rewrite.graphs import UNFUSED_GRAPH, is_rewritten, original_class
+from .rewrite.undo import all_or_nothing
+
+_ADAPTIVE_FORWARDS = ("fused_resnet.nn.blocks", "fused_resnet.models.resnet")
+
+
+def _adapts_to_plain_norms(module):
+    """This package's blocks and ResNets: their forward calls norm_relu / norm_add_relu."""
+    return getattr(type(module).forward, "__module__", "") in _ADAPTIVE_FORWARDS
+
+
+def _plain_class(norm, parent):
+    """The class `norm` goes back to, or None when it cannot."""
+    if UNFUSED_CLASS in norm.__dict__:
+        return norm.__dict__[UNFUSED_CLASS]
+    if parent is not None and _adapts_to_plain_norms(parent):
+        if isinstance(norm, nn.SyncBatchNorm):
+            return nn.SyncBatchNorm
+        return next((c for c in type(norm).__mro__ if c in EAGER_BATCHNORMS), None)
+    return None
+
+
+def _is_frozen_fused(module):
+    return type(module).__module__ == "fused_resnet.nn.frozen" and type(module).__name__ != "FrozenBatchNorm"
+
+
+def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The plain twin of `model` (a deep copy unless inplace=True): see the module docstring."""
+    _check_module("unfuse", model)
+    modules = dict(model.named_modules())
+    refused = []
+    for name, module in modules.items():
+        parent = modules.get(name.rpartition(".")[0]) if name else None
+        if isinstance(module, FUSED_NORMS) and _plain_class(module, parent) is None:
+            refused.append(f"{name or '<model>'} ({type(module).__name__}, not made by fused_resnet.convert)")
+        elif _is_frozen_fused(module):
+            refused.append(f"{name or '<model>'} ({type(module).__name__}: unfuse before freezing)")
+    if refused:
+        raise ValueError(
+            "fused_resnet.unfuse: these fused modules have no plain equivalent that their callers "
+            "expect, the model is unchanged: " + ", ".join(refused)
+        )
+    model = model if inplace else copy.deepcopy(model)
+    with all_or_nothing(model):
+        for name, module in list(model.named_modules()):
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if name else None
+            if is_rewritten(module):
+                _restore_forward(module)
+            if isinstance(module, FUSED_NORMS):
+                module.__class__ = _plain_class(module, parent)
+                module.__dict__.pop(UNFUSED_CLASS, None)
+            elif isinstance(module, AddReLU) and parent is not None:
+                setattr(parent, attr, nn.Identity())
+    return model
+
+
+def _restore_forward(module):
+    if UNFUSED_GRAPH in getattr(module, "meta", {}):
+        module.graph = module.meta.pop(UNFUSED_GRAPH)
+        module.recompile()
+    else:
+        module.__class__ = original_class(module)
