@@ -29,6 +29,10 @@ install:
 	    mod=$${pkg%%:*}; dist=$${pkg##*:}; \
 	    $(PYTHON) -c "import $$mod" 2>/dev/null || $(PIP) install "$$dist" || exit 1; \
 	done
+	@# timm, for the model-zoo tests, only beside an importable torchvision: timm depends on
+	@# torchvision, and pip would otherwise fetch one, and a torch with it
+	@$(PYTHON) -c "import timm" 2>/dev/null || ! $(PYTHON) -c "import torchvision" 2>/dev/null \
+	    || $(PIP) install "timm==1.0.31" || exit 1
 	@# pip's editable build starts from scratch every time (minutes with the CUDA kernels): build
 	@# only when no build by this Python and torch is recorded, a source or setup.py is newer than
 	@# the record, or the extension does not load. `make clean` forgets the record.

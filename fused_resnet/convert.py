@@ -48,6 +48,7 @@ from .nn.batchnorm import (
     fuse_batchnorm_,
 )
 from .nn.blocks import BasicBlock, Bottleneck
+from .nn.frozen import FrozenBatchNorm, FrozenBatchNormAddReLU
 from .nn.syncbn import convert_sync_batchnorm
 from .nn.tracing import record_function_call
 from .rewrite import patterns
@@ -113,6 +114,8 @@ def _bn_add_relu(bn, input, residual, bn_on_left):
         return bn(input, residual)
     if isinstance(bn, AddReLU):  # optimize_for_inference folded the normalization away
         out = input
+    elif isinstance(bn, FrozenBatchNormAddReLU):  # nn.freeze_batchnorm replaced it
+        out = FrozenBatchNorm.forward(bn, input)
     else:
         eager_class = next(c for c in type(bn).__mro__ if c in EAGER_BATCHNORMS)
         out = eager_class.forward(bn, input)

@@ -23,7 +23,8 @@ from torch import nn
 
 from .convert import FUSED_NORMS, _check_module
 from .nn.batchnorm import EAGER_BATCHNORMS, UNFUSED_CLASS, AddReLU
-from .rewrite.graphs import UNFUSED_GRAPH, is_rewritten, original_class
+from .nn.frozen import _FrozenFusedNorm
+from .rewrite.graphs import UNFUSED_GRAPH, is_rewritten, original_class, set_graph
 from .rewrite.undo import all_or_nothing
 
 _ADAPTIVE_FORWARDS = ("fused_resnet.nn.blocks", "fused_resnet.models.resnet")
@@ -45,10 +46,6 @@ def _plain_class(norm, parent):
     return None
 
 
-def _is_frozen_fused(module):
-    return type(module).__module__ == "fused_resnet.nn.frozen" and type(module).__name__ != "FrozenBatchNorm"
-
-
 def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     """The plain twin of `model` (a deep copy unless inplace=True): see the module docstring."""
     _check_module("unfuse", model)
@@ -58,7 +55,7 @@ def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
         parent = modules.get(name.rpartition(".")[0]) if name else None
         if isinstance(module, FUSED_NORMS) and _plain_class(module, parent) is None:
             refused.append(f"{name or '<model>'} ({type(module).__name__}, not made by fused_resnet.convert)")
-        elif _is_frozen_fused(module):
+        elif isinstance(module, _FrozenFusedNorm):
             refused.append(f"{name or '<model>'} ({type(module).__name__}: unfuse before freezing)")
     if refused:
         raise ValueError(
@@ -82,7 +79,6 @@ def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
 
 def _restore_forward(module):
     if UNFUSED_GRAPH in getattr(module, "meta", {}):
-        module.graph = module.meta.pop(UNFUSED_GRAPH)
-        module.recompile()
+        set_graph(module, module.meta.pop(UNFUSED_GRAPH))
     else:
         module.__class__ = original_class(module)

@@ -16,6 +16,19 @@ from conftest import TOLERANCES
 MODEL_ERROR_GROWTH = 100.0
 
 
+def randomize_norms(model):
+    """Give every BatchNorm weights, biases and running statistics away from their defaults, so
+    that eval mode and the affine part are tested too."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.5)
+                m.running_mean.normal_(0.0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
 def assert_close(actual, expected, dtype, what):
     atol, rtol = TOLERANCES[dtype]
     scale = max(expected.detach().abs().max().item(), 1.0) if expected.numel() else 1.0

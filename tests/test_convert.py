@@ -14,26 +14,16 @@ from torch import nn
 import fused_resnet
 from fused_resnet.nn import BatchNormAddReLU2d, BatchNormReLU2d
 from conftest import DEVICE, make_tensor
-from parity import assert_same_training
+from parity import assert_same_training, randomize_norms
 import seed_models as seeds
 
 # The submodule, which the function fused_resnet.convert shadows as a package attribute.
 convert_module = importlib.import_module("fused_resnet.convert")
 
 
-def _randomize_norms(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.5)
-                m.running_mean.normal_(0.0, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
-
-
 def _prepare(model):
     model = model.to(device=DEVICE, dtype=torch.float64)
-    _randomize_norms(model)
+    randomize_norms(model)
     return model
 
 

@@ -1,4 +1,5 @@
-"""Drop-in fused modules, residual blocks, and the synchronized (SyncBatchNorm) variants."""
+"""Drop-in fused modules, their frozen twins for fine-tuning, residual blocks, and the synchronized
+(SyncBatchNorm) variants."""
 
 from .batchnorm import (
     AddReLU,
@@ -10,6 +11,7 @@ from .batchnorm import (
     BatchNormReLU3d,
     fuse_batchnorm_,
 )
+from .frozen import FrozenBatchNorm, FrozenBatchNormAddReLU, FrozenBatchNormReLU, freeze_batchnorm
 from .blocks import BasicBlock, BasicBlock3d, Bottleneck, Bottleneck3d
 from .syncbn import (
     DistributedDataParallel,
@@ -27,6 +29,10 @@ __all__ = [
     "BatchNormAddReLU3d",
     "AddReLU",
     "fuse_batchnorm_",
+    "FrozenBatchNorm",
+    "FrozenBatchNormReLU",
+    "FrozenBatchNormAddReLU",
+    "freeze_batchnorm",
     "BasicBlock",
     "Bottleneck",
     "BasicBlock3d",

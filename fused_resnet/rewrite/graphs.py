@@ -71,13 +71,25 @@ def install_graph(module, graph):
     generated from it."""
     if isinstance(module, torch.fx.GraphModule):
         module.meta.setdefault(UNFUSED_GRAPH, module.graph)
-        module.graph = graph
-        module.recompile()
+        set_graph(module, graph)
     else:
         install_forward(module, type(torch.fx.GraphModule(module, graph)).forward, graph)
 
 
 UNFUSED_GRAPH = "fused_resnet_unfused_graph"
+
+
+def set_graph(graph_module, graph):
+    """Make `graph` the graph of `graph_module`, and of both modes of a torchvision
+    DualGraphModule (create_feature_extractor's), which swaps its graph on train()/eval()."""
+    graph_module.graph = graph
+    if _is_dual(graph_module):
+        graph_module.train_graph = graph_module.eval_graph = graph
+    graph_module.recompile()
+
+
+def _is_dual(graph_module):
+    return hasattr(graph_module, "train_graph") and hasattr(graph_module, "eval_graph")
 
 
 def has_forward(module):
@@ -185,6 +197,8 @@ def _trace_through_raises(module, max_branches=16):
 def module_graph(module):
     """The torch.fx graph of `module`'s forward; raises NotRewritable when there is none."""
     if isinstance(module, torch.fx.GraphModule):
+        if _is_dual(module) and module.train_graph.python_code("self").src != module.eval_graph.python_code("self").src:
+            raise NotRewritable("its train and eval graphs differ (a DualGraphModule of a forward that reads self.training)")
         return copy.deepcopy(module.graph)  # rewritten as a copy: the original stays for unfuse
     if is_rewritten(module):
         if type(module)._fused_resnet_graph is None:

@@ -1,0 +1,172 @@
+"""Frozen BatchNorm for fine-tuning: fixed statistics and affine, fused with the ReLU (and the add).
+
+The fused analogue of torchvision.ops.FrozenBatchNorm2d, for inputs of any rank from 2 (N, C) to
+5 (N, C, D, H, W):
+
+    scale = weight / sqrt(running_var + eps),   shift = bias - running_mean * scale
+    FrozenBatchNorm(C)(x)                  == x * scale + shift
+    FrozenBatchNormReLU(C)(x)              == relu(x * scale + shift)
+    FrozenBatchNormAddReLU(C)(x, residual) == relu(x * scale + shift + residual)
+
+They hold torchvision's layout: buffers weight (ones), bias (zeros), running_mean (zeros),
+running_var (ones) and a float eps; no parameters. The statistics and the affine are the same in
+train and eval mode and get no gradient; gradients flow to the input and the residual. Loading a
+state dict drops a `num_batches_tracked` key, as torchvision's does, so the state dicts of
+nn.BatchNorm*d and of the fused modules load strictly. FrozenBatchNormReLU and
+FrozenBatchNormAddReLU run the fused eval-mode kernel (one pass: read x (and the residual), write
+the output); FrozenBatchNorm is plain eager PyTorch, for the BatchNorms no ReLU follows.
+
+`freeze_batchnorm(model)` puts them in place of a model's BatchNorms. The fused ones are not
+subclasses of FrozenBatchNorm, so no tool mistakes them for a plain frozen BatchNorm and drops
+their ReLU.
+"""
+
+import torch
+from torch import nn
+
+from .. import functional
+from .batchnorm import EAGER_BATCHNORMS, _BatchNormAddReLU, _BatchNormReLU
+from .tracing import record_module_call, refuse_script
+
+
+class _FrozenNorm(nn.Module):
+    """torchvision FrozenBatchNorm2d's buffers, state-dict loading and repr."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # nn.BatchNorm's counter means nothing once the statistics are frozen (torchvision drops
+        # it too); load_state_dict hands each module its own copy of the dict.
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self):
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class FrozenBatchNorm(_FrozenNorm):
+    """x * scale + shift with frozen statistics and affine, in eager PyTorch ops: the frozen twin
+    of a plain nn.BatchNorm1d/2d/3d, for (N, C, *) input."""
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        # Channels last, so that the per-channel vectors broadcast whatever the rank, with no
+        # Python on the rank that torch.fx could not trace; both views keep x's memory format.
+        return (x.movedim(1, -1) * scale + shift).movedim(-1, 1)
+
+
+class _FrozenFusedNorm(_FrozenNorm):
+    __prepare_scriptable__ = refuse_script
+
+    def _frozen_forward(self, input, residual):
+        tensors = (input, residual, self.running_mean, self.running_var, self.weight, self.bias)
+        functional.check_inputs(
+            type(self).__name__, *tensors, False, num_features=self.num_features
+        )
+        # training=False: the running statistics normalize, and nothing updates them
+        return functional.batch_norm_act(*tensors, False, 0.0, self.eps)
+
+
+class FrozenBatchNormReLU(_FrozenFusedNorm):
+    """relu(x * scale + shift) with frozen statistics and affine, in one fused kernel."""
+
+    def forward(self, input):
+        traced = record_module_call(self, input)  # a leaf for torch.fx (nn/tracing.py)
+        return traced if traced is not None else self._frozen_forward(input, None)
+
+
+class FrozenBatchNormAddReLU(_FrozenFusedNorm):
+    """relu(x * scale + shift + residual) with frozen statistics and affine, in one fused kernel."""
+
+    def forward(self, input, residual):
+        traced = record_module_call(self, input, residual)
+        return traced if traced is not None else self._frozen_forward(input, residual)
+
+
+# ---------------------------------------------------------------------------------------------
+# Freezing a model's BatchNorms.
+
+_SYNC_BATCHNORMS = (nn.SyncBatchNorm,)
+
+
+def _frozen_class(module):
+    """The frozen class for `module`, or None for a module freeze_batchnorm leaves as it is.
+
+    The fused modules (SyncBatchNorm ones included) by isinstance; plain BatchNorms by exact type,
+    since every fused module is also an nn.BatchNorm*d and other subclasses may do more."""
+    if isinstance(module, _BatchNormAddReLU):
+        return FrozenBatchNormAddReLU
+    if isinstance(module, _BatchNormReLU):
+        return FrozenBatchNormReLU
+    if type(module) in EAGER_BATCHNORMS or type(module) in _SYNC_BATCHNORMS:
+        return FrozenBatchNorm
+    return None
+
+
+@torch.no_grad()
+def _frozen_twin(bn, frozen_class, name):
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(
+            f"freeze_batchnorm: {name or 'the module'} ({type(bn).__name__}) has no running "
+            "statistics (track_running_stats=False), so there is nothing to freeze"
+        )
+    frozen = frozen_class(bn.num_features, eps=float(bn.eps))
+    # Copies, in the source's own dtype and device: freezing never aliases the model's tensors.
+    frozen.running_mean = bn.running_mean.detach().clone()
+    frozen.running_var = bn.running_var.detach().clone()
+    if bn.weight is not None:
+        frozen.weight = bn.weight.detach().clone()
+        frozen.bias = bn.bias.detach().clone()
+    else:  # affine=False: the identity affine, with the statistics' dtype and device
+        frozen.weight = torch.ones_like(frozen.running_mean)
+        frozen.bias = torch.zeros_like(frozen.running_mean)
+    frozen.train(bn.training)
+    return frozen
+
+
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm of `module` by its frozen twin, in its parent, and return `module`.
+
+    BatchNormReLU*d (and SyncBatchNormReLU) become FrozenBatchNormReLU, BatchNormAddReLU*d (and
+    SyncBatchNormAddReLU) FrozenBatchNormAddReLU, and nn.BatchNorm1d/2d/3d and nn.SyncBatchNorm
+    (exactly those types) FrozenBatchNorm, each with a copy of the running statistics, weight,
+    bias and eps, and the same train/eval mode. Any other module stays as it is. If `module` is
+    itself one of these, its frozen twin is returned. A BatchNorm shared by several parents
+    becomes one frozen module shared the same way. Hooks registered on a BatchNorm do not move.
+
+    All twins are built before any is put in place: a BatchNorm without running statistics
+    (track_running_stats=False) raises a ValueError and leaves the model unchanged.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"freeze_batchnorm: expected an nn.Module, got {type(module).__module__}."
+            f"{type(module).__qualname__}"
+        )
+    twins = {}  # id(BatchNorm) -> its frozen twin
+    for name, child in module.named_modules():
+        frozen_class = _frozen_class(child)
+        if frozen_class is not None:
+            twins[id(child)] = _frozen_twin(child, frozen_class, name)
+    if id(module) in twins:
+        return twins[id(module)]
+    placements = [
+        (parent, name, twins[id(child)])
+        for parent in module.modules()
+        for name, child in parent._modules.items()  # every name, even of a child held twice
+        if child is not None and id(child) in twins
+    ]
+    for parent, name, frozen in placements:
+        parent.add_module(name, frozen)
+    return module

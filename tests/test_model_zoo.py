@@ -1,0 +1,127 @@
+"""The models users convert: torchvision's 2D and video ResNets and timm's ResNets, as their
+libraries build them. Every BatchNorm that can fuse is fused (the counts below are counted by
+hand from the models' code), the rest is listed with its reason, and the converted model
+computes what the original computes in float64: outputs, all gradients, running statistics and
+parameters over SGD steps in training, and in eval mode.
+
+Inputs are as small as keeps every BatchNorm well conditioned: a training-mode BatchNorm over a
+handful of values per channel amplifies rounding differences far beyond float64's resolution.
+"""
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import fused_resnet
+from conftest import make_tensor
+from parity import assert_same_training, randomize_norms
+
+# `make install` installs both beside the default torch: in CI they must be there.
+torchvision = pytest.importorskip("torchvision") if not os.environ.get("CI") else __import__("torchvision")
+timm = pytest.importorskip("timm") if not os.environ.get("CI") else __import__("timm")
+tv = torchvision.models
+
+# name: (factory, input shape, fused, left). Counted from the models' code:
+# - torchvision resnet18: 20 BatchNorms = stem bn1 + 8 BasicBlocks x (bn1, bn2) + 3 downsample
+#   BatchNorms. bn1s fuse with their ReLU, bn2s with `out += identity` + ReLU; a downsample
+#   BatchNorm is the other operand of that add: 17 fused, 3 left.
+# - torchvision resnet50: 53 = 1 + 16 Bottlenecks x 3 + 4 downsample: 49 fused, 4 left.
+# - r3d_18, mc3_18: 20 = stem + 8 x (conv1's, conv2's: the last layer of conv1/conv2 =
+#   Sequential(conv, BatchNorm3d[, ReLU])) + 3 downsample: 17 fused, 3 left.
+# - r2plus1d_18: 37 = stem 2 + 8 x (2 inside the Conv2Plus1D's + conv1's + conv2's) + 3: 34, 3.
+# - timm resnet18 (drop_block = nn.Identity between bn1 and act1): as torchvision's, 17 and 3.
+# - timm resnet50: as torchvision's (nn.Identity between bn2 and act2), 49 and 4.
+# - timm resnet50d: deep stem (2 BatchNorms in model.conv1, then model.bn1), downsample =
+#   Sequential(AvgPool2d, conv, BatchNorm2d): 55 = 3 + 48 + 4: 51 fused, 4 left.
+# - timm seresnet50: bn3's output goes to the SE module (cannot fuse, 16); the downsample
+#   BatchNorm then takes the add with the SE output as residual: 53 = 1 + 32 + 16 + 4: 37, 16.
+# - timm skresnet18: 12 BatchNorm2d (stem, 8 in the selective-kernel attention, 3 downsample) and
+#   24 BatchNormAct2d (8 x 2 kernel paths that apply their ReLU, 8 conv2 without activation that
+#   take `x += shortcut` + ReLU): 36 = 33 fused + 3 left (downsample).
+IMAGE, CLIP = (4, 3, 64, 64), (2, 3, 8, 32, 32)
+MODELS = {
+    "tv.resnet18": (lambda: tv.resnet18(num_classes=10), IMAGE, 17, 3),
+    "tv.resnet50": (lambda: tv.resnet50(num_classes=10), IMAGE, 49, 4),
+    "tv.r3d_18": (lambda: tv.video.r3d_18(num_classes=10), CLIP, 17, 3),
+    "tv.mc3_18": (lambda: tv.video.mc3_18(num_classes=10), CLIP, 17, 3),
+    "tv.r2plus1d_18": (lambda: tv.video.r2plus1d_18(num_classes=10), CLIP, 34, 3),
+    "timm.resnet18": (lambda: timm.create_model("resnet18", num_classes=10), IMAGE, 17, 3),
+    "timm.resnet50": (lambda: timm.create_model("resnet50", num_classes=10), IMAGE, 49, 4),
+    "timm.resnet50d": (lambda: timm.create_model("resnet50d", num_classes=10), IMAGE, 51, 4),
+    "timm.seresnet50": (lambda: timm.create_model("seresnet50", num_classes=10), IMAGE, 37, 16),
+    "timm.skresnet18": (lambda: timm.create_model("skresnet18", num_classes=10), IMAGE, 33, 3),
+}
+ONE_PER_ADD = "cannot fuse: the other operand of its add, "
+
+
+def _batchnorms(model):
+    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _expected_reason(model_name, norm_name):
+    if model_name == "timm.seresnet50":
+        return "cannot fuse: its output goes to se (SEModule), not to a ReLU or an add"
+    block = norm_name.rsplit(".", 2)[0]  # layerK.0 of layerK.0.downsample.1
+    last = {"resnet50": "bn3", "resnet50d": "bn3", "r3d_18": "conv2.1", "mc3_18": "conv2.1"}
+    last.update({"r2plus1d_18": "conv2.1", "skresnet18": "conv2.bn"})
+    takes_add = f"{block}.{last.get(model_name.split('.')[1], 'bn2')}"
+    return f"{ONE_PER_ADD}{takes_add}, takes the add (one BatchNorm per add)"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_fusable_batchnorm_is_fused(name):
+    factory, _, fused, left = MODELS[name]
+    model = factory()
+    converted, report = fused_resnet.convert(model, return_report=True)
+    assert (len(report.fused), len(report.left), report.untraced) == (fused, left, [])
+    assert sorted(n for n, _ in report.fused + report.left) == sorted(_batchnorms(model)), "every BatchNorm listed"
+    for norm, reason in report.left:
+        assert reason == _expected_reason(name, norm), norm
+    assert converted.state_dict().keys() == model.state_dict().keys()
+    converted.load_state_dict(model.state_dict(), strict=True)
+    assert all(type(m).__module__ != "fused_resnet.nn.batchnorm" for m in model.modules()), "original untouched"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_converted_model_trains_and_evaluates_like_the_original(name):
+    factory, shape, _, _ = MODELS[name]
+    torch.manual_seed(0)
+    original = randomize_norms(factory().double())
+    converted = fused_resnet.convert(original)
+    for training in (True, False):
+        assert_same_training(
+            converted, original, lambda: make_tensor(shape, torch.float64), torch.float64, steps=2 if training else 1,
+            training=training,
+        )  # fmt: skip
+
+
+def test_seed_004_torchvision_resnet18_as_written():
+    """Seed 004: `from torchvision.models.resnet import resnet18; resnet18 = resnet18()`."""
+    from torchvision.models.resnet import resnet18
+
+    torch.manual_seed(0)
+    resnet18 = resnet18()
+    print(resnet18)
+    original = randomize_norms(resnet18.double())
+    converted, report = fused_resnet.convert(original, return_report=True)
+    assert len(report.fused) == 17
+    assert_same_training(converted, original, lambda: make_tensor((2, 3, 96, 96), torch.float64), torch.float64, steps=2)
+
+
+def test_unfuse_gives_plain_modules_for_third_party_tools():
+    """A converted model, unfused, is the original again: timm's freeze_batch_norm_2d then
+    freezes every BatchNorm of it exactly as of the original (on a fused model it would drop
+    the ReLUs)."""
+    torch.manual_seed(0)
+    original = randomize_norms(timm.create_model("resnet18", num_classes=10).double()).eval()
+    converted = fused_resnet.convert(original)
+    plain = fused_resnet.unfuse(converted)
+    for a, b in zip(plain.modules(), original.modules()):
+        assert type(a) is type(b)
+    assert plain.state_dict().keys() == original.state_dict().keys()
+    x = make_tensor(IMAGE, torch.float64)
+    frozen = timm.layers.freeze_batch_norm_2d(plain)
+    frozen_original = timm.layers.freeze_batch_norm_2d(original)
+    torch.testing.assert_close(frozen(x), frozen_original(x), atol=1e-12, rtol=1e-12)
