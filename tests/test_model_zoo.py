@@ -125,3 +125,17 @@ def test_unfuse_gives_plain_modules_for_third_party_tools():
     frozen = timm.layers.freeze_batch_norm_2d(plain)
     frozen_original = timm.layers.freeze_batch_norm_2d(original)
     torch.testing.assert_close(frozen(x), frozen_original(x), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name, relu_norms", [("resnet18", 0), ("skresnet18", 8)])
+def test_silu_models_are_left_as_cannot_fuse(name, relu_norms):
+    """With act_layer="silu" what applies a SiLU is left, and every reason says it cannot fuse:
+    the BatchNorm's output, or its sum with the shortcut, goes to a SiLU (timm's BatchNormAct2d
+    applies one). skresnet18's selective-kernel attention keeps its own ReLU (8 fuse)."""
+    model = timm.create_model(name, num_classes=10, act_layer="silu")
+    _, report = fused_resnet.convert(model, return_report=True)
+    assert report.untraced == []
+    assert len(report.fused) == relu_norms and all(n.endswith(".attn.bn") for n, _ in report.fused)
+    assert sorted(n for n, _ in report.left + report.fused) == sorted(_batchnorms(model))
+    for norm, reason in report.left:
+        assert reason.startswith("cannot fuse: ") and "SiLU" in reason, (norm, reason)
