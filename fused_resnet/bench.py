@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 import fused_resnet
 
+from . import bench_overhead
 from .bench_report import ResultsFile, format_model_table, format_table, plot
 
 OPS = ("bn_relu", "bn_add_relu")
@@ -602,6 +603,10 @@ def main(argv=None):
         "every one the device runs); those the device cannot run are left out, with a note",
     )
     parser.add_argument(
+        "--overhead", action="store_true",
+        help="only the host time per module call, fused against eager, on tiny tensors (overhead.json)",
+    )
+    parser.add_argument(
         "--output", default="bench-out", metavar="DIR",
         help="directory for results.json (rewritten after every case) and speedup.png (default: bench-out)",
     )
@@ -638,6 +643,14 @@ def main(argv=None):
     device_name, versions = environment(device)
     command = " ".join(["python", "-m", "fused_resnet.bench"] + list(argv))
     print(f"fused_resnet.bench on {device_name}; torch {versions['torch']}, triton {versions['triton']}", flush=True)
+    if args.overhead:
+        rows = bench_overhead.run(device, rounds=3 if args.quick else 7, number=50 if args.quick else 200)
+        os.makedirs(args.output, exist_ok=True)
+        path = os.path.join(args.output, "overhead.json")
+        with open(path, "w") as f:
+            json.dump({"device": device_name, "versions": versions, "command": command, "rows": rows}, f, indent=1)
+        print(f"wrote {path}", flush=True)
+        return
     rounds, min_run_time = (2, 0.2) if args.quick else (3, 0.3)
     bandwidth = copy_bandwidth_gbps(device)
     print(f"device copy bandwidth: {bandwidth:.1f} GB/s (read + write)", flush=True)

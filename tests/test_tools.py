@@ -221,3 +221,21 @@ def test_profile_writes_trace_and_table(tmp_path, capsys, fused):
     else:
         assert not fused_names & names
         assert "aten::native_batch_norm" in names or "aten::_native_batch_norm_legit" in names
+
+
+def test_bench_overhead_times_every_provider_interleaved(tmp_path, capsys):
+    """--overhead: one row per case, every provider timed in every round, written to overhead.json."""
+    from fused_resnet import bench_overhead
+
+    rows = bench_overhead.run("cpu", rounds=2, number=3, ops=("bn_add_relu",), dims=(2,), modes=bench_overhead.MODES)
+    names = bench_overhead.providers(torch.device("cpu"))
+    assert names[0] == "eager" and "triton" not in names and len(names) >= 2
+    assert [r["mode"] for r in rows] == list(bench_overhead.MODES)
+    for row in rows:
+        assert set(row["samples_us"]) == set(names)
+        assert all(len(s) == 2 and min(s) > 0 for s in row["samples_us"].values())
+    bench.main(["--overhead", "--quick", "--device", "cpu", "--output", str(tmp_path)])
+    written = json.loads((tmp_path / "overhead.json").read_text())
+    assert len(written["rows"]) == 2 * 3 * len(bench_overhead.MODES)
+    header = [line for line in capsys.readouterr().out.splitlines() if line.startswith("case")][0]
+    assert all(f"{n} µs" in header for n in names) and all(f"{n}/eager" in header for n in names[1:])

@@ -1,0 +1,133 @@
+"""python -m fused_resnet.bench --overhead: host time per module call, fused against eager.
+
+The tensors are tiny (a few hundred elements), so the kernels cost next to nothing and what is
+measured is the host path: Python, argument checks, dispatch, autograd bookkeeping, the ops
+launched besides the kernel. Each case builds, on the same device:
+  eager      nn.BatchNorm*d, then (+ residual and) ReLU, as a model writes them
+  <backend>  fused_resnet.nn.BatchNormReLU*d / BatchNormAddReLU*d on that backend
+and times them interleaved, round by round, with torch.utils.benchmark on one thread; the table
+gives the median µs per call over the rounds and fused / eager. On CUDA a call's time includes its
+launches (the GPU finishes tiny kernels faster than the host issues them).
+
+Modes: "eval" (forward under no_grad), "train-fwd" (forward that records autograd and updates
+the running statistics), "train-fwd+bwd" (that forward, then backward to input, residual,
+weight and bias).
+"""
+
+import statistics
+import sys
+
+import torch
+import torch.utils.benchmark as benchmark
+from torch import nn
+
+import fused_resnet
+
+MODES = ("eval", "train-fwd", "train-fwd+bwd")
+SHAPES = {1: (4, 8, 16), 2: (2, 8, 4, 4), 3: (2, 8, 2, 2, 4)}  # 128 elements each
+EAGER_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+class EagerBatchNormAct(nn.Module):
+    """nn.BatchNorm*d, then (+ residual and) nn.ReLU: the unfused module pair."""
+
+    def __init__(self, dims, channels):
+        super().__init__()
+        self.bn = EAGER_NORMS[dims](channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x, residual=None):
+        out = self.bn(x)
+        if residual is not None:
+            out = out + residual
+        return self.relu(out)
+
+
+def _fused_module(op, dims, channels):
+    name = f"BatchNorm{'AddReLU' if op == 'bn_add_relu' else 'ReLU'}{dims}d"
+    return getattr(fused_resnet.nn, name)(channels)
+
+
+def make_call(provider, op, dims, mode, device):
+    """A no-argument callable: one module call (and its backward) for the case."""
+    shape = SHAPES[dims]
+    module = EagerBatchNormAct(dims, shape[1]) if provider == "eager" else _fused_module(op, dims, shape[1])
+    module = module.to(device).train(mode != "eval")
+    x = torch.randn(shape, device=device, requires_grad=mode == "train-fwd+bwd")
+    args = (x, torch.randn(shape, device=device, requires_grad=x.requires_grad)) if op == "bn_add_relu" else (x,)
+    grad = torch.randn(shape, device=device)
+    backend = None if provider == "eager" else provider
+
+    def forward():
+        if backend is None:
+            return module(*args)
+        with fused_resnet.use_backend(backend):
+            return module(*args)
+
+    if mode == "eval":
+
+        def call():
+            with torch.no_grad():
+                return forward()
+
+    elif mode == "train-fwd":
+        call = forward
+    else:
+
+        def call():
+            forward().backward(grad)
+
+    return call
+
+
+def time_interleaved(calls, device, rounds, number):
+    """{provider: [µs per call, one per round]}, the providers taking turns within each round."""
+    timers = {
+        name: benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=1) for name, call in calls.items()
+    }
+    for call in calls.values():  # warm-up: first-call costs (kernel choice, allocator) out of the way
+        for _ in range(20):
+            call()
+    samples = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            samples[name].append(timer.timeit(number).mean * 1e6)
+    return samples
+
+
+def providers(device):
+    """eager and every fused backend that runs `device` as a product would: the Triton
+    interpreter (CPU tensors) is a test vehicle, not a provider."""
+    names = fused_resnet.available_backends(device)
+    if device.type == "cpu":
+        names = [n for n in names if n != "triton"]
+    return ["eager"] + names
+
+
+def run(device, rounds=7, number=200, ops=("bn_relu", "bn_add_relu"), dims=(1, 2, 3), modes=MODES, out=None):
+    """Time every case; print the table (to `out`, default stdout); return the rows."""
+    out = out or sys.stdout
+    device = torch.device(device)
+    names = providers(device)
+    rows = []
+    header = f"{'case':34}" + "".join(f"{n + ' µs':>14}" for n in names) + "".join(
+        f"{n + '/eager':>16}" for n in names[1:]
+    )
+    print(f"host µs per call, median of {rounds} interleaved rounds of {number} calls, 1 thread, {device}", file=out)
+    print(header, file=out, flush=True)
+    for op in ops:
+        for d in dims:
+            for mode in modes:
+                calls = {name: make_call(name, op, d, mode, device) for name in names}
+                samples = time_interleaved(calls, device, rounds, number)
+                median = {name: statistics.median(s) for name, s in samples.items()}
+                row = {"op": op, "dims": d, "mode": mode, "us_per_call": median, "samples_us": samples}
+                rows.append(row)
+                label = f"{op} {d}d {mode}"
+                line = f"{label:34}" + "".join(f"{median[n]:14.1f}" for n in names) + "".join(
+                    f"{median[n] / median['eager']:16.2f}" for n in names[1:]
+                )
+                print(line, file=out, flush=True)
+    return rows
