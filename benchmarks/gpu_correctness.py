@@ -215,6 +215,14 @@ def break_backend(name):
 
     impl.fwd_train = broken_fwd_train
     impl.fwd_eval = lambda *args: fwd_eval(*args) + 1
+    if impl.bn_act is not None:  # the module op of the C++ backends
+        bn_act = impl.bn_act
+
+        def broken_bn_act(*args):
+            out, *rest = bn_act(*args)
+            return (out + 1, *rest)
+
+        impl.bn_act = broken_bn_act
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,8 +9,9 @@
 // float32 otherwise. Activations (out, grad_input, grad_residual) are in the input's dtype and keep
 // the input's memory format.
 //
-// The ops are functional: none mutates its inputs. The running-statistics update is done in Python
-// (fused_resnet/functional.py) from the returned batch statistics.
+// bn_act, the op a module call runs, updates the running statistics it is given in place (declared
+// `Tensor(a!)`), as ATen's native_batch_norm does; its autograd is in C++
+// (csrc/common/bn_act_autograd.cpp). The other ops are functional: none mutates its inputs.
 
 #include <Python.h>
 #include <torch/library.h>
@@ -27,6 +28,21 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fused_resnet, m) {
+  // One module call: relu(batch_norm(input) (+ residual)).
+  // training: normalizes with the batch statistics, returns them (save_mean, save_invstd) and
+  //   the ReLU mask for the backward (as bn_act_fwd_train), and, when running_mean and
+  //   running_var are given, updates them in place, in their own dtype, with the batch mean and
+  //   the unbiased batch variance var·M/(M-1):
+  //     running <- (1 - momentum) * running + momentum * batch
+  //   (an empty batch leaves them as they are). M == 1 is refused, as nn.BatchNorm refuses it.
+  // eval (training false): normalizes with running_mean and running_var (required), as
+  //   bn_act_fwd_eval; save_mean, save_invstd and relu_mask are empty.
+  // Every argument is checked before anything is computed or changed.
+  m.def(
+      "bn_act(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias,"
+      " Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum,"
+      " float eps) -> (Tensor out, Tensor save_mean, Tensor save_invstd, Tensor relu_mask)");
+
   // Training forward with batch statistics.
   // Returns (out, save_mean, save_invstd, batch_var, relu_mask): batch_var is the biased
   // variance; Python turns it into the unbiased running estimate. An empty batch (M == 0) gives

@@ -42,6 +42,10 @@ class Backend:
     stats: Callable
     bwd_reduce: Callable
     bwd_apply: Callable
+    # The module op (the C++ backends): one call does the forward and the running-statistics
+    # update, with autograd in C++. None: functional.batch_norm_act composes fwd_train /
+    # fwd_eval and the update in Python.
+    bn_act: Optional[Callable] = None
 
 
 _registry: Dict[str, Backend] = {}

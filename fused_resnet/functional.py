@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from . import backend as _backend
 from . import ops
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -147,6 +148,13 @@ def batch_norm_act(input, residual, running_mean, running_var, weight, bias, tra
     training=True normalizes with the batch statistics and, when running buffers are given,
     updates them with `momentum`; training=False normalizes with the running statistics.
     """
+    impl = _backend.resolve(input.device)
+    if impl.bn_act is not None:  # one op: the kernels and the running-statistics update (csrc)
+        args = (input, residual, weight, bias, running_mean, running_var, training, momentum, eps)
+        if ops.profiler_active():
+            with ops.profiled(residual is not None, "fwd"):
+                return impl.bn_act(*args)[0]
+        return impl.bn_act(*args)[0]
     if not training:
         return ops.forward_eval(input, residual, running_mean, running_var, weight, bias, eps)
     out, batch_mean, _invstd, batch_var = ops.forward_train(input, residual, weight, bias, eps)

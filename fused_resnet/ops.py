@@ -1,6 +1,10 @@
 """The one op API of fused_resnet: fake impls, autograd, and dispatch to a backend.
 
 Ops (schemas in csrc/fused_resnet.cpp, where the math is written out):
+  bn_act(input, residual?, weight?, bias?, running_mean(a!)?, running_var(b!)?, training, momentum,
+         eps) -> (out, save_mean, save_invstd, relu_mask)
+      the C++ backends' module op: forward and running-statistics update in one call, autograd
+      in C++ (csrc/common/bn_act_autograd.cpp); this file gives it its fake impl only
   bn_act_fwd_train(input, residual?, weight?, bias?, eps)
       -> (out, save_mean, save_invstd, batch_var, relu_mask)
   bn_act_fwd_eval(input, residual?, running_mean, running_var, weight?, bias?, eps) -> out
@@ -16,7 +20,7 @@ relu_mask is the ReLU mask the training forward keeps for its backward, in a pac
 backend's own (or empty: the backward then takes the mask from out); autograd passes it from one
 to the other and `forward_train` does not return it.
 
-Every compiled backend implements these six ops; `register_op_set` gives any such set the same
+Every compiled backend implements the six functional ops; `register_op_set` gives any such set the same
 fake impls and the same autograd formula, so backends differ only in their kernels. The
 "reference" backend is the eager composition in reference.py (autograd from eager ops).
 
@@ -100,6 +104,14 @@ def _fake_bwd(grad_out, out, relu_mask, input, weight, mean, invstd, batch_stats
     )
 
 
+def _fake_bn_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps):
+    if not training:  # no batch statistics, no mask
+        acc = acc_dtype(input.dtype)
+        return _empty_activation(input), input.new_empty((0,), dtype=acc), input.new_empty((0,), dtype=acc), empty_relu_mask(input)
+    stat = _empty_channel_stat
+    return _empty_activation(input), stat(input), stat(input), empty_relu_mask(input, cpu_relu_mask_bytes(input))
+
+
 def _fake_stats(input):
     return _empty_channel_stat(input), _empty_channel_stat(input)
 
@@ -122,8 +134,12 @@ def _fake_bwd_apply(grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz
 _profiler_enabled = torch._C._autograd._profiler_enabled
 
 
+def profiler_active():
+    return not torch.compiler.is_compiling() and _profiler_enabled()
+
+
 def profiled(has_residual: bool, direction: str):
-    if torch.compiler.is_compiling() or not _profiler_enabled():
+    if not profiler_active():
         return contextlib.nullcontext()
     op = "bn_add_relu" if has_residual else "bn_relu"
     return torch.profiler.record_function(f"fused_resnet::{op}_{direction}")
@@ -243,6 +259,8 @@ def _register_compiled_backends(extension_error):
         _backend.mark_unavailable("cuda", reason)
         return
     ops = torch.ops.fused_resnet
+    # bn_act: fake impl here, autograd in C++ (csrc/common/bn_act_autograd.cpp)
+    torch.library.register_fake(ops.bn_act.default, _fake_bn_act)
     register_op_set(
         ops.bn_act_fwd_train.default,
         ops.bn_act_fwd_eval.default,
@@ -266,6 +284,7 @@ def _register_compiled_backends(extension_error):
                     stats=ops.bn_stats.default,
                     bwd_reduce=ops.bn_act_bwd_reduce.default,
                     bwd_apply=ops.bn_act_bwd_apply.default,
+                    bn_act=ops.bn_act.default,
                 )
             )
 

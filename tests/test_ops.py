@@ -62,6 +62,18 @@ def test_opcheck(sample, requires_grad):
 
 
 @pytest.mark.skipif(not COMPILED, reason="no compiled backend (fused_resnet._C not built)")
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+@pytest.mark.parametrize("sample", OP_SAMPLES, ids=[f"{s}-{l}-{str(d)[6:]}-{'add' if r else 'relu'}" for s, l, d, r in OP_SAMPLES])
+def test_opcheck_module_op(sample, requires_grad):
+    """bn_act, the op a module call runs: its schema declares the running statistics it updates
+    in place, and its C++ autograd, fake impl and AOT tracing agree with the kernel."""
+    x, r, w, b, rm, rv = _op_args(*sample, requires_grad)
+    for training in (True, False):
+        torch.library.opcheck(ops.bn_act.default, (x, r, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5))
+    torch.library.opcheck(ops.bn_act.default, (x, r, w, b, None, None, True, 0.1, 1e-5))
+
+
+@pytest.mark.skipif(not COMPILED, reason="no compiled backend (fused_resnet._C not built)")
 def test_ops_do_not_mutate_inputs():
     x, r, w, b, rm, rv = _op_args((3, 4, 5, 5), "channels_last", torch.float32, True, False)
     before = [t.clone() for t in (x, r, w, b, rm, rv)]

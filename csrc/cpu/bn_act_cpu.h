@@ -78,6 +78,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(
 // The pieces of the training ops for SyncBatchNorm (statistics spanning several processes).
 std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input);
 
+// bn_act (bn_act_module.cpp): one module call, the running statistics updated in place.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_cpu(
+    const at::Tensor& input, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    bool training, double momentum, double eps);
+
 std::tuple<at::Tensor, at::Tensor> bn_act_bwd_reduce_cpu(
     const at::Tensor& grad_out,
     const at::Tensor& out,

@@ -4,6 +4,7 @@
 #include "bn_act_cpu.h"
 
 TORCH_LIBRARY_IMPL(fused_resnet, CPU, m) {
+  m.impl("bn_act", TORCH_FN(fused_resnet::cpu::bn_act_cpu));
   m.impl("bn_act_fwd_train", TORCH_FN(fused_resnet::cpu::bn_act_fwd_train_cpu));
   m.impl("bn_act_fwd_eval", TORCH_FN(fused_resnet::cpu::bn_act_fwd_eval_cpu));
   m.impl("bn_act_bwd", TORCH_FN(fused_resnet::cpu::bn_act_bwd_cpu));

@@ -37,14 +37,21 @@ class _FusedBatchNormMixin:
             self.running_var if tracks else None,
         )
 
+    def _counts_steps(self):
+        return self.training and self.track_running_stats and self.num_batches_tracked is not None
+
+    def _step_momentum(self):
+        """The running-stats momentum of this step: `momentum`, or, when it is None, the
+        cumulative average 1 / num_batches_tracked as it is once this step is counted."""
+        if self.momentum is not None:
+            return self.momentum
+        return 1.0 / (float(self.num_batches_tracked) + 1.0) if self._counts_steps() else 0.0
+
     def _count_step(self):
-        """Count a training step in num_batches_tracked and return the running-stats momentum:
-        `momentum`, or the cumulative average 1 / num_batches_tracked when momentum is None."""
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        """Count a training step in num_batches_tracked and return its momentum."""
+        momentum = self._step_momentum()
+        if self._counts_steps():
             self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
         return momentum
 
     def _fused_forward(self, input, residual):
@@ -54,8 +61,10 @@ class _FusedBatchNormMixin:
         functional.check_inputs(
             type(self).__name__, *tensors, use_batch_stats, num_features=self.num_features
         )
-        momentum = self._count_step()
-        return functional.batch_norm_act(*tensors, use_batch_stats, momentum, self.eps)
+        out = functional.batch_norm_act(*tensors, use_batch_stats, self._step_momentum(), self.eps)
+        if self._counts_steps():  # counted once the step went through: a refused call counts nothing
+            self.num_batches_tracked.add_(1)
+        return out
 
 
     __prepare_scriptable__ = refuse_script
