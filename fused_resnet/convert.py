@@ -256,7 +256,7 @@ def _rewrite(walk, module, graph):
             walk.reasons[name] = result
         else:
             result.name = name
-            result.container = node.op == "call_module" and walk.tails.get(module.get_submodule(node.target)) is not None
+            result.container = patterns.norm_kind(module.get_submodule(node.target)) != PLAIN
             found.append(result)
     found = _one_per_add(walk, found)
     if not found:

@@ -23,7 +23,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.batchnorm import EAGER_BATCHNORMS
+from ..nn.batchnorm import EAGER_BATCHNORMS, _BatchNormAddReLU, _BatchNormReLU
 
 _RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
@@ -80,8 +80,6 @@ def norm_kind(module):
 
 
 def _is_fused(module):
-    from ..nn.batchnorm import _BatchNormAddReLU, _BatchNormReLU
-
     return isinstance(module, (_BatchNormReLU, _BatchNormAddReLU))
 
 
