@@ -170,7 +170,7 @@ class _Walk:
         self.reasons = {}  # BatchNorm -> why it is not fused (the outermost analysis's)
         self.tails = {}  # module -> _Tail
         self.fused = []  # (name, fused class)
-        for name, module in sorted(model.named_modules(), key=lambda item: -item[0].count(".")):
+        for name, module in sorted(model.named_modules(), key=lambda item: -_depth(item[0])):
             if isinstance(module, nn.modules.batchnorm._BatchNorm) or not has_forward(module):
                 continue
             if _is_our_block(module) and not trace_our_blocks:
@@ -203,6 +203,11 @@ class _Walk:
         if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
             return unsupported(f"{what} has hooks, which would see the fused computation")
         return None
+
+
+def _depth(name):
+    """How deep in the model a qualified name lies: 0 for the model itself."""
+    return name.count(".") + 1 if name else 0
 
 
 def _resolve(module, target):

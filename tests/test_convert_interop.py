@@ -72,6 +72,26 @@ def test_add_of_two_batchnorm_outputs(inplace):
     assert_same_training(converted, reference, lambda: make_tensor((3, 3, 7, 9), torch.float64), torch.float64)
 
 
+class SequentialThenAdd(nn.Module):
+    """The model itself adds and applies the ReLU after a child Sequential that ends in a
+    BatchNorm, behind an nn.Identity placeholder, nested twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)), nn.Identity())
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + x)
+
+
+def test_batchnorm_last_in_a_child_of_the_model_fuses_with_the_models_add():
+    torch.manual_seed(0)
+    original = randomize_norms(SequentialThenAdd().double())
+    converted, report = fused_resnet.convert(original, return_report=True)
+    assert report.fused == [("body.0.1", "BatchNormAddReLU2d")] and report.left == []
+    assert_same_training(converted, original, lambda: make_tensor((2, 4, 5, 6), torch.float64), torch.float64)
+
+
 def test_create_feature_extractor_graph_converts():
     """torchvision's feature-extractor GraphModule of resnet18, converted in its own graph."""
     original = _resnet18()
