@@ -207,22 +207,21 @@ def break_backend(name):
     from fused_resnet import backend as registry
 
     impl = registry._registry[name]
-    fwd_train, fwd_eval = impl.fwd_train, impl.fwd_eval
+    ops = impl.ops
 
-    def broken_fwd_train(*args):
-        out, *rest = fwd_train(*args)
-        return (out + 1, *rest)
+    def off_by_one(op):
+        def broken(*args):
+            result = op(*args)
+            return result + 1 if isinstance(result, torch.Tensor) else (result[0] + 1, *result[1:])
 
-    impl.fwd_train = broken_fwd_train
-    impl.fwd_eval = lambda *args: fwd_eval(*args) + 1
-    if impl.bn_act is not None:  # the module op of the C++ backends
-        bn_act = impl.bn_act
+        return broken
 
-        def broken_bn_act(*args):
-            out, *rest = bn_act(*args)
-            return (out + 1, *rest)
-
-        impl.bn_act = broken_bn_act
+    impl.ops = ops._replace(
+        bn_act=off_by_one(ops.bn_act),
+        bn_act_fwd_train=off_by_one(ops.bn_act_fwd_train),
+        bn_act_fwd_eval=off_by_one(ops.bn_act_fwd_eval),
+    )
+    registry._resolved.clear()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 // Every op schema of fused_resnet, defined once. Backends register kernels for these schemas
 // (csrc/cpu: CPU key, csrc/cuda: CUDA key); fused_resnet/ops.py registers the fake (meta) impls
-// and the autograd formula in Python.
+// and the autograd formula of the functional ops in Python. The triton backend defines the same
+// schemas in its own namespace (fused_resnet_triton). Every backend checks the arguments by the
+// one op contract (csrc/common/contract.h, fused_resnet/contract.py).
 //
 // Notation, per channel c over the M = N * prod(spatial) elements of that channel:
 //   mean_c = Σx / M,  var_c = Σ(x - mean_c)² / M  (biased),  invstd_c = 1 / sqrt(var_c + eps)
@@ -10,8 +12,9 @@
 // the input's memory format.
 //
 // bn_act, the op a module call runs, updates the running statistics it is given in place (declared
-// `Tensor(a!)`), as ATen's native_batch_norm does; its autograd is in C++
-// (csrc/common/bn_act_autograd.cpp). The other ops are functional: none mutates its inputs.
+// `Tensor(a!)`) in the statistics kernels' per-channel finalize, as ATen's native_batch_norm does;
+// its autograd is in C++ (csrc/common/bn_act_autograd.cpp). The other ops are functional: none
+// mutates its inputs.
 
 #include <Python.h>
 #include <torch/library.h>
@@ -45,9 +48,9 @@ TORCH_LIBRARY(fused_resnet, m) {
 
   // Training forward with batch statistics.
   // Returns (out, save_mean, save_invstd, batch_var, relu_mask): batch_var is the biased
-  // variance; Python turns it into the unbiased running estimate. An empty batch (M == 0) gives
-  // mean 0, var 0. relu_mask is the ReLU mask kept for bn_act_bwd, a uint8 vector in a form of
-  // the backend's own:
+  // variance (the running estimate is unbiased by bn_act, or by SyncBatchNorm across processes).
+  // An empty batch (M == 0) gives mean 0, var 0. relu_mask is the ReLU mask kept for bn_act_bwd,
+  // a uint8 vector in a form of the backend's own:
   //   CPU, an input in the rows layout (channels_last, or no spatial dimensions):
   //     ceil(numel / 8) bytes; bit e % 8 of byte e / 8 is set where out[e] <= 0, e the element's
   //     index in memory order. All zeros where the kernel keeps no mask (float64, a build

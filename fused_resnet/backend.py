@@ -1,14 +1,15 @@
 """Which implementation runs the fused ops: "auto" | "reference" | "cpu" | "cuda" | "triton".
 
 The choice is process-wide: `set_backend(name)`, the context manager `use_backend(name)`, or the
-environment variable FUSED_RESNET_BACKEND read at first use. "auto" picks, per call, the fastest
-backend that can run the input's device (the order in `_AUTO_PREFERENCE`). Naming a backend that
+environment variable FUSED_RESNET_BACKEND read at first use. "auto" picks the fastest backend that
+can run the input's device (the order in `_AUTO_PREFERENCE`). Naming a backend that
 cannot run a tensor is an error, never a silent fallback. A backend may run a device without being
 an "auto" candidate there: "triton" runs CPU tensors through the Triton interpreter
 (TRITON_INTERPRET=1), for testing only.
 
 Backends register themselves here (fused_resnet/ops.py does it at import); this module only holds
-names, availability and the resolution rule.
+names, availability and the resolution rule. A module call resolves its backend on every call,
+so the rule is cached per device type until a selection or registration changes it.
 """
 
 import contextlib
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
+
+from .contract import OpSet
 
 ENV_VAR = "FUSED_RESNET_BACKEND"
 BACKEND_NAMES = ("auto", "reference", "cpu", "cuda", "triton")
@@ -32,20 +35,13 @@ _AUTO_PREFERENCE = {
 
 @dataclass
 class Backend:
-    """One implementation of the op set (see fused_resnet/ops.py for the op contract)."""
+    """One implementation of the op set (fused_resnet/contract.py names the ops)."""
 
     name: str
     device_types: tuple  # device types whose tensors it runs, e.g. ("cpu",)
-    fwd_train: Callable
-    fwd_eval: Callable
-    # The SyncBatchNorm pieces: local statistics and the two halves of the backward.
-    stats: Callable
-    bwd_reduce: Callable
-    bwd_apply: Callable
-    # The module op (the C++ backends): one call does the forward and the running-statistics
-    # update, with autograd in C++. None: functional.batch_norm_act composes fwd_train /
-    # fwd_eval and the update in Python.
-    bn_act: Optional[Callable] = None
+    ops: OpSet
+    # relu_mask_bytes(input): the length of the relu_mask its bn_act_fwd_train returns for input
+    relu_mask_bytes: Callable
 
 
 _registry: Dict[str, Backend] = {}
@@ -55,16 +51,20 @@ _unavailable: Dict[str, str] = {
     "triton": "the Triton backend was not loaded (fused_resnet/triton)",
 }
 _selected: Optional[str] = None  # None: take the environment variable, else "auto"
+_from_environment: Optional[str] = None  # the environment variable's choice, read at first use
+_resolved: Dict[str, Backend] = {}  # device type -> backend, under the current selection
 
 
 def register(backend: Backend) -> None:
     _registry[backend.name] = backend
     _unavailable.pop(backend.name, None)
+    _resolved.clear()
 
 
 def mark_unavailable(name: str, reason: str) -> None:
     _registry.pop(name, None)
     _unavailable[name] = reason
+    _resolved.clear()
 
 
 def _check_name(name, source: str) -> str:
@@ -81,29 +81,36 @@ def _check_name(name, source: str) -> str:
     return name
 
 
+def _select(name: Optional[str]) -> None:
+    global _selected
+    _selected = name
+    _resolved.clear()
+
+
 def set_backend(name: str) -> None:
     """Select the backend for every later call; "auto" restores the per-device choice."""
-    global _selected
-    _selected = _check_name(name, "set_backend")
+    _select(_check_name(name, "set_backend"))
 
 
 def get_backend() -> str:
     """The selected backend name ("auto" unless set_backend/use_backend/the env var say otherwise)."""
+    global _from_environment
     if _selected is not None:
         return _selected
-    return _check_name(os.environ.get(ENV_VAR, "auto"), f"the environment variable {ENV_VAR}")
+    if _from_environment is None:
+        _from_environment = _check_name(os.environ.get(ENV_VAR, "auto"), f"the environment variable {ENV_VAR}")
+    return _from_environment
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
     """Run the body with `name` selected, then restore the previous selection."""
-    global _selected
     previous = _selected
-    _selected = _check_name(name, "use_backend")
+    _select(_check_name(name, "use_backend"))
     try:
         yield
     finally:
-        _selected = previous
+        _select(previous)
 
 
 def _runs(name: str, device_type: str) -> bool:
@@ -128,6 +135,23 @@ def available_backends(device=None) -> List[str]:
 
 def resolve(device: torch.device) -> Backend:
     """The backend that runs tensors on `device` under the current selection."""
+    backend = _resolved.get(device.type)
+    if backend is None:
+        backend = _resolved[device.type] = _resolve_uncached(device)
+    return backend
+
+
+def ops_for(input: torch.Tensor) -> OpSet:
+    """The op set that runs `input` under the current selection (the module calls' fast path)."""
+    try:
+        device = input.device
+    except AttributeError:
+        raise TypeError(f"fused_resnet: expected input to be a Tensor, got {type(input).__name__}") from None
+    backend = _resolved.get(device.type)
+    return (backend if backend is not None else resolve(device)).ops
+
+
+def _resolve_uncached(device: torch.device) -> Backend:
     name = get_backend()
     if name == "auto":
         candidates = _auto_candidates(device.type)

@@ -1,12 +1,18 @@
 """The op contract written as an eager composition of torch ops: the fallback backend "reference".
 
-Same signatures and results as torch.ops.fused_resnet.bn_act_fwd_train / bn_act_fwd_eval and the
-SyncBatchNorm pieces bn_stats / bn_act_bwd_reduce / bn_act_bwd_apply (see csrc/fused_resnet.cpp for
-the math). Autograd of the two forwards comes from the eager ops themselves. It makes several
-passes over memory and is there for correctness on any device, not for speed.
+Same signatures, checks (contract.py) and results as the ops of torch.ops.fused_resnet (see
+csrc/fused_resnet.cpp for the math). Autograd comes from the eager ops themselves. It makes
+several passes over memory and is there for correctness on any device, not for speed.
+
+`update_running_stats` is nn.BatchNorm's running-statistics update in Python, for this backend's
+bn_act and for SyncBatchNorm (whose batch statistics are merged across processes); the kernels
+apply the same update in their per-channel finalize (csrc/common/running_stats.h).
 """
 
 import torch
+
+from . import contract
+from .profiling import profiled
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -30,7 +36,62 @@ def _affine_residual_relu(x_hat, residual, weight, bias, out_dtype):
     return torch.relu(z).to(out_dtype)
 
 
+def eval_stats(input, running_mean, running_var, eps):
+    """(mean, invstd) of the running statistics in the accumulation dtype, copied: what the
+    backward of an eval forward uses, taken when the forward runs."""
+    acc = acc_dtype(input.dtype)
+    return running_mean.to(acc, copy=True), torch.rsqrt(running_var.to(acc, copy=True).add_(eps))
+
+
+def _blend_into(buffer, batch_value, momentum, scale=1.0):
+    """buffer <- (1 - momentum) * buffer + momentum * scale * batch_value, in batch_value's dtype."""
+    value = buffer.to(batch_value.dtype)  # the buffer itself when it already has that dtype
+    value.mul_(1.0 - momentum).add_(batch_value, alpha=momentum * scale)
+    if buffer.dtype != batch_value.dtype:
+        buffer.copy_(value)
+
+
+@torch.no_grad()
+def update_running_stats(running_mean, running_var, batch_mean, batch_var, count, momentum):
+    """nn.BatchNorm's update:
+
+    running_mean <- (1 - momentum) * running_mean + momentum * batch_mean
+    running_var  <- (1 - momentum) * running_var  + momentum * batch_var * count / (count - 1)
+
+    computed in the accumulation dtype (the batch statistics'), in place. An empty batch leaves
+    both untouched, as eager does.
+    """
+    if count == 0:
+        return
+    _blend_into(running_mean, batch_mean, momentum)
+    _blend_into(running_var, batch_var, momentum, scale=count / (count - 1))
+
+
+def bn_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps):
+    contract.check_bn_act(input, residual, weight, bias, running_mean, running_var, training)
+    with profiled(residual is not None, "fwd"):
+        return _bn_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps)
+
+
+def _bn_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps):
+    relu_mask = input.new_empty((0,), dtype=torch.uint8)
+    if not training:
+        out = _fwd_eval(input, residual, running_mean, running_var, weight, bias, eps)
+        none = input.new_empty((0,), dtype=acc_dtype(input.dtype))
+        return out, none, none.clone(), relu_mask
+    out, mean, invstd, var, relu_mask = _fwd_train(input, residual, weight, bias, eps)
+    if running_mean is not None:
+        count = input.numel() // input.shape[1] if input.shape[1] else 0
+        update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    return out, mean, invstd, relu_mask
+
+
 def bn_act_fwd_train(input, residual, weight, bias, eps):
+    contract.check_fwd_train(input, residual, weight, bias)
+    return _fwd_train(input, residual, weight, bias, eps)
+
+
+def _fwd_train(input, residual, weight, bias, eps):
     acc = acc_dtype(input.dtype)
     x = input.to(acc)
     channels = input.shape[1]
@@ -50,6 +111,11 @@ def bn_act_fwd_train(input, residual, weight, bias, eps):
 
 
 def bn_act_fwd_eval(input, residual, running_mean, running_var, weight, bias, eps):
+    contract.check_fwd_eval(input, residual, running_mean, running_var, weight, bias)
+    return _fwd_eval(input, residual, running_mean, running_var, weight, bias, eps)
+
+
+def _fwd_eval(input, residual, running_mean, running_var, weight, bias, eps):
     acc = acc_dtype(input.dtype)
     invstd = torch.rsqrt(running_var.to(acc) + eps)
     x_hat = (input.to(acc) - _per_channel(running_mean.to(acc), input.dim())) * _per_channel(
@@ -65,7 +131,24 @@ def _reduce_dims(input):
     return [0] + list(range(2, input.dim()))
 
 
+def bn_act_bwd(grad_out, out, relu_mask, input, weight, mean, invstd, batch_stats, residual_grad):
+    """The backward as the kernels compute it (the reference backend's own forwards need none:
+    eager autograd differentiates them)."""
+    contract.check_bwd(grad_out, out, relu_mask, input, weight, mean, invstd, 0)
+    sum_dz_xhat, sum_dz = _bwd_reduce(grad_out, out, input, mean, invstd)
+    count = input.numel() // input.shape[1] if input.shape[1] else 0
+    if batch_stats and count > 0:
+        mean_dz, mean_dz_xhat = sum_dz / count, sum_dz_xhat / count
+    else:
+        mean_dz, mean_dz_xhat = torch.zeros_like(sum_dz), torch.zeros_like(sum_dz)
+    grad_input, grad_residual = _bwd_apply(
+        grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat, residual_grad
+    )
+    return grad_input, grad_residual, sum_dz_xhat, sum_dz
+
+
 def bn_stats(input):
+    contract.check_stats(input)
     acc = acc_dtype(input.dtype)
     if input.numel() == 0:
         zeros = input.new_zeros(input.shape[1], dtype=acc)
@@ -85,12 +168,22 @@ def _masked_grad_and_x_hat(grad_out, out, input, mean, invstd):
 
 
 def bn_act_bwd_reduce(grad_out, out, input, mean, invstd):
+    contract.check_bwd_reduce(grad_out, out, input, mean, invstd)
+    return _bwd_reduce(grad_out, out, input, mean, invstd)
+
+
+def _bwd_reduce(grad_out, out, input, mean, invstd):
     dz, x_hat = _masked_grad_and_x_hat(grad_out, out, input, mean, invstd)
     dims = _reduce_dims(input)
     return (dz * x_hat).sum(dims), dz.sum(dims)
 
 
 def bn_act_bwd_apply(grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat, residual_grad):
+    contract.check_bwd_apply(grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat)
+    return _bwd_apply(grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat, residual_grad)
+
+
+def _bwd_apply(grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat, residual_grad):
     dz, x_hat = _masked_grad_and_x_hat(grad_out, out, input, mean, invstd)
     ndim = input.dim()
     scale = invstd.to(dz.dtype) if weight is None else invstd.to(dz.dtype) * weight.to(dz.dtype)
@@ -99,3 +192,8 @@ def bn_act_bwd_apply(grad_out, out, input, weight, mean, invstd, mean_dz, mean_d
     )) * _per_channel(scale, ndim)
     grad_residual = dz.to(input.dtype) if residual_grad else input.new_empty((0,))
     return grad_input.to(input.dtype), grad_residual
+
+
+OPS = contract.OpSet(
+    bn_act, bn_act_fwd_train, bn_act_fwd_eval, bn_act_bwd, bn_stats, bn_act_bwd_reduce, bn_act_bwd_apply
+)

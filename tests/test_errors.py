@@ -76,7 +76,7 @@ def test_param_dtype_mismatch(backend):
     module = _module(4, False).double()
     x = make_tensor((2, 4, 3, 3), torch.float32)
     before = _snapshot(module)
-    with pytest.raises(TypeError, match="running_mean dtype torch.float64 is not supported with a torch.float32 input"):
+    with pytest.raises(TypeError, match="weight dtype torch.float64 is not supported with a torch.float32 input"):
         module(x)
     _assert_unchanged(module, before)
 
@@ -93,7 +93,8 @@ def test_functional_errors(backend):
         f.batch_norm_relu(x, rm, None, training=True)
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         f.batch_norm_relu(torch.randn(5, device=DEVICE), None, None, training=True)
-    with pytest.raises(TypeError, match="expected residual to be a Tensor"):
+    # a non-Tensor is refused by the op's schema (C++ and Triton ops) or the Python contract
+    with pytest.raises((TypeError, RuntimeError), match="residual"):
         f.batch_norm_add_relu(x, 1.0, rm, rv)
     # nothing above touched the running statistics
     assert torch.equal(rm, torch.zeros(3, device=DEVICE)) and torch.equal(rv, torch.ones(3, device=DEVICE))

@@ -332,18 +332,19 @@ def test_repr_like_torchvision():
     assert repr(torchvision.ops.FrozenBatchNorm2d(7, eps=1e-3)) == "FrozenBatchNorm2d(7, eps=0.001)"
 
 
-def test_bad_input_raises_naming_the_class():
+def test_bad_input_raises_naming_what_is_wrong():
+    """The module's own checks name the class; the op's (the op contract) name the op."""
     relu = FrozenBatchNormReLU(5).to(DEVICE)
     add = FrozenBatchNormAddReLU(5).to(DEVICE)
     x = make_tensor((2, 5, 3, 3), torch.float32)
     refused = (ValueError, RuntimeError)
     with pytest.raises(refused, match=r"FrozenBatchNormReLU: expected input with 5 channels"):
         relu(make_tensor((2, 4, 3, 3), torch.float32))
-    with pytest.raises(refused, match=r"FrozenBatchNormReLU: .*at least 2 dimensions"):
+    with pytest.raises(refused, match=r"bn_act: .*at least 2 dimensions"):
         relu(make_tensor((5,), torch.float32))
-    with pytest.raises(TypeError, match=r"FrozenBatchNormReLU: expected a floating-point input"):
+    with pytest.raises(TypeError, match=r"bn_act: expected a floating-point input"):
         relu(torch.ones(2, 5, dtype=torch.int64, device=DEVICE))
-    with pytest.raises(refused, match=r"FrozenBatchNormAddReLU: residual shape \(2, 5, 3, 1\) does"):
+    with pytest.raises(refused, match=r"bn_act: residual shape \(2, 5, 3, 1\) does"):
         add(x, make_tensor((2, 5, 3, 1), torch.float32))
     with pytest.raises(refused, match="FrozenBatchNormAddReLU: expected input with 5 channels"):
         add(make_tensor((2, 6, 3), torch.float32), make_tensor((2, 6, 3), torch.float32))

@@ -41,7 +41,7 @@ def _reduce_dims(x):
 
 
 def _impl():
-    return fused_resnet.backend.resolve(DEVICE)
+    return fused_resnet.backend.resolve(DEVICE).ops
 
 
 def _channel_stats(channels, dtype):
@@ -61,7 +61,7 @@ def _dz_x_hat64(grad_out, out, x, mean, invstd):
 @pytest.mark.parametrize("shape,layout", SHAPE_LAYOUTS, ids=[f"{s}-{l}" for s, l in SHAPE_LAYOUTS])
 def test_stats_match_float64(backend, shape, layout, dtype):
     x = make_tensor(shape, dtype, layout, scale=2.0, offset=3.0)
-    mean, var = _impl().stats(x)
+    mean, var = _impl().bn_stats(x)
     assert mean.dtype == var.dtype == _acc(dtype) and mean.shape == var.shape == (shape[1],)
     ref_var, ref_mean = torch.var_mean(x.double(), dim=_reduce_dims(x), correction=0)
     assert_close(mean, ref_mean, dtype, "mean")
@@ -75,7 +75,7 @@ def test_bwd_reduce_matches_float64(backend, shape, layout, dtype):
     out = make_tensor(shape, dtype, layout)  # about half <= 0: the ReLU mask is exercised
     grad_out = make_tensor(shape, dtype, layout)
     mean, invstd = _channel_stats(shape[1], dtype)
-    sum_dz_xhat, sum_dz = _impl().bwd_reduce(grad_out, out, x, mean, invstd)
+    sum_dz_xhat, sum_dz = _impl().bn_act_bwd_reduce(grad_out, out, x, mean, invstd)
     assert sum_dz_xhat.dtype == sum_dz.dtype == _acc(dtype)
     dz, x_hat = _dz_x_hat64(grad_out, out, x, mean, invstd)
     dims = _reduce_dims(x)
@@ -95,7 +95,7 @@ def test_bwd_apply_matches_float64(backend, shape, layout, dtype, residual_grad,
     weight = torch.randn(channels, dtype=_param_dtype(dtype), device=DEVICE) if affine else None
     mean_dz = torch.randn(channels, dtype=_acc(dtype), device=DEVICE) * 0.1
     mean_dz_xhat = torch.randn(channels, dtype=_acc(dtype), device=DEVICE) * 0.1
-    grad_input, grad_residual = _impl().bwd_apply(
+    grad_input, grad_residual = _impl().bn_act_bwd_apply(
         grad_out, out, x, weight, mean, invstd, mean_dz, mean_dz_xhat, residual_grad
     )
 
@@ -133,14 +133,14 @@ def test_pieces_compose_to_the_training_ops(backend, shape, layout, residual):
 
     leaves = [t.detach().clone().requires_grad_() for t in (x, w, b) + ((r,) if residual else ())]
     x_t, w_t, b_t = leaves[:3]
-    out_t, mean_t, invstd_t, var_t, _relu_mask = impl.fwd_train(x_t, leaves[3] if residual else None, w_t, b_t, 1e-5)
+    out_t, mean_t, invstd_t, var_t, _relu_mask = impl.bn_act_fwd_train(x_t, leaves[3] if residual else None, w_t, b_t, 1e-5)
     gx_t, gw_t, gb_t, *gr_t = torch.autograd.grad(out_t, leaves, grad_out)
 
-    mean, var = impl.stats(x)
-    out = impl.fwd_eval(x, r, mean, var, w, b, 1e-5)
+    mean, var = impl.bn_stats(x)
+    out = impl.bn_act_fwd_eval(x, r, mean, var, w, b, 1e-5)
     invstd = torch.rsqrt(var.double() + 1e-5).to(var.dtype)
-    sum_dz_xhat, sum_dz = impl.bwd_reduce(grad_out, out, x, mean, invstd)
-    gx, gr = impl.bwd_apply(grad_out, out, x, w, mean, invstd, sum_dz / count, sum_dz_xhat / count, residual)
+    sum_dz_xhat, sum_dz = impl.bn_act_bwd_reduce(grad_out, out, x, mean, invstd)
+    gx, gr = impl.bn_act_bwd_apply(grad_out, out, x, w, mean, invstd, sum_dz / count, sum_dz_xhat / count, residual)
 
     for name, mine, ref in [
         ("mean", mean, mean_t), ("var", var, var_t), ("out", out, out_t), ("sum_dz", sum_dz, gb_t),
@@ -150,7 +150,7 @@ def test_pieces_compose_to_the_training_ops(backend, shape, layout, residual):
     if backend == "cpu":
         # The C++ pieces run the training ops' own statistics, apply and reduction code.
         assert torch.equal(mean, mean_t) and torch.equal(var, var_t) and torch.equal(out, out_t)
-        sums = impl.bwd_reduce(grad_out, out, x, mean, invstd_t)
+        sums = impl.bn_act_bwd_reduce(grad_out, out, x, mean, invstd_t)
         assert torch.equal(sums[0], gw_t) and torch.equal(sums[1], gb_t)
 
 
@@ -159,14 +159,14 @@ def test_empty_batch(backend, shape):
     impl = _impl()
     channels = shape[1]
     x = torch.randn(shape, device=DEVICE)
-    mean, var = impl.stats(x)
+    mean, var = impl.bn_stats(x)
     zeros = torch.zeros(channels, device=DEVICE)
     assert torch.equal(mean, zeros) and torch.equal(var, zeros)
     stat_mean, invstd = _channel_stats(channels, torch.float32)
-    sum_dz_xhat, sum_dz = impl.bwd_reduce(x, x, x, stat_mean, invstd)
+    sum_dz_xhat, sum_dz = impl.bn_act_bwd_reduce(x, x, x, stat_mean, invstd)
     assert torch.equal(sum_dz_xhat, zeros) and torch.equal(sum_dz, zeros)
     w = torch.rand(channels, device=DEVICE)
-    grad_input, grad_residual = impl.bwd_apply(x, x, x, w, stat_mean, invstd, zeros, zeros, True)
+    grad_input, grad_residual = impl.bn_act_bwd_apply(x, x, x, w, stat_mean, invstd, zeros, zeros, True)
     assert grad_input.shape == grad_residual.shape == shape
 
 
@@ -200,12 +200,12 @@ def test_opcheck(backend_name, sample):
     w = torch.rand(channels, dtype=_param_dtype(dtype), device=DEVICE) + 0.5
     mean_dz, mean_dz_xhat = _channel_stats(channels, dtype)
     utils = OPCHECK_UTILS_INTERPRETED if backend_name == "triton" and TRITON_INTERPRETED else DEFAULT_OPCHECK_UTILS
-    torch.library.opcheck(impl.stats, (x,), test_utils=utils)
-    torch.library.opcheck(impl.bwd_reduce, (grad_out, out, x, mean, invstd), test_utils=utils)
+    torch.library.opcheck(impl.bn_stats, (x,), test_utils=utils)
+    torch.library.opcheck(impl.bn_act_bwd_reduce, (grad_out, out, x, mean, invstd), test_utils=utils)
     for weight in (w, None):
         for residual_grad in (True, False):
             torch.library.opcheck(
-                impl.bwd_apply, (grad_out, out, x, weight, mean, invstd, mean_dz, mean_dz_xhat, residual_grad),
+                impl.bn_act_bwd_apply, (grad_out, out, x, weight, mean, invstd, mean_dz, mean_dz_xhat, residual_grad),
                 test_utils=utils,
             )
 
@@ -216,9 +216,9 @@ def test_bad_arguments_are_named(backend_name):
         impl = _impl()
     x = make_tensor((2, 4, 3, 3), torch.float32)
     mean, invstd = _channel_stats(4, torch.float32)
-    with pytest.raises(RuntimeError, match=r"grad_out shape \[2, 4, 3, 1\] does not match input shape \[2, 4, 3, 3\]"):
-        impl.bwd_reduce(x[..., :1], x, x, mean, invstd)
-    with pytest.raises(RuntimeError, match=r"mean_dz_xhat to be a 1-D tensor with one entry per channel \(4\)"):
-        impl.bwd_apply(x, x, x, None, mean, invstd, mean, mean[:3], False)
-    with pytest.raises(RuntimeError, match="expected a floating-point input"):
-        impl.stats(torch.ones(2, 4, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match=r"grad_out shape \(2, 4, 3, 1\) does not match input shape \(2, 4, 3, 3\)"):
+        impl.bn_act_bwd_reduce(x[..., :1], x, x, mean, invstd)
+    with pytest.raises(ValueError, match=r"mean_dz_xhat should hold one value per channel, shape \(4,\)"):
+        impl.bn_act_bwd_apply(x, x, x, None, mean, invstd, mean, mean[:3], False)
+    with pytest.raises(TypeError, match="expected a floating-point input"):
+        impl.bn_stats(torch.ones(2, 4, dtype=torch.int64, device=DEVICE))

@@ -12,7 +12,7 @@
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
 
-#include "bn_act_host.h"
+#include "contract.h"
 
 namespace fused_resnet {
 
@@ -20,11 +20,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using OptTensor = std::optional<at::Tensor>;
-
-bool given(const OptTensor& t) {
-  return t.has_value() && t->defined();
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_bn_act(
     const at::Tensor& input, const OptTensor& residual, const OptTensor& weight,

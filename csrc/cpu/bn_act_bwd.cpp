@@ -723,34 +723,13 @@ void bwd_apply(
 // ------------------------------------------------------------------------------------------
 // Host side shared by the three ops.
 
-struct BwdInputs {
-  Geometry g;
-  at::Tensor dy, y;
-};
-
-BwdInputs check_bwd_inputs(
-    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& input,
-    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& invstd,
-    const char* op) {
-  BwdInputs in;
-  in.g = canonicalize_input(input, op);
-  in.dy = activation_like_input(grad_out, input, in.g, "grad_out", op);
-  in.y = activation_like_input(out, input, in.g, "out", op);
-  if (weight.has_value() && weight->defined()) {
-    check_param(*weight, input, in.g.C, "weight", op);
-  }
-  check_param(mean, input, in.g.C, "mean", op);
-  check_param(invstd, input, in.g.C, "invstd", op);
-  return in;
-}
-
 // weight, mean and invstd read into acc_t vectors, and the pointers of the activations.
 template <typename T>
 struct BwdBuffers {
   std::vector<acc_type<T>> w, mean, invstd;
   BwdArgs<T> args;
   BwdBuffers(
-      const BwdInputs& in, const std::optional<at::Tensor>& weight, const at::Tensor& mean_t,
+      const BwdOperands& in, const std::optional<at::Tensor>& weight, const at::Tensor& mean_t,
       const at::Tensor& invstd_t, at::Tensor* dx, at::Tensor* dr,
       const MaskWord* relu_mask = nullptr)
       : w(in.g.C), mean(in.g.C), invstd(in.g.C) {
@@ -759,8 +738,8 @@ struct BwdBuffers {
     read_param<A>(weight, C, A(1), w.data());
     read_param<A>(mean_t, C, A(0), mean.data());
     read_param<A>(invstd_t, C, A(1), invstd.data());
-    args.dy = in.dy.const_data_ptr<T>();
-    args.y = in.y.const_data_ptr<T>();
+    args.dy = in.grad_out.const_data_ptr<T>();
+    args.y = in.out.const_data_ptr<T>();
     args.x = in.g.x.const_data_ptr<T>();
     args.dx = dx != nullptr ? dx->mutable_data_ptr<T>() : nullptr;
     args.dr = dr != nullptr ? dr->mutable_data_ptr<T>() : nullptr;
@@ -774,26 +753,11 @@ struct BwdBuffers {
   }
 };
 
-// bn_act_bwd's relu_mask: empty, or what bn_act_fwd_train returns for this input (bn_act_cpu.h).
-// Returns the bits to read, or null where out gives the mask (empty, or a layout or dtype whose
-// kernel keeps no mask: then the forward returned zeros).
-const MaskWord* check_relu_mask(const at::Tensor& relu_mask, const Geometry& g, const char* op) {
-  TORCH_CHECK(
-      relu_mask.scalar_type() == at::kByte && relu_mask.dim() == 1,
-      op, ": relu_mask must be a 1-D uint8 tensor (from bn_act_fwd_train) or empty, got ",
-      relu_mask.scalar_type(), " of shape ", relu_mask.sizes());
-  if (relu_mask.numel() == 0) {
-    return nullptr;
-  }
-  const int64_t expected = g.rows ? relu_mask_bytes(g.numel()) : 0;
-  TORCH_CHECK(
-      relu_mask.numel() == expected,
-      op, ": relu_mask has ", relu_mask.numel(), " bytes where bn_act_fwd_train gives ", expected,
-      " for this input (pass an empty tensor to take the ReLU mask from out)");
-  TORCH_CHECK(
-      relu_mask.device().is_cpu() && relu_mask.is_contiguous(),
-      op, ": relu_mask must be a contiguous CPU tensor, got ", relu_mask.device());
-  return relu_mask.const_data_ptr<MaskWord>();
+// The bits of bn_act_bwd's relu_mask (checked by the op contract: empty, or what
+// bn_act_fwd_train returns for this input), or null where out gives the mask (empty; or a layout
+// or dtype whose kernel keeps no mask: then the forward returned zeros and out is read).
+const MaskWord* saved_mask_bits(const at::Tensor& relu_mask) {
+  return relu_mask.numel() == 0 ? nullptr : relu_mask.const_data_ptr<MaskWord>();
 }
 
 } // namespace
@@ -809,9 +773,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(
     bool batch_stats,
     bool residual_grad) {
   constexpr const char* op = "bn_act_bwd";
-  const BwdInputs in = check_bwd_inputs(grad_out, out, input, weight, mean, invstd, op);
+  const BwdOperands in =
+      bwd_operands(grad_out, out, relu_mask, input, weight, mean, invstd, cpu_relu_mask_bytes);
   const Geometry& g = in.g;
-  const MaskWord* saved_mask = check_relu_mask(relu_mask, g, op);
+  const at::Tensor mask = relu_mask.contiguous();
+  const MaskWord* saved_mask = saved_mask_bits(mask);
   const auto stat_opts = input.options().dtype(acc_dtype(input.scalar_type()));
   at::Tensor dx = empty_activation(g);
   at::Tensor dr = residual_grad ? empty_activation(g) : at::empty({0}, input.options());
@@ -854,7 +820,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_reduce_cpu(
     const at::Tensor& mean,
     const at::Tensor& invstd) {
   constexpr const char* op = "bn_act_bwd_reduce";
-  const BwdInputs in = check_bwd_inputs(grad_out, out, input, std::nullopt, mean, invstd, op);
+  const BwdOperands in = bwd_reduce_operands(grad_out, out, input, mean, invstd);
   const Geometry& g = in.g;
   const auto stat_opts = input.options().dtype(acc_dtype(input.scalar_type()));
   at::Tensor sum_dz_xhat = at::empty({g.C}, stat_opts);
@@ -885,10 +851,9 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cpu(
     const at::Tensor& mean_dz_xhat,
     bool residual_grad) {
   constexpr const char* op = "bn_act_bwd_apply";
-  const BwdInputs in = check_bwd_inputs(grad_out, out, input, weight, mean, invstd, op);
+  const BwdOperands in = bwd_apply_operands(
+      grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat);
   const Geometry& g = in.g;
-  check_param(mean_dz, input, g.C, "mean_dz", op);
-  check_param(mean_dz_xhat, input, g.C, "mean_dz_xhat", op);
   at::Tensor dx = empty_activation(g);
   at::Tensor dr = residual_grad ? empty_activation(g) : at::empty({0}, input.options());
   if (g.numel() == 0) {

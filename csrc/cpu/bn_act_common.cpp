@@ -1,5 +1,5 @@
 // Host-side helpers of the CPU kernels: outputs, streaming-store policy, parameter reads.
-// (The input checks shared with the CUDA backend are in csrc/common/bn_act_host.cpp.)
+// (The input checks shared with the CUDA backend are in csrc/common/contract.cpp.)
 #include "bn_act_cpu.h"
 
 #include <ATen/ops/empty_like.h>

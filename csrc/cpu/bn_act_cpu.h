@@ -2,7 +2,7 @@
 // bn_act_common.cpp, bn_act_register.cpp). The math of every op is stated in
 // csrc/fused_resnet.cpp; this header holds what the kernels have in common:
 //
-//   * Geometry (csrc/common/bn_act_host.h): the input viewed as planes [N][C][S] (contiguous
+//   * Geometry (csrc/common/contract.h): the input viewed as planes [N][C][S] (contiguous
 //     NC*) or rows [N*S][C] (channels_last, or S == 1); other activations are brought to the
 //     input's format, so a single linear index addresses all of them.
 //   * VecT<T>: load/store of T as Vectorized<acc_t> (acc_t = double for double, else float).
@@ -27,7 +27,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
-#include "common/bn_act_host.h"
+#include "common/bn_act_module.h"
+#include "common/contract.h"
 
 #include <algorithm>
 #include <cmath>
@@ -48,21 +49,9 @@ namespace fused_resnet::cpu {
 // ---------------------------------------------------------------------------------------------
 // Host functions (registered in bn_act_register.cpp).
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_train_cpu(
-    const at::Tensor& input,
-    const std::optional<at::Tensor>& residual,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    double eps);
-
-at::Tensor bn_act_fwd_eval_cpu(
-    const at::Tensor& input,
-    const std::optional<at::Tensor>& residual,
-    const at::Tensor& running_mean,
-    const at::Tensor& running_var,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    double eps);
+// The device's forwards on checked operands (bn_act_fwd.cpp), from which bn_act_module.cpp
+// composes bn_act, bn_act_fwd_train and bn_act_fwd_eval.
+extern const BnActDevice kCpuForwards;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(
     const at::Tensor& grad_out,
@@ -77,13 +66,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(
 
 // The pieces of the training ops for SyncBatchNorm (statistics spanning several processes).
 std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input);
-
-// bn_act (bn_act_module.cpp): one module call, the running statistics updated in place.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_cpu(
-    const at::Tensor& input, const std::optional<at::Tensor>& residual,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-    bool training, double momentum, double eps);
 
 std::tuple<at::Tensor, at::Tensor> bn_act_bwd_reduce_cpu(
     const at::Tensor& grad_out,
@@ -106,20 +88,10 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cpu(
 // ---------------------------------------------------------------------------------------------
 // Host-side helpers (bn_act_common.cpp).
 
-// Input checks and layout selection, shared with the CUDA backend (csrc/common/bn_act_host.h).
-using fused_resnet::acc_dtype;
-using fused_resnet::activation_like_input;
-using fused_resnet::check_param;
-using fused_resnet::Geometry;
-
-inline Geometry canonicalize_input(const at::Tensor& input, const char* op) {
-  return fused_resnet::canonicalize_input(input, op, c10::DeviceType::CPU);
-}
-
 // Allocates an activation output laid out like the canonical input (fully written later).
 at::Tensor empty_activation(const Geometry& g);
 
-// Converts a per-channel vector (checked by check_param) to acc_t (any stride); a missing optional
+// Converts a per-channel vector (checked by the op contract) to acc_t (any stride); a missing optional
 // gives `fill`.
 template <typename acc_t>
 void read_param(const std::optional<at::Tensor>& t, int64_t C, acc_t fill, acc_t* dst);
@@ -418,6 +390,12 @@ C10_ALWAYS_INLINE at::vec::Vectorized<float> lanes_from_bits(MaskWord) {
 // Bytes of a mask of numel elements (the size of relu_mask for a rows-layout input).
 inline int64_t relu_mask_bytes(int64_t numel) {
   return (numel + 7) / 8;
+}
+
+// The length of the relu_mask bn_act_fwd_train returns for an input: a bit per element in the
+// rows layout, none in the planes layout (bn_act_bwd reads out there).
+inline int64_t cpu_relu_mask_bytes(const Geometry& g) {
+  return g.rows ? relu_mask_bytes(g.numel()) : 0;
 }
 
 // Whether the rows-layout kernels keep the mask of this plan: every element of the super-rows

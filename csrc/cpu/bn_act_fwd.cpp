@@ -407,21 +407,24 @@ struct TrainArgs {
   acc_type<T>* invstd_out;
   acc_type<T>* var_out;
   MaskWord* relu_mask;  // rows layout: the ReLU mask bits (written when rows_keep_mask)
+  RunningStatsUpdate<acc_type<T>> running;  // applied per channel by finalize_channel
 };
 
-// From the merged moments of channel c: writes the statistics and returns (scale, shift).
-template <typename A>
-C10_ALWAYS_INLINE std::pair<A, A> finalize_channel(
-    const Moments<A>& m, int64_t c, const A* w, const A* b, double eps, A* mean_out,
-    A* invstd_out, A* var_out) {
+// From the merged moments of channel c: writes the statistics, updates the running ones, and
+// returns (scale, shift).
+template <typename T>
+C10_ALWAYS_INLINE std::pair<acc_type<T>, acc_type<T>> finalize_channel(
+    const TrainArgs<T>& a, const Moments<acc_type<T>>& m, int64_t c) {
+  using A = acc_type<T>;
   const auto [mean, var] = biased_mean_var(m);
   // invstd in double, rounded once (as aten's batch_norm does)
-  const double invstd = 1.0 / std::sqrt(static_cast<double>(var) + eps);
-  const double scale = static_cast<double>(w[c]) * invstd;
-  const double shift = static_cast<double>(b[c]) - static_cast<double>(mean) * scale;
-  mean_out[c] = mean;
-  var_out[c] = var;
-  invstd_out[c] = static_cast<A>(invstd);
+  const double invstd = 1.0 / std::sqrt(static_cast<double>(var) + a.eps);
+  const double scale = static_cast<double>(a.w[c]) * invstd;
+  const double shift = static_cast<double>(a.b[c]) - static_cast<double>(mean) * scale;
+  a.mean_out[c] = mean;
+  a.var_out[c] = var;
+  a.invstd_out[c] = static_cast<A>(invstd);
+  a.running.template apply<T>(c, mean, var);
   return {static_cast<A>(scale), static_cast<A>(shift)};
 }
 
@@ -436,7 +439,7 @@ void train_planes(const TrainArgs<T>& a) {
       for (int64_t c = c0; c < c1; ++c) {
         const Moments<A> m = task_moments(a.x, tasks, c);
         const auto [scale, shift] =
-            finalize_channel(m, c, a.w, a.b, a.eps, a.mean_out, a.invstd_out, a.var_out);
+            finalize_channel(a, m, c);
         tasks.for_each_span(c, [&](int64_t o, int64_t len) {
           fwd_apply_span<T, kRes, false, kNT>(
               a.y + o, a.x + o, kRes ? a.r + o : nullptr, len, &scale, &shift);
@@ -456,7 +459,7 @@ void train_planes(const TrainArgs<T>& a) {
   std::vector<A> scale(a.C), shift(a.C);
   for (int64_t c = 0; c < a.C; ++c) {
     std::tie(scale[c], shift[c]) =
-        finalize_channel(moments[c], c, a.w, a.b, a.eps, a.mean_out, a.invstd_out, a.var_out);
+        finalize_channel(a, moments[c], c);
   }
   at::parallel_for(0, tasks.count(), tasks.grain(), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -558,7 +561,7 @@ void train_rows(const TrainArgs<T>& a) {
   std::vector<A> scale(C), shift(C);
   for (int64_t c = 0; c < C; ++c) {
     std::tie(scale[c], shift[c]) =
-        finalize_channel(moments[c], c, a.w, a.b, a.eps, a.mean_out, a.invstd_out, a.var_out);
+        finalize_channel(a, moments[c], c);
   }
   repeat_channels(scale, C, plan.W);
   repeat_channels(shift, C, plan.W);
@@ -654,47 +657,31 @@ void channel_moments(const Geometry& g, const T* x, Moments<acc_type<T>>* out) {
 
 } // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_train_cpu(
-    const at::Tensor& input,
-    const std::optional<at::Tensor>& residual,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    double eps) {
-  constexpr const char* op = "bn_act_fwd_train";
-  const Geometry g = canonicalize_input(input, op);
-  const bool has_res = residual.has_value() && residual->defined();
-  at::Tensor r;
-  if (has_res) {
-    r = activation_like_input(*residual, input, g, "residual", op);
-  }
-  const bool has_w = weight.has_value() && weight->defined();
-  const bool has_b = bias.has_value() && bias->defined();
-  if (has_w) {
-    check_param(*weight, input, g.C, "weight", op);
-  }
-  if (has_b) {
-    check_param(*bias, input, g.C, "bias", op);
-  }
+namespace {
 
-  const auto acc = acc_dtype(input.scalar_type());
-  const auto stat_opts = input.options().dtype(acc);
+TrainOutputs fwd_train_cpu(
+    const FwdOperands& in, const OptTensor& weight, const OptTensor& bias, double eps,
+    const RunningBuffers* running) {
+  constexpr const char* op = "bn_act_fwd_train";
+  const Geometry& g = in.g;
+  const bool has_res = in.residual.defined();
+  const auto stat_opts = g.x.options().dtype(acc_dtype(g.x.scalar_type()));
   at::Tensor out = empty_activation(g);
   at::Tensor mean = at::empty({g.C}, stat_opts);
   at::Tensor invstd = at::empty({g.C}, stat_opts);
   at::Tensor var = at::empty({g.C}, stat_opts);
   // the rows layout's ReLU mask (bn_act_cpu.h), for bn_act_bwd; zeros where the kernel keeps
   // none (train_rows)
-  at::Tensor relu_mask =
-      at::empty({g.rows ? relu_mask_bytes(g.numel()) : 0}, input.options().dtype(at::kByte));
+  at::Tensor relu_mask = at::empty({cpu_relu_mask_bytes(g)}, g.x.options().dtype(at::kByte));
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), op, [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.x.scalar_type(), op, [&] {
     using A = acc_type<scalar_t>;
     std::vector<A> w(g.C), b(g.C);
     read_param<A>(weight, g.C, A(1), w.data());
     read_param<A>(bias, g.C, A(0), b.data());
     TrainArgs<scalar_t> a;
     a.x = g.x.const_data_ptr<scalar_t>();
-    a.r = has_res ? r.const_data_ptr<scalar_t>() : nullptr;
+    a.r = has_res ? in.residual.const_data_ptr<scalar_t>() : nullptr;
     a.y = out.mutable_data_ptr<scalar_t>();
     a.N = g.N;
     a.C = g.C;
@@ -706,10 +693,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_fw
     a.invstd_out = invstd.mutable_data_ptr<A>();
     a.var_out = var.mutable_data_ptr<A>();
     a.relu_mask = relu_mask.mutable_data_ptr<MaskWord>();
+    a.running = running_stats_update<A>(running, g.M());
     if (g.M() == 0) {
-      // empty batch: mean 0, var 0, invstd 1/sqrt(eps); out is empty
+      // empty batch: mean 0, var 0, invstd 1/sqrt(eps); out is empty; nothing is updated
       for (int64_t c = 0; c < g.C; ++c) {
-        finalize_channel(Moments<A>{}, c, a.w, a.b, eps, a.mean_out, a.invstd_out, a.var_out);
+        finalize_channel(a, Moments<A>{}, c);
       }
       return;
     }
@@ -733,35 +721,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_fw
   return {out, mean, invstd, var, relu_mask};
 }
 
-at::Tensor bn_act_fwd_eval_cpu(
-    const at::Tensor& input,
-    const std::optional<at::Tensor>& residual,
-    const at::Tensor& running_mean,
-    const at::Tensor& running_var,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    double eps) {
+at::Tensor fwd_eval_cpu(
+    const FwdOperands& in, const at::Tensor& running_mean, const at::Tensor& running_var,
+    const OptTensor& weight, const OptTensor& bias, double eps) {
   constexpr const char* op = "bn_act_fwd_eval";
-  const Geometry g = canonicalize_input(input, op);
-  const bool has_res = residual.has_value() && residual->defined();
-  at::Tensor r;
-  if (has_res) {
-    r = activation_like_input(*residual, input, g, "residual", op);
-  }
-  check_param(running_mean, input, g.C, "running_mean", op);
-  check_param(running_var, input, g.C, "running_var", op);
-  if (weight.has_value() && weight->defined()) {
-    check_param(*weight, input, g.C, "weight", op);
-  }
-  if (bias.has_value() && bias->defined()) {
-    check_param(*bias, input, g.C, "bias", op);
-  }
-
+  const Geometry& g = in.g;
+  const bool has_res = in.residual.defined();
   at::Tensor out = empty_activation(g);
   if (g.numel() == 0) {
     return out;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), op, [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.x.scalar_type(), op, [&] {
     using A = acc_type<scalar_t>;
     const int64_t C = g.C;
     std::vector<A> w(C), b(C), rm(C), rv(C), scale(C), shift(C);
@@ -777,7 +747,7 @@ at::Tensor bn_act_fwd_eval_cpu(
     }
     const scalar_t* x = g.x.const_data_ptr<scalar_t>();
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
-    const scalar_t* rp = has_res ? r.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* rp = has_res ? in.residual.const_data_ptr<scalar_t>() : nullptr;
     const int64_t bytes = g.numel() * int64_t(sizeof(scalar_t)) * (has_res ? 3 : 2);
     const bool nt = use_streaming_stores(bytes, Pass::kOne);
     dispatch_bools(has_res, nt, [&](auto res_c, auto nt_c) {
@@ -788,9 +758,13 @@ at::Tensor bn_act_fwd_eval_cpu(
   return out;
 }
 
+} // namespace
+
+const BnActDevice kCpuForwards{fwd_train_cpu, fwd_eval_cpu};
+
 std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input) {
   constexpr const char* op = "bn_stats";
-  const Geometry g = canonicalize_input(input, op);
+  const Geometry g = stats_operands(input);
   const auto stat_opts = input.options().dtype(acc_dtype(input.scalar_type()));
   at::Tensor mean = at::empty({g.C}, stat_opts);
   at::Tensor var = at::empty({g.C}, stat_opts);

@@ -5,8 +5,10 @@
 // Every activation is addressed as a matrix [outer][inner] with one linear index:
 //   planes  [N][C][S]  (contiguous NC*, S > 1): row n*C + c is the plane of channel c in sample n
 //   rows    [N*S][C]   (channels_last, or S == 1): column c is channel c
-// (csrc/common/bn_act_host.h picks the layout and brings every activation to it.)
+// (csrc/common/contract.h picks the layout and brings every activation to it.)
 #pragma once
+
+#include "common/running_stats.h"
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -29,7 +31,7 @@ template <typename T>
 using acc_t = typename AccType<T>::type;
 
 // A per-channel vector in global memory: element c at ptr[c * stride], stored in the input's
-// dtype or in float32 (check_param allows exactly these). A null ptr means "absent" (weight or
+// dtype or in float32 (the op contract allows exactly these). A null ptr means "absent" (weight or
 // bias not given) and reads as the caller's fill value.
 struct ChannelVec {
   const void* ptr = nullptr;
@@ -44,7 +46,8 @@ struct Layout {
 };
 
 // Training-forward statistics (bn_act_fwd_train, bn_stats): mean and biased variance per channel
-// (Welford per thread, Chan merges), and invstd = 1/sqrt(var + eps) when invstd is not null.
+// (Welford per thread, Chan merges), and invstd = 1/sqrt(var + eps) when invstd is not null. The
+// per-channel finalize also applies `running` (bn_act: the running statistics' update).
 template <typename T>
 struct StatsArgs {
   const T* x;
@@ -52,6 +55,7 @@ struct StatsArgs {
   acc_t<T>* var;
   acc_t<T>* invstd;  // null: not wanted (bn_stats)
   double eps;
+  RunningStatsUpdate<acc_t<T>> running;  // default: nothing to update
 };
 
 // y = relu(x * scale + shift (+ r)), scale = w * invstd, shift = b - mean * scale, where invstd is

@@ -1,5 +1,5 @@
 // CUDA kernels of the fused_resnet ops (schemas and math in csrc/fused_resnet.cpp): the host
-// side. Checks the inputs (csrc/common/bn_act_host.h, shared with the CPU backend), allocates
+// side. Checks the inputs (the op contract, csrc/common/contract.h, shared with the CPU backend), allocates
 // the outputs in the canonical input layout, and launches on the current stream of the input's
 // device. No host synchronization: every result stays on the device.
 //
@@ -11,7 +11,8 @@
 //                      running statistics: reduce (dy, y, x -> dx [, dr])       4 (5 with dr)
 //   bn_stats, bn_act_bwd_reduce, bn_act_bwd_apply: the pieces above, for SyncBatchNorm.
 #include "bn_act_cuda.h"
-#include "common/bn_act_host.h"
+#include "common/bn_act_module.h"
+#include "common/contract.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -49,12 +50,6 @@ int multiprocessor_count() {
 }
 
 namespace {
-
-constexpr c10::DeviceType kCUDA = c10::DeviceType::CUDA;
-
-bool given(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined();
-}
 
 ChannelVec channel_vec(const at::Tensor& t) {
   return {t.const_data_ptr(), t.stride(0), t.scalar_type() == at::kFloat};
@@ -105,24 +100,18 @@ T* mutable_ptr(const at::Tensor& t) {
 
 } // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_train_cuda(
-    const at::Tensor& input,
-    const std::optional<at::Tensor>& residual,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    double eps) {
+namespace {
+
+// The CUDA forwards on checked operands, from which common/bn_act_module.cpp composes bn_act,
+// bn_act_fwd_train and bn_act_fwd_eval. Launches: the statistics (a memset of its counters and
+// one reduce_kernel, whose per-channel finalize also updates `running`), then one apply_kernel.
+TrainOutputs fwd_train_cuda(
+    const FwdOperands& in, const OptTensor& weight, const OptTensor& bias, double eps,
+    const RunningBuffers* running) {
   constexpr const char* op = "bn_act_fwd_train";
-  const Geometry g = canonicalize_input(input, op, kCUDA);
-  at::Tensor r;
-  if (given(residual)) {
-    r = activation_like_input(*residual, input, g, "residual", op);
-  }
-  if (given(weight)) {
-    check_param(*weight, input, g.C, "weight", op);
-  }
-  if (given(bias)) {
-    check_param(*bias, input, g.C, "bias", op);
-  }
+  const Geometry& g = in.g;
+  const at::Tensor& input = g.x;
+  const at::Tensor& r = in.residual;
   const c10::cuda::CUDAGuard guard(input.device());
 
   at::Tensor out = empty_activation(g);
@@ -147,8 +136,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_fw
     const Layout layout = layout_of(g);
     const scalar_t* x = g.x.const_data_ptr<scalar_t>();
     StatsArgs<scalar_t> stats{
-        x, mean.mutable_data_ptr<A>(), var.mutable_data_ptr<A>(), invstd.mutable_data_ptr<A>(),
-        eps};
+        .x = x,
+        .mean = mean.mutable_data_ptr<A>(),
+        .var = var.mutable_data_ptr<A>(),
+        .invstd = invstd.mutable_data_ptr<A>(),
+        .eps = eps,
+        .running = running_stats_update<A>(running, g.M())};
     TensorWorkspace workspace(g.x);
     launch_stats<scalar_t>(layout, stats, workspace, stream);
     FwdApplyArgs<scalar_t> apply{
@@ -159,28 +152,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_fw
   return {out, mean, invstd, var, relu_mask};
 }
 
-at::Tensor bn_act_fwd_eval_cuda(
-    const at::Tensor& input,
-    const std::optional<at::Tensor>& residual,
-    const at::Tensor& running_mean,
-    const at::Tensor& running_var,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    double eps) {
+at::Tensor fwd_eval_cuda(
+    const FwdOperands& in, const at::Tensor& running_mean, const at::Tensor& running_var,
+    const OptTensor& weight, const OptTensor& bias, double eps) {
   constexpr const char* op = "bn_act_fwd_eval";
-  const Geometry g = canonicalize_input(input, op, kCUDA);
-  at::Tensor r;
-  if (given(residual)) {
-    r = activation_like_input(*residual, input, g, "residual", op);
-  }
-  check_param(running_mean, input, g.C, "running_mean", op);
-  check_param(running_var, input, g.C, "running_var", op);
-  if (given(weight)) {
-    check_param(*weight, input, g.C, "weight", op);
-  }
-  if (given(bias)) {
-    check_param(*bias, input, g.C, "bias", op);
-  }
+  const Geometry& g = in.g;
+  const at::Tensor& input = g.x;
+  const at::Tensor& r = in.residual;
   const c10::cuda::CUDAGuard guard(input.device());
 
   at::Tensor out = empty_activation(g);
@@ -198,6 +176,36 @@ at::Tensor bn_act_fwd_eval_cuda(
   return out;
 }
 
+const BnActDevice kCudaForwards{fwd_train_cuda, fwd_eval_cuda};
+
+int64_t no_relu_mask(const Geometry&) {
+  return 0;  // bn_act_fwd_train_cuda keeps no ReLU mask: bn_act_bwd_cuda reads out
+}
+
+} // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_cuda(
+    const at::Tensor& input, const OptTensor& residual, const OptTensor& weight,
+    const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
+    bool training, double momentum, double eps) {
+  return bn_act(
+      input, residual, weight, bias, running_mean, running_var, training, momentum, eps,
+      kCudaForwards);
+}
+
+TrainOutputs bn_act_fwd_train_cuda(
+    const at::Tensor& input, const OptTensor& residual, const OptTensor& weight,
+    const OptTensor& bias, double eps) {
+  return bn_act_fwd_train(input, residual, weight, bias, eps, kCudaForwards);
+}
+
+at::Tensor bn_act_fwd_eval_cuda(
+    const at::Tensor& input, const OptTensor& residual, const at::Tensor& running_mean,
+    const at::Tensor& running_var, const OptTensor& weight, const OptTensor& bias, double eps) {
+  return bn_act_fwd_eval(
+      input, residual, running_mean, running_var, weight, bias, eps, kCudaForwards);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cuda(
     const at::Tensor& grad_out,
     const at::Tensor& out,
@@ -209,19 +217,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cuda(
     bool batch_stats,
     bool residual_grad) {
   constexpr const char* op = "bn_act_bwd";
-  const Geometry g = canonicalize_input(input, op, kCUDA);
-  const at::Tensor dy = activation_like_input(grad_out, input, g, "grad_out", op);
-  const at::Tensor y = activation_like_input(out, input, g, "out", op);
-  // bn_act_fwd_train_cuda keeps no ReLU mask: the mask comes from out.
-  TORCH_CHECK(
-      relu_mask.numel() == 0,
-      op, ": relu_mask must be empty on CUDA (bn_act_fwd_train returns an empty one), got ",
-      relu_mask.numel(), " elements");
-  if (given(weight)) {
-    check_param(*weight, input, g.C, "weight", op);
-  }
-  check_param(mean, input, g.C, "mean", op);
-  check_param(invstd, input, g.C, "invstd", op);
+  const BwdOperands in =
+      bwd_operands(grad_out, out, relu_mask, input, weight, mean, invstd, no_relu_mask);
+  const Geometry& g = in.g;
+  const at::Tensor& dy = in.grad_out;
+  const at::Tensor& y = in.out;
   const c10::cuda::CUDAGuard guard(input.device());
 
   at::Tensor dx = empty_activation(g);
@@ -263,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cuda(
 
 std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input) {
   constexpr const char* op = "bn_stats";
-  const Geometry g = canonicalize_input(input, op, kCUDA);
+  const Geometry g = stats_operands(input);
   const c10::cuda::CUDAGuard guard(input.device());
 
   at::Tensor mean = empty_channel_stat(g);
@@ -292,11 +292,10 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_reduce_cuda(
     const at::Tensor& mean,
     const at::Tensor& invstd) {
   constexpr const char* op = "bn_act_bwd_reduce";
-  const Geometry g = canonicalize_input(input, op, kCUDA);
-  const at::Tensor dy = activation_like_input(grad_out, input, g, "grad_out", op);
-  const at::Tensor y = activation_like_input(out, input, g, "out", op);
-  check_param(mean, input, g.C, "mean", op);
-  check_param(invstd, input, g.C, "invstd", op);
+  const BwdOperands in = bwd_reduce_operands(grad_out, out, input, mean, invstd);
+  const Geometry& g = in.g;
+  const at::Tensor& dy = in.grad_out;
+  const at::Tensor& y = in.out;
   const c10::cuda::CUDAGuard guard(input.device());
 
   at::Tensor sum_dz_xhat = empty_channel_stat(g);
@@ -331,16 +330,11 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cuda(
     const at::Tensor& mean_dz_xhat,
     bool residual_grad) {
   constexpr const char* op = "bn_act_bwd_apply";
-  const Geometry g = canonicalize_input(input, op, kCUDA);
-  const at::Tensor dy = activation_like_input(grad_out, input, g, "grad_out", op);
-  const at::Tensor y = activation_like_input(out, input, g, "out", op);
-  if (given(weight)) {
-    check_param(*weight, input, g.C, "weight", op);
-  }
-  check_param(mean, input, g.C, "mean", op);
-  check_param(invstd, input, g.C, "invstd", op);
-  check_param(mean_dz, input, g.C, "mean_dz", op);
-  check_param(mean_dz_xhat, input, g.C, "mean_dz_xhat", op);
+  const BwdOperands in = bwd_apply_operands(
+      grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat);
+  const Geometry& g = in.g;
+  const at::Tensor& dy = in.grad_out;
+  const at::Tensor& y = in.out;
   const c10::cuda::CUDAGuard guard(input.device());
 
   at::Tensor dx = empty_activation(g);
@@ -363,6 +357,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_bwd_apply_cuda(
 } // namespace fused_resnet::cuda
 
 TORCH_LIBRARY_IMPL(fused_resnet, CUDA, m) {
+  m.impl("bn_act", TORCH_FN(fused_resnet::cuda::bn_act_cuda));
   m.impl("bn_act_fwd_train", TORCH_FN(fused_resnet::cuda::bn_act_fwd_train_cuda));
   m.impl("bn_act_fwd_eval", TORCH_FN(fused_resnet::cuda::bn_act_fwd_eval_cuda));
   m.impl("bn_act_bwd", TORCH_FN(fused_resnet::cuda::bn_act_bwd_cuda));

@@ -1,5 +1,6 @@
 // Training-forward statistics (bn_act_fwd_train, bn_stats): per channel, over its M = N·S
-// elements, mean and biased variance = M2 / M, and invstd = 1/sqrt(var + eps).
+// elements, mean and biased variance = M2 / M, and invstd = 1/sqrt(var + eps); bn_act's
+// running-statistics update in the same per-channel finalize (common/running_stats.h).
 //
 // One launch of reduce_kernel: Welford per thread (one division per access, shared by its lanes),
 // Chan merges across the warp, the block and the blocks of a channel. Reads x once (N·C·S
@@ -47,7 +48,8 @@ struct StatsOp {
     st.push(x);
   }
 
-  // n = M > 0 for every channel (empty inputs never launch).
+  // n = M > 0 for every channel (empty inputs never launch). Runs once per channel, in the
+  // last block of the channel's group, after every partial is merged.
   __device__ __forceinline__ void finalize(int64_t c, const State<1>& s) const {
     const A var = s.m2[0] / static_cast<A>(s.n);
     a.mean[c] = s.mean[0];
@@ -56,6 +58,7 @@ struct StatsOp {
       // in double, rounded once (as the CPU backend and aten's batch_norm)
       a.invstd[c] = static_cast<A>(1.0 / ::sqrt(static_cast<double>(var) + a.eps));
     }
+    a.running.template apply<T>(c, s.mean[0], var);
   }
 };
 

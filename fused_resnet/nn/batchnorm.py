@@ -16,12 +16,24 @@ import torch
 from torch import nn
 
 from .. import functional
+from ..backend import ops_for
+from ..contract import shape_str
 from ..reference import acc_dtype
 from .tracing import record_module_call, refuse_script
 
 
+def check_channels(module, input):
+    """The input has the module's num_features channels (rank 2 or more)."""
+    if input.dim() >= 2 and input.shape[1] != module.num_features:
+        raise ValueError(
+            f"{type(module).__name__}: expected input with {module.num_features} channels "
+            f"(num_features), got {input.shape[1]} channels in input of shape "
+            f"{shape_str(input.shape)}"
+        )
+
+
 class _FusedBatchNormMixin:
-    """nn.BatchNorm's forward, with the input checks moved before any state changes."""
+    """nn.BatchNorm's forward as one op call, with the input checks before any state changes."""
 
     def _mode(self):
         """(use_batch_stats, running_mean, running_var) as nn.BatchNorm decides them.
@@ -40,32 +52,28 @@ class _FusedBatchNormMixin:
     def _counts_steps(self):
         return self.training and self.track_running_stats and self.num_batches_tracked is not None
 
-    def _step_momentum(self):
+    def _step_momentum(self, counts_steps):
         """The running-stats momentum of this step: `momentum`, or, when it is None, the
         cumulative average 1 / num_batches_tracked as it is once this step is counted."""
         if self.momentum is not None:
             return self.momentum
-        return 1.0 / (float(self.num_batches_tracked) + 1.0) if self._counts_steps() else 0.0
-
-    def _count_step(self):
-        """Count a training step in num_batches_tracked and return its momentum."""
-        momentum = self._step_momentum()
-        if self._counts_steps():
-            self.num_batches_tracked.add_(1)
-        return momentum
+        return 1.0 / (float(self.num_batches_tracked) + 1.0) if counts_steps else 0.0
 
     def _fused_forward(self, input, residual):
+        # This runs on every call of the module, so it reads each attribute once: the host time
+        # of a call is this, one op call (which checks the rest, csrc/common/contract.cpp), and
+        # the count of the step.
         self._check_input_dim(input)  # nn.BatchNorm*d's own rank check and message
+        check_channels(self, input)
         use_batch_stats, running_mean, running_var = self._mode()
-        tensors = (input, residual, running_mean, running_var, self.weight, self.bias)
-        functional.check_inputs(
-            type(self).__name__, *tensors, use_batch_stats, num_features=self.num_features
-        )
-        out = functional.batch_norm_act(*tensors, use_batch_stats, self._step_momentum(), self.eps)
-        if self._counts_steps():  # counted once the step went through: a refused call counts nothing
+        counts_steps = self._counts_steps()
+        out = ops_for(input).bn_act(
+            input, residual, self.weight, self.bias, running_mean, running_var, use_batch_stats,
+            self._step_momentum(counts_steps), self.eps,
+        )[0]
+        if counts_steps:  # counted once the step went through: a refused call counts nothing
             self.num_batches_tracked.add_(1)
         return out
-
 
     __prepare_scriptable__ = refuse_script
 

@@ -24,8 +24,8 @@ their ReLU.
 import torch
 from torch import nn
 
-from .. import functional
-from .batchnorm import EAGER_BATCHNORMS, _BatchNormAddReLU, _BatchNormReLU
+from ..backend import ops_for
+from .batchnorm import EAGER_BATCHNORMS, _BatchNormAddReLU, _BatchNormReLU, check_channels
 from .tracing import record_module_call, refuse_script
 
 
@@ -71,12 +71,12 @@ class _FrozenFusedNorm(_FrozenNorm):
     __prepare_scriptable__ = refuse_script
 
     def _frozen_forward(self, input, residual):
-        tensors = (input, residual, self.running_mean, self.running_var, self.weight, self.bias)
-        functional.check_inputs(
-            type(self).__name__, *tensors, False, num_features=self.num_features
-        )
+        check_channels(self, input)
         # training=False: the running statistics normalize, and nothing updates them
-        return functional.batch_norm_act(*tensors, False, 0.0, self.eps)
+        return ops_for(input).bn_act(
+            input, residual, self.weight, self.bias, self.running_mean, self.running_var, False,
+            0.0, self.eps,
+        )[0]
 
 
 class FrozenBatchNormReLU(_FrozenFusedNorm):

@@ -44,9 +44,9 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import backend as _backend
-from .. import functional
-from ..reference import acc_dtype
-from .batchnorm import UNFUSED_CLASS, _BatchNormAddReLU, _BatchNormReLU, _FusedBatchNormMixin
+from .. import contract
+from ..reference import acc_dtype, update_running_stats
+from .batchnorm import UNFUSED_CLASS, _BatchNormAddReLU, _BatchNormReLU, _FusedBatchNormMixin, check_channels
 
 
 class _SyncBatchNormActFunction(torch.autograd.Function):
@@ -55,7 +55,7 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, residual, weight, bias, mean, var, eps, impl, group, count):
-        out = impl.fwd_eval(input, residual, mean, var, weight, bias, eps)
+        out = impl.bn_act_fwd_eval(input, residual, mean, var, weight, bias, eps)
         # invstd as fwd_eval computes it: in float64 from var, rounded once
         invstd = torch.rsqrt(var.double() + eps).to(var.dtype)
         ctx.save_for_backward(input, out, weight, mean, invstd)
@@ -71,7 +71,7 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
         impl = ctx.impl
         grad_input = grad_residual = grad_weight = grad_bias = None
         if need_input or need_weight or need_bias:
-            sum_dz_xhat, sum_dz = impl.bwd_reduce(grad_out, out, input, mean, invstd)
+            sum_dz_xhat, sum_dz = impl.bn_act_bwd_reduce(grad_out, out, input, mean, invstd)
             weight_dtype, bias_dtype = ctx.param_dtypes
             if need_weight:
                 grad_weight = sum_dz_xhat.to(weight_dtype)
@@ -82,14 +82,14 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
             packed = torch.cat([sum_dz, sum_dz_xhat])
             dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=ctx.group)
             mean_dz, mean_dz_xhat = packed.div_(ctx.count).split(channels)
-            grad_input, grad_residual = impl.bwd_apply(
+            grad_input, grad_residual = impl.bn_act_bwd_apply(
                 grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat, need_residual
             )
             grad_residual = grad_residual if need_residual else None  # else an empty tensor
         elif need_residual:
             # grad_residual = dz needs no global statistics: any means do
             zeros = torch.zeros_like(mean)
-            _, grad_residual = impl.bwd_apply(
+            _, grad_residual = impl.bn_act_bwd_apply(
                 grad_out, out, input, weight, mean, invstd, zeros, zeros, True
             )
         return grad_input, grad_residual, grad_weight, grad_bias, None, None, None, None, None, None
@@ -100,7 +100,7 @@ def _gather_batch_stats(impl, input, group, world_size, caller):
     channels = input.shape[1]
     count = input.numel() // channels
     with torch.no_grad():
-        mean, var = impl.stats(input)
+        mean, var = impl.bn_stats(input)
         mean, var = mean.double(), var.double()
         packed = torch.cat([mean.new_full((1,), count), mean, var * count])  # (n, mean, M2)
         gathered = [torch.empty_like(packed) for _ in range(world_size)]
@@ -157,24 +157,28 @@ class _SyncFusedBatchNormMixin(_FusedBatchNormMixin):
 
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
+        check_channels(self, input)
         _, running_mean, running_var = self._mode()
         caller = type(self).__name__
-        tensors = (input, residual, running_mean, running_var, self.weight, self.bias)
-        functional.check_inputs(
-            caller, *tensors, True, num_features=self.num_features, check_values_per_channel=False
+        contract.check_bn_act(
+            input, residual, self.weight, self.bias, running_mean, running_var, True,
+            values_per_channel=False,  # _gather_batch_stats checks the global count
         )
         self._check_channels_agree(group, world_size, input.device)
 
-        impl = _backend.resolve(input.device)
+        impl = _backend.ops_for(input)
         mean, var, count = _gather_batch_stats(impl, input, group, world_size, caller)
         # every check has passed: the state may change now
-        momentum = self._count_step()
+        counts_steps = self._counts_steps()
+        momentum = self._step_momentum(counts_steps)
+        if counts_steps:
+            self.num_batches_tracked.add_(1)
         acc = acc_dtype(input.dtype)
         out = _SyncBatchNormActFunction.apply(
             input, residual, self.weight, self.bias, mean.to(acc), var.to(acc), self.eps, impl, group, count
         )
         if running_mean is not None:
-            functional.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+            update_running_stats(running_mean, running_var, mean, var, count, momentum)
         return out
 
     @classmethod

@@ -51,16 +51,11 @@ def register_backend() -> None:
 
     from .. import ops
 
-    ops.register_op_set(*launchers.OPS, relu_mask_bytes=ops.no_relu_mask_bytes)
-    fwd_train, fwd_eval, _bwd, stats, bwd_reduce, bwd_apply = launchers.OPS
+    op_set = launchers.op_set(device_types)
+    ops.register_op_set(op_set, relu_mask_bytes=ops.no_relu_mask_bytes)
+    ops.register_bn_act_autograd(launchers.library, op_set.bn_act, op_set.bn_act_bwd)
     _backend.register(
         _backend.Backend(
-            name="triton",
-            device_types=device_types,
-            fwd_train=fwd_train,
-            fwd_eval=fwd_eval,
-            stats=stats,
-            bwd_reduce=bwd_reduce,
-            bwd_apply=bwd_apply,
+            name="triton", device_types=device_types, ops=op_set, relu_mask_bytes=ops.no_relu_mask_bytes
         )
     )

@@ -22,7 +22,9 @@ atomics: results are bitwise reproducible for a given launch plan and tile confi
 rectangle the partial kernel writes the final results itself (SINGLE_SPLIT), with no second launch.
 
 The kernels that autotune only write their outputs (never accumulate into them), so the
-autotuner's repeated benchmark launches leave the same results.
+autotuner's repeated benchmark launches leave the same results; the one exception, the running
+statistics the statistics kernel updates in place (bn_act), are restored after each benchmark
+launch (restore_value).
 """
 
 import triton
@@ -81,13 +83,17 @@ def _no_benchmark(kernel_call, quantiles):
     return [0.0 for _ in quantiles]
 
 
-def _autotuned(fn):
-    return triton.autotune(
-        configs=TILE_CONFIGS,
-        key=["n_channels", "n_inner"],
-        prune_configs_by={"early_config_prune": _prune_tile_configs},
-        do_bench=_no_benchmark if interpreter_enabled() else None,
-    )(fn)
+def _autotuned(fn=None, restore_value=None):
+    def decorate(fn):
+        return triton.autotune(
+            configs=TILE_CONFIGS,
+            key=["n_channels", "n_inner"],
+            prune_configs_by={"early_config_prune": _prune_tile_configs},
+            restore_value=restore_value,
+            do_bench=_no_benchmark if interpreter_enabled() else None,
+        )(fn)
+
+    return decorate if fn is None else decorate(fn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,6 +160,30 @@ def _tile_position(n_outer, n_channels, n_inner, BLOCK_A: tl.constexpr, BLOCK_C:
 
 
 @triton.jit
+def _update_running(mean_ptr, var_ptr, stride_mean, stride_var, c, c_mask, mean, var,
+                    momentum_hi, momentum_lo, per_channel):
+    """bn_act's running-statistics update of channels c (csrc/common/running_stats.h states it):
+      running_mean <- (1 - momentum)·running_mean + momentum·mean
+      running_var  <- (1 - momentum)·running_var  + momentum·var·M/(M - 1)
+    in the accumulation dtype of `mean`, stored in each buffer's dtype. momentum arrives as two
+    float32 halves (hi + lo): Triton passes Python floats as float32, and a float64 update needs
+    more of momentum's digits than one float32 holds; in float32, hi alone is momentum."""
+    acc = mean.dtype
+    momentum = tl.cast(momentum_hi, acc) + tl.cast(momentum_lo, acc)
+    m = _int64(per_channel).to(acc)
+    keep = 1.0 - momentum
+    take_var = momentum * (m / (m - 1.0))
+    mean_offsets = c.to(tl.int64) * stride_mean
+    var_offsets = c.to(tl.int64) * stride_var
+    old_mean = tl.load(mean_ptr + mean_offsets, mask=c_mask, other=0.0).to(acc)
+    old_var = tl.load(var_ptr + var_offsets, mask=c_mask, other=0.0).to(acc)
+    new_mean = old_mean * keep + mean * momentum
+    new_var = old_var * keep + var * take_var
+    tl.store(mean_ptr + mean_offsets, new_mean.to(mean_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(var_ptr + var_offsets, new_var.to(var_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
 def _relu_mask_grad(dy, out):
     """dz = 0 where out <= 0, else dy (a NaN in out passes dy, as aten's threshold_backward)."""
     return tl.where(out <= 0, tl.zeros_like(dy), dy)
@@ -163,17 +193,20 @@ def _relu_mask_grad(dy, out):
 # Training forward: statistics.
 
 
-@_autotuned
+@_autotuned(restore_value=["running_mean_ptr", "running_var_ptr"])
 @triton.jit
 def _bn_fwd_stats_kernel(
     x_ptr, stride_xa, stride_xc, stride_xb,
     mean_part_ptr, m2_part_ptr,  # [num_splits, n_channels] partials, accumulation dtype
     mean_ptr, var_ptr, invstd_ptr,  # [n_channels] results, written here when SINGLE_SPLIT
+    running_mean_ptr, running_var_ptr, stride_running_mean, stride_running_var,
+    momentum_hi, momentum_lo,
     n_outer, n_channels, n_inner, chunk_a, chunk_b, splits_b, eps,
-    SINGLE_SPLIT: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    """Welford partials (mean, M2) of one split rectangle for BLOCK_C channels.
+    """Welford partials (mean, M2) of one split rectangle for BLOCK_C channels; with a single
+    split, the final statistics and (UPDATE_RUNNING) the running statistics' update.
 
     Each tile is reduced exactly (its mean, then Σ(x - tile mean)²) and merged into the running
     partial with Chan's formula, for n = running count, k = tile count:
@@ -210,6 +243,9 @@ def _bn_fwd_stats_kernel(
         tl.store(mean_ptr + c, mean, mask=c_mask)
         tl.store(var_ptr + c, var, mask=c_mask)
         tl.store(invstd_ptr + c, 1.0 / tl.sqrt(var + eps), mask=c_mask)
+        if UPDATE_RUNNING:
+            _update_running(running_mean_ptr, running_var_ptr, stride_running_mean, stride_running_var,
+                            c, c_mask, mean, var, momentum_hi, momentum_lo, _int64(n_outer) * n_inner)
     else:
         part = split.to(tl.int64) * n_channels + c
         tl.store(mean_part_ptr + part, mean, mask=c_mask)
@@ -219,11 +255,14 @@ def _bn_fwd_stats_kernel(
 @triton.jit
 def _bn_fwd_stats_combine_kernel(
     mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, invstd_ptr,
+    running_mean_ptr, running_var_ptr, stride_running_mean, stride_running_var,
+    momentum_hi, momentum_lo,
     n_outer, n_channels, n_inner, chunk_a, chunk_b, splits_b, num_splits, eps,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Merge the Welford partials of every split, in split order (Chan et al. for many groups):
-      mean = Σ n_k·mean_k / M,  M2 = Σ (M2_k + n_k·(mean_k - mean)²),  var = M2 / M.
+      mean = Σ n_k·mean_k / M,  M2 = Σ (M2_k + n_k·(mean_k - mean)²),  var = M2 / M,
+    then (UPDATE_RUNNING) the running statistics' update.
     Two passes over the partials, BLOCK_S splits at a time; deviations from the final mean keep
     the merge stable however the partials differ.
     """
@@ -256,6 +295,9 @@ def _bn_fwd_stats_combine_kernel(
     tl.store(mean_ptr + c, mean, mask=c_mask)
     tl.store(var_ptr + c, var, mask=c_mask)
     tl.store(invstd_ptr + c, 1.0 / tl.sqrt(var + eps), mask=c_mask)
+    if UPDATE_RUNNING:
+        _update_running(running_mean_ptr, running_var_ptr, stride_running_mean, stride_running_var,
+                        c, c_mask, mean, var, momentum_hi, momentum_lo, _int64(n_outer) * n_inner)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,18 +1,22 @@
 """Launchers of the Triton kernels (kernels.py), registered as the custom ops fused_resnet_triton::*.
 
-Each op has the schema and the math of its C++ twin (csrc/fused_resnet.cpp) and is defined with
-`torch.library.triton_op` and launches through `wrap_triton`, so torch.compile traces into the
-kernels. fused_resnet/triton/__init__.py gives the six ops their fake impls and autograd (through
+Each op has the schema, the checks (fused_resnet/contract.py) and the math of its C++ twin
+(csrc/fused_resnet.cpp). The six functional ops are defined with `torch.library.triton_op` and
+launch through `wrap_triton`, so torch.compile traces into the kernels; bn_act, which updates the
+running statistics in place, is defined from its schema in a torch.library.Library, with a kernel
+for each device the backend runs and its autograd from fused_resnet.ops.register_bn_act_autograd.
+fused_resnet/triton/__init__.py gives the ops their fake impls and autograd (through
 fused_resnet.ops.register_op_set) and registers the backend.
 
 Layout: the input is used as it is when it is dense NC* or channels_last, else made contiguous
-(ops.canonical_layout); outputs are allocated like that canonical input. Other activations
+(contract.canonical_layout); outputs are allocated like that canonical input. Other activations
 (residual, grad_out, out) are read in place through their own strides when they fit the input's
 3D view with unit (or zero) stride along its fastest dimension, else converted to the input's
 memory format first.
 """
 
 import functools
+import struct
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -22,7 +26,9 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 from triton.runtime.interpreter import InterpretedFunction
 
-from ..ops import canonical_layout, empty_grad_residual, empty_relu_mask
+from .. import contract
+from ..contract import canonical_layout
+from ..ops import empty_grad_residual, empty_relu_mask
 from ..reference import acc_dtype
 from . import interpreter_enabled, kernels
 
@@ -60,7 +66,7 @@ class View3d:
 
 
 def view_of(x: Tensor) -> View3d:
-    """The view of a canonical (ops.canonical_layout), non-empty input."""
+    """The view of a canonical (contract.canonical_layout), non-empty input."""
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // (n * c)
     if x.dim() > 2 and not x.is_contiguous():  # canonical and not contiguous: channels_last
@@ -192,8 +198,22 @@ def _split_grid(view: View3d, plan: ReductionPlan):
     return grid
 
 
-def _launch_batch_stats(x, view, eps):
-    """(mean, var, invstd) of each channel of a non-empty canonical x, accumulation dtype."""
+def _running_update_args(running, like):
+    """The statistics kernels' running-update arguments, (running_mean, running_var, their
+    strides, momentum as float32 hi + lo) and UPDATE_RUNNING, for running = (running_mean,
+    running_var, momentum) or None (no update; `like` stands in for the buffers)."""
+    if running is None:
+        return (like, like, 1, 1, 0.0, 0.0), False
+    running_mean, running_var, momentum = running
+    momentum_hi = struct.unpack("f", struct.pack("f", momentum))[0]  # momentum rounded to float32
+    args = (running_mean, running_var, running_mean.stride(0), running_var.stride(0))
+    return args + (momentum_hi, momentum - momentum_hi), True
+
+
+def _launch_batch_stats(x, view, eps, running=None):
+    """(mean, var, invstd) of each channel of a non-empty canonical x, accumulation dtype; with
+    running = (running_mean, running_var, momentum), the running statistics are updated in the
+    kernels' per-channel finalize."""
     acc = acc_dtype(x.dtype)
     c = view.n_channels
     mean, var, invstd = (x.new_empty((c,), dtype=acc) for _ in range(3))
@@ -203,18 +223,19 @@ def _launch_batch_stats(x, view, eps):
         mean_part = m2_part = mean  # not read
     else:
         mean_part, m2_part = (x.new_empty((plan.num_splits, c), dtype=acc) for _ in range(2))
+    update_args, update = _running_update_args(running, mean)
     _launchable(kernels._bn_fwd_stats_kernel)[_split_grid(view, plan)](
         x, *_view_strides(x, view),
-        mean_part, m2_part, mean, var, invstd,
+        mean_part, m2_part, mean, var, invstd, *update_args,
         view.n_outer, c, view.n_inner, plan.chunk_a, plan.chunk_b, plan.splits_b, eps,
-        SINGLE_SPLIT=single,
+        SINGLE_SPLIT=single, UPDATE_RUNNING=update and single,
     )
     if not single:
         _launchable(kernels._bn_fwd_stats_combine_kernel)[(triton.cdiv(c, _COMBINE_BLOCK_C),)](
-            mean_part, m2_part, mean, var, invstd,
+            mean_part, m2_part, mean, var, invstd, *update_args,
             view.n_outer, c, view.n_inner, plan.chunk_a, plan.chunk_b, plan.splits_b,
             plan.num_splits, eps,
-            BLOCK_S=_COMBINE_BLOCK_S, BLOCK_C=_COMBINE_BLOCK_C,
+            UPDATE_RUNNING=update, BLOCK_S=_COMBINE_BLOCK_S, BLOCK_C=_COMBINE_BLOCK_C,
         )
     return mean, var, invstd
 
@@ -301,54 +322,6 @@ def _launch_bwd_apply(grad_out, out, x, view, weight, mean, invstd, dz_stat, dzx
 
 
 # ---------------------------------------------------------------------------------------------
-# Operand checks, with the C++ backends' messages (csrc/common/bn_act_host.cpp): the ops can be
-# called directly, not only through fused_resnet.functional, which checks first.
-
-_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def _shape(t: Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
-
-
-def _check_operands(op: str, input: Tensor, activations=(), per_channel=()):
-    """input: floating, at least 2-D; activations: (name, tensor) pairs shaped like input;
-    per_channel: (name, tensor or None) pairs of C values, in input's dtype or float32."""
-    if not input.is_floating_point():
-        raise RuntimeError(f"{op}: expected a floating-point input, got {input.dtype}")
-    if input.dtype not in _FLOATING:
-        raise RuntimeError(f"{op}: unsupported input dtype {input.dtype}")
-    if input.dim() < 2:
-        raise RuntimeError(
-            f"{op}: expected an input of at least 2 dimensions (N, C, *), got {input.dim()}D input "
-            f"of shape {_shape(input)}"
-        )
-    for name, t in activations:
-        if t is None:
-            continue
-        if t.shape != input.shape:
-            raise RuntimeError(f"{op}: {name} shape {_shape(t)} does not match input shape {_shape(input)}")
-        if t.dtype != input.dtype:
-            raise RuntimeError(f"{op}: {name} dtype {t.dtype} does not match input dtype {input.dtype}")
-        if t.device != input.device:
-            raise RuntimeError(f"{op}: {name} is on {t.device} but input is on {input.device}")
-    channels = input.shape[1]
-    allowed = (torch.float32,) if input.dtype == torch.float32 else (input.dtype, torch.float32)
-    for name, t in per_channel:
-        if t is None:
-            continue
-        if t.dim() != 1 or t.shape[0] != channels:
-            raise RuntimeError(
-                f"{op}: expected {name} to be a 1-D tensor with one entry per channel ({channels}), "
-                f"got shape {_shape(t)}"
-            )
-        if t.dtype not in allowed:
-            raise RuntimeError(f"{op}: {name} dtype {t.dtype} is not allowed for a {input.dtype} input")
-        if t.device != input.device:
-            raise RuntimeError(f"{op}: {name} is on {t.device} but input is on {input.device}")
-
-
-# ---------------------------------------------------------------------------------------------
 # The ops (schemas and math: csrc/fused_resnet.cpp). An empty input launches nothing: its
 # statistics are mean 0, var 0, and its reductions 0.
 
@@ -357,7 +330,7 @@ def _check_operands(op: str, input: Tensor, activations=(), per_channel=()):
 def bn_act_fwd_train(
     input: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    _check_operands("bn_act_fwd_train", input, [("residual", residual)], [("weight", weight), ("bias", bias)])
+    contract.check_fwd_train(input, residual, weight, bias)
     x = canonical_layout(input)
     relu_mask = empty_relu_mask(x)  # none kept: bn_act_bwd reads out
     if x.numel() == 0:
@@ -379,10 +352,7 @@ def bn_act_fwd_eval(
     bias: Optional[Tensor],
     eps: float,
 ) -> Tensor:
-    _check_operands(
-        "bn_act_fwd_eval", input, [("residual", residual)],
-        [("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)],
-    )
+    contract.check_fwd_eval(input, residual, running_mean, running_var, weight, bias)
     x = canonical_layout(input)
     if x.numel() == 0:
         return torch.empty_like(x)
@@ -403,15 +373,7 @@ def bn_act_bwd(
     batch_stats: bool,
     residual_grad: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    _check_operands(
-        "bn_act_bwd", input, [("grad_out", grad_out), ("out", out)],
-        [("weight", weight), ("mean", mean), ("invstd", invstd)],
-    )
-    if relu_mask.numel() != 0:
-        raise RuntimeError(
-            "bn_act_bwd: relu_mask must be empty for the triton backend (its bn_act_fwd_train "
-            f"returns an empty one), got {relu_mask.numel()} elements"
-        )
+    contract.check_bwd(grad_out, out, relu_mask, input, weight, mean, invstd, 0)  # no mask kept
     x = canonical_layout(input)
     if x.numel() == 0:
         sum_dz = x.new_zeros((x.shape[1],), dtype=acc_dtype(x.dtype))
@@ -427,7 +389,7 @@ def bn_act_bwd(
 
 @triton_op(f"{LIBRARY}::bn_stats", mutates_args=())
 def bn_stats(input: Tensor) -> Tuple[Tensor, Tensor]:
-    _check_operands("bn_stats", input)
+    contract.check_stats(input)
     x = canonical_layout(input)
     if x.numel() == 0:
         var = x.new_zeros((x.shape[1],), dtype=acc_dtype(x.dtype))
@@ -439,9 +401,7 @@ def bn_stats(input: Tensor) -> Tuple[Tensor, Tensor]:
 
 @triton_op(f"{LIBRARY}::bn_act_bwd_reduce", mutates_args=())
 def bn_act_bwd_reduce(grad_out: Tensor, out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor) -> Tuple[Tensor, Tensor]:
-    _check_operands(
-        "bn_act_bwd_reduce", input, [("grad_out", grad_out), ("out", out)], [("mean", mean), ("invstd", invstd)]
-    )
+    contract.check_bwd_reduce(grad_out, out, input, mean, invstd)
     x = canonical_layout(input)
     if x.numel() == 0:
         sum_dz = x.new_zeros((x.shape[1],), dtype=acc_dtype(x.dtype))
@@ -461,10 +421,7 @@ def bn_act_bwd_apply(
     mean_dz_xhat: Tensor,
     residual_grad: bool,
 ) -> Tuple[Tensor, Tensor]:
-    _check_operands(
-        "bn_act_bwd_apply", input, [("grad_out", grad_out), ("out", out)],
-        [("weight", weight), ("mean", mean), ("invstd", invstd), ("mean_dz", mean_dz), ("mean_dz_xhat", mean_dz_xhat)],
-    )
+    contract.check_bwd_apply(grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat)
     x = canonical_layout(input)
     if x.numel() == 0:
         return torch.empty_like(x), empty_grad_residual(x, residual_grad)
@@ -474,4 +431,52 @@ def bn_act_bwd_apply(
     )
 
 
-OPS = (bn_act_fwd_train, bn_act_fwd_eval, bn_act_bwd, bn_stats, bn_act_bwd_reduce, bn_act_bwd_apply)
+# ---------------------------------------------------------------------------------------------
+# bn_act: the schema of csrc/fused_resnet.cpp, in this library.
+
+BN_ACT_SCHEMA = (
+    "bn_act(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias,"
+    " Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum,"
+    " float eps) -> (Tensor out, Tensor save_mean, Tensor save_invstd, Tensor relu_mask)"
+)
+library = torch.library.Library(LIBRARY, "FRAGMENT")
+library.define(BN_ACT_SCHEMA)
+
+
+def bn_act_kernel(input, residual, weight, bias, running_mean, running_var, training, momentum, eps):
+    """One module call: the training forward with the running statistics updated in the
+    statistics kernels' finalize, or the eval forward (csrc/fused_resnet.cpp)."""
+    contract.check_bn_act(input, residual, weight, bias, running_mean, running_var, training)
+    x = canonical_layout(input)
+    relu_mask = empty_relu_mask(x)  # none kept: bn_act_bwd reads out
+    acc = acc_dtype(x.dtype)
+    if not training:
+        none = x.new_empty((0,), dtype=acc)
+        if x.numel() == 0:
+            return torch.empty_like(x), none, none.clone(), relu_mask
+        out = _launch_fwd_apply(
+            x, view_of(x), residual, running_mean, running_var, weight, bias, eps, spread_is_var=True
+        )
+        return out, none, none.clone(), relu_mask
+    if x.numel() == 0:  # an empty batch updates nothing
+        var = x.new_zeros((x.shape[1],), dtype=acc)
+        return torch.empty_like(x), torch.zeros_like(var), torch.rsqrt(var + eps), relu_mask
+    view = view_of(x)
+    running = (running_mean, running_var, momentum) if running_mean is not None else None
+    mean, _var, invstd = _launch_batch_stats(x, view, eps, running)
+    out = _launch_fwd_apply(x, view, residual, mean, invstd, weight, bias, eps, spread_is_var=False)
+    return out, mean, invstd, relu_mask
+
+
+def _register_bn_act(device_types):
+    for device_type in device_types:
+        library.impl("bn_act", bn_act_kernel, device_type.upper())
+    return getattr(torch.ops, LIBRARY).bn_act.default
+
+
+def op_set(device_types) -> contract.OpSet:
+    """The backend's ops, bn_act with kernels for `device_types`."""
+    return contract.OpSet(
+        _register_bn_act(device_types), bn_act_fwd_train, bn_act_fwd_eval, bn_act_bwd, bn_stats,
+        bn_act_bwd_reduce, bn_act_bwd_apply,
+    )

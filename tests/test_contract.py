@@ -1,0 +1,181 @@
+"""One op contract (fused_resnet/contract.py, csrc/common/contract.cpp): every backend has the same
+ops with the same schemas, accepts the same calls, and refuses the same bad calls with the same
+error type and message, before anything changes."""
+
+import pytest
+import torch
+
+import fused_resnet
+from fused_resnet import contract
+from fused_resnet.backend import _registry
+from conftest import BACKENDS, DEVICE, make_tensor
+
+OP_NAMES = contract.OP_NAMES
+EPS = 1e-5
+
+
+def _ops(backend_name):
+    return _registry[backend_name].ops
+
+
+def _schema_namespaces():
+    """The op namespaces whose schemas can be compared (the reference backend's ops are plain
+    Python functions)."""
+    names = []
+    if fused_resnet.EXTENSION_ERROR is None:
+        names.append("fused_resnet")
+    if hasattr(torch.ops, "fused_resnet_triton") and "triton" in fused_resnet.available_backends():
+        names.append("fused_resnet_triton")
+    return names
+
+
+def _arguments(schema):
+    """(name, type, written to) of each argument."""
+    return [(a.name, str(a.type), bool(a.alias_info and a.alias_info.is_write)) for a in schema.arguments]
+
+
+@pytest.mark.skipif(len(_schema_namespaces()) < 2, reason="needs both the C++ and the Triton ops")
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_every_backend_has_the_same_schema(op):
+    schemas = [getattr(getattr(torch.ops, ns), op).default._schema for ns in _schema_namespaces()]
+    assert all(_arguments(s) == _arguments(schemas[0]) for s in schemas), schemas
+    assert all(len(s.returns) == len(schemas[0].returns) for s in schemas), schemas
+
+
+def test_every_backend_lists_every_op():
+    for name in BACKENDS:
+        ops = _ops(name)
+        assert ops._fields == OP_NAMES and all(callable(op) for op in ops), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Calls: each builds its arguments afresh (float32 CPU or CUDA tensors of shape (2, 3, 4, 5)).
+
+C = 3
+SHAPE = (2, C, 4, 5)
+
+
+def _x(dtype=torch.float32, shape=SHAPE):
+    return make_tensor(shape, dtype)
+
+
+def _vec(dtype=torch.float32, n=C, device=DEVICE):
+    return (torch.rand(n, dtype=dtype, device=device) + 0.5)
+
+
+def _bn_act(x=None, r=None, w=None, b=None, rm=None, rv=None, training=True):
+    return (x if x is not None else _x(), r, w, b, rm, rv, training, 0.1, EPS)
+
+
+def _bwd(dy=None, y=None, mask=None, x=None, w=None, mean=None, invstd=None):
+    return (
+        dy if dy is not None else _x(), y if y is not None else _x(),
+        mask if mask is not None else torch.empty(0, dtype=torch.uint8, device=DEVICE),
+        x if x is not None else _x(), w, mean if mean is not None else _vec(),
+        invstd if invstd is not None else _vec(), True, False,
+    )
+
+
+def _reduce(dy=None, mean=None):
+    return (dy if dy is not None else _x(), _x(), _x(), mean if mean is not None else _vec(), _vec())
+
+
+def _apply(w=None, mean_dz_xhat=None):
+    m = mean_dz_xhat if mean_dz_xhat is not None else _vec()
+    return (_x(), _x(), _x(), w, _vec(), _vec(), _vec(), m, True)
+
+
+GOOD_CALLS = {
+    "bn_act train": ("bn_act", lambda: _bn_act(r=_x(), w=_vec(), b=_vec(), rm=_vec(), rv=_vec())),
+    "bn_act eval": ("bn_act", lambda: _bn_act(w=_vec(), rm=_vec(), rv=_vec(), training=False)),
+    "bn_act untracked": ("bn_act", lambda: _bn_act()),
+    "bn_act half, float params": ("bn_act", lambda: _bn_act(x=_x(torch.float16), w=_vec(), rm=_vec(), rv=_vec())),
+    "bn_act_fwd_train": ("bn_act_fwd_train", lambda: (_x(), _x(), _vec(), None, EPS)),
+    "bn_act_fwd_eval": ("bn_act_fwd_eval", lambda: (_x(), None, _vec(), _vec(), _vec(), _vec(), EPS)),
+    "bn_act_bwd": ("bn_act_bwd", lambda: _bwd(w=_vec())),
+    "bn_stats": ("bn_stats", lambda: (_x(),)),
+    "bn_act_bwd_reduce": ("bn_act_bwd_reduce", lambda: _reduce()),
+    "bn_act_bwd_apply": ("bn_act_bwd_apply", lambda: _apply(w=_vec())),
+}
+
+# name: (op, arguments, error type, the message without the op's name)
+BAD_CALLS = {
+    "integer input": ("bn_act", lambda: _bn_act(x=torch.ones(SHAPE, dtype=torch.int64, device=DEVICE)),
+                      TypeError, "expected a floating-point input (float16, bfloat16, float32 or float64), got torch.int64"),
+    "1-D input": ("bn_act", lambda: _bn_act(x=_x(shape=(5,))), ValueError,
+                  "expected an input of at least 2 dimensions (N, C, ...), got 1D input of shape (5,)"),
+    "residual shape": ("bn_act", lambda: _bn_act(r=_x(shape=(2, C, 4, 1))), ValueError,
+                       "residual shape (2, 3, 4, 1) does not match input shape (2, 3, 4, 5)"),
+    "residual dtype": ("bn_act", lambda: _bn_act(r=_x(torch.float64)), TypeError,
+                       "residual dtype torch.float64 does not match input dtype torch.float32"),
+    "residual device": ("bn_act", lambda: _bn_act(r=torch.empty(SHAPE, device="meta")), RuntimeError,
+                        f"expected all tensors on {DEVICE.type}, but residual is on meta"),
+    "weight shape": ("bn_act", lambda: _bn_act(w=_vec(n=4)), ValueError,
+                     "weight should hold one value per channel, shape (3,) for input of shape (2, 3, 4, 5), got shape (4,)"),
+    "float64 weight, float32 input": ("bn_act", lambda: _bn_act(w=_vec(torch.float64)), TypeError,
+                                      "weight dtype torch.float64 is not supported with a torch.float32 input (expected torch.float32)"),
+    "float32 weight, float64 input": ("bn_act", lambda: _bn_act(x=_x(torch.float64), w=_vec()), TypeError,
+                                      "weight dtype torch.float32 is not supported with a torch.float64 input (expected torch.float64)"),
+    "float64 bias, float16 input": ("bn_act", lambda: _bn_act(x=_x(torch.float16), b=_vec(torch.float64)), TypeError,
+                                    "bias dtype torch.float64 is not supported with a torch.float16 input (expected torch.float16 or torch.float32)"),
+    "running_var shape": ("bn_act", lambda: _bn_act(rm=_vec(), rv=_vec()[:2]), ValueError,
+                          "running_var should hold one value per channel, shape (3,) for input of shape (2, 3, 4, 5), got shape (2,)"),
+    "running_mean alone": ("bn_act", lambda: _bn_act(rm=_vec()), ValueError, "running_mean and running_var must be given together"),
+    "eval without running statistics": ("bn_act", lambda: _bn_act(training=False), ValueError,
+                                        "running_mean and running_var are required when training=False (eval mode normalizes with the running statistics)"),
+    "one value per channel": ("bn_act", lambda: _bn_act(x=_x(shape=(1, C, 1, 1)), rm=_vec(), rv=_vec()), ValueError,
+                              "Expected more than 1 value per channel when training, got input size torch.Size([1, 3, 1, 1])"),
+    "fwd_train bias dtype": ("bn_act_fwd_train", lambda: (_x(), None, None, _vec(torch.float64), EPS), TypeError,
+                             "bias dtype torch.float64 is not supported with a torch.float32 input (expected torch.float32)"),
+    "fwd_eval running_var shape": ("bn_act_fwd_eval", lambda: (_x(), None, _vec(), _vec(n=1), None, None, EPS), ValueError,
+                                   "running_var should hold one value per channel, shape (3,) for input of shape (2, 3, 4, 5), got shape (1,)"),
+    "fwd_eval weight device": ("bn_act_fwd_eval", lambda: (_x(), None, _vec(), _vec(), _vec(device="meta"), None, EPS),
+                               RuntimeError, f"expected all tensors on {DEVICE.type}, but weight is on meta"),
+    "bwd grad_out shape": ("bn_act_bwd", lambda: _bwd(dy=_x(shape=(2, C, 4, 4))), ValueError,
+                           "grad_out shape (2, 3, 4, 4) does not match input shape (2, 3, 4, 5)"),
+    "bwd out dtype": ("bn_act_bwd", lambda: _bwd(y=_x(torch.float16)), TypeError,
+                      "out dtype torch.float16 does not match input dtype torch.float32"),
+    "bwd relu_mask dtype": ("bn_act_bwd", lambda: _bwd(mask=torch.zeros(4, device=DEVICE)), TypeError,
+                            "relu_mask should be a 1-D torch.uint8 tensor, got torch.float32 of shape (4,)"),
+    # the planes layout (contiguous NCHW): no backend keeps a mask for it
+    "bwd relu_mask size": ("bn_act_bwd", lambda: _bwd(mask=torch.zeros(15, dtype=torch.uint8, device=DEVICE)), ValueError,
+                           "relu_mask holds 15 bytes; expected none (this backend's bn_act_fwd_train keeps no mask for this input)"),
+    "bwd invstd shape": ("bn_act_bwd", lambda: _bwd(invstd=_vec(n=2)), ValueError,
+                         "invstd should hold one value per channel, shape (3,) for input of shape (2, 3, 4, 5), got shape (2,)"),
+    "stats bool input": ("bn_stats", lambda: (torch.ones(SHAPE, dtype=torch.bool, device=DEVICE),), TypeError,
+                         "expected a floating-point input (float16, bfloat16, float32 or float64), got torch.bool"),
+    "bwd_reduce grad_out dtype": ("bn_act_bwd_reduce", lambda: _reduce(dy=_x(torch.float64)), TypeError,
+                                  "grad_out dtype torch.float64 does not match input dtype torch.float32"),
+    "bwd_reduce mean shape": ("bn_act_bwd_reduce", lambda: _reduce(mean=_vec(n=5)), ValueError,
+                              "mean should hold one value per channel, shape (3,) for input of shape (2, 3, 4, 5), got shape (5,)"),
+    "bwd_apply mean_dz_xhat shape": ("bn_act_bwd_apply", lambda: _apply(mean_dz_xhat=_vec(n=2)), ValueError,
+                                     "mean_dz_xhat should hold one value per channel, shape (3,) for input of shape (2, 3, 4, 5), got shape (2,)"),
+    "bwd_apply weight dtype": ("bn_act_bwd_apply", lambda: _apply(w=_vec(torch.float16)), TypeError,
+                               "weight dtype torch.float16 is not supported with a torch.float32 input (expected torch.float32)"),
+}
+
+
+@pytest.mark.parametrize("case", list(GOOD_CALLS))
+def test_every_backend_accepts_the_same_calls(case):
+    op, make_args = GOOD_CALLS[case]
+    for name in BACKENDS:
+        getattr(_ops(name), op)(*make_args())
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_every_backend_refuses_the_same_calls_alike(case):
+    op, make_args, error, message = BAD_CALLS[case]
+    prefix = "" if message.startswith("Expected more than 1") else f"{op}: "  # torch's own text
+    for name in BACKENDS:
+        args = make_args()
+        before = [a.clone() for a in args if isinstance(a, torch.Tensor) and a.device.type != "meta"]
+        with pytest.raises(Exception) as info:
+            getattr(_ops(name), op)(*args)
+        assert (type(info.value), str(info.value)) == (error, prefix + message), name
+        after = [a for a in args if isinstance(a, torch.Tensor) and a.device.type != "meta"]
+        assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(after, before)), f"{name} changed an argument"
+
+
+def test_the_cases_cover_every_op():
+    assert {op for op, *_ in BAD_CALLS.values()} == set(OP_NAMES)
+    assert {op for op, _ in GOOD_CALLS.values()} == set(OP_NAMES)
