@@ -19,6 +19,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <vector>
+
 extern "C" {
 // `import fused_resnet._C` loads this shared library, which runs the TORCH_LIBRARY registrations
 // below. No Python functions are exported: everything is reached through torch.ops.fused_resnet.
@@ -29,6 +31,16 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+
+namespace {
+
+// Every op takes any memory layout of its activations (contiguous NC*, channels_last, or
+// anything else, made contiguous first) and lays its outputs out like the canonical input, as
+// its fake impl says: torch.compile need not convert the layout around it (inductor keeps CPU
+// convolutions channels_last, and would otherwise copy to NCHW and back at every BatchNorm).
+const std::vector<at::Tag> kAnyLayout = {at::Tag::flexible_layout};
+
+} // namespace
 
 TORCH_LIBRARY(fused_resnet, m) {
   // One module call: relu(batch_norm(input) (+ residual)).
@@ -44,7 +56,8 @@ TORCH_LIBRARY(fused_resnet, m) {
   m.def(
       "bn_act(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias,"
       " Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum,"
-      " float eps) -> (Tensor out, Tensor save_mean, Tensor save_invstd, Tensor relu_mask)");
+      " float eps) -> (Tensor out, Tensor save_mean, Tensor save_invstd, Tensor relu_mask)",
+      kAnyLayout);
 
   // Training forward with batch statistics.
   // Returns (out, save_mean, save_invstd, batch_var, relu_mask): batch_var is the biased
@@ -59,14 +72,16 @@ TORCH_LIBRARY(fused_resnet, m) {
   m.def(
       "bn_act_fwd_train(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, float eps)"
       " -> (Tensor out, Tensor save_mean, Tensor save_invstd, Tensor batch_var,"
-      " Tensor relu_mask)");
+      " Tensor relu_mask)",
+      kAnyLayout);
 
   // Inference forward with the running statistics, folded per channel into
   //   scale = w / sqrt(running_var + eps),  shift = b - running_mean * scale,
   //   y = relu(x * scale + shift (+ r)).
   m.def(
       "bn_act_fwd_eval(Tensor input, Tensor? residual, Tensor running_mean, Tensor running_var,"
-      " Tensor? weight, Tensor? bias, float eps) -> Tensor");
+      " Tensor? weight, Tensor? bias, float eps) -> Tensor",
+      kAnyLayout);
 
   // Backward of both forwards. dz = grad_out where out > 0 (exactly: 0 where out <= 0, as
   // aten's threshold_backward), then
@@ -80,7 +95,8 @@ TORCH_LIBRARY(fused_resnet, m) {
   m.def(
       "bn_act_bwd(Tensor grad_out, Tensor out, Tensor relu_mask, Tensor input, Tensor? weight,"
       " Tensor mean, Tensor invstd, bool batch_stats, bool residual_grad)"
-      " -> (Tensor grad_input, Tensor grad_residual, Tensor grad_weight, Tensor grad_bias)");
+      " -> (Tensor grad_input, Tensor grad_residual, Tensor grad_weight, Tensor grad_bias)",
+      kAnyLayout);
 
   // The pieces of the training ops, for statistics that span several processes (SyncBatchNorm,
   // fused_resnet/nn/syncbn.py): local statistics, then a collective, then the apply pass. The
@@ -89,13 +105,14 @@ TORCH_LIBRARY(fused_resnet, m) {
 
   // Local per-channel batch statistics: mean and biased variance over this input's M elements
   // (Welford M2 = var·M). An empty input gives mean 0, var 0.
-  m.def("bn_stats(Tensor input) -> (Tensor mean, Tensor var)");
+  m.def("bn_stats(Tensor input) -> (Tensor mean, Tensor var)", kAnyLayout);
 
   // Local backward reductions, dz = grad_out where out > 0:
   //   sum_dz_xhat = Σdz·x̂,  sum_dz = Σdz   (= grad_weight, grad_bias of this input alone).
   m.def(
       "bn_act_bwd_reduce(Tensor grad_out, Tensor out, Tensor input, Tensor mean, Tensor invstd)"
-      " -> (Tensor sum_dz_xhat, Tensor sum_dz)");
+      " -> (Tensor sum_dz_xhat, Tensor sum_dz)",
+      kAnyLayout);
 
   // Backward apply with given (global) means of the reductions, Σ over all M_total elements:
   //   grad_input = w·invstd·(dz - mean_dz - x̂·mean_dz_xhat),  grad_residual = dz,
@@ -104,5 +121,6 @@ TORCH_LIBRARY(fused_resnet, m) {
   m.def(
       "bn_act_bwd_apply(Tensor grad_out, Tensor out, Tensor input, Tensor? weight, Tensor mean,"
       " Tensor invstd, Tensor mean_dz, Tensor mean_dz_xhat, bool residual_grad)"
-      " -> (Tensor grad_input, Tensor grad_residual)");
+      " -> (Tensor grad_input, Tensor grad_residual)",
+      kAnyLayout);
 }

@@ -534,10 +534,11 @@ def run_model_case(device, providers, name, shape, dtype_name, layout, mode, rou
     return _with_speedups(case)
 
 
-def run_cases(results, device, bandwidth, ops_todo, models_todo, op_providers, providers, rounds, min_run_time):
+def run_cases(results, device, bandwidth, ops_todo, models_todo, op_providers, providers, rounds, min_run_time,
+              model_timing=None):
     """Run the cases in order, op-level ones with `op_providers`, models with `providers`; print
-    each case's rows and add them to `results` (a ResultsFile) as it ends. Returns (op rows,
-    model rows)."""
+    each case's rows and add them to `results` (a ResultsFile) as it ends. model_timing: (rounds,
+    min_run_time) of the model cases, if not the op cases'. Returns (op rows, model rows)."""
     total = len(ops_todo) + len(models_todo)
     op_results, model_results = [], []
     # Each case compiles for its own shapes, and a compiled program is timed at the shapes it was
@@ -551,8 +552,9 @@ def run_cases(results, device, bandwidth, ops_todo, models_todo, op_providers, p
             op_results.extend(rows)
             results.add("results", rows)
             print(format_table(rows, header=k == 1, progress=f"[{k}/{total}]"), flush=True)
+        model_rounds, model_min_run_time = model_timing or (rounds, min_run_time)
         for k, case in enumerate(models_todo, len(ops_todo) + 1):
-            rows = run_model_case(device, providers, *case, rounds=rounds, min_run_time=min_run_time)
+            rows = run_model_case(device, providers, *case, rounds=model_rounds, min_run_time=model_min_run_time)
             model_results.extend(rows)
             results.add("model_results", rows)
             print(format_model_table(rows, header=k == len(ops_todo) + 1, progress=f"[{k}/{total}]"), flush=True)
@@ -652,6 +654,9 @@ def main(argv=None):
         print(f"wrote {path}", flush=True)
         return
     rounds, min_run_time = (2, 0.2) if args.quick else (3, 0.3)
+    # A CPU training step of a whole model takes 0.1-0.6 s, so a round of 0.3 s holds a step or
+    # two, and one burst of noise decides the row: models get more rounds, of a second each.
+    model_timing = (5, 1.0) if device.type == "cpu" and not args.quick else None
     bandwidth = copy_bandwidth_gbps(device)
     print(f"device copy bandwidth: {bandwidth:.1f} GB/s (read + write)", flush=True)
     png = os.path.join(args.output, "speedup.png")
@@ -668,7 +673,7 @@ def main(argv=None):
     try:
         op_results, model_results = run_cases(
             results, device, bandwidth, ops_todo, models_todo, op_providers, model_providers(device, args.quick),
-            rounds, min_run_time,
+            rounds, min_run_time, model_timing,
         )
     except KeyboardInterrupt:
         print(f"interrupted: the finished cases are in {results.path}", file=sys.stderr, flush=True)

@@ -3,8 +3,10 @@
 The tensors are tiny (a few hundred elements), so the kernels cost next to nothing and what is
 measured is the host path: Python, argument checks, dispatch, autograd bookkeeping, the ops
 launched besides the kernel. Each case builds, on the same device:
-  eager      nn.BatchNorm*d, then (+ residual and) ReLU, as a model writes them
-  <backend>  fused_resnet.nn.BatchNormReLU*d / BatchNormAddReLU*d on that backend
+  eager      relu(bn(x) (+ residual)) with nn.BatchNorm*d and nn.ReLU(inplace=True), the calls a
+             model's forward makes
+  <backend>  fused(x (, residual)) with fused_resnet.nn.BatchNormReLU*d / BatchNormAddReLU*d,
+             that backend selected (outside the timed calls)
 and times them interleaved, round by round, with torch.utils.benchmark on one thread; the table
 gives the median µs per call over the rounds and fused / eager. On CUDA a call's time includes its
 launches (the GPU finishes tiny kernels faster than the host issues them).
@@ -14,6 +16,7 @@ the running statistics), "train-fwd+bwd" (that forward, then backward to input, 
 weight and bias).
 """
 
+import contextlib
 import statistics
 import sys
 
@@ -28,41 +31,31 @@ SHAPES = {1: (4, 8, 16), 2: (2, 8, 4, 4), 3: (2, 8, 2, 2, 4)}  # 128 elements ea
 EAGER_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
-class EagerBatchNormAct(nn.Module):
-    """nn.BatchNorm*d, then (+ residual and) nn.ReLU: the unfused module pair."""
-
-    def __init__(self, dims, channels):
-        super().__init__()
-        self.bn = EAGER_NORMS[dims](channels)
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x, residual=None):
-        out = self.bn(x)
-        if residual is not None:
-            out = out + residual
-        return self.relu(out)
+def _eager_forward(op, dims, channels, device, training):
+    """relu(bn(x) (+ r)), as a model's forward calls the two modules."""
+    bn = EAGER_NORMS[dims](channels).to(device).train(training)
+    relu = nn.ReLU(inplace=True)
+    if op == "bn_add_relu":
+        return lambda x, r: relu(bn(x) + r)
+    return lambda x: relu(bn(x))
 
 
-def _fused_module(op, dims, channels):
+def _fused_forward(op, dims, channels, device, training):
     name = f"BatchNorm{'AddReLU' if op == 'bn_add_relu' else 'ReLU'}{dims}d"
-    return getattr(fused_resnet.nn, name)(channels)
+    return getattr(fused_resnet.nn, name)(channels).to(device).train(training)
 
 
 def make_call(provider, op, dims, mode, device):
     """A no-argument callable: one module call (and its backward) for the case."""
     shape = SHAPES[dims]
-    module = EagerBatchNormAct(dims, shape[1]) if provider == "eager" else _fused_module(op, dims, shape[1])
-    module = module.to(device).train(mode != "eval")
+    build = _eager_forward if provider == "eager" else _fused_forward
+    module = build(op, dims, shape[1], device, mode != "eval")
     x = torch.randn(shape, device=device, requires_grad=mode == "train-fwd+bwd")
     args = (x, torch.randn(shape, device=device, requires_grad=x.requires_grad)) if op == "bn_add_relu" else (x,)
     grad = torch.randn(shape, device=device)
-    backend = None if provider == "eager" else provider
 
     def forward():
-        if backend is None:
-            return module(*args)
-        with fused_resnet.use_backend(backend):
-            return module(*args)
+        return module(*args)
 
     if mode == "eval":
 
@@ -80,20 +73,27 @@ def make_call(provider, op, dims, mode, device):
     return call
 
 
+def _selected(provider):
+    """The backend selection a provider's calls run under (eager: whatever is selected)."""
+    return contextlib.nullcontext() if provider == "eager" else fused_resnet.use_backend(provider)
+
+
 def time_interleaved(calls, device, rounds, number):
     """{provider: [µs per call, one per round]}, the providers taking turns within each round."""
     timers = {
         name: benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=1) for name, call in calls.items()
     }
-    for call in calls.values():  # warm-up: first-call costs (kernel choice, allocator) out of the way
-        for _ in range(20):
-            call()
+    for name, call in calls.items():  # warm-up: first-call costs (kernel choice, allocator) out of the way
+        with _selected(name):
+            for _ in range(20):
+                call()
     samples = {name: [] for name in calls}
     for _ in range(rounds):
         for name, timer in timers.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            samples[name].append(timer.timeit(number).mean * 1e6)
+            with _selected(name):
+                samples[name].append(timer.timeit(number).mean * 1e6)
     return samples
 
 

@@ -24,7 +24,9 @@ from fused_resnet.triton import kernels
 ACC_POINTERS = {
     "mean_part_ptr", "m2_part_ptr", "mean_ptr", "var_ptr", "invstd_ptr", "dz_part_ptr",
     "dzx_part_ptr", "sum_dz_ptr", "sum_dz_xhat_ptr", "dz_stat_ptr", "dzx_stat_ptr",
+    "running_mean_ptr", "running_var_ptr",  # float32 running statistics beside bfloat16 (AMP)
 }
+FLOAT_ARGUMENTS = {"eps", "momentum_hi", "momentum_lo"}
 # (tile, arguments equal to 1 in that view)
 VIEWS = {
     "ncs": (dict(BLOCK_A=2, BLOCK_C=1, BLOCK_B=512), ("stride_xb", "stride_rb", "stride_dyb", "stride_ob")),
@@ -34,12 +36,13 @@ VIEWS = {
     ),
 }
 FLAGS = {
-    "_bn_fwd_stats_kernel": ("SINGLE_SPLIT",),
+    "_bn_fwd_stats_kernel": ("SINGLE_SPLIT", "UPDATE_RUNNING"),
     "_bn_act_bwd_reduce_kernel": ("SINGLE_SPLIT",),
     "_bn_act_fwd_apply_kernel": ("SPREAD_IS_VAR", "HAS_WEIGHT", "HAS_BIAS", "HAS_RESIDUAL"),
     "_bn_act_bwd_apply_kernel": ("BATCH_STATS", "HAS_WEIGHT", "WRITE_GRAD_RESIDUAL"),
 }
-COMBINE_KERNELS = ("_bn_fwd_stats_combine_kernel", "_bn_act_bwd_reduce_combine_kernel")
+# (kernel, its flags)
+COMBINE_KERNELS = (("_bn_fwd_stats_combine_kernel", ("UPDATE_RUNNING",)), ("_bn_act_bwd_reduce_combine_kernel", ()))
 
 
 def _jit_function(kernel):
@@ -57,7 +60,7 @@ def compile_kernel(kernel, target, activation, acc, constexprs, ones=()):
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
             signature[name] = "*" + (acc if name in ACC_POINTERS else activation)
-        elif name == "eps":
+        elif name in FLOAT_ARGUMENTS:
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
@@ -76,9 +79,10 @@ def compile_all(arch: int, dtypes=(("bf16", "fp32"), ("fp64", "fp64"))) -> int:
                     constexprs = dict(tile, **{flag: value for flag in flags})
                     compile_kernel(getattr(kernels, name), target, activation, acc, constexprs, ones + extra_ones)
                     compiled += 1
-        for name in COMBINE_KERNELS:
-            for ones in (("n_outer",), ("n_inner", "splits_b", "chunk_b")):
-                compile_kernel(getattr(kernels, name), target, activation, acc, dict(BLOCK_S=16, BLOCK_C=64), ones)
+        for name, flags in COMBINE_KERNELS:
+            for value, ones in ((False, ("n_outer",)), (True, ("n_inner", "splits_b", "chunk_b"))):
+                constexprs = dict(BLOCK_S=16, BLOCK_C=64, **{flag: value for flag in flags})
+                compile_kernel(getattr(kernels, name), target, activation, acc, constexprs, ones)
                 compiled += 1
     return compiled
 

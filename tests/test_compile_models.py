@@ -75,3 +75,13 @@ def test_compiled_inference_model():
     x = make_tensor((3, 3, 12, 12), torch.float32)
     with torch.no_grad():
         assert_close(compiled(x), model(x), torch.float32, "output")
+
+
+@pytest.mark.skipif("cpu" not in COMPILED or DEVICE.type != "cpu", reason="the CPU kernels under inductor")
+def test_inductor_passes_its_own_layout_through():
+    """Inductor runs CPU convolutions channels_last; the ops take any layout (the flexible_layout
+    tag), so it hands them channels_last activations (whose training forward keeps a ReLU mask
+    for the backward) instead of converting to NCHW and back around each. Same results."""
+    torch._dynamo.reset()
+    with fused_resnet.use_backend("cpu"):
+        _compare_compiled(lambda: fused_resnet.nn.BasicBlock(8, 8), (2, 8, 10, 10), "inductor")

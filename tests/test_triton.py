@@ -84,6 +84,15 @@ def test_split_reduction_matches_eager(triton_backend, shape, layout, axes):
     run_against_eager(shape, layout, True, CONFIGS["default"], DTYPES["fp32"], True, steps=2)
 
 
+@pytest.mark.parametrize("case", [0, 2], ids=[SPLIT_IDS[0], SPLIT_IDS[2]])
+def test_split_reduction_float64_running_statistics(triton_backend, case):
+    """bn_act's running-statistics update in the combine kernel, in float64: momentum reaches the
+    kernel as two float32 halves, whose sum must keep float64's precision."""
+    shape, layout, axes = SPLIT_CASES[case]
+    _assert_plan_splits(make_tensor(shape, torch.float64, layout), axes)
+    run_against_eager(shape, layout, True, CONFIGS["default"], DTYPES["fp64"], True, steps=2)
+
+
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_amp_split_training(triton_backend, layout, dtype):
@@ -243,6 +252,9 @@ def test_opcheck(sample):
     def check(op, args):
         torch.library.opcheck(op, args, test_utils=OPCHECK_UTILS)
 
+    for training in (True, False):
+        check(triton_ops.bn_act.default, (x, r, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5))
+    check(triton_ops.bn_act.default, (x, r, w, b, None, None, True, 0.1, 1e-5))
     check(triton_ops.bn_act_fwd_train.default, (x, r, w, b, 1e-5))
     check(triton_ops.bn_act_fwd_eval.default, (x, r, rm, rv, w, b, 1e-5))
     with torch.no_grad():
@@ -259,7 +271,7 @@ def test_opcheck(sample):
 def test_schemas_match_the_cpp_ops():
     if fused_resnet.EXTENSION_ERROR is not None:
         pytest.skip("the C++ extension is not built")
-    for name in ("bn_act_fwd_train", "bn_act_fwd_eval", "bn_act_bwd", "bn_stats", "bn_act_bwd_reduce", "bn_act_bwd_apply"):
+    for name in fused_resnet.contract.OP_NAMES:
         mine = getattr(triton_ops, name).default._schema
         cpp = getattr(torch.ops.fused_resnet, name).default._schema
         assert [(a.name, str(a.type)) for a in mine.arguments] == [(a.name, str(a.type)) for a in cpp.arguments], name

@@ -32,25 +32,31 @@ def check_channels(module, input):
         )
 
 
+def _tensor(module, store, name):
+    """module.<name>, read from its parameter or buffer dict `store`: nn.Module.__getattr__ costs
+    about 1 µs a name, and a module call reads five. A name not there (torch.nn.utils.parametrize
+    moves a parametrized tensor out) is read through getattr."""
+    return store[name] if name in store else getattr(module, name)
+
+
 class _FusedBatchNormMixin:
     """nn.BatchNorm's forward as one op call, with the input checks before any state changes."""
 
     def _mode(self):
-        """(use_batch_stats, running_mean, running_var) as nn.BatchNorm decides them.
+        """(use_batch_stats, running_mean, running_var, counts_steps) as nn.BatchNorm decides them.
 
         Batch statistics in training, and in eval when there are no running ones. The running
-        buffers are read in eval, and updated in training if they are tracked (else None).
+        buffers are read in eval, and updated in training if they are tracked (else None); a
+        training step is counted in num_batches_tracked when the statistics are tracked.
         """
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        tracks = not self.training or self.track_running_stats
-        return (
-            use_batch_stats,
-            self.running_mean if tracks else None,
-            self.running_var if tracks else None,
-        )
-
-    def _counts_steps(self):
-        return self.training and self.track_running_stats and self.num_batches_tracked is not None
+        buffers = self._buffers
+        running_mean = _tensor(self, buffers, "running_mean")
+        running_var = _tensor(self, buffers, "running_var")
+        if not self.training:
+            return running_mean is None and running_var is None, running_mean, running_var, False
+        if not self.track_running_stats:
+            return True, None, None, False
+        return True, running_mean, running_var, _tensor(self, buffers, "num_batches_tracked") is not None
 
     def _step_momentum(self, counts_steps):
         """The running-stats momentum of this step: `momentum`, or, when it is None, the
@@ -60,19 +66,18 @@ class _FusedBatchNormMixin:
         return 1.0 / (float(self.num_batches_tracked) + 1.0) if counts_steps else 0.0
 
     def _fused_forward(self, input, residual):
-        # This runs on every call of the module, so it reads each attribute once: the host time
-        # of a call is this, one op call (which checks the rest, csrc/common/contract.cpp), and
-        # the count of the step.
+        # The host time of a module call is this, one op call (which checks the arguments,
+        # csrc/common/contract.cpp) and the count of the step: each name is read once.
         self._check_input_dim(input)  # nn.BatchNorm*d's own rank check and message
         check_channels(self, input)
-        use_batch_stats, running_mean, running_var = self._mode()
-        counts_steps = self._counts_steps()
+        use_batch_stats, running_mean, running_var, counts_steps = self._mode()
+        params = self._parameters
         out = ops_for(input).bn_act(
-            input, residual, self.weight, self.bias, running_mean, running_var, use_batch_stats,
-            self._step_momentum(counts_steps), self.eps,
+            input, residual, _tensor(self, params, "weight"), _tensor(self, params, "bias"),
+            running_mean, running_var, use_batch_stats, self._step_momentum(counts_steps), self.eps,
         )[0]
         if counts_steps:  # counted once the step went through: a refused call counts nothing
-            self.num_batches_tracked.add_(1)
+            _tensor(self, self._buffers, "num_batches_tracked").add_(1)
         return out
 
     __prepare_scriptable__ = refuse_script

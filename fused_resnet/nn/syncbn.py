@@ -125,7 +125,7 @@ class _SyncFusedBatchNormMixin(_FusedBatchNormMixin):
 
     def _sync_group(self):
         """(process group, world size) when this call synchronizes, else None (as nn.SyncBatchNorm)."""
-        use_batch_stats, _, _ = self._mode()
+        use_batch_stats = self._mode()[0]
         if not (self.training and use_batch_stats and dist.is_available() and dist.is_initialized()):
             return None
         group = self.process_group if self.process_group else dist.group.WORLD
@@ -158,7 +158,7 @@ class _SyncFusedBatchNormMixin(_FusedBatchNormMixin):
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         check_channels(self, input)
-        _, running_mean, running_var = self._mode()
+        _, running_mean, running_var, counts_steps = self._mode()
         caller = type(self).__name__
         contract.check_bn_act(
             input, residual, self.weight, self.bias, running_mean, running_var, True,
@@ -169,7 +169,6 @@ class _SyncFusedBatchNormMixin(_FusedBatchNormMixin):
         impl = _backend.ops_for(input)
         mean, var, count = _gather_batch_stats(impl, input, group, world_size, caller)
         # every check has passed: the state may change now
-        counts_steps = self._counts_steps()
         momentum = self._step_momentum(counts_steps)
         if counts_steps:
             self.num_batches_tracked.add_(1)

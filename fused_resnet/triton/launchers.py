@@ -440,7 +440,8 @@ BN_ACT_SCHEMA = (
     " float eps) -> (Tensor out, Tensor save_mean, Tensor save_invstd, Tensor relu_mask)"
 )
 library = torch.library.Library(LIBRARY, "FRAGMENT")
-library.define(BN_ACT_SCHEMA)
+# any layout in, outputs like the canonical input (csrc/fused_resnet.cpp's kAnyLayout)
+library.define(BN_ACT_SCHEMA, tags=(torch.Tag.flexible_layout,))
 
 
 def bn_act_kernel(input, residual, weight, bias, running_mean, running_var, training, momentum, eps):

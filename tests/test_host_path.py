@@ -1,0 +1,64 @@
+"""The host path of a module call: one op forward (kernels and running-statistics update), the
+count of the step, and one op backward, with no tiny side ops (counted with torch.profiler)."""
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import fused_resnet
+from conftest import BACKENDS, DEVICE, make_tensor
+
+# The backends whose bn_act is one op (the reference backend is the eager composition).
+OP_BACKENDS = [b for b in BACKENDS if b != "reference"]
+
+
+def _descendants(event):
+    for child in event.cpu_children:
+        yield child
+        yield from _descendants(child)
+
+
+def _profiled_step(module, inputs):
+    y = module(*inputs)
+    y.sum().backward()  # the first step: autograd's one-time setup out of the profile
+    for t in (*module.parameters(), *inputs):
+        t.grad = None  # AccumulateGrad then takes the gradients as they are, with no add_
+    grad = torch.ones_like(y)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        y = module(*inputs)
+        with torch.profiler.record_function("test::backward"):
+            torch.autograd.backward(y, grad)
+    return [e for e in prof.events() if e.cpu_parent is None]
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["bn_relu", "bn_add_relu"])
+@pytest.mark.parametrize("backend_name", OP_BACKENDS)
+def test_a_training_step_is_one_op_forward_and_one_backward(backend_name, residual):
+    cls = fused_resnet.nn.BatchNormAddReLU2d if residual else fused_resnet.nn.BatchNormReLU2d
+    module = cls(4).to(DEVICE)
+    x = make_tensor((2, 4, 3, 3), torch.float32).requires_grad_()
+    inputs = (x, make_tensor(x.shape, torch.float32).requires_grad_()) if residual else (x,)
+    with fused_resnet.use_backend(backend_name):
+        top = _profiled_step(module, inputs)
+    namespace = "fused_resnet_triton" if backend_name == "triton" else "fused_resnet"
+    forward = [e.name for e in top if not e.name.startswith(("test::", "autograd::"))]
+    assert forward == [f"{namespace}::bn_act", "aten::add_"], forward  # the op, num_batches_tracked
+    name = "bn_add_relu" if residual else "bn_relu"
+    assert [c.name for c in top[0].cpu_children] == [f"fused_resnet::{name}_fwd"]
+
+    # the backward: one node besides the gradients' accumulation, whose only op is bn_act_bwd
+    # (so no gradient of the statistics is filled with zeros)
+    (backward,) = [e for e in top if e.name == "test::backward"]
+    nodes = [e for e in backward.cpu_children if "AccumulateGrad" not in e.name]
+    assert len(nodes) == 1, [e.name for e in nodes]
+    in_node = list(_descendants(nodes[0]))
+    bwd = [d for d in in_node if d.name == f"{namespace}::bn_act_bwd"]
+    assert len(bwd) == 1, [d.name for d in in_node]
+    inside_bwd = {id(d) for d in _descendants(bwd[0])} | {id(bwd[0])}
+    recorded = f"fused_resnet::{name}_bwd"  # the profiler's name around it
+    assert recorded in {d.name for d in in_node}
+    others = [
+        d.name for d in in_node
+        if d.name.startswith(("aten::", namespace)) and d.name != recorded and id(d) not in inside_bwd
+    ]
+    assert others == [], others
