@@ -28,6 +28,7 @@ import math
 import os
 import platform
 import re
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -315,12 +316,17 @@ def describe_failure(exc):
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-def time_side_by_side(runners, device, rounds=3, min_run_time=0.3, errors=None):
+def time_side_by_side(runners, device, rounds=3, min_run_time=0.3, errors=None, per_call=False):
     """{provider: ms} for runners of one case, measured in interleaved rounds.
 
     Each round times every provider once, one after the other, so a burst of noise on a shared
     machine hits one round of all providers rather than all rounds of one; the best round's
     median is kept for each provider. Warm-up (which also triggers torch.compile) comes first.
+
+    per_call=True (CPU model steps, 20-600 ms each): the providers take turns call by call, for
+    at least `rounds` calls each and `min_run_time` seconds in all, and each provider's median
+    call is kept: on a shared machine the speed drifts by ±10% over seconds, which blocks of a
+    second per provider would turn into differences between providers.
 
     With an `errors` dict, a provider that raises (an Exception, not a KeyboardInterrupt) gets
     its describe_failure there and is left out of the rest and of the result; without one, the
@@ -346,6 +352,8 @@ def time_side_by_side(runners, device, rounds=3, min_run_time=0.3, errors=None):
 
     for name, run in list(live.items()):
         attempt(name, lambda: warm_up(run))
+    if per_call:
+        return _time_calls_in_turn(live, attempt, rounds, min_run_time)
     best = {}
     for _ in range(rounds):
         for name, run in list(live.items()):
@@ -353,6 +361,21 @@ def time_side_by_side(runners, device, rounds=3, min_run_time=0.3, errors=None):
             if ms is not None:
                 best[name] = min(best.get(name, float("inf")), ms)
     return {name: best[name] for name in live}
+
+
+def _time_calls_in_turn(live, attempt, min_calls, min_seconds):
+    """{provider: median ms of one call}, the providers called in turn (time_side_by_side)."""
+    samples = {name: [] for name in live}
+    start = time.perf_counter()
+    while live and (
+        min(len(samples[n]) for n in live) < min_calls or time.perf_counter() - start < min_seconds
+    ):
+        for name, run in list(live.items()):
+            begin = time.perf_counter()
+            attempt(name, run)
+            if name in live:  # (a provider that raised has left)
+                samples[name].append((time.perf_counter() - begin) * 1e3)
+    return {name: statistics.median(samples[name]) for name in live}
 
 
 @contextlib.contextmanager
@@ -418,7 +441,7 @@ def copy_bandwidth_gbps(device):
     return 2 * n * src.element_size() / (ms * 1e-3) / 1e9
 
 
-def measure(make_runner_for, providers, device, rounds, min_run_time):
+def measure(make_runner_for, providers, device, rounds, min_run_time, per_call=False):
     """({provider: (ms, peak bytes)}, {provider: failure}) of one case.
 
     A provider whose runner raises while it is built, warmed up, timed or measured for memory is
@@ -430,7 +453,9 @@ def measure(make_runner_for, providers, device, rounds, min_run_time):
             runners[provider] = make_runner_for(provider)
         except Exception as e:
             errors[provider] = describe_failure(e)
-    timings = time_side_by_side(runners, device, rounds=rounds, min_run_time=min_run_time, errors=errors)
+    timings = time_side_by_side(
+        runners, device, rounds=rounds, min_run_time=min_run_time, errors=errors, per_call=per_call
+    )
     measured = {}
     for provider, ms in timings.items():
         try:
@@ -518,10 +543,11 @@ def run_op_case(device, bandwidth, dtype_name, shape, layout, op, mode, rounds, 
     return _with_speedups(case)
 
 
-def run_model_case(device, providers, name, shape, dtype_name, layout, mode, rounds, min_run_time):
+def run_model_case(device, providers, name, shape, dtype_name, layout, mode, rounds, min_run_time, per_call=False):
     dtype = DTYPES[dtype_name]
     measured, errors = measure(
-        lambda p: make_model_runner(p, name, shape, mode, device, dtype, layout), providers, device, rounds, min_run_time
+        lambda p: make_model_runner(p, name, shape, mode, device, dtype, layout), providers, device, rounds,
+        min_run_time, per_call,
     )
     nan = float("nan")
     case = []
@@ -552,9 +578,11 @@ def run_cases(results, device, bandwidth, ops_todo, models_todo, op_providers, p
             op_results.extend(rows)
             results.add("results", rows)
             print(format_table(rows, header=k == 1, progress=f"[{k}/{total}]"), flush=True)
-        model_rounds, model_min_run_time = model_timing or (rounds, min_run_time)
+        model_rounds, model_min_run_time, per_call = model_timing or (rounds, min_run_time, False)
         for k, case in enumerate(models_todo, len(ops_todo) + 1):
-            rows = run_model_case(device, providers, *case, rounds=model_rounds, min_run_time=model_min_run_time)
+            rows = run_model_case(
+                device, providers, *case, rounds=model_rounds, min_run_time=model_min_run_time, per_call=per_call
+            )
             model_results.extend(rows)
             results.add("model_results", rows)
             print(format_model_table(rows, header=k == len(ops_todo) + 1, progress=f"[{k}/{total}]"), flush=True)
@@ -654,9 +682,10 @@ def main(argv=None):
         print(f"wrote {path}", flush=True)
         return
     rounds, min_run_time = (2, 0.2) if args.quick else (3, 0.3)
-    # A CPU training step of a whole model takes 0.1-0.6 s, so a round of 0.3 s holds a step or
-    # two, and one burst of noise decides the row: models get more rounds, of a second each.
-    model_timing = (5, 1.0) if device.type == "cpu" and not args.quick else None
+    # A CPU step of a whole model takes 20-600 ms, so a round of 0.3 s holds a step or two, and
+    # the machine's drift decides the row: the model providers take turns step by step instead,
+    # at least 15 steps each and 20 s in all, and each keeps its median step.
+    model_timing = (15, 20.0, True) if device.type == "cpu" and not args.quick else None
     bandwidth = copy_bandwidth_gbps(device)
     print(f"device copy bandwidth: {bandwidth:.1f} GB/s (read + write)", flush=True)
     png = os.path.join(args.output, "speedup.png")

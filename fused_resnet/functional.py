@@ -10,17 +10,35 @@ fused_resnet/contract.py) before anything runs or changes: a refused call leaves
 statistics as they were.
 """
 
+import torch
+import torch.nn.functional as F
+
 from . import backend as _backend
 from .reference import update_running_stats
+
+
+def batch_norm_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps):
+    """relu(batch_norm(input) (+ residual)): the call every module and function makes (bn_act's
+    arguments, its output).
+
+    In eval under torch.compile it is the eager composition instead: a normalization with the
+    running statistics is one elementwise pass, which the compiler generates as well as a kernel
+    and fuses with its neighbours, where an op it cannot see into stays a call of its own between
+    them (and costs its host time). Training, and eval with batch statistics, run the op.
+    """
+    if not training and torch.compiler.is_compiling():
+        out = F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
+        return F.relu(out if residual is None else out + residual)
+    return _backend.ops_for(input).bn_act(
+        input, residual, weight, bias, running_mean, running_var, training, momentum, eps
+    )[0]
 
 
 def batch_norm_relu(
     input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
 ):
     """relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))."""
-    return _backend.ops_for(input).bn_act(
-        input, None, weight, bias, running_mean, running_var, training, momentum, eps
-    )[0]
+    return batch_norm_act(input, None, weight, bias, running_mean, running_var, training, momentum, eps)
 
 
 def batch_norm_add_relu(
@@ -35,9 +53,7 @@ def batch_norm_add_relu(
     eps=1e-5,
 ):
     """relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps) + residual)."""
-    return _backend.ops_for(input).bn_act(
-        input, residual, weight, bias, running_mean, running_var, training, momentum, eps
-    )[0]
+    return batch_norm_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps)
 
 
 __all__ = ["batch_norm_relu", "batch_norm_add_relu", "update_running_stats"]

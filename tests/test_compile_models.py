@@ -85,3 +85,29 @@ def test_inductor_passes_its_own_layout_through():
     torch._dynamo.reset()
     with fused_resnet.use_backend("cpu"):
         _compare_compiled(lambda: fused_resnet.nn.BasicBlock(8, 8), (2, 8, 10, 10), "inductor")
+
+
+@pytest.mark.skipif(not COMPILED, reason="no compiled backend (fused_resnet._C not built)")
+@pytest.mark.parametrize("backend_name", COMPILED)
+def test_compiled_eval_is_the_eager_composition(backend_name):
+    """Under torch.compile a training call is the fused op, and an eval call the eager
+    composition, which the compiler fuses with its neighbours like nn.BatchNorm's."""
+    targets = []
+
+    def record(gm, example_inputs):
+        targets.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm
+
+    module = fused_resnet.nn.BatchNormAddReLU2d(4).to(DEVICE)
+    x, r = make_tensor((2, 4, 3, 3), torch.float32), make_tensor((2, 4, 3, 3), torch.float32)
+    torch._dynamo.reset()
+    with fused_resnet.use_backend(backend_name):
+        compiled = torch.compile(module, fullgraph=True, backend=record)
+        train_out = compiled(x, r)
+        module.eval()
+        eval_out = compiled(x, r)
+        assert_close(eval_out, module(x, r), torch.float32, "eval output")
+    assert train_out.shape == x.shape
+    train_ops, eval_ops = targets
+    assert any(t.endswith("bn_act.default") for t in train_ops), train_ops
+    assert not any("fused_resnet" in t for t in eval_ops) and any("batch_norm" in t for t in eval_ops), eval_ops

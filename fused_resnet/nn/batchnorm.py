@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from .. import functional
-from ..backend import ops_for
 from ..contract import shape_str
 from ..reference import acc_dtype
 from .tracing import record_module_call, refuse_script
@@ -72,10 +71,10 @@ class _FusedBatchNormMixin:
         check_channels(self, input)
         use_batch_stats, running_mean, running_var, counts_steps = self._mode()
         params = self._parameters
-        out = ops_for(input).bn_act(
+        out = functional.batch_norm_act(
             input, residual, _tensor(self, params, "weight"), _tensor(self, params, "bias"),
             running_mean, running_var, use_batch_stats, self._step_momentum(counts_steps), self.eps,
-        )[0]
+        )
         if counts_steps:  # counted once the step went through: a refused call counts nothing
             _tensor(self, self._buffers, "num_batches_tracked").add_(1)
         return out

@@ -24,7 +24,7 @@ their ReLU.
 import torch
 from torch import nn
 
-from ..backend import ops_for
+from .. import functional
 from .batchnorm import EAGER_BATCHNORMS, _BatchNormAddReLU, _BatchNormReLU, check_channels
 from .tracing import record_module_call, refuse_script
 
@@ -73,10 +73,10 @@ class _FrozenFusedNorm(_FrozenNorm):
     def _frozen_forward(self, input, residual):
         check_channels(self, input)
         # training=False: the running statistics normalize, and nothing updates them
-        return ops_for(input).bn_act(
+        return functional.batch_norm_act(
             input, residual, self.weight, self.bias, self.running_mean, self.running_var, False,
             0.0, self.eps,
-        )[0]
+        )
 
 
 class FrozenBatchNormReLU(_FrozenFusedNorm):
