@@ -5,7 +5,7 @@ merged, e.g. a GPU run split by --dtype across device calls; they must name the 
 prints, for each goal and each case it covers, the measured value, the threshold, PASS / MISS /
 MISSING and the margin, then a summary. A case the goal needs that the results lack, or whose
 value is not a number (e.g. speed-up over torch.compile without a compile row), is MISSING: never
-a pass. So is a case whose row failed (bench.py records the exception in the row's "error"): the
+a pass. So is a case whose row failed (fused_resnet.bench records the exception in the row's "error"): the
 reason is printed with it. A results.json whose run was cut off ("complete": false) is named.
 
 Op-level cases are judged on the best fused provider of the case (the highest value among the
@@ -29,7 +29,7 @@ from typing import Optional
 # ---------------------------------------------------------------------------------------------
 # The goals: the one place they are written down.
 #
-# Op-level cells are (op, shape, dtype, layout, mode), matched exactly against bench.py's rows.
+# Op-level cells are (op, shape, dtype, layout, mode), matched exactly against fused_resnet.bench's rows.
 # Model-level cells are (model, batch, dtype, layout, mode); None matches anything (the goal does
 # not fix it). A goal passes in a cell when the row's `metric` is >= `threshold`.
 

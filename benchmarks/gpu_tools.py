@@ -75,7 +75,7 @@ def bench_chunk(args):
     if "eager" not in args.providers.split(","):
         sys.exit("gpu_tools bench: --providers must include eager (every speed-up is against it)")
     if args.bandwidth:
-        bench.copy_bandwidth_gbps = lambda device: args.bandwidth
+        bench.cli.copy_bandwidth_gbps = lambda device: args.bandwidth
     bench.main(["--providers", args.providers] + args.bench_args)
     return 0
 

@@ -40,7 +40,7 @@ def _check(name, actual, expected, dtype):
 
 
 def run_case(shape, memory_format, dtype, residual):
-    ops = torch.ops.fused_resnet
+    cxx_ops = torch.ops.fused_resnet
     device = "cuda"
     param_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
 
@@ -55,24 +55,24 @@ def run_case(shape, memory_format, dtype, residual):
     rm, rv = torch.randn(c, device=device, dtype=param_dtype), torch.rand(c, device=device, dtype=param_dtype) + 0.5
     what = f"{tuple(shape)} {memory_format} {dtype} residual={residual}"
 
-    out, mean, invstd, var, relu_mask = ops.bn_act_fwd_train(x, r, w, b, 1e-5)
+    out, mean, invstd, var, relu_mask = cxx_ops.bn_act_fwd_train(x, r, w, b, 1e-5)
     ref = reference.bn_act_fwd_train(x, r, w, b, 1e-5)
     for name, mine, theirs in zip(("out", "mean", "invstd", "var"), (out, mean, invstd, var), ref):
         _check(f"{what}: bn_act_fwd_train {name}", mine, theirs, dtype)
-    _check(f"{what}: bn_act_fwd_eval", ops.bn_act_fwd_eval(x, r, rm, rv, w, b, 1e-5),
+    _check(f"{what}: bn_act_fwd_eval", cxx_ops.bn_act_fwd_eval(x, r, rm, rv, w, b, 1e-5),
            reference.bn_act_fwd_eval(x, r, rm, rv, w, b, 1e-5), dtype)
 
-    sdx, sdz = ops.bn_act_bwd_reduce(dy, out, x, mean, invstd)
+    sdx, sdz = cxx_ops.bn_act_bwd_reduce(dy, out, x, mean, invstd)
     ref_sdx, ref_sdz = reference.bn_act_bwd_reduce(dy, out, x, mean, invstd)
     _check(f"{what}: bn_act_bwd_reduce sum_dz_xhat", sdx, ref_sdx, dtype)
     _check(f"{what}: bn_act_bwd_reduce sum_dz", sdz, ref_sdz, dtype)
     m = x.numel() // c
     for residual_grad in (True, False):
-        dx, dr = ops.bn_act_bwd_apply(dy, out, x, w, mean, invstd, sdz / m, sdx / m, residual_grad)
+        dx, dr = cxx_ops.bn_act_bwd_apply(dy, out, x, w, mean, invstd, sdz / m, sdx / m, residual_grad)
         ref_dx, _ = reference.bn_act_bwd_apply(dy, out, x, w, mean, invstd, sdz / m, sdx / m, residual_grad)
         _check(f"{what}: bn_act_bwd_apply grad_input", dx, ref_dx, dtype)
         for batch_stats in (True, False):
-            dx2, dr2, gw, gb = ops.bn_act_bwd(dy, out, relu_mask, x, w, mean, invstd, batch_stats, residual_grad)
+            dx2, dr2, gw, gb = cxx_ops.bn_act_bwd(dy, out, relu_mask, x, w, mean, invstd, batch_stats, residual_grad)
             if batch_stats:
                 _check(f"{what}: bn_act_bwd grad_input", dx2, ref_dx, dtype)
             _check(f"{what}: bn_act_bwd grad_weight", gw, ref_sdx, dtype)
@@ -80,7 +80,7 @@ def run_case(shape, memory_format, dtype, residual):
             if residual_grad:
                 _check(f"{what}: bn_act_bwd grad_residual", dr2, dr, dtype)
 
-    s_mean, s_var = ops.bn_stats(x)
+    s_mean, s_var = cxx_ops.bn_stats(x)
     _check(f"{what}: bn_stats mean", s_mean, ref[1], dtype)
     _check(f"{what}: bn_stats var", s_var, ref[3], dtype)
 

@@ -1,4 +1,4 @@
-"""pytest-benchmark suite, model level: ResNet training steps and inference (bench.py's model cases).
+"""pytest-benchmark suite, model level: ResNet training steps and inference (fused_resnet.bench's model cases).
 
 Providers: the eager model, its fused twin on the same weights, and both under torch.compile.
 extra_info holds images (or clips) per second and the peak memory of one call. GPU: resnet50 and

@@ -3,7 +3,7 @@
     pytest benchmarks/ --benchmark-only --benchmark-group-by=group
     pytest benchmarks/ --benchmark-disable          # smoke run: quick cases, each once, no timing
 
-Cases and runners are those of `python -m fused_resnet.bench` (fused_resnet/bench.py), so both
+Cases and runners are those of `python -m fused_resnet.bench` (fused_resnet/bench/), so both
 tools time the same thing. extra_info holds the bytes a fused kernel must move, GB/s, the
 fraction of the device's copy bandwidth and the peak memory of one call.
 """

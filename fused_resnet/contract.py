@@ -49,7 +49,7 @@ OP_NAMES = OpSet._fields
 # ---------------------------------------------------------------------------------------------
 # The layout rule: a dense NC* or channels_last input is used as it is, anything else is made
 # contiguous first; outputs are allocated like that canonical input (so a channels_last input
-# gives a channels_last output). The C++ twin is contract.cpp's canonical_geometry.
+# gives a channels_last output). The C++ twin is contract.cpp's canonical_view.
 
 
 def canonical_layout(input: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Profiler names: every fused forward and backward runs inside a record_function named
 "fused_resnet::bn_relu_fwd", "fused_resnet::bn_add_relu_bwd", ..., whatever the backend, so a trace
-shows them under one name. The C++ backends record them in C++ (csrc/common/bn_act_module.cpp and
+shows them under one name. The C++ backends record them in C++ (csrc/common/device_ops.cpp and
 bn_act_autograd.cpp); the Python backends through `profiled`. Compiled graphs name the ops
 themselves, so tracing skips it.
 """

@@ -7,7 +7,7 @@ statistics, num_batches_tracked), and the parameters after the optimizer step, b
 
 import torch
 
-from conftest import TOLERANCES
+from helpers import TOLERANCES
 
 # Through a whole model the rounding errors of every layer add up (training-mode BatchNorm
 # backward subtracts means and so amplifies them) and scale with the tensor's largest value, not
@@ -29,7 +29,9 @@ def randomize_norms(model):
     return model
 
 
-def assert_close(actual, expected, dtype, what):
+def assert_close_at_scale(actual, expected, dtype, what):
+    """The table's tolerances, widened by MODEL_ERROR_GROWTH, relative to the largest magnitude of
+    `expected` (helpers.assert_close compares element by element)."""
     atol, rtol = TOLERANCES[dtype]
     scale = max(expected.detach().abs().max().item(), 1.0) if expected.numel() else 1.0
     torch.testing.assert_close(
@@ -49,12 +51,12 @@ def assert_same_state(model, reference, dtype, what):
     params, ref_params = dict(model.named_parameters()), dict(reference.named_parameters())
     assert params.keys() == ref_params.keys(), f"{what}: parameter names differ"
     for name, p in params.items():
-        assert_close(p, ref_params[name], dtype, f"{what}: {name}")
+        assert_close_at_scale(p, ref_params[name], dtype, f"{what}: {name}")
     buffers, ref_buffers = dict(model.named_buffers()), dict(reference.named_buffers())
     assert buffers.keys() == ref_buffers.keys(), f"{what}: buffer names differ"
     for name, b in buffers.items():
         if b.dtype.is_floating_point:
-            assert_close(b, ref_buffers[name], dtype, f"{what}: {name}")
+            assert_close_at_scale(b, ref_buffers[name], dtype, f"{what}: {name}")
         else:
             assert torch.equal(b, ref_buffers[name]), f"{what}: {name}"
 
@@ -71,18 +73,18 @@ def assert_same_training(model, reference, make_input, dtype, steps=3, lr=0.05, 
         x = make_input().requires_grad_()
         x_ref = clone_input(x)
         out, ref_out = model(x), reference(x_ref)
-        assert_close(out, ref_out, dtype, f"step {step}: output")
+        assert_close_at_scale(out, ref_out, dtype, f"step {step}: output")
         grad_out = torch.randn_like(ref_out)
         opt.zero_grad()
         ref_opt.zero_grad()
         out.backward(grad_out)
         ref_out.backward(grad_out)
-        assert_close(x.grad, x_ref.grad, dtype, f"step {step}: grad of input")
+        assert_close_at_scale(x.grad, x_ref.grad, dtype, f"step {step}: grad of input")
         ref_grads = {n: p.grad for n, p in reference.named_parameters()}
         for name, p in model.named_parameters():
             assert (p.grad is None) == (ref_grads[name] is None), f"step {step}: grad of {name}"
             if p.grad is not None:
-                assert_close(p.grad, ref_grads[name], dtype, f"step {step}: grad of {name}")
+                assert_close_at_scale(p.grad, ref_grads[name], dtype, f"step {step}: grad of {name}")
         opt.step()
         ref_opt.step()
         assert_same_state(model, reference, dtype, f"after step {step}")

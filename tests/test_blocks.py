@@ -10,7 +10,7 @@ from torch import nn
 
 import fused_resnet
 from fused_resnet.nn import BasicBlock, BasicBlock3d, Bottleneck, Bottleneck3d
-from conftest import DEVICE, make_tensor
+from helpers import DEVICE, make_tensor
 from parity import assert_same_training
 
 # (block, inplanes, planes, stride, input spatial shape)

@@ -29,7 +29,7 @@ cg = load_module()
 
 
 def op_case(op, shape, dtype, layout, mode, ms, compile_ms=1.0, eager_ms=2.0, bandwidth=0.9):
-    """bench.py's rows of one case: eager and compile, then fused providers at `ms` ({name: ms}).
+    """fused_resnet.bench's rows of one case: eager and compile, then fused providers at `ms` ({name: ms}).
     `bandwidth` is the fraction of copy bandwidth reached at 1 ms; compile_ms=None: no compile row."""
     rows = []
     unfused = [("eager", eager_ms)] + ([("compile", compile_ms)] if compile_ms is not None else [])
@@ -57,7 +57,7 @@ def write(tmp_path, name, device, results=(), model_results=()):
                    command=f"python -m fused_resnet.bench --output {name}", copy_bandwidth_gbps=3000.0,
                    results=list(results), model_results=list(model_results))
     path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(payload))  # NaN as bench.py writes it (json.dump allows it)
+    path.write_text(json.dumps(payload))  # NaN as fused_resnet.bench writes it (json.dump allows it)
     return path
 
 
@@ -193,7 +193,7 @@ def test_files_merge_and_must_share_a_device(tmp_path):
 
 
 def failed(rows, provider, error):
-    """`rows` as bench.py writes them when `provider` failed: its row has NaN numbers and the
+    """`rows` as fused_resnet.bench writes them when `provider` failed: its row has NaN numbers and the
     reason, and no row has a speed-up over it."""
     nan = float("nan")
     out = [dict(r) for r in rows]

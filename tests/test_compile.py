@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fused_resnet
-from conftest import BACKENDS, DEVICE, assert_close, dynamo_backend_for, make_tensor
+from helpers import BACKENDS, DEVICE, assert_close, dynamo_backend_for, make_tensor
 
 COMPILED = [b for b in BACKENDS if b != "reference"]
 

@@ -8,7 +8,7 @@ import torch
 import fused_resnet
 from fused_resnet import contract
 from fused_resnet.backend import _registry
-from conftest import BACKENDS, DEVICE, make_tensor
+from helpers import BACKENDS, DEVICE, make_tensor
 
 OP_NAMES = contract.OP_NAMES
 EPS = 1e-5

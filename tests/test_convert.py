@@ -13,7 +13,7 @@ from torch import nn
 
 import fused_resnet
 from fused_resnet.nn import BatchNormAddReLU2d, BatchNormReLU2d
-from conftest import DEVICE, make_tensor
+from helpers import DEVICE, make_tensor
 from parity import assert_same_training, randomize_norms
 import seed_models as seeds
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_resnet
-from conftest import make_tensor
+from helpers import make_tensor
 from fused_resnet.nn import BatchNormAddReLU2d, BatchNormReLU2d
 from parity import assert_same_training, randomize_norms
 

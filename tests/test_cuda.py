@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fused_resnet
-from conftest import BACKENDS, DEVICE, assert_close, make_tensor, memory_format_of
+from helpers import BACKENDS, DEVICE, assert_close, make_tensor, memory_format_of
 from fused_resnet import reference
 
 pytestmark = pytest.mark.skipif(
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs FUSED_RESNET_TEST_DEVICE=cuda and the CUDA backend (fused_resnet._C built with CUDA)",
 )
 
-ops = torch.ops.fused_resnet
+cxx_ops = torch.ops.fused_resnet
 
 # (shape, layout): the kernel path each one reaches is in the module docstring.
 PATH_CASES = [
@@ -81,27 +81,27 @@ def test_forward_and_backward_paths(case, dtype, misaligned):
     w, b = _params(shape[1], dtype)
     eps = 1e-5
 
-    out, mean, invstd, var, relu_mask = ops.bn_act_fwd_train(x, r, w, b, eps)
+    out, mean, invstd, var, relu_mask = cxx_ops.bn_act_fwd_train(x, r, w, b, eps)
     assert relu_mask.numel() == 0  # the CUDA kernels keep no ReLU mask (yet)
     ref_out, ref_mean, ref_invstd, ref_var, _ = reference.bn_act_fwd_train(
         x.double(), r.double(), w.double(), b.double(), eps
     )
     assert mean.dtype == invstd.dtype == var.dtype == reference.acc_dtype(dtype)
-    assert memory_format_of(out) == memory_format_of(fused_resnet.ops.canonical_layout(x))
+    assert memory_format_of(out) == memory_format_of(fused_resnet.contract.canonical_layout(x))
     assert_close(out, ref_out, dtype, "out")
     assert_close(mean, ref_mean, dtype, "save_mean")
     assert_close(invstd, ref_invstd, dtype, "save_invstd")
     assert_close(var, ref_var, dtype, "batch_var")
 
     rm, rv = torch.randn_like(mean), torch.rand_like(var) + 0.5
-    eval_out = ops.bn_act_fwd_eval(x, r, rm, rv, w, b, eps)
+    eval_out = cxx_ops.bn_act_fwd_eval(x, r, rm, rv, w, b, eps)
     assert_close(eval_out, reference.bn_act_fwd_eval(x.double(), r.double(), rm.double(), rv.double(), w.double(), b.double(), eps), dtype, "eval out")
 
     # Backward with the kernel's own output (its ReLU mask), against the float64 formula.
     mask_dz = torch.where(out <= 0, torch.zeros_like(dy), dy).double()
     for batch_stats in (True, False):
         for residual_grad in (True, False):
-            dx, dr, gw, gb = ops.bn_act_bwd(dy, out, relu_mask, x, w, mean, invstd, batch_stats, residual_grad)
+            dx, dr, gw, gb = cxx_ops.bn_act_bwd(dy, out, relu_mask, x, w, mean, invstd, batch_stats, residual_grad)
             x_hat = (x.double() - _per_channel(mean.double(), x)) * _per_channel(invstd.double(), x)
             dims = [0] + list(range(2, x.dim()))
             ref_gb = mask_dz.sum(dims)
@@ -138,13 +138,13 @@ def test_sync_batchnorm_pieces(case, dtype):
     out = torch.relu(make_tensor(shape, dtype, layout))
     w, _ = _params(shape[1], dtype)
 
-    mean, var = ops.bn_stats(x)
+    mean, var = cxx_ops.bn_stats(x)
     ref_mean, ref_var = reference.bn_stats(x.double())
     assert_close(mean, ref_mean, dtype, "mean")
     assert_close(var, ref_var, dtype, "var")
 
     invstd = torch.rsqrt(var + 1e-5)
-    sum_dz_xhat, sum_dz = ops.bn_act_bwd_reduce(dy, out, x, mean, invstd)
+    sum_dz_xhat, sum_dz = cxx_ops.bn_act_bwd_reduce(dy, out, x, mean, invstd)
     ref_sdx, ref_sdz = reference.bn_act_bwd_reduce(dy.double(), out.double(), x.double(), mean.double(), invstd.double())
     assert_close(sum_dz_xhat, ref_sdx, dtype, "sum_dz_xhat")
     assert_close(sum_dz, ref_sdz, dtype, "sum_dz")
@@ -153,7 +153,7 @@ def test_sync_batchnorm_pieces(case, dtype):
     m_total = 3 * (x.numel() // x.shape[1])
     mean_dz, mean_dz_xhat = sum_dz / m_total, sum_dz_xhat / m_total
     for residual_grad in (True, False):
-        dx, dr = ops.bn_act_bwd_apply(dy, out, x, w, mean, invstd, mean_dz, mean_dz_xhat, residual_grad)
+        dx, dr = cxx_ops.bn_act_bwd_apply(dy, out, x, w, mean, invstd, mean_dz, mean_dz_xhat, residual_grad)
         ref_dx, ref_dr = reference.bn_act_bwd_apply(
             dy.double(), out.double(), x.double(), w.double(), mean.double(), invstd.double(),
             mean_dz.double(), mean_dz_xhat.double(), residual_grad,
@@ -169,16 +169,16 @@ def test_sync_batchnorm_pieces(case, dtype):
 def test_empty_inputs(shape):
     x = torch.randn(shape, device=DEVICE)
     w, b = _params(shape[1], torch.float32)
-    out, mean, invstd, var, relu_mask = ops.bn_act_fwd_train(x, None, w, b, 1e-5)
+    out, mean, invstd, var, relu_mask = cxx_ops.bn_act_fwd_train(x, None, w, b, 1e-5)
     assert out.shape == x.shape
     ref = reference.bn_act_fwd_train(x, None, w, b, 1e-5)
     for mine, expected in zip((mean, invstd, var), ref[1:4]):
         torch.testing.assert_close(mine, expected)
-    assert ops.bn_act_fwd_eval(x, None, mean, var + 1, w, b, 1e-5).shape == x.shape
-    dx, dr, gw, gb = ops.bn_act_bwd(x, out, relu_mask, x, w, mean, invstd, True, True)
+    assert cxx_ops.bn_act_fwd_eval(x, None, mean, var + 1, w, b, 1e-5).shape == x.shape
+    dx, dr, gw, gb = cxx_ops.bn_act_bwd(x, out, relu_mask, x, w, mean, invstd, True, True)
     assert dx.shape == dr.shape == x.shape
     assert torch.equal(gw, torch.zeros_like(gw)) and torch.equal(gb, torch.zeros_like(gb))
-    m, v = ops.bn_stats(x)
+    m, v = cxx_ops.bn_stats(x)
     assert torch.equal(m, torch.zeros_like(m)) and torch.equal(v, torch.zeros_like(v))
 
 
@@ -204,7 +204,7 @@ def test_more_than_2_31_elements(shape, layout):
     channels = shape[1]
     rm, rv = torch.randn(channels, device=DEVICE), torch.rand(channels, device=DEVICE) + 0.5
     w, b = _params(channels, torch.float16)
-    out = ops.bn_act_fwd_eval(x, None, rm, rv, w, b, 1e-5)
+    out = cxx_ops.bn_act_fwd_eval(x, None, rm, rv, w, b, 1e-5)
     assert out.is_contiguous(memory_format=layout)
     scale = w / torch.sqrt(rv + 1e-5)
     shift = b - rm * scale
@@ -214,7 +214,7 @@ def test_more_than_2_31_elements(shape, layout):
     for xs, ys in zip(x.split(chunk, dim), out.split(chunk, dim)):
         expected = torch.relu(xs.float() * _per_channel(scale, xs) + _per_channel(shift, xs))
         assert_close(ys, expected, torch.float16, "eval output")
-    mean, var = ops.bn_stats(x)
+    mean, var = cxx_ops.bn_stats(x)
     ref_mean, ref_var = _chunked_mean_var(x, dim)
     assert_close(mean, ref_mean, torch.float32, "mean")
     assert_close(var, ref_var, torch.float32, "var")
@@ -241,9 +241,9 @@ def test_bitwise_deterministic(layout, dtype):
     w, b = _params(shape[1], dtype)
     runs = []
     for _ in range(3):
-        out, mean, invstd, var, relu_mask = ops.bn_act_fwd_train(x, r, w, b, 1e-5)
-        grads = ops.bn_act_bwd(dy, out, relu_mask, x, w, mean, invstd, True, True)
-        runs.append((out, mean, invstd, var) + tuple(grads) + ops.bn_stats(x))
+        out, mean, invstd, var, relu_mask = cxx_ops.bn_act_fwd_train(x, r, w, b, 1e-5)
+        grads = cxx_ops.bn_act_bwd(dy, out, relu_mask, x, w, mean, invstd, True, True)
+        runs.append((out, mean, invstd, var) + tuple(grads) + cxx_ops.bn_stats(x))
     for first, other in zip(runs[0], runs[1]):
         assert torch.equal(first, other)
     for first, other in zip(runs[0], runs[2]):
@@ -286,8 +286,8 @@ def test_cuda_graph_capture():
     w, b = _params(32, torch.float32)
 
     def step():
-        out, mean, invstd, _, relu_mask = ops.bn_act_fwd_train(x, None, w, b, 1e-5)
-        return (out,) + tuple(ops.bn_act_bwd(dy, out, relu_mask, x, w, mean, invstd, True, False))
+        out, mean, invstd, _, relu_mask = cxx_ops.bn_act_fwd_train(x, None, w, b, 1e-5)
+        return (out,) + tuple(cxx_ops.bn_act_bwd(dy, out, relu_mask, x, w, mean, invstd, True, False))
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

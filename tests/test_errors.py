@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fused_resnet
-from conftest import DEVICE, fused_class, make_tensor
+from helpers import DEVICE, fused_class, make_tensor
 
 
 def _snapshot(module):

@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 import fused_resnet
-from conftest import (
+from helpers import (
     DEVICE,
     TRITON_INTERPRETED,
     assert_close,

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_resnet
-from conftest import DEVICE, assert_close, make_tensor
+from helpers import DEVICE, assert_close, make_tensor
 
 
 def _stats(channels, dtype=torch.float32):

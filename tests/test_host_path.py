@@ -6,7 +6,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fused_resnet
-from conftest import BACKENDS, DEVICE, make_tensor
+from helpers import BACKENDS, DEVICE, make_tensor
 
 # The backends whose bn_act is one op (the reference backend is the eager composition).
 OP_BACKENDS = [b for b in BACKENDS if b != "reference"]

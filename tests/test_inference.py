@@ -11,7 +11,7 @@ from torch import nn
 import fused_resnet
 from fused_resnet import models
 from fused_resnet.nn import AddReLU, BatchNormAddReLU1d, BatchNormReLU1d
-from conftest import DEVICE, assert_close, make_tensor
+from helpers import DEVICE, assert_close, make_tensor
 import seed_models as seeds
 
 # name: (factory, input shape, how many BatchNorms fold; None: all of them)

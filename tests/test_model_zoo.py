@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import fused_resnet
-from conftest import make_tensor
+from helpers import make_tensor
 from parity import assert_same_training, randomize_norms
 
 # `make install` installs both beside the default torch: in CI they must be there.

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fused_resnet import models
-from conftest import DEVICE, make_tensor
+from helpers import DEVICE, make_tensor
 from parity import assert_same_training
 
 # torchvision's documented parameter counts (docs: "num_params" of the IMAGENET1K_V1 weights).

@@ -1,14 +1,14 @@
-"""The ops themselves: opcheck (schema, fake impls, autograd registration), gradcheck, layouts,
-determinism, and the poisoning the whole suite relies on."""
+"""The ops themselves: gradcheck, layouts, determinism, the CPU ReLU mask, and the poisoning the
+whole suite relies on (opcheck of every op set: test_opcheck.py)."""
 
 import pytest
 import torch
 
 import fused_resnet
-from conftest import BACKENDS, DEVICE, TRITON_INTERPRETED, make_tensor, memory_format_of
+from helpers import BACKENDS, DEVICE, TRITON_INTERPRETED, channel_params, make_tensor, memory_format_of, param_dtype_for
 
 COMPILED = [b for b in BACKENDS if b != "reference"]
-ops = torch.ops.fused_resnet if COMPILED else None
+cxx_ops = torch.ops.fused_resnet if fused_resnet.EXTENSION_ERROR is None else None
 
 
 def _gradcheck(backend, fn, inputs):
@@ -17,68 +17,18 @@ def _gradcheck(backend, fn, inputs):
     fast_mode = backend == "triton" and TRITON_INTERPRETED
     return torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=fast_mode)
 
-OP_SAMPLES = [
-    # (shape, layout, dtype, residual)
-    ((4, 3), "contiguous", torch.float32, False),
-    ((3, 5, 7), "sliced", torch.float32, True),
-    ((2, 3, 5, 4), "contiguous", torch.float64, True),
-    ((2, 3, 5, 4), "channels_last", torch.float32, True),
-    ((2, 6, 3, 3, 5), "channels_last", torch.bfloat16, False),
-    ((2, 3, 2, 3, 4), "contiguous", torch.float16, True),
-]
-
-
 def _op_args(shape, layout, dtype, residual, requires_grad):
-    channels = shape[1]
-    param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     x = make_tensor(shape, dtype, layout).requires_grad_(requires_grad)
     r = make_tensor(shape, dtype, layout).requires_grad_(requires_grad) if residual else None
-    w = (torch.rand(channels, dtype=param_dtype, device=DEVICE) + 0.5).requires_grad_(requires_grad)
-    b = torch.randn(channels, dtype=param_dtype, device=DEVICE).requires_grad_(requires_grad)
-    rm = torch.randn(channels, dtype=param_dtype, device=DEVICE)
-    rv = torch.rand(channels, dtype=param_dtype, device=DEVICE) + 0.5
-    return x, r, w, b, rm, rv
-
-
-@pytest.mark.skipif(not COMPILED, reason="no compiled backend (fused_resnet._C not built)")
-@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
-@pytest.mark.parametrize("sample", OP_SAMPLES, ids=[f"{s}-{l}-{str(d)[6:]}-{'add' if r else 'relu'}" for s, l, d, r in OP_SAMPLES])
-def test_opcheck(sample, requires_grad):
-    x, r, w, b, rm, rv = _op_args(*sample, requires_grad)
-    torch.library.opcheck(ops.bn_act_fwd_train.default, (x, r, w, b, 1e-5))
-    torch.library.opcheck(ops.bn_act_fwd_eval.default, (x, r, rm, rv, w, b, 1e-5))
-    with torch.no_grad():
-        out, mean, invstd, _, relu_mask = ops.bn_act_fwd_train(x, r, w, b, 1e-5)
-    grad_out = make_tensor(x.shape, x.dtype)
-    no_mask = relu_mask.new_empty((0,))
-    # the backward op has no derivative of its own (double backward is refused, tested below)
-    for batch_stats in (True, False):
-        for residual_grad in (True, False):
-            for mask in (relu_mask, no_mask):
-                torch.library.opcheck(
-                    ops.bn_act_bwd.default,
-                    (grad_out, out, mask, x.detach(), w.detach(), mean, invstd, batch_stats, residual_grad),
-                )
-
-
-@pytest.mark.skipif(not COMPILED, reason="no compiled backend (fused_resnet._C not built)")
-@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
-@pytest.mark.parametrize("sample", OP_SAMPLES, ids=[f"{s}-{l}-{str(d)[6:]}-{'add' if r else 'relu'}" for s, l, d, r in OP_SAMPLES])
-def test_opcheck_module_op(sample, requires_grad):
-    """bn_act, the op a module call runs: its schema declares the running statistics it updates
-    in place, and its C++ autograd, fake impl and AOT tracing agree with the kernel."""
-    x, r, w, b, rm, rv = _op_args(*sample, requires_grad)
-    for training in (True, False):
-        torch.library.opcheck(ops.bn_act.default, (x, r, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5))
-    torch.library.opcheck(ops.bn_act.default, (x, r, w, b, None, None, True, 0.1, 1e-5))
+    return (x, r) + channel_params(shape[1], param_dtype_for(dtype), requires_grad)
 
 
 @pytest.mark.skipif(not COMPILED, reason="no compiled backend (fused_resnet._C not built)")
 def test_ops_do_not_mutate_inputs():
     x, r, w, b, rm, rv = _op_args((3, 4, 5, 5), "channels_last", torch.float32, True, False)
     before = [t.clone() for t in (x, r, w, b, rm, rv)]
-    ops.bn_act_fwd_train(x, r, w, b, 1e-5)
-    ops.bn_act_fwd_eval(x, r, rm, rv, w, b, 1e-5)
+    cxx_ops.bn_act_fwd_train(x, r, w, b, 1e-5)
+    cxx_ops.bn_act_fwd_eval(x, r, rm, rv, w, b, 1e-5)
     for t, t0 in zip((x, r, w, b, rm, rv), before):
         assert torch.equal(t, t0)
 
@@ -186,11 +136,11 @@ def _expected_mask(out):
 def _cpu_keeps_mask():
     """Whether this build keeps masks at all (it needs AVX2): probed on a case that always has one."""
     x = torch.randn(2, 64, 3, 3).contiguous(memory_format=torch.channels_last)
-    return bool(ops.bn_act_fwd_train(x, None, None, None, 1e-5)[4].any())
+    return bool(cxx_ops.bn_act_fwd_train(x, None, None, None, 1e-5)[4].any())
 
 
 def _rows_fill_vectors(channels, dtype):
-    # bn_act_cpu.h, plan_row_period: super-rows of lcm(C, step) elements, step = one vector of T
+    # csrc/cpu/plans.h, plan_row_period: super-rows of lcm(C, step) elements, step = one vector of T
     # (8 float lanes, 16 for Half/BFloat16), up to 4096 elements
     import math
 
@@ -219,7 +169,7 @@ def test_cpu_relu_mask_bits(case, dtype):
     shape, layout = case
     x = make_tensor(shape, dtype, layout, device="cpu")
     r = make_tensor(shape, dtype, layout, device="cpu")
-    out, _, _, _, mask = ops.bn_act_fwd_train(x, r, None, None, 1e-5)
+    out, _, _, _, mask = cxx_ops.bn_act_fwd_train(x, r, None, None, 1e-5)
     assert mask.dtype == torch.uint8 and mask.shape == ((x.numel() + 7) // 8,)
     assert fused_resnet.ops.cpu_relu_mask_bytes(x) == mask.numel()
     keeps = dtype != torch.float64 and _rows_fill_vectors(shape[1], dtype) and _cpu_keeps_mask()
@@ -233,7 +183,7 @@ def test_cpu_relu_mask_bits(case, dtype):
 @pytest.mark.parametrize("shape", [(2, 3, 5, 4), (2, 3, 2, 3, 4), (4, 6, 5)])
 def test_cpu_relu_mask_empty_for_planes(shape):
     x = make_tensor(shape, torch.float32, device="cpu")
-    mask = ops.bn_act_fwd_train(x, None, None, None, 1e-5)[4]
+    mask = cxx_ops.bn_act_fwd_train(x, None, None, None, 1e-5)[4]
     assert mask.numel() == 0 == fused_resnet.ops.cpu_relu_mask_bytes(x)
 
 
@@ -249,10 +199,10 @@ def test_cpu_bwd_with_relu_mask_equals_bwd_from_out(case, dtype, residual_grad):
     x[:, 0] = float("nan")
     w = torch.rand(shape[1]) + 0.5
     b = torch.randn(shape[1])
-    out, mean, invstd, _, mask = ops.bn_act_fwd_train(x, None, w, b, 1e-5)
+    out, mean, invstd, _, mask = cxx_ops.bn_act_fwd_train(x, None, w, b, 1e-5)
     grad_out = make_tensor(shape, dtype, layout, device="cpu")
-    with_mask = ops.bn_act_bwd(grad_out, out, mask, x, w, mean, invstd, True, residual_grad)
-    from_out = ops.bn_act_bwd(grad_out, out, mask.new_empty((0,)), x, w, mean, invstd, True, residual_grad)
+    with_mask = cxx_ops.bn_act_bwd(grad_out, out, mask, x, w, mean, invstd, True, residual_grad)
+    from_out = cxx_ops.bn_act_bwd(grad_out, out, mask.new_empty((0,)), x, w, mean, invstd, True, residual_grad)
     for mine, theirs in zip(with_mask, from_out):
         assert torch.equal(mine.nan_to_num(7.0), theirs.nan_to_num(7.0))
     assert with_mask[0][:, 1:].isfinite().all()  # the NaN stays in its channel
@@ -261,12 +211,12 @@ def test_cpu_bwd_with_relu_mask_equals_bwd_from_out(case, dtype, residual_grad):
 @cpu_only
 def test_cpu_bwd_rejects_a_wrong_relu_mask():
     x = make_tensor((2, 8, 3, 3), torch.float32, "channels_last", device="cpu")
-    out, mean, invstd, _, mask = ops.bn_act_fwd_train(x, None, None, None, 1e-5)
+    out, mean, invstd, _, mask = cxx_ops.bn_act_fwd_train(x, None, None, None, 1e-5)
     args = (x, None, mean, invstd, True, False)
     with pytest.raises(ValueError, match=r"relu_mask holds 8 bytes; expected none or 18"):
-        ops.bn_act_bwd(x, out, mask[:8], *args)
+        cxx_ops.bn_act_bwd(x, out, mask[:8], *args)
     with pytest.raises(TypeError, match="relu_mask should be a 1-D torch.uint8 tensor"):
-        ops.bn_act_bwd(x, out, mask.float(), *args)
+        cxx_ops.bn_act_bwd(x, out, mask.float(), *args)
     planes = x.contiguous()
     with pytest.raises(ValueError, match="relu_mask holds 18 bytes; expected none"):
-        ops.bn_act_bwd(planes, out.contiguous(), mask, planes, None, mean, invstd, True, False)
+        cxx_ops.bn_act_bwd(planes, out.contiguous(), mask, planes, None, mean, invstd, True, False)

@@ -4,8 +4,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import layouts_for
-from test_modules import CONFIGS, DTYPES, run_against_eager
+from helpers import layouts_for
+from helpers import CONFIGS, DTYPES, run_against_eager
 
 
 @st.composite

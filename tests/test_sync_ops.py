@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fused_resnet
-from conftest import DEVICE, TRITON_INTERPRETED, assert_close, layouts_for, make_tensor, memory_format_of
+from helpers import DEVICE, TRITON_INTERPRETED, acc_dtype, assert_close, channel_stats, layouts_for, make_tensor, memory_format_of, param_dtype_for
 
 SHAPES = [
     (7, 3),  # (N, C): rows layout with S == 1
@@ -22,14 +22,6 @@ SHAPES = [
 ]
 SHAPE_LAYOUTS = [(s, l) for s in SHAPES for l in layouts_for(s)]
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _param_dtype(dtype):
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _per_channel(t, ndim):
@@ -44,13 +36,6 @@ def _impl():
     return fused_resnet.backend.resolve(DEVICE).ops
 
 
-def _channel_stats(channels, dtype):
-    """A per-channel mean and invstd in the accumulation dtype, as the forward ops return them."""
-    mean = torch.randn(channels, dtype=_acc(dtype), device=DEVICE) * 0.5
-    invstd = torch.rand(channels, dtype=_acc(dtype), device=DEVICE) + 0.5
-    return mean, invstd
-
-
 def _dz_x_hat64(grad_out, out, x, mean, invstd):
     dz = torch.where(out <= 0, torch.zeros_like(grad_out), grad_out).double()
     x_hat = (x.double() - _per_channel(mean, x.dim())) * _per_channel(invstd, x.dim())
@@ -62,7 +47,7 @@ def _dz_x_hat64(grad_out, out, x, mean, invstd):
 def test_stats_match_float64(backend, shape, layout, dtype):
     x = make_tensor(shape, dtype, layout, scale=2.0, offset=3.0)
     mean, var = _impl().bn_stats(x)
-    assert mean.dtype == var.dtype == _acc(dtype) and mean.shape == var.shape == (shape[1],)
+    assert mean.dtype == var.dtype == acc_dtype(dtype) and mean.shape == var.shape == (shape[1],)
     ref_var, ref_mean = torch.var_mean(x.double(), dim=_reduce_dims(x), correction=0)
     assert_close(mean, ref_mean, dtype, "mean")
     assert_close(var, ref_var, dtype, "var")
@@ -74,9 +59,9 @@ def test_bwd_reduce_matches_float64(backend, shape, layout, dtype):
     x = make_tensor(shape, dtype, layout)
     out = make_tensor(shape, dtype, layout)  # about half <= 0: the ReLU mask is exercised
     grad_out = make_tensor(shape, dtype, layout)
-    mean, invstd = _channel_stats(shape[1], dtype)
+    mean, invstd = channel_stats(shape[1], dtype)
     sum_dz_xhat, sum_dz = _impl().bn_act_bwd_reduce(grad_out, out, x, mean, invstd)
-    assert sum_dz_xhat.dtype == sum_dz.dtype == _acc(dtype)
+    assert sum_dz_xhat.dtype == sum_dz.dtype == acc_dtype(dtype)
     dz, x_hat = _dz_x_hat64(grad_out, out, x, mean, invstd)
     dims = _reduce_dims(x)
     assert_close(sum_dz, dz.sum(dims), dtype, "sum_dz")
@@ -91,10 +76,10 @@ def test_bwd_apply_matches_float64(backend, shape, layout, dtype, residual_grad,
     x = make_tensor(shape, dtype, layout)
     out = make_tensor(shape, dtype, layout)
     grad_out = make_tensor(shape, dtype, layout)
-    mean, invstd = _channel_stats(channels, dtype)
-    weight = torch.randn(channels, dtype=_param_dtype(dtype), device=DEVICE) if affine else None
-    mean_dz = torch.randn(channels, dtype=_acc(dtype), device=DEVICE) * 0.1
-    mean_dz_xhat = torch.randn(channels, dtype=_acc(dtype), device=DEVICE) * 0.1
+    mean, invstd = channel_stats(channels, dtype)
+    weight = torch.randn(channels, dtype=param_dtype_for(dtype), device=DEVICE) if affine else None
+    mean_dz = torch.randn(channels, dtype=acc_dtype(dtype), device=DEVICE) * 0.1
+    mean_dz_xhat = torch.randn(channels, dtype=acc_dtype(dtype), device=DEVICE) * 0.1
     grad_input, grad_residual = _impl().bn_act_bwd_apply(
         grad_out, out, x, weight, mean, invstd, mean_dz, mean_dz_xhat, residual_grad
     )
@@ -162,7 +147,7 @@ def test_empty_batch(backend, shape):
     mean, var = impl.bn_stats(x)
     zeros = torch.zeros(channels, device=DEVICE)
     assert torch.equal(mean, zeros) and torch.equal(var, zeros)
-    stat_mean, invstd = _channel_stats(channels, torch.float32)
+    stat_mean, invstd = channel_stats(channels, torch.float32)
     sum_dz_xhat, sum_dz = impl.bn_act_bwd_reduce(x, x, x, stat_mean, invstd)
     assert torch.equal(sum_dz_xhat, zeros) and torch.equal(sum_dz, zeros)
     w = torch.rand(channels, device=DEVICE)
@@ -171,43 +156,6 @@ def test_empty_batch(backend, shape):
 
 
 COMPILED = [b for b in fused_resnet.available_backends(DEVICE) if b != "reference"]
-DEFAULT_OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-# test_aot_dispatch_dynamic runs the triton_op's body on traced tensors, which the interpreter
-# cannot launch kernels on; the fake-tensor part runs the registered fake impls.
-OPCHECK_UTILS_INTERPRETED = DEFAULT_OPCHECK_UTILS[:3]
-OPCHECK_SAMPLES = [
-    ((4, 3), "contiguous", torch.float32),
-    ((3, 5, 7), "sliced", torch.float32),
-    ((2, 3, 5, 4), "contiguous", torch.float64),
-    ((2, 3, 5, 4), "channels_last", torch.float32),
-    ((2, 6, 3, 3, 5), "channels_last", torch.bfloat16),
-    ((2, 3, 2, 3, 4), "contiguous", torch.float16),
-    ((0, 3, 2, 2), "contiguous", torch.float32),
-]
-
-
-@pytest.mark.parametrize("backend_name", COMPILED)
-@pytest.mark.parametrize("sample", OPCHECK_SAMPLES, ids=[f"{s}-{l}-{str(d)[6:]}" for s, l, d in OPCHECK_SAMPLES])
-def test_opcheck(backend_name, sample):
-    shape, layout, dtype = sample
-    channels = shape[1]
-    with fused_resnet.use_backend(backend_name):
-        impl = _impl()
-    x = make_tensor(shape, dtype, layout)
-    out = make_tensor(shape, dtype, layout)
-    grad_out = make_tensor(shape, dtype, layout)
-    mean, invstd = _channel_stats(channels, dtype)
-    w = torch.rand(channels, dtype=_param_dtype(dtype), device=DEVICE) + 0.5
-    mean_dz, mean_dz_xhat = _channel_stats(channels, dtype)
-    utils = OPCHECK_UTILS_INTERPRETED if backend_name == "triton" and TRITON_INTERPRETED else DEFAULT_OPCHECK_UTILS
-    torch.library.opcheck(impl.bn_stats, (x,), test_utils=utils)
-    torch.library.opcheck(impl.bn_act_bwd_reduce, (grad_out, out, x, mean, invstd), test_utils=utils)
-    for weight in (w, None):
-        for residual_grad in (True, False):
-            torch.library.opcheck(
-                impl.bn_act_bwd_apply, (grad_out, out, x, weight, mean, invstd, mean_dz, mean_dz_xhat, residual_grad),
-                test_utils=utils,
-            )
 
 
 @pytest.mark.parametrize("backend_name", COMPILED)
@@ -215,7 +163,7 @@ def test_bad_arguments_are_named(backend_name):
     with fused_resnet.use_backend(backend_name):
         impl = _impl()
     x = make_tensor((2, 4, 3, 3), torch.float32)
-    mean, invstd = _channel_stats(4, torch.float32)
+    mean, invstd = channel_stats(4, torch.float32)
     with pytest.raises(ValueError, match=r"grad_out shape \(2, 4, 3, 1\) does not match input shape \(2, 4, 3, 3\)"):
         impl.bn_act_bwd_reduce(x[..., :1], x, x, mean, invstd)
     with pytest.raises(ValueError, match=r"mean_dz_xhat should hold one value per channel, shape \(4,\)"):

@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fused_resnet
-from conftest import assert_close, eager_bn_class, eager_step, fused_class, randomize_affine, relu_mask
+from helpers import assert_close, eager_bn_class, eager_step, fused_class, randomize_affine, relu_mask
 
 CPU_BACKENDS = fused_resnet.available_backends("cpu")
 

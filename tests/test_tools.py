@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from conftest import DEVICE
+from helpers import DEVICE
 from fused_resnet import bench, profile
 
 
@@ -56,8 +56,8 @@ def test_time_side_by_side_drops_a_failing_provider():
 
 def _tiny_cpu_bench(monkeypatch):
     """One tiny quick case on the CPU, the copy bandwidth not measured."""
-    monkeypatch.setattr(bench, "CPU_QUICK_CASES", [((2, 5, 3, 3), "channels_last")])
-    monkeypatch.setattr(bench, "copy_bandwidth_gbps", lambda device: 10.0)
+    monkeypatch.setattr(bench.cases, "CPU_QUICK_CASES", [((2, 5, 3, 3), "channels_last")])
+    monkeypatch.setattr(bench.cli, "copy_bandwidth_gbps", lambda device: 10.0)
 
 
 @pytest.mark.parametrize("mode", bench.MODES)
@@ -72,9 +72,9 @@ def test_runner_rotates_input_sets(mode):
 
 
 def test_bench_quick_writes_results_and_plot(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "CPU_QUICK_CASES", [((2, 5, 3, 3), "channels_last")])
-    monkeypatch.setattr(bench, "CPU_QUICK_MODEL_CASES", [("resnet18", (2, 3, 16, 16))])
-    monkeypatch.setattr(bench, "copy_bandwidth_gbps", lambda device: 10.0)
+    monkeypatch.setattr(bench.cases, "CPU_QUICK_CASES", [((2, 5, 3, 3), "channels_last")])
+    monkeypatch.setattr(bench.cases, "CPU_QUICK_MODEL_CASES", [("resnet18", (2, 3, 16, 16))])
+    monkeypatch.setattr(bench.cli, "copy_bandwidth_gbps", lambda device: 10.0)
     bench.main(["--device", "cpu", "--quick", "--output", str(tmp_path)])
     payload = json.loads((tmp_path / "results.json").read_text())
     assert payload["device"].startswith("CPU")
@@ -106,14 +106,14 @@ def test_bench_quick_writes_results_and_plot(tmp_path, monkeypatch, capsys):
 
 def test_bench_records_a_failed_provider_and_goes_on(tmp_path, monkeypatch, capsys):
     _tiny_cpu_bench(monkeypatch)
-    op_function = bench._op_function
+    op_function = bench.runners._op_function
 
     def compile_breaks(provider):
         if provider == "compile":
             raise RuntimeError("InductorError: LoweringException\nthe traceback")
         return op_function(provider)
 
-    monkeypatch.setattr(bench, "_op_function", compile_breaks)
+    monkeypatch.setattr(bench.runners, "_op_function", compile_breaks)
     bench.main(["--device", "cpu", "--quick", "--skip-models", "--cases", "bn_relu eval", "--output", str(tmp_path)])
     payload = json.loads((tmp_path / "results.json").read_text())
     assert payload["complete"] is True
@@ -148,7 +148,7 @@ def test_bench_runs_the_named_providers(tmp_path, monkeypatch, capsys):
 def test_bench_writes_each_case_as_it_ends(tmp_path, monkeypatch, capsys):
     """A run cut off in its second case leaves the first on disk, in bench-out/ by default."""
     _tiny_cpu_bench(monkeypatch)
-    monkeypatch.setattr(bench, "providers_for", lambda device: ["eager"] + bench.fused_providers(device))
+    monkeypatch.setattr(bench.cli, "providers_for", lambda device: ["eager"] + bench.fused_providers(device))
     run_op_case = bench.run_op_case
     cases = []
 
@@ -158,7 +158,7 @@ def test_bench_writes_each_case_as_it_ends(tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt
         return run_op_case(*args, **kwargs)
 
-    monkeypatch.setattr(bench, "run_op_case", interrupted_second)
+    monkeypatch.setattr(bench.cli, "run_op_case", interrupted_second)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bench-out").mkdir()
     (tmp_path / "bench-out" / "speedup.png").write_bytes(b"an earlier run's plot")
@@ -168,7 +168,7 @@ def test_bench_writes_each_case_as_it_ends(tmp_path, monkeypatch, capsys):
     assert payload["complete"] is False
     first = cases[0]  # (dtype, shape, layout, op, mode)
     assert [(r["dtype"], tuple(r["shape"]), r["layout"], r["op"], r["mode"]) for r in payload["results"]] == [first] * len(
-        bench.providers_for(torch.device("cpu"))
+        bench.cli.providers_for(torch.device("cpu"))
     )
     assert all(r["ms"] > 0 for r in payload["results"])
     assert not (tmp_path / "bench-out" / "speedup.png").exists()
@@ -225,7 +225,7 @@ def test_profile_writes_trace_and_table(tmp_path, capsys, fused):
 
 def test_bench_overhead_times_every_provider_interleaved(tmp_path, capsys):
     """--overhead: one row per case, every provider timed in every round, written to overhead.json."""
-    from fused_resnet import bench_overhead
+    from fused_resnet.bench import overhead as bench_overhead
 
     rows = bench_overhead.run("cpu", rounds=2, number=3, ops=("bn_add_relu",), dims=(2,), modes=bench_overhead.MODES)
     names = bench_overhead.providers(torch.device("cpu"))

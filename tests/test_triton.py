@@ -1,6 +1,6 @@
 """The triton backend's own checks, beside the shared suite that runs it like every backend.
 
-On CPU tensors (CI) the kernels run on the Triton interpreter (conftest.py sets TRITON_INTERPRET);
+On CPU tensors (CI) the kernels run on the Triton interpreter (helpers.py sets TRITON_INTERPRET);
 a second process compiles them for sm_80/sm_90 too, which the interpreter does not. The cases
 marked GPU-only run with FUSED_RESNET_TEST_DEVICE=cuda.
 """
@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import fused_resnet
-from conftest import BACKENDS, DEVICE, TRITON_INTERPRETED, assert_close, make_tensor, memory_format_of
+from helpers import BACKENDS, DEVICE, TRITON_INTERPRETED, assert_close, make_tensor, memory_format_of
 from fused_resnet import backend as backend_module
 from fused_resnet import reference
-from test_modules import CONFIGS, DTYPES, run_against_eager
+from helpers import CONFIGS, DTYPES, run_against_eager
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -217,56 +217,6 @@ def test_split_reduction_is_bitwise_deterministic(triton_backend, shape, layout,
 
 # ---------------------------------------------------------------------------------------------
 # Registration: opcheck, backend choice, import failures.
-
-OPCHECK_SAMPLES = [
-    # (shape, layout, dtype, residual)
-    ((4, 3), "contiguous", torch.float32, False),
-    ((3, 5, 7), "sliced", torch.float32, True),
-    ((2, 3, 5, 4), "channels_last", torch.float32, True),
-    ((2, 3, 2, 3, 4), "contiguous", torch.float16, True),
-    ((3, 2, 4, 4), "contiguous", torch.float64, False),
-]
-# opcheck's test_aot_dispatch_dynamic traces the triton_op's body with FunctionalTensors, which
-# the interpreter cannot launch a kernel on; the fake-tensor part runs the registered fake impls.
-OPCHECK_UTILS = (
-    ("test_schema", "test_autograd_registration", "test_faketensor")
-    if TRITON_INTERPRETED
-    else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-)
-
-
-@pytest.mark.parametrize(
-    "sample", OPCHECK_SAMPLES, ids=[f"{s}-{l}-{str(d)[6:]}-{'add' if r else 'relu'}" for s, l, d, r in OPCHECK_SAMPLES]
-)
-def test_opcheck(sample):
-    shape, layout, dtype, residual = sample
-    channels = shape[1]
-    param_dtype = torch.float32 if dtype == torch.float16 else dtype
-    x = make_tensor(shape, dtype, layout).requires_grad_()
-    r = make_tensor(shape, dtype, layout).requires_grad_() if residual else None
-    w = (torch.rand(channels, dtype=param_dtype, device=DEVICE) + 0.5).requires_grad_()
-    b = torch.randn(channels, dtype=param_dtype, device=DEVICE).requires_grad_()
-    rm = torch.randn(channels, dtype=param_dtype, device=DEVICE)
-    rv = torch.rand(channels, dtype=param_dtype, device=DEVICE) + 0.5
-
-    def check(op, args):
-        torch.library.opcheck(op, args, test_utils=OPCHECK_UTILS)
-
-    for training in (True, False):
-        check(triton_ops.bn_act.default, (x, r, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5))
-    check(triton_ops.bn_act.default, (x, r, w, b, None, None, True, 0.1, 1e-5))
-    check(triton_ops.bn_act_fwd_train.default, (x, r, w, b, 1e-5))
-    check(triton_ops.bn_act_fwd_eval.default, (x, r, rm, rv, w, b, 1e-5))
-    with torch.no_grad():
-        out, mean, invstd, _, relu_mask = triton_ops.bn_act_fwd_train(x, r, w, b, 1e-5)
-    assert relu_mask.numel() == 0  # the triton kernels keep no mask
-    xd, wd, grad_out = x.detach(), w.detach(), make_tensor(shape, dtype)
-    for batch_stats in (True, False):
-        check(triton_ops.bn_act_bwd.default, (grad_out, out, relu_mask, xd, wd, mean, invstd, batch_stats, residual))
-    check(triton_ops.bn_stats.default, (xd,))
-    check(triton_ops.bn_act_bwd_reduce.default, (grad_out, out, xd, mean, invstd))
-    check(triton_ops.bn_act_bwd_apply.default, (grad_out, out, xd, wd, mean, invstd, mean * 0.1, invstd * 0.1, residual))
-
 
 def test_schemas_match_the_cpp_ops():
     if fused_resnet.EXTENSION_ERROR is not None:

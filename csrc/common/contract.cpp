@@ -119,8 +119,8 @@ void check_relu_mask(
 }
 
 // The layout rule (contract.h).
-Geometry canonical_geometry(const at::Tensor& input) {
-  Geometry g;
+View canonical_view(const at::Tensor& input) {
+  View g;
   g.N = input.size(0);
   g.C = input.size(1);
   g.S = 1;
@@ -147,11 +147,11 @@ Geometry canonical_geometry(const at::Tensor& input) {
 
 // t in the canonical input's memory format: a no-op when it already has it (size-1 dims do not
 // matter for the addressing).
-at::Tensor in_input_format(const at::Tensor& t, const Geometry& g) {
+at::Tensor in_input_format(const at::Tensor& t, const View& g) {
   return t.contiguous(g.format);
 }
 
-at::Tensor residual_in_input_format(const OptTensor& residual, const Geometry& g) {
+at::Tensor residual_in_input_format(const OptTensor& residual, const View& g) {
   return given(residual) ? in_input_format(*residual, g) : at::Tensor();
 }
 
@@ -177,7 +177,7 @@ FwdOperands bn_act_operands(
       training || given(running_mean), op,
       ": running_mean and running_var are required when training=False (eval mode normalizes "
       "with the running statistics)");
-  const Geometry g = canonical_geometry(input);
+  const View g = canonical_view(input);
   if (training) {
     std::ostringstream size;
     if (g.M() == 1) {
@@ -204,7 +204,7 @@ FwdOperands fwd_train_operands(
   }
   check_per_channel(op, "weight", weight, input);
   check_per_channel(op, "bias", bias, input);
-  const Geometry g = canonical_geometry(input);
+  const View g = canonical_view(input);
   return {g, residual_in_input_format(residual, g)};
 }
 
@@ -220,7 +220,7 @@ FwdOperands fwd_eval_operands(
   check_per_channel(op, "running_var", running_var, input);
   check_per_channel(op, "weight", weight, input);
   check_per_channel(op, "bias", bias, input);
-  const Geometry g = canonical_geometry(input);
+  const View g = canonical_view(input);
   return {g, residual_in_input_format(residual, g)};
 }
 
@@ -232,7 +232,7 @@ BwdOperands bwd_operands(
   check_input(op, input);
   check_activation(op, "grad_out", grad_out, input);
   check_activation(op, "out", out, input);
-  const Geometry g = canonical_geometry(input);
+  const View g = canonical_view(input);
   check_relu_mask(op, relu_mask, input, relu_mask_bytes(g));
   check_per_channel(op, "weight", weight, input);
   check_per_channel(op, "mean", mean, input);
@@ -240,9 +240,9 @@ BwdOperands bwd_operands(
   return {g, in_input_format(grad_out, g), in_input_format(out, g)};
 }
 
-Geometry stats_operands(const at::Tensor& input) {
+View stats_operands(const at::Tensor& input) {
   check_input("bn_stats", input);
-  return canonical_geometry(input);
+  return canonical_view(input);
 }
 
 BwdOperands bwd_reduce_operands(
@@ -254,7 +254,7 @@ BwdOperands bwd_reduce_operands(
   check_activation(op, "out", out, input);
   check_per_channel(op, "mean", mean, input);
   check_per_channel(op, "invstd", invstd, input);
-  const Geometry g = canonical_geometry(input);
+  const View g = canonical_view(input);
   return {g, in_input_format(grad_out, g), in_input_format(out, g)};
 }
 
@@ -271,7 +271,7 @@ BwdOperands bwd_apply_operands(
   check_per_channel(op, "invstd", invstd, input);
   check_per_channel(op, "mean_dz", mean_dz, input);
   check_per_channel(op, "mean_dz_xhat", mean_dz_xhat, input);
-  const Geometry g = canonical_geometry(input);
+  const View g = canonical_view(input);
   return {g, in_input_format(grad_out, g), in_input_format(out, g)};
 }
 

@@ -42,7 +42,8 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-struct Geometry {
+// The canonical input seen as [N][C][S] (docs/design.md has the vocabulary).
+struct View {
   at::Tensor x;             // the input, dense in `format`
   at::MemoryFormat format;  // Contiguous, ChannelsLast or ChannelsLast3d
   bool rows;                // true: [N*S][C] rows of C; false: [N][C][S] planes of S
@@ -51,22 +52,22 @@ struct Geometry {
   int64_t numel() const { return N * C * S; }
 };
 
-// The checked operands of a forward: the geometry, and the residual in the input's format
+// The checked operands of a forward: the view, and the residual in the input's format
 // (undefined when not given).
 struct FwdOperands {
-  Geometry g;
+  View g;
   at::Tensor residual;
 };
 
 // The checked operands of a backward: grad_out and out in the input's format.
 struct BwdOperands {
-  Geometry g;
+  View g;
   at::Tensor grad_out;
   at::Tensor out;
 };
 
 // The length of the relu_mask a backend's bn_act_fwd_train returns for an input.
-using ReluMaskBytes = int64_t (*)(const Geometry&);
+using ReluMaskBytes = int64_t (*)(const View&);
 
 // One function per op: checks every argument, then lays the activations out.
 FwdOperands bn_act_operands(
@@ -83,7 +84,7 @@ BwdOperands bwd_operands(
     const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& relu_mask,
     const at::Tensor& input, const OptTensor& weight, const at::Tensor& mean,
     const at::Tensor& invstd, ReluMaskBytes relu_mask_bytes);
-Geometry stats_operands(const at::Tensor& input);
+View stats_operands(const at::Tensor& input);
 BwdOperands bwd_reduce_operands(
     const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& input,
     const at::Tensor& mean, const at::Tensor& invstd);

@@ -1,5 +1,5 @@
 // nn.BatchNorm's running-statistics update, as the training forward's per-channel finalize
-// applies it (CPU: bn_act_fwd.cpp's finalize_channel; CUDA: the statistics kernel's finalize),
+// applies it (CPU: cpu/fwd.cpp's finalize_stats; CUDA: the statistics kernel's finalize),
 // so that bn_act needs no op of its own for it, as ATen's native_batch_norm:
 //
 //   running_mean[c] <- (1 - momentum)·running_mean[c] + momentum·mean[c]
@@ -10,7 +10,7 @@
 // float16 input). An empty batch (M == 0) never reaches a finalize, and leaves the buffers as
 // they are.
 //
-// Device code includes this header: no ATen here (bn_act_module.h builds the update).
+// Device code includes this header: no ATen here (device_ops.h builds the update).
 #pragma once
 
 #include <c10/macros/Macros.h>

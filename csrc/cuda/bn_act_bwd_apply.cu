@@ -5,8 +5,7 @@
 // k = invstd·mean_dz_xhat. dz is read back from grad_residual when the reduce pass stored it
 // there (reads dz, x; writes dx), else formed from dy and y (reads dy, y, x; writes dx and, if
 // wanted, dr).
-#include "bn_act_kernels.cuh"
-#include "static_switch.h"
+#include "skeletons.cuh"
 
 namespace fused_resnet::cuda {
 
@@ -67,23 +66,16 @@ struct BwdApplyOp {
 } // namespace
 
 template <typename T>
-void launch_bwd_apply(const Layout& layout, const BwdApplyArgs<T>& args, cudaStream_t stream) {
-  const bool vec = vector_ok<T>(
-      layout.rows ? layout.C : layout.S, {args.dy, args.y, args.dz_in, args.x, args.dx, args.dr});
+void launch_bwd_apply(const ViewDims& dims, const BwdApplyArgs<T>& args, cudaStream_t stream) {
   const BwdApplyOp<T> op{args};
-  FR_BOOL_SWITCH(layout.rows, kRows, [&] {
-    FR_BOOL_SWITCH(vec, kVec, [&] {
-      run_apply<T, kVec ? vec_lanes<T>() : 1, kRows>(op, layout, stream);
-    });
+  launch_for_view<T>(dims, {args.dy, args.y, args.dz_in, args.x, args.dx, args.dr}, [&](auto lanes, auto rows) {
+    run_apply<T, decltype(lanes)::value, decltype(rows)::value>(op, dims, stream);
   });
 }
 
 #define FR_INSTANTIATE(T) \
-  template void launch_bwd_apply<T>(const Layout&, const BwdApplyArgs<T>&, cudaStream_t);
-FR_INSTANTIATE(float)
-FR_INSTANTIATE(double)
-FR_INSTANTIATE(c10::Half)
-FR_INSTANTIATE(c10::BFloat16)
+  template void launch_bwd_apply<T>(const ViewDims&, const BwdApplyArgs<T>&, cudaStream_t);
+FR_FOR_EACH_DTYPE(FR_INSTANTIATE)
 #undef FR_INSTANTIATE
 
 } // namespace fused_resnet::cuda

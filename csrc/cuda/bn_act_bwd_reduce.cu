@@ -4,8 +4,7 @@
 // and x once. The same pass optionally stores dz (grad_residual, which the apply pass then reads
 // instead of dy and y: one read fewer) and, for running statistics, grad_input = w·invstd·dz,
 // which needs no reduction, so that backward is a single pass.
-#include "bn_act_kernels.cuh"
-#include "static_switch.h"
+#include "skeletons.cuh"
 
 namespace fused_resnet::cuda {
 
@@ -71,25 +70,18 @@ struct BwdReduceOp {
 } // namespace
 
 template <typename T>
-void launch_bwd_reduce(const Layout& layout, const BwdReduceArgs<T>& args, Workspace& workspace,
+void launch_bwd_reduce(const ViewDims& dims, const BwdReduceArgs<T>& args, Workspace& workspace,
                        cudaStream_t stream) {
-  const bool vec = vector_ok<T>(
-      layout.rows ? layout.C : layout.S, {args.dy, args.y, args.x, args.dr, args.dx});
   const BwdReduceOp<T> op{args};
-  FR_BOOL_SWITCH(layout.rows, kRows, [&] {
-    FR_BOOL_SWITCH(vec, kVec, [&] {
-      run_reduce<T, kVec ? vec_lanes<T>() : 1, kRows>(op, layout, workspace, stream);
-    });
+  launch_for_view<T>(dims, {args.dy, args.y, args.x, args.dr, args.dx}, [&](auto lanes, auto rows) {
+    run_reduce<T, decltype(lanes)::value, decltype(rows)::value>(op, dims, workspace, stream);
   });
 }
 
-#define FR_INSTANTIATE(T)                                                                      \
-  template void launch_bwd_reduce<T>(const Layout&, const BwdReduceArgs<T>&, Workspace&, \
+#define FR_INSTANTIATE(T)                                                                    \
+  template void launch_bwd_reduce<T>(const ViewDims&, const BwdReduceArgs<T>&, Workspace&, \
                                      cudaStream_t);
-FR_INSTANTIATE(float)
-FR_INSTANTIATE(double)
-FR_INSTANTIATE(c10::Half)
-FR_INSTANTIATE(c10::BFloat16)
+FR_FOR_EACH_DTYPE(FR_INSTANTIATE)
 #undef FR_INSTANTIATE
 
 } // namespace fused_resnet::cuda

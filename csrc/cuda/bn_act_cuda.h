@@ -39,7 +39,8 @@ struct ChannelVec {
   bool is_float = false;
 };
 
-struct Layout {
+// The view (csrc/common/contract.h) as the kernels see it: its sizes and its layout.
+struct ViewDims {
   int64_t N, C, S;
   bool rows;
   int64_t numel() const { return N * C * S; }
@@ -48,29 +49,32 @@ struct Layout {
 // Training-forward statistics (bn_act_fwd_train, bn_stats): mean and biased variance per channel
 // (Welford per thread, Chan merges), and invstd = 1/sqrt(var + eps) when invstd is not null. The
 // per-channel finalize also applies `running` (bn_act: the running statistics' update).
+//
+// The argument structs are filled by name (designated initializers, in declaration order);
+// a pointer left out is null, which each field's comment says how the kernels read.
 template <typename T>
 struct StatsArgs {
-  const T* x;
-  acc_t<T>* mean;
-  acc_t<T>* var;
-  acc_t<T>* invstd;  // null: not wanted (bn_stats)
-  double eps;
-  RunningStatsUpdate<acc_t<T>> running;  // default: nothing to update
+  const T* x = nullptr;
+  acc_t<T>* mean = nullptr;
+  acc_t<T>* var = nullptr;
+  acc_t<T>* invstd = nullptr;  // null: not wanted (bn_stats)
+  double eps = 0.0;
+  RunningStatsUpdate<acc_t<T>> running{};  // default: nothing to update
 };
 
 // y = relu(x * scale + shift (+ r)), scale = w * invstd, shift = b - mean * scale, where invstd is
 // given (training: the batch statistics just computed) or 1/sqrt(var + eps) (eval: running stats).
 template <typename T>
 struct FwdApplyArgs {
-  const T* x;
-  const T* r;  // null: no residual
-  T* y;
-  ChannelVec mean;
-  ChannelVec var_or_invstd;
-  bool is_invstd;
-  ChannelVec weight;
-  ChannelVec bias;
-  double eps;
+  const T* x = nullptr;
+  const T* r = nullptr;  // null: no residual
+  T* y = nullptr;
+  ChannelVec mean{};
+  ChannelVec spread{};  // invstd, or the variance when spread_is_var
+  bool spread_is_var = false;
+  ChannelVec weight{};  // absent: 1
+  ChannelVec bias{};    // absent: 0
+  double eps = 0.0;
 };
 
 // Backward reductions, dz = 0 where out <= 0 else grad_out:
@@ -79,16 +83,16 @@ struct FwdApplyArgs {
 // statistics are not batch statistics, grad_input = w·invstd·dz (dx), which needs no reduction.
 template <typename T>
 struct BwdReduceArgs {
-  const T* dy;
-  const T* y;
-  const T* x;
-  T* dr;  // null: dz not stored
-  T* dx;  // null: grad_input left to the apply pass
-  ChannelVec weight;
-  ChannelVec mean;
-  ChannelVec invstd;
-  acc_t<T>* sum_dz_xhat;
-  acc_t<T>* sum_dz;
+  const T* dy = nullptr;
+  const T* y = nullptr;
+  const T* x = nullptr;
+  T* dr = nullptr;  // null: dz not stored
+  T* dx = nullptr;  // null: grad_input left to the apply pass
+  ChannelVec weight{};  // absent: 1 (only read with dx)
+  ChannelVec mean{};
+  ChannelVec invstd{};
+  acc_t<T>* sum_dz_xhat = nullptr;
+  acc_t<T>* sum_dz = nullptr;
 };
 
 // grad_input = w·invstd·(dz − mean_dz − x̂·mean_dz_xhat), x̂ = (x − mean)·invstd, with
@@ -97,18 +101,18 @@ struct BwdReduceArgs {
 // pass), else formed from dy and y, and then stored to dr when dr is not null.
 template <typename T>
 struct BwdApplyArgs {
-  const T* dy;
-  const T* y;
-  const T* dz_in;  // null: dz from dy, y
-  const T* x;
-  T* dx;
-  T* dr;  // null: grad_residual not wanted (or already stored)
-  ChannelVec weight;
-  ChannelVec mean;
-  ChannelVec invstd;
-  ChannelVec sum_dz;
-  ChannelVec sum_dz_xhat;
-  double inv_count;
+  const T* dy = nullptr;
+  const T* y = nullptr;
+  const T* dz_in = nullptr;  // null: dz from dy, y
+  const T* x = nullptr;
+  T* dx = nullptr;
+  T* dr = nullptr;  // null: grad_residual not wanted (or already stored)
+  ChannelVec weight{};  // absent: 1
+  ChannelVec mean{};
+  ChannelVec invstd{};
+  ChannelVec sum_dz{};
+  ChannelVec sum_dz_xhat{};
+  double inv_count = 1.0;
 };
 
 // Device memory for a launcher's temporaries (the reductions' staging buffer and counters),
@@ -122,20 +126,23 @@ class Workspace {
   ~Workspace() = default;
 };
 
+// Calls M(T) for every activation dtype the launchers are instantiated for.
+#define FR_FOR_EACH_DTYPE(M) M(float) M(double) M(c10::Half) M(c10::BFloat16)
+
 // Launchers (explicitly instantiated for float, double, c10::Half, c10::BFloat16). Each launches
 // on `stream` and checks the launch; none synchronizes. Preconditions (checked by the host ops):
 // numel > 0 (so N*S > 0 and C > 0), every activation dense in the layout's order, and the
 // stream's device current.
 template <typename T>
-void launch_stats(const Layout& layout, const StatsArgs<T>& args, Workspace& workspace,
+void launch_stats(const ViewDims& dims, const StatsArgs<T>& args, Workspace& workspace,
                   cudaStream_t stream);
 template <typename T>
-void launch_fwd_apply(const Layout& layout, const FwdApplyArgs<T>& args, cudaStream_t stream);
+void launch_fwd_apply(const ViewDims& dims, const FwdApplyArgs<T>& args, cudaStream_t stream);
 template <typename T>
-void launch_bwd_reduce(const Layout& layout, const BwdReduceArgs<T>& args, Workspace& workspace,
+void launch_bwd_reduce(const ViewDims& dims, const BwdReduceArgs<T>& args, Workspace& workspace,
                        cudaStream_t stream);
 template <typename T>
-void launch_bwd_apply(const Layout& layout, const BwdApplyArgs<T>& args, cudaStream_t stream);
+void launch_bwd_apply(const ViewDims& dims, const BwdApplyArgs<T>& args, cudaStream_t stream);
 
 // Number of multiprocessors of the current device (cached per device).
 int multiprocessor_count();

@@ -4,7 +4,7 @@
 // mean and invstd just computed; eval passes the running statistics, folded here per channel
 // (invstd = 1/sqrt(running_var + eps)) once per thread (rows) or per plane (planes).
 // Memory traffic: reads x (and r), writes y, each once, in 16-byte accesses where aligned.
-#include "bn_act_kernels.cuh"
+#include "skeletons.cuh"
 #include "static_switch.h"
 
 namespace fused_resnet::cuda {
@@ -28,8 +28,8 @@ struct FwdApplyOp {
 
   __device__ __forceinline__ Coef coef(int64_t c) const {
     const A mean = load_channel<T>(a.mean, c, A(0));
-    const A v = load_channel<T>(a.var_or_invstd, c, A(1));
-    const A invstd = a.is_invstd ? v : A(1) / ::sqrt(v + static_cast<A>(a.eps));
+    const A v = load_channel<T>(a.spread, c, A(1));
+    const A invstd = a.spread_is_var ? A(1) / ::sqrt(v + static_cast<A>(a.eps)) : v;
     const A scale = load_channel<T>(a.weight, c, A(1)) * invstd;
     return {scale, load_channel<T>(a.bias, c, A(0)) - mean * scale};
   }
@@ -61,24 +61,18 @@ struct FwdApplyOp {
 } // namespace
 
 template <typename T>
-void launch_fwd_apply(const Layout& layout, const FwdApplyArgs<T>& args, cudaStream_t stream) {
-  const bool vec = vector_ok<T>(layout.rows ? layout.C : layout.S, {args.x, args.r, args.y});
+void launch_fwd_apply(const ViewDims& dims, const FwdApplyArgs<T>& args, cudaStream_t stream) {
   FR_BOOL_SWITCH(args.r != nullptr, kResidual, [&] {
     const FwdApplyOp<T, kResidual> op{args};
-    FR_BOOL_SWITCH(layout.rows, kRows, [&] {
-      FR_BOOL_SWITCH(vec, kVec, [&] {
-        run_apply<T, kVec ? vec_lanes<T>() : 1, kRows>(op, layout, stream);
-      });
+    launch_for_view<T>(dims, {args.x, args.r, args.y}, [&](auto lanes, auto rows) {
+      run_apply<T, decltype(lanes)::value, decltype(rows)::value>(op, dims, stream);
     });
   });
 }
 
 #define FR_INSTANTIATE(T) \
-  template void launch_fwd_apply<T>(const Layout&, const FwdApplyArgs<T>&, cudaStream_t);
-FR_INSTANTIATE(float)
-FR_INSTANTIATE(double)
-FR_INSTANTIATE(c10::Half)
-FR_INSTANTIATE(c10::BFloat16)
+  template void launch_fwd_apply<T>(const ViewDims&, const FwdApplyArgs<T>&, cudaStream_t);
+FR_FOR_EACH_DTYPE(FR_INSTANTIATE)
 #undef FR_INSTANTIATE
 
 } // namespace fused_resnet::cuda

@@ -5,8 +5,7 @@
 // One launch of reduce_kernel: Welford per thread (one division per access, shared by its lanes),
 // Chan merges across the warp, the block and the blocks of a channel. Reads x once (N·C·S
 // elements); writes O(C · blocks per channel) partials.
-#include "bn_act_kernels.cuh"
-#include "static_switch.h"
+#include "skeletons.cuh"
 
 #include <cmath>
 
@@ -65,24 +64,17 @@ struct StatsOp {
 } // namespace
 
 template <typename T>
-void launch_stats(const Layout& layout, const StatsArgs<T>& args, Workspace& workspace,
+void launch_stats(const ViewDims& dims, const StatsArgs<T>& args, Workspace& workspace,
                   cudaStream_t stream) {
-  const bool vec = vector_ok<T>(layout.rows ? layout.C : layout.S, {args.x});
   const StatsOp<T> op{args};
-  FR_BOOL_SWITCH(layout.rows, kRows, [&] {
-    FR_BOOL_SWITCH(vec, kVec, [&] {
-      run_reduce<T, kVec ? vec_lanes<T>() : 1, kRows>(op, layout, workspace, stream);
-    });
+  launch_for_view<T>(dims, {args.x}, [&](auto lanes, auto rows) {
+    run_reduce<T, decltype(lanes)::value, decltype(rows)::value>(op, dims, workspace, stream);
   });
 }
 
-#define FR_INSTANTIATE(T)                                                                      \
-  template void launch_stats<T>(const Layout&, const StatsArgs<T>&, Workspace&,        \
-                                cudaStream_t);
-FR_INSTANTIATE(float)
-FR_INSTANTIATE(double)
-FR_INSTANTIATE(c10::Half)
-FR_INSTANTIATE(c10::BFloat16)
+#define FR_INSTANTIATE(T) \
+  template void launch_stats<T>(const ViewDims&, const StatsArgs<T>&, Workspace&, cudaStream_t);
+FR_FOR_EACH_DTYPE(FR_INSTANTIATE)
 #undef FR_INSTANTIATE
 
 } // namespace fused_resnet::cuda

@@ -160,6 +160,14 @@ def _tile_position(n_outer, n_channels, n_inner, BLOCK_A: tl.constexpr, BLOCK_C:
 
 
 @triton.jit
+def _store_partials(first_ptr, second_ptr, split, n_channels, c, c_mask, first, second):
+    """A split reduction's two partials of channels c, row `split` of [num_splits, n_channels]."""
+    part = split.to(tl.int64) * n_channels + c
+    tl.store(first_ptr + part, first, mask=c_mask)
+    tl.store(second_ptr + part, second, mask=c_mask)
+
+
+@triton.jit
 def _update_running(mean_ptr, var_ptr, stride_mean, stride_var, c, c_mask, mean, var,
                     momentum_hi, momentum_lo, per_channel):
     """bn_act's running-statistics update of channels c (csrc/common/running_stats.h states it):
@@ -247,9 +255,7 @@ def _bn_fwd_stats_kernel(
             _update_running(running_mean_ptr, running_var_ptr, stride_running_mean, stride_running_var,
                             c, c_mask, mean, var, momentum_hi, momentum_lo, _int64(n_outer) * n_inner)
     else:
-        part = split.to(tl.int64) * n_channels + c
-        tl.store(mean_part_ptr + part, mean, mask=c_mask)
-        tl.store(m2_part_ptr + part, m2, mask=c_mask)
+        _store_partials(mean_part_ptr, m2_part_ptr, split, n_channels, c, c_mask, mean, m2)
 
 
 @triton.jit
@@ -385,9 +391,7 @@ def _bn_act_bwd_reduce_kernel(
         tl.store(sum_dz_ptr + c, sum_dz, mask=c_mask)
         tl.store(sum_dz_xhat_ptr + c, sum_dzx * invstd, mask=c_mask)
     else:
-        part = split.to(tl.int64) * n_channels + c
-        tl.store(dz_part_ptr + part, sum_dz, mask=c_mask)
-        tl.store(dzx_part_ptr + part, sum_dzx, mask=c_mask)
+        _store_partials(dz_part_ptr, dzx_part_ptr, split, n_channels, c, c_mask, sum_dz, sum_dzx)
 
 
 @triton.jit

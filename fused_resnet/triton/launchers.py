@@ -49,15 +49,16 @@ def _launchable(kernel):
 
 
 # ---------------------------------------------------------------------------------------------
-# The 3D view [n_outer, n_channels, n_inner] the kernels see (kernels.py).
+# The view (docs/design.md) as the kernels see it (kernels.py): [n_outer, n_channels, n_inner],
+# the planes layout as [N, C, S], the rows layout as [N*S, C, 1].
 
 
 @dataclass(frozen=True)
-class View3d:
+class View:
     n_outer: int  # N, or N*S for channels_last
     n_channels: int
     n_inner: int  # S, or 1 for channels_last (and for 2D inputs)
-    channels_last: bool
+    channels_last: bool  # the input is channels_last(_3d): its tensors are viewed through movedim
 
     @property
     def per_channel(self) -> int:
@@ -65,14 +66,14 @@ class View3d:
         return self.n_outer * self.n_inner
 
 
-def view_of(x: Tensor) -> View3d:
+def view_of(x: Tensor) -> View:
     """The view of a canonical (contract.canonical_layout), non-empty input."""
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // (n * c)
     if x.dim() > 2 and not x.is_contiguous():  # canonical and not contiguous: channels_last
-        view = View3d(n * s, c, 1, True)
+        view = View(n * s, c, 1, True)
     else:
-        view = View3d(n, c, s, False)
+        view = View(n, c, s, False)
     if max(view.n_outer, view.n_inner) >= 2**31:
         raise RuntimeError(
             f"fused_resnet triton backend: input of shape {tuple(x.shape)} has {view.per_channel} "
@@ -81,13 +82,13 @@ def view_of(x: Tensor) -> View3d:
     return view
 
 
-def _memory_format(x: Tensor, view: View3d):
+def _memory_format(x: Tensor, view: View):
     if not view.channels_last:
         return torch.contiguous_format
     return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
 
 
-def _view_strides(t: Tensor, view: View3d):
+def _view_strides(t: Tensor, view: View):
     """Strides of t seen as [n_outer, n_channels, n_inner], or None if t cannot be seen so."""
     try:
         if view.channels_last:
@@ -97,7 +98,7 @@ def _view_strides(t: Tensor, view: View3d):
         return None
 
 
-def _operand(t: Tensor, x: Tensor, view: View3d):
+def _operand(t: Tensor, x: Tensor, view: View):
     """(tensor, strides) to read t with: t itself when it fits the view of x with unit or zero
     stride along the fastest dimension (coalesced or broadcast loads), else t in x's format."""
     strides = _view_strides(t, view)
@@ -150,7 +151,7 @@ def _round_up(value: int, multiple: int) -> int:
     return triton.cdiv(value, multiple) * multiple
 
 
-def plan_reduction(view: View3d, device: torch.device) -> ReductionPlan:
+def plan_reduction(view: View, device: torch.device) -> ReductionPlan:
     """Split a channel's values until the grid has about the target number of programs, as long
     as each program keeps at least the minimum work. Splits go along n_outer first (whole rows of
     n_inner values), then along n_inner when there are fewer rows than splits."""
@@ -180,7 +181,7 @@ def reduction_plan(input: Tensor) -> ReductionPlan:
 # Launches.
 
 
-def _tile_grid(view: View3d):
+def _tile_grid(view: View):
     def grid(meta):
         return (
             triton.cdiv(view.n_outer, meta["BLOCK_A"])
@@ -191,11 +192,21 @@ def _tile_grid(view: View3d):
     return grid
 
 
-def _split_grid(view: View3d, plan: ReductionPlan):
+def _split_grid(view: View, plan: ReductionPlan):
     def grid(meta):
         return (triton.cdiv(view.n_channels, meta["BLOCK_C"]), plan.num_splits)
 
     return grid
+
+
+def _plan_with_partials(x, view, standin):
+    """(plan, first, second): the reduction plan of x, and the two [num_splits, C] partials its
+    programs write, in standin's dtype (both standin itself, not read, with a single split)."""
+    plan = plan_reduction(view, x.device)
+    if plan.num_splits == 1:
+        return plan, standin, standin
+    first, second = (x.new_empty((plan.num_splits, view.n_channels), dtype=standin.dtype) for _ in range(2))
+    return plan, first, second
 
 
 def _running_update_args(running, like):
@@ -217,12 +228,8 @@ def _launch_batch_stats(x, view, eps, running=None):
     acc = acc_dtype(x.dtype)
     c = view.n_channels
     mean, var, invstd = (x.new_empty((c,), dtype=acc) for _ in range(3))
-    plan = plan_reduction(view, x.device)
+    plan, mean_part, m2_part = _plan_with_partials(x, view, mean)
     single = plan.num_splits == 1
-    if single:
-        mean_part = m2_part = mean  # not read
-    else:
-        mean_part, m2_part = (x.new_empty((plan.num_splits, c), dtype=acc) for _ in range(2))
     update_args, update = _running_update_args(running, mean)
     _launchable(kernels._bn_fwd_stats_kernel)[_split_grid(view, plan)](
         x, *_view_strides(x, view),
@@ -271,12 +278,8 @@ def _launch_bwd_reduce(grad_out, out, x, view, mean, invstd):
     dy, dy_strides = _operand(grad_out, x, view)
     y, y_strides = _operand(out, x, view)
     sum_dz, sum_dz_xhat = (x.new_empty((c,), dtype=acc) for _ in range(2))
-    plan = plan_reduction(view, x.device)
+    plan, dz_part, dzx_part = _plan_with_partials(x, view, sum_dz)
     single = plan.num_splits == 1
-    if single:
-        dz_part = dzx_part = sum_dz  # not read
-    else:
-        dz_part, dzx_part = (x.new_empty((plan.num_splits, c), dtype=acc) for _ in range(2))
     _launchable(kernels._bn_act_bwd_reduce_kernel)[_split_grid(view, plan)](
         dy, *dy_strides,
         y, *y_strides,

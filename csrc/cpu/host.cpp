@@ -1,8 +1,12 @@
 // Host-side helpers of the CPU kernels: outputs, streaming-store policy, parameter reads.
 // (The input checks shared with the CUDA backend are in csrc/common/contract.cpp.)
-#include "bn_act_cpu.h"
+#include "host.h"
+#include "vec.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/ops/empty_like.h>
+
+#include <algorithm>
 
 #include <cstdlib>
 
@@ -16,10 +20,10 @@ namespace {
 
 // Large outputs are fresh memory that the kernel touches once, so first-touch page faults are a
 // large part of their cost (glibc returns big freed blocks to the OS and maps them again, one
-// 4 KiB fault per page, ~1-2 µs each in a VM: ~10 ms for a 25 MB output, more than the kernel
-// itself). Advising transparent huge pages on the 2 MiB-aligned interior cuts the faults by 512x
-// (the same as PyTorch's opt-in THP_MEM_ALLOC_ENABLE, applied to these outputs only). A no-op
-// where THP is disabled; FUSED_RESNET_THP=0 turns it off.
+// 4 KiB fault per page, each costing microseconds, more than the kernel's work on that page).
+// Advising transparent huge pages on the 2 MiB-aligned interior cuts the faults by 512x (the
+// same as PyTorch's opt-in THP_MEM_ALLOC_ENABLE, applied to these outputs only). A no-op where
+// THP is disabled; FUSED_RESNET_THP=0 turns it off.
 void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   static const bool enabled = [] {
@@ -46,7 +50,7 @@ void advise_huge_pages(const at::Tensor& t) {
 
 } // namespace
 
-at::Tensor empty_activation(const Geometry& g) {
+at::Tensor empty_activation(const View& g) {
   // g.x is dense and non-overlapping, so Preserve gives exactly its strides.
   at::Tensor t = at::empty_like(g.x, at::MemoryFormat::Preserve);
   advise_huge_pages(t);
@@ -54,20 +58,19 @@ at::Tensor empty_activation(const Geometry& g) {
 }
 
 bool use_streaming_stores(int64_t bytes, Pass passes) {
-  // Measured on the 2-core EPYC VM (32 MiB L3, of which ~16 MiB keeps data in practice), with
-  // the benchmark's runners, in-process A/B of the two policies:
+  // Streaming stores skip the destination's read-for-ownership and keep the output from evicting
+  // the inputs from the last-level cache; plain stores leave the output in cache for the next
+  // layer.
   //  * One pass (eval): plain stores win while everything stays in cache, as it does for an
-  //    input the previous layer has just written and an output the next layer reads at once:
-  //    (8,64,56,56) channels_last, 12.8 MB touched, 0.11 ms plain vs 0.20 ms streaming with the
-  //    same input every call; streaming wins from ~51 MB ((8,256,56,56)) up. Threshold 40 MiB.
+  //    input the previous layer has just written and an output the next layer reads at once;
+  //    streaming only once the op's data would not stay there anyway. Threshold 40 MiB.
   //  * Two passes (training forward and backward): the second pass re-reads the inputs, and
   //    the outputs are written once and never read back by the op (the backward takes the ReLU
-  //    mask, not out): streaming them keeps the inputs in cache. (8,64,56,56) channels_last
-  //    fwd+bwd, 12.8-32 MB per op: 0.71 vs 0.85 ms (bn_relu) with warm inputs, 0.88 vs 1.07 ms
-  //    with cold ones; (8,256,14,14), 3.2-8 MB per op: plain 10% faster warm, equal cold.
+  //    mask, not out): streaming them keeps the inputs in cache for the second pass.
   //    Threshold 8 MiB.
+  // The thresholds come from A/B runs on a 2-core CPU VM (benchmarks/NOTES.md, "CPU kernel tuning").
   // FUSED_RESNET_STREAM_MIN_BYTES sets both thresholds (< 0: never stream).
-  // sysconf(_SC_LEVEL3_CACHE_SIZE) is not used: in VMs it reports the whole host's L3.
+  // (Not sysconf(_SC_LEVEL3_CACHE_SIZE): in VMs it reports the whole host's L3.)
   static const int64_t env_threshold = [] {
     const char* env = std::getenv("FUSED_RESNET_STREAM_MIN_BYTES");
     return env != nullptr ? static_cast<int64_t>(std::atoll(env)) : int64_t(-2);

@@ -1,0 +1,258 @@
+// Backward CPU kernels: bn_act_bwd (of both forwards), and its two passes as separate ops for
+// SyncBatchNorm, bn_act_bwd_reduce (the sums) and bn_act_bwd_apply (dx, dr from given global
+// means of the sums), built from the same reduce and apply code.
+//
+//   dz = (out <= 0) ? 0 : grad_out                  (aten threshold_backward; NaN out passes)
+//   grad_bias = Σdz,  grad_weight = Σdz·x̂ = invstd·Σdz·(x − mean)
+//   grad_input = A·dz + B·(x − mean) + D,  A = w·invstd,
+//       B = −A·invstd·grad_weight/M, D = −A·grad_bias/M     when batch_stats
+//       B = D = 0 (x is not even read)                       otherwise
+//   grad_residual = dz                                       when residual_grad
+//   bn_act_bwd_apply: B = −A·invstd·mean_dz_xhat, D = −A·mean_dz  (means over all processes)
+//
+// One reduce pass (reads dy, y, x) and one apply pass (reads dy, y, x; writes dx, dr). Sums
+// are two-level: fp32 (double for double) vector accumulators over a block, then added to a
+// double total in a fixed order (deterministic for a given thread count). Layouts and parallel
+// decomposition mirror the forward (fwd.cpp): in the planes layout a channel-local task
+// keeps the channel's three inputs in L2 between its two passes; in the rows layout each thread
+// reduces and then applies its own contiguous chunk of rows, and bn_act_bwd takes the ReLU mask
+// as bits instead of reading y: those bn_act_fwd_train saved (relu_mask; then y is not read at
+// all), or else bits its reduce pass records for its apply pass (RowMask).
+#include "bwd_planes.h"
+#include "bwd_rows.h"
+#include "bwd_spans.h"
+#include "host.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+
+#include <vector>
+
+namespace fused_resnet::cpu {
+
+namespace {
+
+// ------------------------------------------------------------------------------------------
+// The three ops on a non-empty input. bn_act_bwd: the reduce and apply passes; planes with
+// enough channels run channel-local (a task keeps its channel's dy, y, x in L2 between the two),
+// rows reduce and apply the same chunk on the same thread. bn_act_bwd_reduce: the reduce pass;
+// bn_act_bwd_apply: the apply pass with coefficients from given means.
+
+template <typename T>
+struct ParamGrads {
+  bool batch_stats;
+  acc_type<T>* gw;  // Σdz·x̂
+  acc_type<T>* gb;  // Σdz
+};
+
+// Writes channel c's parameter gradients and returns its coefficients.
+template <typename T>
+C10_ALWAYS_INLINE Coef<acc_type<T>> finalize_grads(
+    const BwdArgs<T>& a, const ParamGrads<T>& pg, int64_t c, const ChannelSums& s, int64_t M) {
+  using A = acc_type<T>;
+  const A gw = sum_dz_xhat(s, a.invstd[c]);
+  pg.gw[c] = gw;
+  const A gb = static_cast<A>(s.dz);
+  pg.gb[c] = gb;
+  if (pg.batch_stats && M > 0) {
+    return batch_coef(a.w[c], a.invstd[c], gw, gb, A(1) / A(M));
+  }
+  return running_coef(a.w[c], a.invstd[c]);
+}
+
+template <typename T, typename F>
+void bwd_planes(const BwdArgs<T>& a, const ParamGrads<T>& pg) {
+  using A = acc_type<T>;
+  const PlaneTasks tasks(a.N, a.C, a.S, at::get_num_threads());
+  if (tasks.P == 1) {
+    // channel-local: reduce + apply in one task, the channel's dy, y, x stay in L2
+    at::parallel_for(0, tasks.count(), tasks.grain(), [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const Coef<A> k = finalize_grads(a, pg, c, task_sums(a, tasks, c), tasks.M);
+        apply_task<T, F>(a, tasks, c, k);
+      }
+      if (F::kNT) {
+        stream_fence();
+      }
+    });
+    return;
+  }
+  std::vector<ChannelSums> sums(a.C);
+  planes_sums(a, tasks, sums.data());
+  std::vector<Coef<A>> coef(a.C);
+  for (int64_t c = 0; c < a.C; ++c) {
+    coef[c] = finalize_grads(a, pg, c, sums[c], tasks.M);
+  }
+  planes_apply<T, F>(a, tasks, coef.data());
+}
+
+template <typename T, typename F>
+void bwd_rows(const BwdArgs<T>& a, const ParamGrads<T>& pg) {
+  using A = acc_type<T>;
+  const RowPlan plan(a.C, a.N * a.S, VecT<T>::kStep, at::get_num_threads());
+  const std::vector<A> mean_ext = repeated_means(a, plan);
+  std::vector<ChannelSums> sums(a.C);
+  const RowMask mask = row_mask<T>(plan, a.relu_mask);
+  rows_sums(a, plan, mean_ext.data(), sums.data(), mask);
+  std::vector<Coef<A>> coef(a.C);
+  for (int64_t c = 0; c < a.C; ++c) {
+    coef[c] = finalize_grads(a, pg, c, sums[c], a.N * a.S);
+  }
+  rows_apply<T, F>(a, plan, RowCoefs<A>(coef, plan.W), mean_ext.data(), mask.bits());
+}
+
+template <typename T>
+void bwd_reduce(const BwdArgs<T>& a, const View& g, acc_type<T>* gw, acc_type<T>* gb) {
+  using A = acc_type<T>;
+  const int64_t threads = at::get_num_threads();
+  std::vector<ChannelSums> sums(a.C);
+  if (g.rows) {
+    const RowPlan plan(a.C, g.M(), VecT<T>::kStep, threads);
+    rows_sums(a, plan, repeated_means(a, plan).data(), sums.data());
+  } else {
+    planes_sums(a, PlaneTasks(a.N, a.C, a.S, threads), sums.data());
+  }
+  for (int64_t c = 0; c < a.C; ++c) {
+    gw[c] = sum_dz_xhat(sums[c], a.invstd[c]);
+    gb[c] = static_cast<A>(sums[c].dz);
+  }
+}
+
+template <typename T, typename F>
+void bwd_apply(
+    const BwdArgs<T>& a, const View& g, const acc_type<T>* mean_dz,
+    const acc_type<T>* mean_dz_xhat) {
+  using A = acc_type<T>;
+  const int64_t threads = at::get_num_threads();
+  std::vector<Coef<A>> coef(a.C);
+  for (int64_t c = 0; c < a.C; ++c) {
+    coef[c] = batch_coef(a.w[c], a.invstd[c], mean_dz_xhat[c], mean_dz[c], A(1));
+  }
+  if (g.rows) {
+    const RowPlan plan(a.C, g.M(), VecT<T>::kStep, threads);
+    rows_apply<T, F>(a, plan, RowCoefs<A>(coef, plan.W), repeated_means(a, plan).data());
+  } else {
+    planes_apply<T, F>(a, PlaneTasks(a.N, a.C, a.S, threads), coef.data());
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Host side shared by the three ops.
+
+// weight, mean and invstd read into acc_t vectors, and the pointers of the activations.
+template <typename T>
+struct BwdBuffers {
+  std::vector<acc_type<T>> w, mean, invstd;
+  BwdArgs<T> args;
+  BwdBuffers(
+      const BwdOperands& in, const std::optional<at::Tensor>& weight, const at::Tensor& mean_t,
+      const at::Tensor& invstd_t, at::Tensor* dx, at::Tensor* dr,
+      const MaskWord* relu_mask = nullptr)
+      : w(in.g.C), mean(in.g.C), invstd(in.g.C) {
+    using A = acc_type<T>;
+    const int64_t C = in.g.C;
+    read_param<A>(weight, C, A(1), w.data());
+    read_param<A>(mean_t, C, A(0), mean.data());
+    read_param<A>(invstd_t, C, A(1), invstd.data());
+    args.dy = in.grad_out.const_data_ptr<T>();
+    args.y = in.out.const_data_ptr<T>();
+    args.x = in.g.x.const_data_ptr<T>();
+    args.dx = dx != nullptr ? dx->mutable_data_ptr<T>() : nullptr;
+    args.dr = dr != nullptr ? dr->mutable_data_ptr<T>() : nullptr;
+    args.N = in.g.N;
+    args.C = C;
+    args.S = in.g.S;
+    args.w = w.data();
+    args.mean = mean.data();
+    args.invstd = invstd.data();
+    args.relu_mask = relu_mask;
+  }
+};
+
+// The bits of bn_act_bwd's relu_mask (checked by the op contract: empty, or what
+// bn_act_fwd_train returns for this input), or null where out gives the mask (empty; or a layout
+// or dtype whose kernel keeps no mask: then the forward returned zeros and out is read).
+const MaskWord* saved_mask_bits(const at::Tensor& relu_mask) {
+  return relu_mask.numel() == 0 ? nullptr : relu_mask.const_data_ptr<MaskWord>();
+}
+
+} // namespace
+
+BwdOutputs bwd_cpu(
+    const BwdOperands& in, const at::Tensor& relu_mask, const OptTensor& weight,
+    const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats, bool residual_grad) {
+  constexpr const char* op = "bn_act_bwd";
+  const View& g = in.g;
+  const at::Tensor mask = relu_mask.contiguous();
+  const MaskWord* saved_mask = saved_mask_bits(mask);
+  at::Tensor dx = empty_activation(g);
+  at::Tensor dr = residual_grad ? empty_activation(g) : no_tensor(g);
+  at::Tensor gw = empty_channel_stat(g);
+  at::Tensor gb = empty_channel_stat(g);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.x.scalar_type(), op, [&] {
+    using A = acc_type<scalar_t>;
+    const ParamGrads<scalar_t> pg{batch_stats, gw.mutable_data_ptr<A>(), gb.mutable_data_ptr<A>()};
+    const BwdBuffers<scalar_t> buf(
+        in, weight, mean, invstd, &dx, residual_grad ? &dr : nullptr, saved_mask);
+    // bytes of activations touched: dy, y (or the mask), x read; dx (and dr) written
+    const int64_t bytes = g.numel() * int64_t(sizeof(scalar_t)) * (residual_grad ? 5 : 4);
+    const bool nt = use_streaming_stores(bytes, Pass::kTwo);
+    auto run = [&](auto res_c, auto nt_c) {
+      constexpr bool kRes = decltype(res_c)::value;
+      constexpr bool kNT = decltype(nt_c)::value;
+      if (batch_stats) {
+        using F = BwdFlags<true, kRes, kNT>;
+        g.rows ? bwd_rows<scalar_t, F>(buf.args, pg) : bwd_planes<scalar_t, F>(buf.args, pg);
+      } else {
+        using F = BwdFlags<false, kRes, kNT>;
+        g.rows ? bwd_rows<scalar_t, F>(buf.args, pg) : bwd_planes<scalar_t, F>(buf.args, pg);
+      }
+    };
+    dispatch_bools(residual_grad, nt, run);
+  });
+  return {dx, dr, gw, gb};
+}
+
+TensorPair bwd_reduce_cpu(const BwdOperands& in, const at::Tensor& mean, const at::Tensor& invstd) {
+  constexpr const char* op = "bn_act_bwd_reduce";
+  const View& g = in.g;
+  at::Tensor sum_dz_xhat = empty_channel_stat(g);
+  at::Tensor sum_dz = empty_channel_stat(g);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.x.scalar_type(), op, [&] {
+    using A = acc_type<scalar_t>;
+    A* gw = sum_dz_xhat.mutable_data_ptr<A>();
+    A* gb = sum_dz.mutable_data_ptr<A>();
+    const BwdBuffers<scalar_t> buf(in, std::nullopt, mean, invstd, nullptr, nullptr);
+    bwd_reduce(buf.args, g, gw, gb);
+  });
+  return {sum_dz_xhat, sum_dz};
+}
+
+TensorPair bwd_apply_cpu(
+    const BwdOperands& in, const OptTensor& weight, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& mean_dz, const at::Tensor& mean_dz_xhat,
+    bool residual_grad) {
+  constexpr const char* op = "bn_act_bwd_apply";
+  const View& g = in.g;
+  at::Tensor dx = empty_activation(g);
+  at::Tensor dr = residual_grad ? empty_activation(g) : no_tensor(g);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.x.scalar_type(), op, [&] {
+    using A = acc_type<scalar_t>;
+    std::vector<A> mdz(g.C), mdzx(g.C);
+    read_param<A>(mean_dz, g.C, A(0), mdz.data());
+    read_param<A>(mean_dz_xhat, g.C, A(0), mdzx.data());
+    const BwdBuffers<scalar_t> buf(in, weight, mean, invstd, &dx, residual_grad ? &dr : nullptr);
+    // bytes of activations touched: dy, y, x read; dx (and dr) written
+    const int64_t bytes = g.numel() * int64_t(sizeof(scalar_t)) * (residual_grad ? 5 : 4);
+    // (one pass here, but the second of a training backward split around a collective)
+    const bool nt = use_streaming_stores(bytes, Pass::kTwo);
+    dispatch_bools(residual_grad, nt, [&](auto res_c, auto nt_c) {
+      using F = BwdFlags<true, decltype(res_c)::value, decltype(nt_c)::value>;
+      bwd_apply<scalar_t, F>(buf.args, g, mdz.data(), mdzx.data());
+    });
+  });
+  return {dx, dr};
+}
+
+} // namespace fused_resnet::cpu

@@ -1,0 +1,312 @@
+// The backward over the rows layout [N*S][C]: per-position sums over register tiles, merged in
+// chunk order, and the apply pass over each thread's chunk; the ReLU mask comes from out, from the
+// bits bn_act_fwd_train saved, or from bits the reduce pass records for the apply pass
+// (RowMask).
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include "bwd_spans.h"
+#include "plans.h"
+#include "relu_mask.h"
+#include "vec.h"
+
+#include <memory>
+#include <vector>
+
+namespace fused_resnet::cpu {
+
+// ------------------------------------------------------------------------------------------
+// Rows layout.
+
+// Where the rows reduce pass takes the ReLU mask from: out (kOut), out while recording its bits
+// for the apply pass (kOutRecord), or the bits bn_act_fwd_train saved (kSavedBits).
+enum class MaskSource { kOut, kOutRecord, kSavedBits };
+
+// Per-position Σdz and Σdz·(x − mean) of a tile of NS vector steps (positions [j, j + NS*K))
+// over rows [r0, r0 + nr) of width W; added to sdz/sdzx (the block total goes in in one add).
+// The mask bits of the vector at element e are byte e / 8 of saved (kSavedBits) or of record
+// (kOutRecord, written here).
+template <typename T, int64_t NS, MaskSource kSrc>
+C10_ALWAYS_INLINE void rows_reduce_tile(
+    const T* __restrict__ dy, const T* __restrict__ y, const T* __restrict__ x, int64_t W,
+    int64_t r0, int64_t nr, int64_t j, const acc_type<T>* __restrict__ mean,
+    acc_type<T>* __restrict__ sdz, acc_type<T>* __restrict__ sdzx,
+    const MaskWord* __restrict__ saved, MaskWord* __restrict__ record) {
+  using V = VecT<T>;
+  using A = typename V::acc_t;
+  using AV = typename V::AV;
+  constexpr int64_t K = V::kStep;
+  constexpr int64_t P = V::kParts;
+  constexpr int64_t H = AV::size();
+  constexpr int64_t NA = NS * P;
+  const AV zero(A(0));
+  AV sd[NA], sx[NA];
+  FR_UNROLL
+  for (int64_t i = 0; i < NA; ++i) {
+    sd[i] = zero;
+    sx[i] = zero;
+  }
+  for (int64_t i = 0; i < nr; ++i) {
+    const int64_t o = (r0 + i) * W + j;
+    FR_UNROLL
+    for (int64_t u = 0; u < NS; ++u) {
+      AV g[P], ov[P], xv[P];
+      V::load(dy + o + u * K, g);
+      if constexpr (kSrc != MaskSource::kSavedBits) {
+        V::load(y + o + u * K, ov);
+      }
+      V::load(x + o + u * K, xv);
+      FR_UNROLL
+      for (int64_t q = 0; q < P; ++q) {
+        const int64_t e = o + u * K + q * H;
+        AV off;
+        if constexpr (kSrc == MaskSource::kSavedBits) {
+          off = lanes_from_bits(saved[e / 8]);
+        } else {
+          off = relu_off_vec(ov[q], zero);
+        }
+        const AV dz = AV::blendv(g[q], zero, off);
+        if constexpr (kSrc == MaskSource::kOutRecord) {
+          record[e / 8] = lane_bits(off);
+        }
+        const AV m = AV::loadu(mean + j + u * K + q * H);
+        sd[u * P + q] = sd[u * P + q] + dz;
+        sx[u * P + q] = at::vec::fmadd(dz, xv[q] - m, sx[u * P + q]);
+      }
+    }
+  }
+  FR_UNROLL
+  for (int64_t i = 0; i < NA; ++i) {
+    const int64_t t = j + i * H;
+    (AV::loadu(sdz + t) + sd[i]).store(sdz + t);
+    (AV::loadu(sdzx + t) + sx[i]).store(sdzx + t);
+  }
+}
+
+// The ReLU mask of the rows path, as bits (relu_mask.h), for the super-rows when
+// rows_keep_mask (leftover rows, other widths and other builds read out). The apply pass needs
+// dz = (out <= 0) ? 0 : dy for every element after the reduce pass has streamed dy, out and x
+// through the caches; with the bits it reads dy, x and the bits (2 + 1/32 operands) instead of
+// dy, out and x (3).
+//   saved:  relu_mask from bn_act_fwd_train; the reduce pass reads it too, so out is not read
+//           at all (the training backward).
+//   record: otherwise (bn_act_bwd after the eval forward), the reduce pass records the bits
+//           from out for the apply pass, into a buffer of the calling thread that only grows:
+//           a buffer of a few hundred KB allocated per call lies above glibc's mmap threshold,
+//           so it would be mapped, page-faulted and unmapped on every call.
+// Bits instead of out: the apply pass (and, with saved bits, the reduce pass too) reads 1 bit
+// per element instead of an activation (benchmarks/NOTES.md has the measurements).
+struct RowMask {
+  const MaskWord* saved = nullptr;
+  MaskWord* record = nullptr;
+  // reads the bits of the apply pass
+  const MaskWord* bits() const { return saved != nullptr ? saved : record; }
+};
+
+template <typename T>
+RowMask row_mask(const RowPlan& plan, const MaskWord* saved) {
+  RowMask m;
+  if (!rows_keep_mask<T>(plan)) {
+    return m;
+  }
+  if (saved != nullptr) {
+    m.saved = saved;
+    return m;
+  }
+  // every byte is written by the reduce pass before the apply pass reads it
+  thread_local std::vector<MaskWord> buffer;
+  const size_t count = static_cast<size_t>(plan.G * plan.W / 8);
+  if (buffer.size() < count) {
+    buffer.resize(count);
+  }
+  m.record = buffer.data();
+  return m;
+}
+
+// Per-position sums over super-rows [g0, g1) of width W, in blocks of kRowBlock rows, the
+// ReLU mask taken as `mask` says (RowMask; W is then a multiple of the vector step). Block
+// totals go into acc_t sums (psdz, psdzx: W each), which are added into the double sums every
+// kFlushBlocks blocks (see Sums).
+template <typename T>
+void rows_chunk_sums(
+    const T* dy, const T* y, const T* x, int64_t W, int64_t g0, int64_t g1,
+    const acc_type<T>* mean, double* sdz, double* sdzx, acc_type<T>* psdz, acc_type<T>* psdzx,
+    const RowMask& mask) {
+  using V = VecT<T>;
+  using A = typename V::acc_t;
+  constexpr int64_t K = V::kStep;
+  constexpr int64_t NS = kTileVectors / V::kParts;
+  constexpr int64_t kFlushBlocks = 4;
+  const int64_t Wv = W / K * K;
+  std::fill(sdz, sdz + W, 0.0);
+  std::fill(sdzx, sdzx + W, 0.0);
+  std::fill(psdz, psdz + W, A(0));
+  std::fill(psdzx, psdzx + W, A(0));
+  auto flush = [&] {
+    for (int64_t t = 0; t < W; ++t) {
+      sdz[t] += static_cast<double>(psdz[t]);
+      sdzx[t] += static_cast<double>(psdzx[t]);
+      psdz[t] = A(0);
+      psdzx[t] = A(0);
+    }
+  };
+  int64_t blocks = 0;
+  for (int64_t gb = g0; gb < g1; gb += kRowBlock) {
+    const int64_t nb = std::min(kRowBlock, g1 - gb);
+    if (blocks++ == kFlushBlocks) {
+      flush();
+      blocks = 1;
+    }
+    // the whole vectors of the block's rows, positions [0, Wv), the mask from `source`
+    auto tiles = [&](auto source) {
+      constexpr MaskSource kSrc = decltype(source)::value;
+      int64_t t = 0;
+      for (; t + NS * K <= Wv; t += NS * K) {
+        rows_reduce_tile<T, NS, kSrc>(
+            dy, y, x, W, gb, nb, t, mean, psdz, psdzx, mask.saved, mask.record);
+      }
+      for (; t < Wv; t += K) {
+        rows_reduce_tile<T, 1, kSrc>(
+            dy, y, x, W, gb, nb, t, mean, psdz, psdzx, mask.saved, mask.record);
+      }
+    };
+    using Src = MaskSource;
+    if (kMaskableType<T> && mask.saved != nullptr) {  // (row_mask keeps none for other types)
+      tiles(std::integral_constant<Src, kMaskableType<T> ? Src::kSavedBits : Src::kOut>{});
+    } else if (kMaskableType<T> && mask.record != nullptr) {
+      tiles(std::integral_constant<Src, kMaskableType<T> ? Src::kOutRecord : Src::kOut>{});
+    } else {
+      tiles(std::integral_constant<Src, Src::kOut>{});
+    }
+    for (int64_t j = Wv; j < W; ++j) {  // positions past the last full vector (k == 1, C % K != 0)
+      A bd = A(0), bx = A(0);
+      for (int64_t i = 0; i < nb; ++i) {
+        const int64_t e = (gb + i) * W + j;
+        const A dz = relu_grad_scalar(static_cast<A>(dy[e]), static_cast<A>(y[e]));
+        bd += dz;
+        bx += dz * (static_cast<A>(x[e]) - mean[j]);
+      }
+      psdz[j] += bd;
+      psdzx[j] += bx;
+    }
+  }
+  flush();
+}
+
+// Per-channel sums of the rows layout: chunk sums in parallel (per position, then the k positions
+// of each channel folded), added in chunk order, then the leftover rows. mean_ext: the means
+// repeated over a super-row. mask: where the super-rows' ReLU mask comes from (RowMask).
+template <typename T>
+void rows_sums(
+    const BwdArgs<T>& a, const RowPlan& plan, const acc_type<T>* mean_ext, ChannelSums* out,
+    const RowMask& mask = RowMask{}) {
+  using A = acc_type<T>;
+  const int64_t C = plan.C, k = plan.k, W = plan.W, P = plan.P;
+  std::vector<ChannelSums> part(P * C);
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<double> totals(2 * W);
+    std::vector<A> partials(2 * W);
+    double* sdz = totals.data();
+    double* sdzx = sdz + W;
+    for (int64_t p = p0; p < p1; ++p) {
+      rows_chunk_sums(
+          a.dy, a.y, a.x, W, plan.chunk_begin(p), plan.chunk_end(p), mean_ext, sdz, sdzx,
+          partials.data(), partials.data() + W, mask);
+      for (int64_t c = 0; c < C; ++c) {  // fold the k positions of each channel
+        ChannelSums s;
+        for (int64_t q = 0; q < k; ++q) {
+          s.dz += sdz[q * C + c];
+          s.dzx += sdzx[q * C + c];
+        }
+        part[p * C + c] = s;
+      }
+    }
+  });
+
+  for (int64_t c = 0; c < C; ++c) {
+    ChannelSums s;
+    for (int64_t p = 0; p < P; ++p) {
+      s.dz += part[p * C + c].dz;
+      s.dzx += part[p * C + c].dzx;
+    }
+    if (plan.Rl > 0) {  // leftover rows (k > 1 only)
+      const int64_t o = plan.G * W + c;
+      for (int64_t i = 0; i < plan.Rl; ++i) {
+        const int64_t e = o + i * C;
+        const A dz = relu_grad_scalar(static_cast<A>(a.dy[e]), static_cast<A>(a.y[e]));
+        s.dz += dz;
+        s.dzx += dz * (static_cast<A>(a.x[e]) - a.mean[c]);
+      }
+    }
+    out[c] = s;
+  }
+}
+
+// Per-position coefficient arrays of a super-row (width W) from per-channel ones.
+template <typename A>
+struct RowCoefs {
+  std::vector<A> a, b, d;
+  RowCoefs(const std::vector<Coef<A>>& coef, int64_t W) {
+    const int64_t C = static_cast<int64_t>(coef.size());
+    a.resize(C);
+    b.resize(C);
+    d.resize(C);
+    for (int64_t c = 0; c < C; ++c) {
+      a[c] = coef[c].a;
+      b[c] = coef[c].b;
+      d[c] = coef[c].d;
+    }
+    repeat_channels(a, C, W);
+    repeat_channels(b, C, W);
+    repeat_channels(d, C, W);
+  }
+};
+
+// Apply over every chunk, chunk p by thread p (the static partition of rows_sums). mask: the
+// super-rows' ReLU mask bits (RowMask::bits), or null.
+template <typename T, typename F>
+void rows_apply(
+    const BwdArgs<T>& a, const RowPlan& plan, const RowCoefs<acc_type<T>>& k,
+    const acc_type<T>* mean_ext, const MaskWord* mask = nullptr) {
+  auto apply = [&](int64_t o, int64_t len, auto use_mask) {
+    constexpr bool kMask = decltype(use_mask)::value;
+    apply_span<T, F, true, kMask>(
+        a.dx + o, F::kResGrad ? a.dr + o : nullptr, a.dy + o, a.y + o, a.x + o, len, k.a.data(),
+        k.b.data(), mean_ext, k.d.data(), kMask ? mask + o / 8 : nullptr);
+  };
+  auto apply_rows = [&](int64_t g0, int64_t g1, auto use_mask) {
+    for (int64_t g = g0; g < g1; ++g) {
+      apply(g * plan.W, plan.W, use_mask);
+    }
+  };
+  at::parallel_for(0, plan.P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      bool masked = false;
+      if constexpr (kMaskableType<T>) {
+        if (mask != nullptr) {
+          apply_rows(plan.chunk_begin(p), plan.chunk_end(p), std::true_type{});
+          masked = true;
+        }
+      }
+      if (!masked) {
+        apply_rows(plan.chunk_begin(p), plan.chunk_end(p), std::false_type{});
+      }
+      if (p == plan.P - 1 && plan.Rl > 0) {
+        apply(plan.G * plan.W, plan.Rl * plan.C, std::false_type{});
+      }
+    }
+    if (F::kNT) {
+      stream_fence();
+    }
+  });
+}
+
+template <typename T>
+std::vector<acc_type<T>> repeated_means(const BwdArgs<T>& a, const RowPlan& plan) {
+  std::vector<acc_type<T>> mean_ext(a.mean, a.mean + a.C);
+  repeat_channels(mean_ext, a.C, plan.W);
+  return mean_ext;
+}
+
+} // namespace fused_resnet::cpu

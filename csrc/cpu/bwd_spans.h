@@ -1,0 +1,267 @@
+// The backward's pieces over one contiguous span: the reduce pass's per-channel sums Σdz and
+// Σdz·(x − mean), and the apply pass dx = a·dz + b·(x − mean) + d, dr = dz, with the coefficients
+// a, b, d of batch or running statistics (bwd.cpp states the math).
+#pragma once
+
+#include "plans.h"
+#include "relu_mask.h"
+#include "vec.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace fused_resnet::cpu {
+
+template <bool kBatch_, bool kResGrad_, bool kNT_>
+struct BwdFlags {
+  static constexpr bool kBatch = kBatch_;      // batch statistics: dx has the mean terms
+  static constexpr bool kResGrad = kResGrad_;  // write grad_residual
+  static constexpr bool kNT = kNT_;            // streaming stores for dx/dr
+};
+
+// Per-channel totals of the reduce pass, in double whatever the dtype. Σdz·(x − mean) over a
+// channel's N·S elements can cancel to far less than its partial sums (eval mode, where mean is
+// the running mean, or a gradient that sums to ~0): fp32 block sums (a kBlockBytes span, or
+// kRowBlock rows, at most 4 blocks of them in the rows layout) are exact enough, but thousands
+// of them added into an fp32 total lose the result. Adding them in double costs one add per
+// block.
+struct ChannelSums {
+  double dz = 0;
+  double dzx = 0;  // Σdz·(x − mean)
+};
+
+// ------------------------------------------------------------------------------------------
+// Planes layout: Σdz and Σdz·(x − mean) over one contiguous span (constant mean).
+
+template <typename T>
+C10_ALWAYS_INLINE void reduce_span_block(
+    const T* __restrict__ dy, const T* __restrict__ y, const T* __restrict__ x, int64_t L,
+    acc_type<T> mean, ChannelSums& out) {
+  using V = VecT<T>;
+  using A = typename V::acc_t;
+  using AV = typename V::AV;
+  constexpr int64_t K = V::kStep;
+  constexpr int64_t P = V::kParts;
+  constexpr int64_t U = 4 / P;  // 4 independent chains per sum (8 in all)
+  constexpr int64_t NA = U * P;
+  const AV zero(A(0));
+  const AV mv(mean);
+  AV sd[NA], sx[NA];
+  FR_UNROLL
+  for (int64_t i = 0; i < NA; ++i) {
+    sd[i] = zero;
+    sx[i] = zero;
+  }
+  int64_t j = 0;
+  for (; j + U * K <= L; j += U * K) {
+    FR_UNROLL
+    for (int64_t u = 0; u < U; ++u) {
+      AV g[P], o[P], xv[P];
+      V::load(dy + j + u * K, g);
+      V::load(y + j + u * K, o);
+      V::load(x + j + u * K, xv);
+      FR_UNROLL
+      for (int64_t q = 0; q < P; ++q) {
+        const AV dz = relu_grad_vec(g[q], o[q], zero);
+        sd[u * P + q] = sd[u * P + q] + dz;
+        sx[u * P + q] = at::vec::fmadd(dz, xv[q] - mv, sx[u * P + q]);
+      }
+    }
+  }
+  for (; j + K <= L; j += K) {
+    AV g[P], o[P], xv[P];
+    V::load(dy + j, g);
+    V::load(y + j, o);
+    V::load(x + j, xv);
+    FR_UNROLL
+    for (int64_t q = 0; q < P; ++q) {
+      const AV dz = relu_grad_vec(g[q], o[q], zero);
+      sd[q] = sd[q] + dz;
+      sx[q] = at::vec::fmadd(dz, xv[q] - mv, sx[q]);
+    }
+  }
+  A bd = hsum(sum_accumulators(sd));
+  A bx = hsum(sum_accumulators(sx));
+  for (; j < L; ++j) {
+    const A dz = relu_grad_scalar(static_cast<A>(dy[j]), static_cast<A>(y[j]));
+    bd += dz;
+    bx += dz * (static_cast<A>(x[j]) - mean);
+  }
+  out.dz += bd;
+  out.dzx += bx;
+}
+
+template <typename T>
+C10_ALWAYS_INLINE void reduce_span(
+    const T* dy, const T* y, const T* x, int64_t L, acc_type<T> mean, ChannelSums& out) {
+  constexpr int64_t kBlock = kBlockBytes / sizeof(T);
+  for (int64_t lo = 0; lo < L; lo += kBlock) {
+    const int64_t len = std::min(kBlock, L - lo);
+    reduce_span_block(dy + lo, y + lo, x + lo, len, mean, out);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Apply over one contiguous span: dx = A·dz + B·(x − mean) + D; dr = dz. kPerPos: coefficient
+// arrays indexed like the span (rows layout), otherwise coefficient[0] constants.
+
+// kMask: whole vectors take the ReLU mask from the bits `mask` (relu_mask.h; byte 0 starts at
+// the span's element 0) instead of reading y; the scalar head and tail still read y.
+// The span from element `head` on, whose elements [0, head) go through the scalar path first
+// (F::kNT: to align dx, dr for stream_vec; apply_span picks it).
+template <typename T, typename F, bool kPerPos, bool kMask>
+C10_ALWAYS_INLINE void apply_span_from(
+    int64_t head, T* __restrict__ dx, T* __restrict__ dr, const T* __restrict__ dy,
+    const T* __restrict__ y, const T* __restrict__ x, int64_t L, const acc_type<T>* __restrict__ cA,
+    const acc_type<T>* __restrict__ cB, const acc_type<T>* __restrict__ cmean,
+    const acc_type<T>* __restrict__ cD, const MaskWord* __restrict__ mask) {
+  using V = VecT<T>;
+  using A = typename V::acc_t;
+  using AV = typename V::AV;
+  constexpr int64_t K = V::kStep;
+  constexpr int64_t P = V::kParts;
+  constexpr int64_t H = AV::size();
+  auto scalar = [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const A dz = relu_grad_scalar(static_cast<A>(dy[j]), static_cast<A>(y[j]));
+      const A a = kPerPos ? cA[j] : cA[0];
+      A v;
+      if constexpr (F::kBatch) {
+        const A b = kPerPos ? cB[j] : cB[0];
+        const A m = kPerPos ? cmean[j] : cmean[0];
+        const A d = kPerPos ? cD[j] : cD[0];
+        v = std::fma(a, dz, std::fma(b, static_cast<A>(x[j]) - m, d));
+      } else {
+        v = a * dz;
+      }
+      dx[j] = static_cast<T>(v);
+      if constexpr (F::kResGrad) {
+        dr[j] = static_cast<T>(dz);
+      }
+    }
+  };
+  int64_t j = std::min(head, L);
+  scalar(0, j);
+  const AV zero(A(0));
+  const AV a0(cA[0]);
+  AV b0(A(0)), m0(A(0)), d0(A(0));
+  if constexpr (F::kBatch) {
+    b0 = AV(cB[0]);
+    m0 = AV(cmean[0]);
+    d0 = AV(cD[0]);
+  }
+  for (; j + K <= L; j += K) {
+    AV g[P], o[P], xv[P], res[P], dzs[P];
+    V::load(dy + j, g);
+    if constexpr (!kMask) {
+      V::load(y + j, o);
+    }
+    if constexpr (F::kBatch) {
+      V::load(x + j, xv);
+    }
+    FR_UNROLL
+    for (int64_t q = 0; q < P; ++q) {
+      AV dz;
+      if constexpr (kMask) {
+        dz = AV::blendv(g[q], zero, lanes_from_bits(mask[(j + q * H) / 8]));
+      } else {
+        dz = relu_grad_vec(g[q], o[q], zero);
+      }
+      dzs[q] = dz;
+      const int64_t i = j + q * H;
+      if constexpr (F::kBatch) {
+        if constexpr (kPerPos) {
+          const AV t = at::vec::fmadd(
+              AV::loadu(cB + i), xv[q] - AV::loadu(cmean + i), AV::loadu(cD + i));
+          res[q] = at::vec::fmadd(AV::loadu(cA + i), dz, t);
+        } else {
+          res[q] = at::vec::fmadd(a0, dz, at::vec::fmadd(b0, xv[q] - m0, d0));
+        }
+      } else {
+        res[q] = kPerPos ? AV::loadu(cA + i) * dz : a0 * dz;
+      }
+    }
+    if constexpr (F::kNT) {
+      V::store_nt(dx + j, res);
+      if constexpr (F::kResGrad) {
+        V::store_nt(dr + j, dzs);
+      }
+    } else {
+      V::store(dx + j, res);
+      if constexpr (F::kResGrad) {
+        V::store(dr + j, dzs);
+      }
+    }
+  }
+  scalar(j, L);
+}
+
+// Apply over one contiguous span. Streaming stores (F::kNT) need dx (and dr) aligned alike for
+// stream_vec after a scalar head: a span with no such head takes plain stores, and one whose head
+// would shift the vectors off the mask bytes (kMask) takes the ReLU mask from y instead.
+template <typename T, typename F, bool kPerPos, bool kMask = false>
+C10_ALWAYS_INLINE void apply_span(
+    T* __restrict__ dx, T* __restrict__ dr, const T* __restrict__ dy, const T* __restrict__ y,
+    const T* __restrict__ x, int64_t L, const acc_type<T>* __restrict__ cA,
+    const acc_type<T>* __restrict__ cB, const acc_type<T>* __restrict__ cmean,
+    const acc_type<T>* __restrict__ cD, const MaskWord* __restrict__ mask = nullptr) {
+  if constexpr (F::kNT) {
+    const int64_t head = stream_head(dx);
+    if (head < 0 || (F::kResGrad && stream_head(dr) != head)) {
+      using Plain = BwdFlags<F::kBatch, F::kResGrad, false>;
+      apply_span_from<T, Plain, kPerPos, kMask>(0, dx, dr, dy, y, x, L, cA, cB, cmean, cD, mask);
+    } else if (kMask && head != 0) {
+      apply_span_from<T, F, kPerPos, false>(head, dx, dr, dy, y, x, L, cA, cB, cmean, cD, nullptr);
+    } else {
+      apply_span_from<T, F, kPerPos, kMask>(head, dx, dr, dy, y, x, L, cA, cB, cmean, cD, mask);
+    }
+  } else {
+    apply_span_from<T, F, kPerPos, kMask>(0, dx, dr, dy, y, x, L, cA, cB, cmean, cD, mask);
+  }
+}
+
+template <typename T>
+struct BwdArgs {
+  const T* dy;
+  const T* y;
+  const T* x;
+  T* dx;  // nullptr in bn_act_bwd_reduce
+  T* dr;  // nullptr unless residual_grad
+  int64_t N, C, S;
+  const acc_type<T>* w;
+  const acc_type<T>* mean;
+  const acc_type<T>* invstd;
+  const MaskWord* relu_mask;  // bn_act_bwd: the bits bn_act_fwd_train saved, or null
+};
+
+template <typename A>
+struct Coef {
+  A a, b, d;
+};
+
+// grad_input = a·dz + b·(x − mean) + d with a = w·invstd and, for batch statistics,
+//   b = −a·invstd·Σdz·x̂·inv_count,  d = −a·Σdz·inv_count
+// (inv_count = 1/M with this input's sums; 1 with given global means of the sums).
+template <typename A>
+C10_ALWAYS_INLINE Coef<A> batch_coef(A w, A invstd, A sum_dz_xhat, A sum_dz, A inv_count) {
+  Coef<A> k;
+  k.a = w * invstd;
+  k.b = -k.a * invstd * sum_dz_xhat * inv_count;
+  k.d = -k.a * sum_dz * inv_count;
+  return k;
+}
+
+// Running statistics: the mean terms vanish.
+template <typename A>
+C10_ALWAYS_INLINE Coef<A> running_coef(A w, A invstd) {
+  return Coef<A>{w * invstd, A(0), A(0)};
+}
+
+// Σdz·x̂ = invstd·Σdz·(x − mean): grad_weight of this input.
+template <typename A>
+C10_ALWAYS_INLINE A sum_dz_xhat(const ChannelSums& s, A invstd) {
+  return static_cast<A>(s.dzx * static_cast<double>(invstd));
+}
+
+} // namespace fused_resnet::cpu

@@ -1,0 +1,316 @@
+// Forward CPU kernels: bn_act_fwd_train (batch statistics) and bn_act_fwd_eval (running
+// statistics), y = relu(x·scale + shift (+ r)) with per-channel scale = w·invstd and
+// shift = b − mean·scale, computed in the accumulation type; and bn_stats, the statistics of
+// bn_act_fwd_train alone (same code, so the same bits), for SyncBatchNorm.
+//
+// Statistics: each block of at most kBlockBytes of one channel is reduced exactly by two passes
+// over L1-resident data (sum → block mean, then Σ(x − block mean)²); blocks, chunks and threads
+// are combined with Chan's formula in a fixed order, so results are deterministic for a given
+// thread count. Never E[x²] − E[x]².
+//
+// Planes layout [N][C][S]: when there are enough channels, one task owns a channel: it reduces
+// the channel's N planes, then applies the normalization to them while they are still in L2, so
+// the training forward reads x from memory once (the same traffic as eval). With few channels,
+// each channel is split into P parts: partial moments, an ordered merge, then the apply pass
+// over the same parts (same thread, same data).
+// Rows layout [N*S][C]: each thread reduces a contiguous chunk of rows into per-position
+// partials (vectorized along C), the chunks are merged in order, and each thread applies its
+// own chunk; the training forward's apply also writes the ReLU mask bits (relu_mask, for
+// bn_act_bwd: 1 bit per element instead of re-reading out).
+#include "fwd_apply.h"
+#include "host.h"
+#include "stats.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+
+#include <cmath>
+#include <vector>
+
+namespace fused_resnet::cpu {
+
+namespace {
+
+// ------------------------------------------------------------------------------------------
+// Training forward.
+
+template <typename T>
+struct TrainArgs {
+  const T* x;
+  const T* r;  // nullptr without residual
+  T* y;
+  int64_t N, C, S;
+  const acc_type<T>* w;
+  const acc_type<T>* b;
+  double eps;
+  acc_type<T>* mean_out;
+  acc_type<T>* invstd_out;
+  acc_type<T>* var_out;
+  MaskWord* relu_mask;  // rows layout: the ReLU mask bits (written when rows_keep_mask)
+  RunningStatsUpdate<acc_type<T>> running;  // applied per channel by finalize_stats
+};
+
+// From the merged moments of channel c: writes the statistics, updates the running ones, and
+// returns (scale, shift).
+template <typename T>
+C10_ALWAYS_INLINE std::pair<acc_type<T>, acc_type<T>> finalize_stats(
+    const TrainArgs<T>& a, const Moments<acc_type<T>>& m, int64_t c) {
+  using A = acc_type<T>;
+  const auto [mean, var] = biased_mean_var(m);
+  // invstd in double, rounded once (as aten's batch_norm does)
+  const double invstd = 1.0 / std::sqrt(static_cast<double>(var) + a.eps);
+  const double scale = static_cast<double>(a.w[c]) * invstd;
+  const double shift = static_cast<double>(a.b[c]) - static_cast<double>(mean) * scale;
+  a.mean_out[c] = mean;
+  a.var_out[c] = var;
+  a.invstd_out[c] = static_cast<A>(invstd);
+  a.running.template apply<T>(c, mean, var);
+  return {static_cast<A>(scale), static_cast<A>(shift)};
+}
+
+template <typename T, bool kRes, bool kNT>
+void train_planes(const TrainArgs<T>& a) {
+  using A = acc_type<T>;
+  const PlaneTasks tasks(a.N, a.C, a.S, at::get_num_threads());
+
+  if (tasks.P == 1) {
+    // channel-local: statistics + apply in one task, the channel stays in L2 in between
+    at::parallel_for(0, tasks.count(), tasks.grain(), [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const Moments<A> m = task_moments(a.x, tasks, c);
+        const auto [scale, shift] =
+            finalize_stats(a, m, c);
+        tasks.for_each_span(c, [&](int64_t o, int64_t len) {
+          fwd_apply_span<T, kRes, false, kNT>(
+              a.y + o, a.x + o, kRes ? a.r + o : nullptr, len, &scale, &shift);
+        });
+      }
+      if (kNT) {
+        stream_fence();
+      }
+    });
+    return;
+  }
+
+  // split: partial moments of every part, an ordered merge, then the apply pass over the same
+  // parts (same static partition)
+  std::vector<Moments<A>> moments(a.C);
+  planes_moments(a.x, tasks, moments.data());
+  std::vector<A> scale(a.C), shift(a.C);
+  for (int64_t c = 0; c < a.C; ++c) {
+    std::tie(scale[c], shift[c]) =
+        finalize_stats(a, moments[c], c);
+  }
+  at::parallel_for(0, tasks.count(), tasks.grain(), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t c = tasks.channel(t);
+      tasks.for_each_span(t, [&](int64_t o, int64_t len) {
+        fwd_apply_span<T, kRes, false, kNT>(
+            a.y + o, a.x + o, kRes ? a.r + o : nullptr, len, &scale[c], &shift[c]);
+      });
+    }
+    if (kNT) {
+      stream_fence();
+    }
+  });
+}
+
+template <typename T, bool kRes, bool kNT>
+void train_rows(const TrainArgs<T>& a) {
+  using A = acc_type<T>;
+  const int64_t C = a.C;
+  const RowPlan plan(C, a.N * a.S, VecT<T>::kStep, at::get_num_threads());
+
+  std::vector<Moments<A>> moments(C);
+  rows_moments(a.x, plan, moments.data());
+  std::vector<A> scale(C), shift(C);
+  for (int64_t c = 0; c < C; ++c) {
+    std::tie(scale[c], shift[c]) =
+        finalize_stats(a, moments[c], c);
+  }
+  repeat_channels(scale, C, plan.W);
+  repeat_channels(shift, C, plan.W);
+
+  // apply: chunk p by the thread that reduced it (same static partition)
+  auto apply = [&](auto keep_mask) {
+    constexpr bool kMask = decltype(keep_mask)::value;
+    at::parallel_for(0, plan.P, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        fwd_apply_chunk<T, kRes, kNT, kMask>(
+            plan, p, a.y, a.x, a.r, scale.data(), shift.data(), a.relu_mask);
+      }
+      if (kNT) {
+        stream_fence();
+      }
+    });
+  };
+  if constexpr (kMaskableType<T>) {
+    if (rows_keep_mask<T>(plan)) {
+      apply(std::true_type{});
+      return;
+    }
+  }
+  apply(std::false_type{});
+  // no mask kept: defined contents, which bn_act_bwd does not read
+  std::fill(a.relu_mask, a.relu_mask + relu_mask_bytes(a.N * a.S * C), MaskWord(0));
+}
+
+// ------------------------------------------------------------------------------------------
+// Eval forward: one pass.
+
+template <typename T, bool kRes, bool kNT>
+void eval_kernel(
+    const View& g, const T* x, const T* r, T* y, const acc_type<T>* scale,
+    const acc_type<T>* shift) {
+  using A = acc_type<T>;
+  const int64_t N = g.N, C = g.C, S = g.S;
+  if (!g.rows) {
+    // flat range over all elements, cut at plane boundaries
+    const int64_t total = N * C * S;
+    at::parallel_for(0, total, kParallelMinElems, [&](int64_t e0, int64_t e1) {
+      int64_t e = e0;
+      while (e < e1) {
+        const int64_t plane = e / S;
+        const int64_t s = e - plane * S;
+        const int64_t len = std::min(S - s, e1 - e);
+        const int64_t c = plane % C;
+        fwd_apply_span<T, kRes, false, kNT>(
+            y + e, x + e, kRes ? r + e : nullptr, len, scale + c, shift + c);
+        e += len;
+      }
+      if (kNT) {
+        stream_fence();
+      }
+    });
+    return;
+  }
+  const RowPlan plan(C, N * S, VecT<T>::kStep, at::get_num_threads());
+  const int64_t W = plan.W, G = plan.G;
+  std::vector<A> sc(scale, scale + C), sh(shift, shift + C);
+  repeat_channels(sc, C, W);
+  repeat_channels(sh, C, W);
+  const int64_t units = G + (plan.Rl > 0 ? 1 : 0);
+  const int64_t grain = std::max<int64_t>(1, kParallelMinElems / W);
+  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    const int64_t full_end = std::min(u1, G);
+    if (full_end > u0) {
+      const int64_t o = u0 * W;
+      fwd_apply_rows<T, kRes, kNT>(
+          y + o, x + o, kRes ? r + o : nullptr, full_end - u0, W, sc.data(), sh.data());
+    }
+    if (u1 > G) {
+      const int64_t ol = G * W;
+      fwd_apply_span<T, kRes, true, kNT>(
+          y + ol, x + ol, kRes ? r + ol : nullptr, plan.Rl * C, sc.data(), sh.data());
+    }
+    if (kNT) {
+      stream_fence();
+    }
+  });
+}
+
+} // namespace
+
+TrainOutputs fwd_train_cpu(
+    const FwdOperands& in, const OptTensor& weight, const OptTensor& bias, double eps,
+    const RunningBuffers* running) {
+  constexpr const char* op = "bn_act_fwd_train";
+  const View& g = in.g;
+  const bool has_res = in.residual.defined();
+  at::Tensor out = empty_activation(g);
+  at::Tensor mean = empty_channel_stat(g);
+  at::Tensor invstd = empty_channel_stat(g);
+  at::Tensor var = empty_channel_stat(g);
+  // the rows layout's ReLU mask (relu_mask.h), for bn_act_bwd; zeros where the kernel keeps
+  // none (train_rows)
+  at::Tensor relu_mask = at::empty({cpu_relu_mask_bytes(g)}, g.x.options().dtype(at::kByte));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.x.scalar_type(), op, [&] {
+    using A = acc_type<scalar_t>;
+    std::vector<A> w(g.C), b(g.C);
+    read_param<A>(weight, g.C, A(1), w.data());
+    read_param<A>(bias, g.C, A(0), b.data());
+    TrainArgs<scalar_t> a;
+    a.x = g.x.const_data_ptr<scalar_t>();
+    a.r = has_res ? in.residual.const_data_ptr<scalar_t>() : nullptr;
+    a.y = out.mutable_data_ptr<scalar_t>();
+    a.N = g.N;
+    a.C = g.C;
+    a.S = g.S;
+    a.w = w.data();
+    a.b = b.data();
+    a.eps = eps;
+    a.mean_out = mean.mutable_data_ptr<A>();
+    a.invstd_out = invstd.mutable_data_ptr<A>();
+    a.var_out = var.mutable_data_ptr<A>();
+    a.relu_mask = relu_mask.mutable_data_ptr<MaskWord>();
+    a.running = running_stats_update<A>(running, g.M());
+    // bytes of activations touched: x (read twice unless it stays in cache), r, y
+    const int64_t bytes = g.numel() * int64_t(sizeof(scalar_t)) * (has_res ? 3 : 2);
+    const bool nt = use_streaming_stores(bytes, Pass::kTwo);
+    auto run = [&](auto res_c, auto nt_c) {
+      constexpr bool kRes = decltype(res_c)::value;
+      constexpr bool kNT = decltype(nt_c)::value;
+      if (g.rows) {
+        train_rows<scalar_t, kRes, kNT>(a);
+      } else {
+        train_planes<scalar_t, kRes, kNT>(a);
+      }
+    };
+    dispatch_bools(has_res, nt, run);
+  });
+  return {out, mean, invstd, var, relu_mask};
+}
+
+at::Tensor fwd_eval_cpu(
+    const FwdOperands& in, const at::Tensor& running_mean, const at::Tensor& running_var,
+    const OptTensor& weight, const OptTensor& bias, double eps) {
+  constexpr const char* op = "bn_act_fwd_eval";
+  const View& g = in.g;
+  const bool has_res = in.residual.defined();
+  at::Tensor out = empty_activation(g);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.x.scalar_type(), op, [&] {
+    using A = acc_type<scalar_t>;
+    const int64_t C = g.C;
+    std::vector<A> w(C), b(C), rm(C), rv(C), scale(C), shift(C);
+    read_param<A>(weight, C, A(1), w.data());
+    read_param<A>(bias, C, A(0), b.data());
+    read_param<A>(running_mean, C, A(0), rm.data());
+    read_param<A>(running_var, C, A(1), rv.data());
+    for (int64_t c = 0; c < C; ++c) {
+      const double invstd = 1.0 / std::sqrt(static_cast<double>(rv[c]) + eps);
+      const double s = static_cast<double>(w[c]) * invstd;
+      scale[c] = static_cast<A>(s);
+      shift[c] = static_cast<A>(static_cast<double>(b[c]) - static_cast<double>(rm[c]) * s);
+    }
+    const scalar_t* x = g.x.const_data_ptr<scalar_t>();
+    scalar_t* y = out.mutable_data_ptr<scalar_t>();
+    const scalar_t* rp = has_res ? in.residual.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t bytes = g.numel() * int64_t(sizeof(scalar_t)) * (has_res ? 3 : 2);
+    const bool nt = use_streaming_stores(bytes, Pass::kOne);
+    dispatch_bools(has_res, nt, [&](auto res_c, auto nt_c) {
+      eval_kernel<scalar_t, decltype(res_c)::value, decltype(nt_c)::value>(
+          g, x, rp, y, scale.data(), shift.data());
+    });
+  });
+  return out;
+}
+
+TensorPair stats_cpu(const View& g) {
+  constexpr const char* op = "bn_stats";
+  at::Tensor mean = empty_channel_stat(g);
+  at::Tensor var = empty_channel_stat(g);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.x.scalar_type(), op, [&] {
+    using A = acc_type<scalar_t>;
+    std::vector<Moments<A>> moments(g.C);
+    channel_moments(g, g.x.const_data_ptr<scalar_t>(), moments.data());
+    A* mean_out = mean.mutable_data_ptr<A>();
+    A* var_out = var.mutable_data_ptr<A>();
+    for (int64_t c = 0; c < g.C; ++c) {
+      std::tie(mean_out[c], var_out[c]) = biased_mean_var(moments[c]);
+    }
+  });
+  return {mean, var};
+}
+
+} // namespace fused_resnet::cpu

@@ -1,0 +1,165 @@
+"""The runners of fused_resnet.bench: one no-argument call per provider and case (op level: the
+eager composition, torch.compile of it, or a fused backend; model level: a training step or an
+inference batch of a fused_resnet.models ResNet), with inputs rotated out of the last-level cache.
+"""
+
+import contextlib
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+
+import fused_resnet
+
+from .cases import bytes_moved, memory_format
+
+
+def cache_bytes(device):
+    """The last-level cache: L2 on a GPU, the largest CPU cache level from sysfs (32 MiB if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size
+    sizes = []
+    for index in range(8):
+        path = f"/sys/devices/system/cpu/cpu0/cache/index{index}/size"
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            break
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+        sizes.append(int(text.rstrip("KMG")) * scale)
+    return max(sizes, default=32 << 20)
+
+
+def input_set_count(footprint_bytes, device):
+    """How many input sets to rotate so that a call does not find its inputs in the cache."""
+    return max(1, min(16, math.ceil(2 * cache_bytes(device) / max(footprint_bytes, 1))))
+
+
+def _eager_composition(x, r, running_mean, running_var, weight, bias, training):
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, training, 0.1, 1e-5)
+    return F.relu(y + r if r is not None else y)
+
+
+def _fused_composition(x, r, running_mean, running_var, weight, bias, training):
+    f = fused_resnet.functional
+    if r is None:
+        return f.batch_norm_relu(x, running_mean, running_var, weight, bias, training, 0.1, 1e-5)
+    return f.batch_norm_add_relu(x, r, running_mean, running_var, weight, bias, training, 0.1, 1e-5)
+
+
+def _op_function(provider):
+    if provider == "eager":
+        return _eager_composition
+    if provider == "compile":
+        return torch.compile(_eager_composition, dynamic=False)
+
+    def fused(*args):
+        with fused_resnet.use_backend(provider):
+            return _fused_composition(*args)
+
+    return fused
+
+
+def make_runner(provider, op, shape, layout, dtype, mode, device, rotate=True):
+    """A no-argument callable running one iteration of the case with the provider.
+
+    With `rotate`, successive calls cycle through enough independent input sets that the data
+    of one call has left the last-level cache when it comes round again.
+    """
+    device = torch.device(device)
+    fmt = memory_format(layout, len(shape))
+    channels = shape[1]
+    param_dtype = torch.float32 if dtype != torch.float64 else dtype
+    training = mode != "eval"
+    weight = torch.rand(channels, device=device, dtype=param_dtype) + 0.5
+    bias = torch.randn(channels, device=device, dtype=param_dtype)
+    # Training modes record the autograd graph as a training step does; "train-fwd" drops it.
+    weight.requires_grad_(training)
+    bias.requires_grad_(training)
+    footprint = bytes_moved(op, mode, math.prod(shape), torch.finfo(dtype).bits // 8)
+    n_sets = input_set_count(footprint, device) if rotate else 1
+
+    def input_set():
+        x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+        r = torch.randn_like(x) if op == "bn_add_relu" else None
+        stats = (torch.zeros(channels, device=device, dtype=param_dtype), torch.ones(channels, device=device, dtype=param_dtype))
+        grad_out = torch.randn_like(x) if mode == "train-fwd+bwd" else None
+        if training:
+            x.requires_grad_(True)
+            if r is not None:
+                r.requires_grad_(True)
+        return x, r, stats, grad_out
+
+    sets = [input_set() for _ in range(n_sets)]
+    fn = _op_function(provider)
+    cycle = itertools.cycle(sets)
+
+    if mode == "eval":
+
+        def run():
+            x, r, (running_mean, running_var), _ = next(cycle)
+            with torch.no_grad():
+                return fn(x, r, running_mean, running_var, weight, bias, False)
+
+    elif mode == "train-fwd":
+
+        def run():
+            x, r, (running_mean, running_var), _ = next(cycle)
+            return fn(x, r, running_mean, running_var, weight, bias, True)
+
+    else:
+
+        def run():
+            x, r, (running_mean, running_var), grad_out = next(cycle)
+            inputs = [t for t in (x, r, weight, bias) if t is not None]
+            y = fn(x, r, running_mean, running_var, weight, bias, training)
+            return torch.autograd.grad(y, inputs, grad_out)
+
+    return run
+
+
+def _autocast(device, dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def make_model_runner(provider, model_name, input_shape, mode, device, dtype, layout):
+    """One inference batch ("eval") or one SGD training step ("train") of the model."""
+    from .. import models
+
+    device = torch.device(device)
+    torch.manual_seed(0)
+    num_classes = 1000 if device.type == "cuda" else 10
+    fused = provider in ("fused", "fused+compile")
+    model = getattr(models, model_name)(num_classes=num_classes, fused=fused).to(device)
+    fmt = memory_format(layout, len(input_shape))
+    model = model.to(memory_format=fmt) if fmt != torch.contiguous_format else model
+    # Static shapes, as for the op-level composition: the bench times one input shape per case.
+    forward = torch.compile(model, dynamic=False) if provider.endswith("compile") else model
+    x = torch.randn(input_shape, device=device).contiguous(memory_format=fmt)
+    target = torch.randint(0, num_classes, (input_shape[0],), device=device)
+
+    if mode == "eval":
+        model.eval()
+
+        def run():
+            with torch.no_grad(), _autocast(device, dtype):
+                return forward(x)
+
+        return run
+
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def run():
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, dtype):
+            loss = F.cross_entropy(forward(x), target)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return run
