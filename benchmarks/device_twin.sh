@@ -15,8 +15,10 @@ cd "$(dirname "$0")/.."
 # numpy<2.4: triton 3.6's interpreter (not its compiler) keeps program ids as 1-element arrays
 # and loop bounds made from them reach int(), which NumPy 2.4 refuses ("only 0-dimensional arrays
 # can be converted to Python scalars"); triton 3.8's interpreter makes them 0-dimensional.
+# torchvision 0.26.0 (torch 2.11's) and timm: the GPU machine's image has both (device KINDS.md),
+# so there the model-zoo, interop and frozen tests run, on CUDA tensors; here they run first.
 venv=$(bash benchmarks/torch_venv.sh 2.11.0 3.12 triton==3.6.0 "numpy<2.4" pytest pytest-xdist \
-  pytest-benchmark hypothesis scikit-learn tqdm matplotlib)
+  pytest-benchmark hypothesis scikit-learn tqdm matplotlib torchvision==0.26.0 timm)
 python="$venv/bin/python"
 "$python" -c 'import sys, torch, triton; print("device twin: Python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__)'
 

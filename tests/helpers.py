@@ -11,8 +11,10 @@ changes how @triton.jit kernels run, the other backends never launch one on CPU 
 tensors. TRITON_INTERPRET=0 in the environment leaves triton out of a CPU run.
 """
 
+import importlib
 import os
 
+import pytest
 import torch
 
 DEVICE = torch.device(os.environ.get("FUSED_RESNET_TEST_DEVICE", "cpu"))
@@ -32,6 +34,13 @@ BACKENDS = fused_resnet.available_backends(DEVICE)
 TRITON_INTERPRETED = "triton" in BACKENDS and DEVICE.type == "cpu"
 # The backends whose ops are registered ops (the reference backend's are Python functions).
 OP_BACKENDS = [b for b in BACKENDS if b != "reference"]
+
+
+def import_client(name: str):
+    """The client library `name` (torchvision, timm), whose models the tests convert. `make
+    install` installs both, so in CI (CI set) a missing one is a failure; elsewhere the test
+    module that needs it is skipped."""
+    return importlib.import_module(name) if os.environ.get("CI") else pytest.importorskip(name)
 
 
 def dynamo_backend_for(backend_name: str) -> str:

@@ -4,7 +4,6 @@ and torch.jit.script; convert of GraphModules; convert(inplace=True) all or noth
 optimize_for_inference on torchvision's video ResNets. Everything in float64 against eager."""
 
 import importlib
-import os
 
 import pytest
 import torch
@@ -12,11 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_resnet
-from helpers import make_tensor
+from helpers import import_client, make_tensor
 from fused_resnet.nn import BatchNormAddReLU2d, BatchNormReLU2d
 from parity import assert_same_training, randomize_norms
 
-torchvision = pytest.importorskip("torchvision") if not os.environ.get("CI") else __import__("torchvision")
+torchvision = import_client("torchvision")
 from torchvision.models.feature_extraction import create_feature_extractor  # noqa: E402
 
 convert_module = importlib.import_module("fused_resnet.convert")

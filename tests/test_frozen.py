@@ -5,7 +5,6 @@ and on a whole fused ResNet; state dicts, input errors, torch.fx and TorchScript
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import fused_resnet
@@ -14,6 +13,7 @@ from helpers import (
     TRITON_INTERPRETED,
     assert_close,
     eager_step,
+    import_client,
     layouts_for,
     make_tensor,
     memory_format_of,
@@ -31,6 +31,8 @@ from fused_resnet.nn import (
     FrozenBatchNormReLU,
     freeze_batchnorm,
 )
+
+torchvision = import_client("torchvision")
 
 F64 = torch.float64
 SHAPES = [

@@ -62,3 +62,26 @@ def test_a_training_step_is_one_op_forward_and_one_backward(backend_name, residu
         if d.name.startswith(("aten::", namespace)) and d.name != recorded and id(d) not in inside_bwd
     ]
     assert others == [], others
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="no Triton backend")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_triton_launches_skip_the_higher_order_op_dispatch(monkeypatch, training):
+    """Every Triton launch of a module call (forward and backward) goes straight to its kernel:
+    through wrap_triton's higher-order op each launch would pay for a dispatch of its own."""
+    from torch._library.triton import is_wrap_triton_enabled
+    from fused_resnet.triton import launchers
+
+    dispatched = []
+    launchable = launchers._launchable
+
+    def recording(kernel):
+        dispatched.append(is_wrap_triton_enabled())
+        return launchable(kernel)
+
+    monkeypatch.setattr(launchers, "_launchable", recording)
+    module = fused_resnet.nn.BatchNormAddReLU2d(4).to(DEVICE).train(training)
+    x = make_tensor((2, 4, 3, 3), torch.float32).requires_grad_()
+    with fused_resnet.use_backend("triton"):
+        module(x, make_tensor(x.shape, torch.float32)).sum().backward()
+    assert dispatched and not any(dispatched), dispatched

@@ -8,19 +8,16 @@ Inputs are as small as keeps every BatchNorm well conditioned: a training-mode B
 handful of values per channel amplifies rounding differences far beyond float64's resolution.
 """
 
-import os
-
 import pytest
 import torch
 from torch import nn
 
 import fused_resnet
-from helpers import make_tensor
+from helpers import import_client, make_tensor
 from parity import assert_same_training, randomize_norms
 
-# `make install` installs both beside the default torch: in CI they must be there.
-torchvision = pytest.importorskip("torchvision") if not os.environ.get("CI") else __import__("torchvision")
-timm = pytest.importorskip("timm") if not os.environ.get("CI") else __import__("timm")
+torchvision = import_client("torchvision")
+timm = import_client("timm")
 tv = torchvision.models
 
 # name: (factory, input shape, fused, left). Counted from the models' code:

@@ -23,8 +23,10 @@ from typing import Optional, Tuple
 import torch
 import triton
 from torch import Tensor
+from torch._library.triton import set_wrap_triton_enabled
 from torch.library import triton_op, wrap_triton
 from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
 from .. import contract
 from ..contract import canonical_layout
@@ -42,10 +44,19 @@ _COMBINE_BLOCK_C = 64
 def _launchable(kernel):
     """`kernel` as triton_op launches it: through wrap_triton, so torch.compile traces into it.
 
-    Under the interpreter a plain @triton.jit kernel is an InterpretedFunction, which torch 2.14's
-    wrap_triton hands back as it is and earlier releases refuse; it is launched directly there
-    (the interpreter only runs on CPU tensors, which inductor does not give to Triton)."""
-    return kernel if isinstance(kernel, InterpretedFunction) else wrap_triton(kernel)
+    Under the interpreter @triton.jit gives an InterpretedFunction (inside an Autotuner when the
+    kernel is autotuned). It is launched directly: torch 2.14's wrap_triton hands such kernels back
+    as they are, earlier releases wrap them and then fail looking for the JIT metadata; and the
+    interpreter only runs CPU tensors, which inductor does not give to Triton."""
+    return kernel if _interpreted(kernel) else wrap_triton(kernel)
+
+
+def _interpreted(kernel) -> bool:
+    """Whether the @triton.jit function inside `kernel` (Autotuner and Heuristics wrap it as .fn)
+    is the interpreter's."""
+    while not isinstance(kernel, (JITFunction, InterpretedFunction)):
+        kernel = kernel.fn
+    return isinstance(kernel, InterpretedFunction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,7 +460,16 @@ library.define(BN_ACT_SCHEMA, tags=(torch.Tag.flexible_layout,))
 
 def bn_act_kernel(input, residual, weight, bias, running_mean, running_var, training, momentum, eps):
     """One module call: the training forward with the running statistics updated in the
-    statistics kernels' finalize, or the eval forward (csrc/fused_resnet.cpp)."""
+    statistics kernels' finalize, or the eval forward (csrc/fused_resnet.cpp).
+
+    It is a device kernel, so it only ever sees real tensors (torch.compile sees bn_act through its
+    fake impl): its launches go straight to the kernels, as triton_op's own device kernels do,
+    rather than through wrap_triton's higher-order-op dispatch, which costs host time each launch."""
+    with set_wrap_triton_enabled(False):
+        return _bn_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps)
+
+
+def _bn_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps):
     contract.check_bn_act(input, residual, weight, bias, running_mean, running_var, training)
     x = canonical_layout(input)
     relu_mask = empty_relu_mask(x)  # none kept: bn_act_bwd reads out
