@@ -25,8 +25,6 @@ import triton
 from torch import Tensor
 from torch._library.triton import set_wrap_triton_enabled
 from torch.library import triton_op, wrap_triton
-from triton.runtime.interpreter import InterpretedFunction
-from triton.runtime.jit import JITFunction
 
 from .. import contract
 from ..contract import canonical_layout
@@ -41,6 +39,11 @@ _COMBINE_BLOCK_S = 16
 _COMBINE_BLOCK_C = 64
 
 
+# Whether kernels.py's kernels run on the interpreter: @triton.jit decides it (TRITON_INTERPRET)
+# when it decorates them, at import, so it is read once here rather than at every launch.
+_KERNELS_INTERPRETED = interpreter_enabled()
+
+
 def _launchable(kernel):
     """`kernel` as triton_op launches it: through wrap_triton, so torch.compile traces into it.
 
@@ -48,15 +51,7 @@ def _launchable(kernel):
     kernel is autotuned). It is launched directly: torch 2.14's wrap_triton hands such kernels back
     as they are, earlier releases wrap them and then fail looking for the JIT metadata; and the
     interpreter only runs CPU tensors, which inductor does not give to Triton."""
-    return kernel if _interpreted(kernel) else wrap_triton(kernel)
-
-
-def _interpreted(kernel) -> bool:
-    """Whether the @triton.jit function inside `kernel` (Autotuner and Heuristics wrap it as .fn)
-    is the interpreter's."""
-    while not isinstance(kernel, (JITFunction, InterpretedFunction)):
-        kernel = kernel.fn
-    return isinstance(kernel, InterpretedFunction)
+    return kernel if _KERNELS_INTERPRETED else wrap_triton(kernel)
 
 
 # ---------------------------------------------------------------------------------------------
