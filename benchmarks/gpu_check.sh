@@ -11,6 +11,8 @@
 #   a  load     30  the carried build loads and has its CUDA kernels (else it is built here:
 #                   setup.py build_ext --inplace, BUILD_LIMIT s, not in the 8 minutes); device facts,
 #                   nvidia-smi, measured copy bandwidth                     device.json, nvidia-smi.txt
+#   count       30  dry run only: benchmarks/triton_count.py, the Triton specializations phases b, c
+#                   and r3 compile on the GPU and whether they fit    triton_count.json
 #   b  correct 150  benchmarks/gpu_correctness.py: both GPU backends against float64, one JSON line
 #                   per check (110 s), then tests/test_cuda.py (40 s) but its 2**31 and inductor
 #                   tests (the script has its own; call 2 runs the whole file)
@@ -127,6 +129,15 @@ phase_load() {
   fi
   verdict a-load "$rc" $((SECONDS - t0)) "$lim" \
     "$(json_field "$OUT/device.json" '"%s; %s; backends %s; copy %.0f GB/s" % (d["device_name"], d["extension_file"], d["backends"], d.get("copy_bandwidth_gbps", 0))')"
+}
+
+# Dry run only: the Triton specializations each phase of the GPU run compiles (JIT compiles are GPU
+# time), counted on CPU tensors of the GPU run's shapes, and whether they fit the phases' limits.
+phase_count() {
+  local lim
+  lim=$(limit 30)
+  step count "$lim" $PY benchmarks/triton_count.py --out "$OUT/triton_count.json"
+  verdict count "$STEP_RC" "$STEP_S" "$lim" "$(grep '^phase' "$OUT/count.log" | cut -d';' -f1 | paste -sd ';' -)"
 }
 
 phase_correctness() {
@@ -278,7 +289,7 @@ phase_rest_bench() {
 say "== gpu_check.sh $MODE $(date -u +%FT%TZ) device=$DEVICE python=$PY scale=$SCALE ${DRY_RUN:+(dry run)}"
 SECONDS=0
 case "$MODE" in
-  main) phase_load; phase_correctness; phase_bench; phase_model ;;
+  main) phase_load; [[ -n ${DRY_RUN:-} ]] && phase_count; phase_correctness; phase_bench; phase_model ;;
   rest) phase_tests; phase_sanitize; phase_rest_bench ;;
   *) echo "unknown mode $MODE: main, rest or record" >&2; exit 2 ;;
 esac

@@ -169,10 +169,7 @@ def _jit_functions():
     found = []
     for name in dir(kernels):
         obj = getattr(kernels, name)
-        # triton.autotune / heuristics wrap the JITFunction in .fn; under the interpreter the
-        # chain ends at a plain function instead, and nothing is compiled.
-        while not isinstance(obj, JITFunction) and hasattr(obj, "fn"):
-            obj = obj.fn
+        # under the interpreter the kernels are InterpretedFunctions: nothing is compiled
         if name.endswith("_kernel") and isinstance(obj, JITFunction):
             found.append(obj)
     return found
@@ -192,36 +189,6 @@ def triton_specializations():
         else:
             total += sum(len(v) for v in fn.cache.values())
     return total
-
-
-def cheap_autotuning():
-    """The autotuner benchmarks every pruned config for each new (n_channels, n_inner, dtype) key,
-    100 ms per config by default: seconds per case, for a choice this script does not care about.
-    Here each config runs a few times instead; every config is still compiled and run."""
-    if "triton" not in fused_resnet.available_backends() or os.environ.get("TRITON_INTERPRET") == "1":
-        return
-    import triton.testing
-
-    from fused_resnet.triton import kernels
-
-    def quick(kernel_call, quantiles=None):
-        return triton.testing.do_bench(kernel_call, warmup=1, rep=3, quantiles=quantiles)
-
-    for name in dir(kernels):
-        obj = getattr(kernels, name)
-        if name.endswith("_kernel") and hasattr(obj, "configs"):  # an Autotuner
-            try:  # triton >= 3.3 reads do_bench through a property backed by _do_bench
-                if "_do_bench" in vars(obj):
-                    obj._do_bench = quick
-                    vars(obj).pop("do_bench", None)  # where do_bench is a cached_property
-                else:
-                    obj.do_bench = quick
-            except AttributeError:
-                return  # another triton: keep its own benchmarking (slower, same results)
-
-
-# ---------------------------------------------------------------------------------------------
-# The checks. Each returns (Errors, detail) or raises; run_check writes the line.
 
 
 def check_paths(ns, device, shape, layout, dtype):
@@ -325,7 +292,7 @@ def check_graph(backend, device, dtype):
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(3):
-                step()  # warm-up outside the capture (autotuning, workspaces)
+                step()  # warm-up outside the capture (JIT compiles, workspaces)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):

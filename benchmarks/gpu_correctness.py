@@ -59,7 +59,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_checks import (  # noqa: E402
     Broken,
     break_backend,
-    cheap_autotuning,
     check_big,
     check_bitwise,
     check_compile,
@@ -149,7 +148,6 @@ def main():
     backends = [name for name in (native, "triton") if name in available]
     if ARGS.break_backend:
         break_backend(ARGS.break_backend)
-    cheap_autotuning()
     writer = Writer(ARGS.out)
     start = time.perf_counter()
     for name in (native, "triton"):

@@ -5,19 +5,23 @@
 The interpreter that runs the kernels in the CPU test suite is lenient where the compiler is not
 (types of loop-carried values, integer arguments equal to 1 that the JIT turns into constants), so
 test_triton.py runs this in a subprocess: each kernel in both views (NC* and channels_last), its
-constexpr flags all off and all on, bfloat16 and float64 activations, with the arguments the JIT specializes
-to the constant 1 (unit strides, a single split) given as constants, as a launch would.
-Compiling goes down to a cubin with the ptxas that ships with triton.
+constexpr flags all off and all on, bfloat16 and float64 activations, with the arguments the JIT
+specializes to the constant 1 (unit strides, a single split) given as constants, as a launch would;
+then every other tile the GPU rule can pick (fused_resnet/triton/tiles.py), flags all on, bfloat16.
+Compiling goes down to a cubin with the ptxas that ships with triton. The last line says how many
+variants compiled and the mean seconds each took (the compile time a GPU run pays per
+specialization, benchmarks/NOTES.md).
 """
 
 import os
 import sys
+import time
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fused_resnet.triton import kernels
+from fused_resnet.triton import kernels, tiles
 
 # Pointer arguments in the accumulation dtype; every other pointer is an activation (or a
 # parameter, which may be in the activation dtype).
@@ -26,14 +30,11 @@ ACC_POINTERS = {
     "dzx_part_ptr", "sum_dz_ptr", "sum_dz_xhat_ptr", "dz_stat_ptr", "dzx_stat_ptr",
     "running_mean_ptr", "running_var_ptr",  # float32 running statistics beside bfloat16 (AMP)
 }
-FLOAT_ARGUMENTS = {"eps", "momentum_hi", "momentum_lo"}
-# (tile, arguments equal to 1 in that view)
+FLOAT_BITS_ARGUMENTS = {"eps_bits", "momentum_bits"}  # a float64's bits: int64
+# (first tile of the view, arguments equal to 1 in that view)
 VIEWS = {
-    "ncs": (dict(BLOCK_A=2, BLOCK_C=1, BLOCK_B=512), ("stride_xb", "stride_rb", "stride_dyb", "stride_ob")),
-    "channels_last": (
-        dict(BLOCK_A=64, BLOCK_C=32, BLOCK_B=1),
-        ("stride_xc", "stride_rc", "stride_dyc", "stride_oc", "n_inner"),
-    ),
+    "ncs": (tiles.PLANE_TILES[0], ("stride_xb", "stride_rb", "stride_dyb", "stride_ob")),
+    "channels_last": (tiles.ROW_TILES[0], ("stride_xc", "stride_rc", "stride_dyc", "stride_oc", "n_inner")),
 }
 FLAGS = {
     "_bn_fwd_stats_kernel": ("SINGLE_SPLIT", "UPDATE_RUNNING"),
@@ -45,45 +46,53 @@ FLAGS = {
 COMBINE_KERNELS = (("_bn_fwd_stats_combine_kernel", ("UPDATE_RUNNING",)), ("_bn_act_bwd_reduce_combine_kernel", ()))
 
 
-def _jit_function(kernel):
-    while not isinstance(kernel, triton.runtime.jit.JITFunction):
-        kernel = kernel.fn  # through triton.autotune
-    return kernel
-
-
-def compile_kernel(kernel, target, activation, acc, constexprs, ones=()):
-    fn = _jit_function(kernel)
-    constants = dict(constexprs, **{name: 1 for name in ones if name in fn.arg_names})
+def compile_kernel(fn, target, activation, acc, constexprs, ones=(), num_warps=4):
+    unspecialized = set(kernels._UNSPECIALIZED)
+    constants = dict(constexprs, **{n: 1 for n in ones if n in fn.arg_names and n not in unspecialized})
     signature = {}
     for name in fn.arg_names:
         if name in constants:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
             signature[name] = "*" + (acc if name in ACC_POINTERS else activation)
-        elif name in FLOAT_ARGUMENTS:
-            signature[name] = "fp32"
+        elif name in FLOAT_BITS_ARGUMENTS:
+            signature[name] = "i64"
         else:
             signature[name] = "i32"
-    triton.compile(ASTSource(fn, signature, constexprs=constants), target=target)
+    triton.compile(ASTSource(fn, signature, constexprs=constants), target=target, options={"num_warps": num_warps})
+
+
+def _tile_constexprs(tile):
+    return dict(BLOCK_A=tile.block_a, BLOCK_C=tile.block_c, BLOCK_B=tile.block_b)
 
 
 def compile_all(arch: int, dtypes=(("bf16", "fp32"), ("fp64", "fp64"))) -> int:
     """Each kernel with all its flags off and all on (every branch compiles), per view and dtype;
-    float32 activations take the bfloat16 path minus the conversions."""
+    float32 activations take the bfloat16 path minus the conversions. Then the other GPU tiles."""
     target = GPUTarget("cuda", arch, 32)
     compiled = 0
     for activation, acc in dtypes:
         for tile, ones in VIEWS.values():
             for name, flags in FLAGS.items():
                 for value, extra_ones in ((False, ("n_outer",)), (True, ("splits_b", "count"))):
-                    constexprs = dict(tile, **{flag: value for flag in flags})
-                    compile_kernel(getattr(kernels, name), target, activation, acc, constexprs, ones + extra_ones)
+                    constexprs = dict(_tile_constexprs(tile), **{flag: value for flag in flags})
+                    compile_kernel(getattr(kernels, name), target, activation, acc, constexprs,
+                                   ones + extra_ones, tile.num_warps)
                     compiled += 1
         for name, flags in COMBINE_KERNELS:
             for value, ones in ((False, ("n_outer",)), (True, ("n_inner", "splits_b", "chunk_b"))):
                 constexprs = dict(BLOCK_S=16, BLOCK_C=64, **{flag: value for flag in flags})
                 compile_kernel(getattr(kernels, name), target, activation, acc, constexprs, ones)
                 compiled += 1
+    first_tiles = {tile for tile, _ in VIEWS.values()}
+    for tile in tiles.GPU_TILES:
+        if tile in first_tiles:
+            continue
+        ones = VIEWS["channels_last" if tile.block_b == 1 else "ncs"][1]
+        for name, flags in FLAGS.items():
+            constexprs = dict(_tile_constexprs(tile), **{flag: True for flag in flags})
+            compile_kernel(getattr(kernels, name), target, "bf16", "fp32", constexprs, ones, tile.num_warps)
+            compiled += 1
     return compiled
 
 
@@ -91,4 +100,7 @@ if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run with TRITON_INTERPRET=0: the interpreter replaces the compiler")
     for arch in [int(a) for a in sys.argv[1:]] or [80, 90]:
-        print(f"sm_{arch}: compiled {compile_all(arch)} kernel variants")
+        start = time.perf_counter()
+        count = compile_all(arch)
+        seconds = time.perf_counter() - start
+        print(f"sm_{arch}: compiled {count} kernel variants in {seconds:.1f} s ({seconds / count:.2f} s each)")

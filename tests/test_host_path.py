@@ -70,16 +70,16 @@ def test_triton_launches_skip_the_higher_order_op_dispatch(monkeypatch, training
     """Every Triton launch of a module call (forward and backward) goes straight to its kernel:
     through wrap_triton's higher-order op each launch would pay for a dispatch of its own."""
     from torch._library.triton import is_wrap_triton_enabled
-    from fused_resnet.triton import launchers
+    from fused_resnet.triton import launch
 
     dispatched = []
-    launchable = launchers._launchable
+    call = launch.Kernel.__call__
 
-    def recording(kernel):
+    def recording(kernel, grid, *args, **meta):
         dispatched.append(is_wrap_triton_enabled())
-        return launchable(kernel)
+        return call(kernel, grid, *args, **meta)
 
-    monkeypatch.setattr(launchers, "_launchable", recording)
+    monkeypatch.setattr(launch.Kernel, "__call__", recording)
     module = fused_resnet.nn.BatchNormAddReLU2d(4).to(DEVICE).train(training)
     x = make_tensor((2, 4, 3, 3), torch.float32).requires_grad_()
     with fused_resnet.use_backend("triton"):

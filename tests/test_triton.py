@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(
     f"{backend_module._unavailable.get('triton', 'it does not run this device')}",
 )
 if "triton" in BACKENDS:
-    from fused_resnet.triton import launchers
+    from fused_resnet.triton import partition
 
     triton_ops = torch.ops.fused_resnet_triton
 
@@ -50,7 +50,7 @@ def triton_backend():
 # Split reductions: shapes whose plan has several splits, so the combine kernels run.
 
 # (shape, layout, axes the plan must split). The GPU aims at 4 programs per SM with at least 32K
-# values each, the interpreter at 8 programs with 256 values each (launchers._parallelism).
+# values each, the interpreter at 8 programs with 256 values each (partition._parallelism).
 if ON_GPU:
     SPLIT_CASES = [
         ((16, 2, 64, 64), "contiguous", "a"),
@@ -71,7 +71,7 @@ SPLIT_IDS = [f"{s}-{l}" for s, l, _ in SPLIT_CASES]
 
 
 def _assert_plan_splits(x, axes):
-    plan = launchers.reduction_plan(x)
+    plan = partition.reduction_plan(x)
     assert plan.num_splits > 1, plan
     assert (plan.splits_a > 1, plan.splits_b > 1) == ("a" in axes, "b" in axes), plan
 

@@ -1,99 +1,56 @@
-"""Triton kernels of the fused BatchNorm (+ residual add) + ReLU. Launchers: launchers.py.
+"""Triton kernels of the fused BatchNorm (+ residual add) + ReLU. Launchers: launchers.py; the
+tile each launch uses: tiles.py.
 
 Every kernel sees a tensor as a 3D view [n_outer, n_channels, n_inner] given by three strides per
 tensor, and works on tiles [BLOCK_A, BLOCK_C, BLOCK_B] of it:
   NC* (contiguous)        [N, C, S]      strides (C*S, S, 1): tiles run along S (BLOCK_B lanes)
   channels_last(_3d), 2D  [N*S, C, 1]    strides (C, 1, -):   tiles run along C (BLOCK_C lanes)
 so one kernel serves 1D, 2D and 3D inputs and both memory formats, and a stride of 1 (which Triton
-specializes) makes the loads coalesced along the fastest dimension. n_inner == 1 tells the
-channels-last view apart, which is what the autotune key and the config pruning look at.
-Offsets are computed in int64: N*C*S may exceed 2**31.
+specializes) makes the loads coalesced along the fastest dimension. Per-channel vectors (weight,
+bias, the statistics) are read through a stride of their own, so a strided or expanded weight
+reads what the user passed.
+
+Index arithmetic is int64 throughout (program ids, tile starts, split bounds, offsets): the view
+admits n_outer and n_inner up to 2**31 - 1 each, and N*C*S may exceed 2**31; int32 tile starts
+and chunk ends would wrap within one block of that.
+
+Specialization: Triton compiles one variant per combination of constexpr flags, dtypes, pointer
+alignment and integer "== 1" / "% 16 == 0" properties. Sizes that only count loop trips or pick
+a split (n_outer, chunk_a, splits_b, num_splits, count) and the per-channel strides are
+`do_not_specialize`; the strides of activations, n_channels and n_inner (whose divisibility lets
+the compiler vectorize masked loads along the fastest dimension) and chunk_b stay specialized.
 
 Notation (per channel c, over the M = n_outer * n_inner values of that channel):
   mean = Σx / M,  var = Σ(x - mean)² / M (biased),  invstd = 1 / sqrt(var + eps)
   x̂ = (x - mean) * invstd,  y = relu(x̂ * w + b (+ r)),  dz = 0 where y <= 0 else dy.
 Accumulation is in float32 (float64 for float64 inputs); activations load and store in their own
-dtype.
+dtype. Python floats reach compiled Triton as float32, so eps and momentum arrive as the 64 bits
+of their float64 value (an int64 argument, `_float_arg`): exact in float64, rounded once to
+float32 for the float32 accumulation.
 
 Reductions are split along the reduction dimensions (n_outer, n_inner) into a grid of
 splits_a x splits_b rectangles, one program per (channel block, rectangle); each program writes
 its partial results for its channels, and a combine kernel merges them in a fixed order. No
-atomics: results are bitwise reproducible for a given launch plan and tile config. With a single
-rectangle the partial kernel writes the final results itself (SINGLE_SPLIT), with no second launch.
-
-The kernels that autotune only write their outputs (never accumulate into them), so the
-autotuner's repeated benchmark launches leave the same results; the one exception, the running
-statistics the statistics kernel updates in place (bn_act), are restored after each benchmark
-launch (restore_value).
+atomics, and the tile is chosen by a rule (tiles.py), never by timing: results are bitwise
+reproducible for a given device and shape. With a single rectangle the partial kernel writes the
+final results itself (SINGLE_SPLIT), with no second launch.
 """
 
 import triton
 import triton.language as tl
 
-from . import interpreter_enabled
-
-# ---------------------------------------------------------------------------------------------
-# Tile configs. The interpreter (TRITON_INTERPRET=1, CPU tests) gets one small config per view,
-# so nothing is benchmarked there.
-
-
-def _config(block_a, block_c, block_b, num_warps):
-    return triton.Config({"BLOCK_A": block_a, "BLOCK_C": block_c, "BLOCK_B": block_b}, num_warps=num_warps)
+# Arguments every kernel leaves unspecialized (those it has): see the module docstring.
+_UNSPECIALIZED = (
+    "n_outer", "chunk_a", "splits_b", "num_splits", "count", "eps_bits", "momentum_bits",
+    "stride_running_mean", "stride_running_var", "stride_mean", "stride_spread", "stride_invstd",
+    "stride_w", "stride_b", "stride_dz_stat", "stride_dzx_stat",
+)
 
 
-if interpreter_enabled():
-    TILE_CONFIGS = [_config(8, 4, 128, 1), _config(256, 16, 1, 1)]
-else:
-    TILE_CONFIGS = [
-        # NC*: lanes along S; several rows per tile when S is short (the 7x7 and 14x14 stages)
-        _config(1, 1, 1024, 4),
-        _config(1, 1, 2048, 8),
-        _config(2, 1, 512, 4),
-        _config(4, 1, 256, 4),
-        _config(8, 1, 128, 4),
-        _config(16, 1, 64, 4),
-        _config(4, 4, 64, 4),
-        # channels_last: lanes along C, rows along N*S
-        _config(64, 32, 1, 4),
-        _config(32, 64, 1, 4),
-        _config(16, 128, 1, 4),
-        _config(128, 16, 1, 4),
-        _config(64, 64, 1, 8),
-        _config(128, 32, 1, 8),
-    ]
-
-
-def _prune_tile_configs(configs, named_args, **kwargs):
-    """Keep the configs made for this view (n_inner == 1: channels fastest) and no tile that is
-    more than twice as wide as the dimension it runs along."""
-    n_channels, n_inner = named_args["n_channels"], named_args["n_inner"]
-    if n_inner == 1:
-        kept = [c for c in configs if c.kwargs["BLOCK_B"] == 1]
-        fits = [c for c in kept if c.kwargs["BLOCK_C"] <= max(16, 2 * n_channels)]
-    else:
-        kept = [c for c in configs if c.kwargs["BLOCK_B"] > 1]
-        fits = [c for c in kept if c.kwargs["BLOCK_B"] <= max(64, 2 * n_inner)]
-    return fits or kept[:1]
-
-
-def _no_benchmark(kernel_call, quantiles):
-    """The interpreter's stand-in for the autotuner's timer: pruning leaves one config per view
-    there, and some triton releases (3.6) time even a lone config, through a GPU driver the
-    interpreter does not have. Equal times for every config; nothing is launched."""
-    return [0.0 for _ in quantiles]
-
-
-def _autotuned(fn=None, restore_value=None):
-    def decorate(fn):
-        return triton.autotune(
-            configs=TILE_CONFIGS,
-            key=["n_channels", "n_inner"],
-            prune_configs_by={"early_config_prune": _prune_tile_configs},
-            restore_value=restore_value,
-            do_bench=_no_benchmark if interpreter_enabled() else None,
-        )(fn)
-
-    return decorate if fn is None else decorate(fn)
+def _jit(fn):
+    """triton.jit with the arguments of _UNSPECIALIZED that fn has left unspecialized."""
+    names = fn.__code__.co_varnames[: fn.__code__.co_argcount]
+    return triton.jit(fn, do_not_specialize=[name for name in _UNSPECIALIZED if name in names])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,6 +73,12 @@ def _int64(v):
 
 
 @triton.jit
+def _float_arg(bits, dtype: tl.constexpr):
+    """A float64 argument passed as its 64 bits (an int64), in `dtype`."""
+    return _int64(bits).to(tl.float64, bitcast=True).to(dtype)
+
+
+@triton.jit
 def _offsets(a, c, b, stride_a, stride_c, stride_b):
     """int64 offsets of the tile a x c x b ([BLOCK_A], [BLOCK_C], [BLOCK_B] indices)."""
     return (
@@ -126,8 +89,15 @@ def _offsets(a, c, b, stride_a, stride_c, stride_b):
 
 
 @triton.jit
+def _channel_load(ptr, stride, c, c_mask, other):
+    """The per-channel vector at ptr (stride `stride`: any, 0 for an expanded one), channels c."""
+    return tl.load(ptr + c.to(tl.int64) * stride, mask=c_mask, other=other)
+
+
+@triton.jit
 def _split_bounds(split, splits_b, chunk_a, chunk_b, n_outer, n_inner):
-    """The rectangle [a_begin, a_end) x [b_begin, b_end) of the reduction that `split` covers."""
+    """The rectangle [a_begin, a_end) x [b_begin, b_end) of the reduction that `split` covers, int64."""
+    split = _int64(split)
     a_begin = (split // splits_b) * chunk_a
     b_begin = (split % splits_b) * chunk_b
     return a_begin, tl.minimum(a_begin + chunk_a, n_outer), b_begin, tl.minimum(b_begin + chunk_b, n_inner)
@@ -136,21 +106,22 @@ def _split_bounds(split, splits_b, chunk_a, chunk_b, n_outer, n_inner):
 @triton.jit
 def _split_counts(splits, splits_b, chunk_a, chunk_b, n_outer, n_inner):
     """Number of values per channel in each split of the vector `splits` (as in _split_bounds)."""
+    splits = splits.to(tl.int64)
     a_begin = (splits // splits_b) * chunk_a
     b_begin = (splits % splits_b) * chunk_b
     a_len = tl.minimum(a_begin + chunk_a, n_outer) - a_begin
     b_len = tl.minimum(b_begin + chunk_b, n_inner) - b_begin
-    return a_len.to(tl.int64) * b_len
+    return a_len * b_len
 
 
 @triton.jit
-def _tile_position(n_outer, n_channels, n_inner, BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr,
+def _tile_position(pid, n_outer, n_channels, n_inner, BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr,
                    BLOCK_B: tl.constexpr):
-    """Indices and masks of this program's tile in a flat 1D grid, n_inner tiles fastest, then
+    """int64 indices and the mask of tile `pid` in a flat 1D grid, n_inner tiles fastest, then
     channels, so neighbouring programs touch neighbouring memory in both views."""
-    pid = tl.program_id(0)
-    b_tiles = tl.cdiv(n_inner, BLOCK_B)
-    c_tiles = tl.cdiv(n_channels, BLOCK_C)
+    pid = _int64(pid)
+    b_tiles = tl.cdiv(_int64(n_inner), BLOCK_B)
+    c_tiles = tl.cdiv(_int64(n_channels), BLOCK_C)
     b = (pid % b_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)
     c = ((pid // b_tiles) % c_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
     a = (pid // (b_tiles * c_tiles)) * BLOCK_A + tl.arange(0, BLOCK_A)
@@ -160,24 +131,29 @@ def _tile_position(n_outer, n_channels, n_inner, BLOCK_A: tl.constexpr, BLOCK_C:
 
 
 @triton.jit
+def _channel_block(pid, n_channels, BLOCK_C: tl.constexpr):
+    """The channels of channel block `pid` (int64) and their mask."""
+    c = _int64(pid) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return c, c < n_channels
+
+
+@triton.jit
 def _store_partials(first_ptr, second_ptr, split, n_channels, c, c_mask, first, second):
     """A split reduction's two partials of channels c, row `split` of [num_splits, n_channels]."""
-    part = split.to(tl.int64) * n_channels + c
+    part = _int64(split) * n_channels + c
     tl.store(first_ptr + part, first, mask=c_mask)
     tl.store(second_ptr + part, second, mask=c_mask)
 
 
 @triton.jit
 def _update_running(mean_ptr, var_ptr, stride_mean, stride_var, c, c_mask, mean, var,
-                    momentum_hi, momentum_lo, per_channel):
+                    momentum_bits, per_channel):
     """bn_act's running-statistics update of channels c (csrc/common/running_stats.h states it):
       running_mean <- (1 - momentum)·running_mean + momentum·mean
       running_var  <- (1 - momentum)·running_var  + momentum·var·M/(M - 1)
-    in the accumulation dtype of `mean`, stored in each buffer's dtype. momentum arrives as two
-    float32 halves (hi + lo): Triton passes Python floats as float32, and a float64 update needs
-    more of momentum's digits than one float32 holds; in float32, hi alone is momentum."""
+    in the accumulation dtype of `mean`, stored in each buffer's dtype."""
     acc = mean.dtype
-    momentum = tl.cast(momentum_hi, acc) + tl.cast(momentum_lo, acc)
+    momentum = _float_arg(momentum_bits, acc)
     m = _int64(per_channel).to(acc)
     keep = 1.0 - momentum
     take_var = momentum * (m / (m - 1.0))
@@ -192,6 +168,17 @@ def _update_running(mean_ptr, var_ptr, stride_mean, stride_var, c, c_mask, mean,
 
 
 @triton.jit
+def _finalize_stats(mean_ptr, var_ptr, invstd_ptr, c, c_mask, mean, m2, count, eps_bits):
+    """The statistics of channels c from their moments: var = M2 / count, invstd = 1/sqrt(var + eps)."""
+    var = m2 / count
+    eps = _float_arg(eps_bits, var.dtype)
+    tl.store(mean_ptr + c, mean, mask=c_mask)
+    tl.store(var_ptr + c, var, mask=c_mask)
+    tl.store(invstd_ptr + c, 1.0 / tl.sqrt(var + eps), mask=c_mask)
+    return var
+
+
+@triton.jit
 def _relu_mask_grad(dy, out):
     """dz = 0 where out <= 0, else dy (a NaN in out passes dy, as aten's threshold_backward)."""
     return tl.where(out <= 0, tl.zeros_like(dy), dy)
@@ -201,15 +188,14 @@ def _relu_mask_grad(dy, out):
 # Training forward: statistics.
 
 
-@_autotuned(restore_value=["running_mean_ptr", "running_var_ptr"])
-@triton.jit
+@_jit
 def _bn_fwd_stats_kernel(
     x_ptr, stride_xa, stride_xc, stride_xb,
     mean_part_ptr, m2_part_ptr,  # [num_splits, n_channels] partials, accumulation dtype
     mean_ptr, var_ptr, invstd_ptr,  # [n_channels] results, written here when SINGLE_SPLIT
     running_mean_ptr, running_var_ptr, stride_running_mean, stride_running_var,
-    momentum_hi, momentum_lo,
-    n_outer, n_channels, n_inner, chunk_a, chunk_b, splits_b, eps,
+    momentum_bits,
+    n_outer, n_channels, n_inner, chunk_a, chunk_b, splits_b, eps_bits,
     SINGLE_SPLIT: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
@@ -221,8 +207,7 @@ def _bn_fwd_stats_kernel(
       mean += δ·k/(n+k),  M2 += M2_tile + δ²·n·k/(n+k),  δ = mean_tile - mean.
     Memory traffic: one read of x.
     """
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < n_channels
+    c, c_mask = _channel_block(tl.program_id(0), n_channels, BLOCK_C)
     split = tl.program_id(1)
     a_begin, a_end, b_begin, b_end = _split_bounds(split, splits_b, chunk_a, chunk_b, n_outer, n_inner)
 
@@ -247,23 +232,20 @@ def _bn_fwd_stats_kernel(
             count = new_count
 
     if SINGLE_SPLIT:
-        var = m2 / count
-        tl.store(mean_ptr + c, mean, mask=c_mask)
-        tl.store(var_ptr + c, var, mask=c_mask)
-        tl.store(invstd_ptr + c, 1.0 / tl.sqrt(var + eps), mask=c_mask)
+        var = _finalize_stats(mean_ptr, var_ptr, invstd_ptr, c, c_mask, mean, m2, count, eps_bits)
         if UPDATE_RUNNING:
             _update_running(running_mean_ptr, running_var_ptr, stride_running_mean, stride_running_var,
-                            c, c_mask, mean, var, momentum_hi, momentum_lo, _int64(n_outer) * n_inner)
+                            c, c_mask, mean, var, momentum_bits, _int64(n_outer) * n_inner)
     else:
         _store_partials(mean_part_ptr, m2_part_ptr, split, n_channels, c, c_mask, mean, m2)
 
 
-@triton.jit
+@_jit
 def _bn_fwd_stats_combine_kernel(
     mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, invstd_ptr,
     running_mean_ptr, running_var_ptr, stride_running_mean, stride_running_var,
-    momentum_hi, momentum_lo,
-    n_outer, n_channels, n_inner, chunk_a, chunk_b, splits_b, num_splits, eps,
+    momentum_bits,
+    n_outer, n_channels, n_inner, chunk_a, chunk_b, splits_b, num_splits, eps_bits,
     UPDATE_RUNNING: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Merge the Welford partials of every split, in split order (Chan et al. for many groups):
@@ -272,10 +254,9 @@ def _bn_fwd_stats_combine_kernel(
     Two passes over the partials, BLOCK_S splits at a time; deviations from the final mean keep
     the merge stable however the partials differ.
     """
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < n_channels
+    c, c_mask = _channel_block(tl.program_id(0), n_channels, BLOCK_C)
     zero = tl.zeros([BLOCK_C], dtype=mean_part_ptr.dtype.element_ty)
-    total = _int64(n_outer) * n_inner
+    total = (_int64(n_outer) * n_inner).to(zero.dtype)
 
     weighted = zero
     for s0 in range(0, num_splits, BLOCK_S):
@@ -285,7 +266,7 @@ def _bn_fwd_stats_combine_kernel(
         counts = _split_counts(s, splits_b, chunk_a, chunk_b, n_outer, n_inner).to(zero.dtype)
         means = tl.load(mean_part_ptr + part, mask=mask, other=0.0)
         weighted += tl.sum(tl.where(mask, means * counts[:, None], 0.0), axis=0)
-    mean = weighted / total.to(zero.dtype)
+    mean = weighted / total
 
     m2 = zero
     for s0 in range(0, num_splits, BLOCK_S):
@@ -297,26 +278,22 @@ def _bn_fwd_stats_combine_kernel(
         m2s = tl.load(m2_part_ptr + part, mask=mask, other=0.0)
         m2 += tl.sum(tl.where(mask, m2s + counts[:, None] * deviation * deviation, 0.0), axis=0)
 
-    var = m2 / total.to(zero.dtype)
-    tl.store(mean_ptr + c, mean, mask=c_mask)
-    tl.store(var_ptr + c, var, mask=c_mask)
-    tl.store(invstd_ptr + c, 1.0 / tl.sqrt(var + eps), mask=c_mask)
+    var = _finalize_stats(mean_ptr, var_ptr, invstd_ptr, c, c_mask, mean, m2, total, eps_bits)
     if UPDATE_RUNNING:
         _update_running(running_mean_ptr, running_var_ptr, stride_running_mean, stride_running_var,
-                        c, c_mask, mean, var, momentum_hi, momentum_lo, _int64(n_outer) * n_inner)
+                        c, c_mask, mean, var, momentum_bits, _int64(n_outer) * n_inner)
 
 
 # ---------------------------------------------------------------------------------------------
 # Forward apply (training and eval).
 
 
-@_autotuned
-@triton.jit
+@_jit
 def _bn_act_fwd_apply_kernel(
     x_ptr, stride_xa, stride_xc, stride_xb,
     r_ptr, stride_ra, stride_rc, stride_rb,
     y_ptr,  # allocated like x: x's strides
-    mean_ptr, spread_ptr, w_ptr, b_ptr, eps,
+    mean_ptr, stride_mean, spread_ptr, stride_spread, w_ptr, stride_w, b_ptr, stride_b, eps_bits,
     n_outer, n_channels, n_inner,
     SPREAD_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
@@ -327,19 +304,19 @@ def _bn_act_fwd_apply_kernel(
     spread is invstd (training: the batch statistics) or the running variance (eval:
     invstd = 1/sqrt(var + eps)). Memory traffic: read x (and r), write y.
     """
-    a, c, b, c_mask, mask = _tile_position(n_outer, n_channels, n_inner, BLOCK_A, BLOCK_C, BLOCK_B)
-    mean = _acc(tl.load(mean_ptr + c, mask=c_mask, other=0.0))
-    spread = _acc(tl.load(spread_ptr + c, mask=c_mask, other=1.0))
+    a, c, b, c_mask, mask = _tile_position(tl.program_id(0), n_outer, n_channels, n_inner, BLOCK_A, BLOCK_C, BLOCK_B)
+    mean = _acc(_channel_load(mean_ptr, stride_mean, c, c_mask, 0.0))
+    spread = _acc(_channel_load(spread_ptr, stride_spread, c, c_mask, 1.0))
     if SPREAD_IS_VAR:
-        scale = 1.0 / tl.sqrt(spread + eps)
+        scale = 1.0 / tl.sqrt(spread + _float_arg(eps_bits, spread.dtype))
     else:
         scale = spread
     if HAS_WEIGHT:
-        scale *= _acc(tl.load(w_ptr + c, mask=c_mask, other=0.0))
+        scale *= _acc(_channel_load(w_ptr, stride_w, c, c_mask, 0.0))
     x = _acc(tl.load(x_ptr + _offsets(a, c, b, stride_xa, stride_xc, stride_xb), mask=mask, other=0.0))
     z = (x - mean[None, :, None]) * scale[None, :, None]
     if HAS_BIAS:
-        z += _acc(tl.load(b_ptr + c, mask=c_mask, other=0.0))[None, :, None]
+        z += _acc(_channel_load(b_ptr, stride_b, c, c_mask, 0.0))[None, :, None]
     if HAS_RESIDUAL:
         z += _acc(tl.load(r_ptr + _offsets(a, c, b, stride_ra, stride_rc, stride_rb), mask=mask, other=0.0))
     y = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu keeps NaN, as torch.relu
@@ -350,13 +327,12 @@ def _bn_act_fwd_apply_kernel(
 # Backward: reductions.
 
 
-@_autotuned
-@triton.jit
+@_jit
 def _bn_act_bwd_reduce_kernel(
     dy_ptr, stride_dya, stride_dyc, stride_dyb,
     out_ptr, stride_oa, stride_oc, stride_ob,
     x_ptr, stride_xa, stride_xc, stride_xb,
-    mean_ptr, invstd_ptr,
+    mean_ptr, stride_mean, invstd_ptr, stride_invstd,  # accumulation dtype
     dz_part_ptr, dzx_part_ptr,  # [num_splits, n_channels]: Σdz and Σdz·(x - mean), acc dtype
     sum_dz_ptr, sum_dz_xhat_ptr,  # [n_channels] results, written here when SINGLE_SPLIT
     n_outer, n_channels, n_inner, chunk_a, chunk_b, splits_b,
@@ -365,11 +341,10 @@ def _bn_act_bwd_reduce_kernel(
 ):
     """Σdz and Σdz·(x - mean) over one split rectangle; Σdz·x̂ = invstd·Σdz·(x - mean) is taken
     at the end (no E[dz·x] - mean·E[dz] cancellation). Memory traffic: read dy, y and x."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < n_channels
+    c, c_mask = _channel_block(tl.program_id(0), n_channels, BLOCK_C)
     split = tl.program_id(1)
     a_begin, a_end, b_begin, b_end = _split_bounds(split, splits_b, chunk_a, chunk_b, n_outer, n_inner)
-    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
+    mean = _channel_load(mean_ptr, stride_mean, c, c_mask, 0.0)
 
     sum_dz = tl.zeros([BLOCK_C], dtype=mean_ptr.dtype.element_ty)
     sum_dzx = sum_dz
@@ -387,22 +362,21 @@ def _bn_act_bwd_reduce_kernel(
             sum_dzx += tl.sum(tl.sum(dz * centered, axis=2), axis=0)
 
     if SINGLE_SPLIT:
-        invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
+        invstd = _channel_load(invstd_ptr, stride_invstd, c, c_mask, 0.0)
         tl.store(sum_dz_ptr + c, sum_dz, mask=c_mask)
         tl.store(sum_dz_xhat_ptr + c, sum_dzx * invstd, mask=c_mask)
     else:
         _store_partials(dz_part_ptr, dzx_part_ptr, split, n_channels, c, c_mask, sum_dz, sum_dzx)
 
 
-@triton.jit
+@_jit
 def _bn_act_bwd_reduce_combine_kernel(
-    dz_part_ptr, dzx_part_ptr, invstd_ptr, sum_dz_ptr, sum_dz_xhat_ptr,
+    dz_part_ptr, dzx_part_ptr, invstd_ptr, stride_invstd, sum_dz_ptr, sum_dz_xhat_ptr,
     n_channels, num_splits,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Sum the partials of every split in split order: Σdz, and Σdz·x̂ = invstd·Σdz·(x - mean)."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < n_channels
+    c, c_mask = _channel_block(tl.program_id(0), n_channels, BLOCK_C)
     sum_dz = tl.zeros([BLOCK_C], dtype=dz_part_ptr.dtype.element_ty)
     sum_dzx = sum_dz
     for s0 in range(0, num_splits, BLOCK_S):
@@ -411,7 +385,7 @@ def _bn_act_bwd_reduce_combine_kernel(
         part = s.to(tl.int64)[:, None] * n_channels + c[None, :]
         sum_dz += tl.sum(tl.load(dz_part_ptr + part, mask=mask, other=0.0), axis=0)
         sum_dzx += tl.sum(tl.load(dzx_part_ptr + part, mask=mask, other=0.0), axis=0)
-    invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
+    invstd = _channel_load(invstd_ptr, stride_invstd, c, c_mask, 0.0)
     tl.store(sum_dz_ptr + c, sum_dz, mask=c_mask)
     tl.store(sum_dz_xhat_ptr + c, sum_dzx * invstd, mask=c_mask)
 
@@ -420,15 +394,14 @@ def _bn_act_bwd_reduce_combine_kernel(
 # Backward: apply.
 
 
-@_autotuned
-@triton.jit
+@_jit
 def _bn_act_bwd_apply_kernel(
     dy_ptr, stride_dya, stride_dyc, stride_dyb,
     out_ptr, stride_oa, stride_oc, stride_ob,
     x_ptr, stride_xa, stride_xc, stride_xb,
     dx_ptr, dr_ptr,  # allocated like x: x's strides
-    w_ptr, mean_ptr, invstd_ptr,
-    dz_stat_ptr, dzx_stat_ptr, count,  # Σdz and Σdz·x̂ over `count` values (count 1: means)
+    w_ptr, stride_w, mean_ptr, stride_mean, invstd_ptr, stride_invstd,  # mean, invstd: acc dtype
+    dz_stat_ptr, stride_dz_stat, dzx_stat_ptr, stride_dzx_stat, count,  # Σdz, Σdz·x̂ over `count` values
     n_outer, n_channels, n_inner,
     BATCH_STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr, WRITE_GRAD_RESIDUAL: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -436,11 +409,11 @@ def _bn_act_bwd_apply_kernel(
     """grad_input = w·invstd·(dz - mean_dz - x̂·mean_dz_xhat) with batch statistics,
     w·invstd·dz with running statistics; grad_residual = dz.
     Memory traffic: read dy and y (and x with batch statistics), write dx (and dr)."""
-    a, c, b, c_mask, mask = _tile_position(n_outer, n_channels, n_inner, BLOCK_A, BLOCK_C, BLOCK_B)
-    invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
+    a, c, b, c_mask, mask = _tile_position(tl.program_id(0), n_outer, n_channels, n_inner, BLOCK_A, BLOCK_C, BLOCK_B)
+    invstd = _channel_load(invstd_ptr, stride_invstd, c, c_mask, 0.0)
     scale = invstd
     if HAS_WEIGHT:
-        scale *= _acc(tl.load(w_ptr + c, mask=c_mask, other=0.0)).to(invstd.dtype)
+        scale *= _acc(_channel_load(w_ptr, stride_w, c, c_mask, 0.0)).to(invstd.dtype)
     dy = tl.load(dy_ptr + _offsets(a, c, b, stride_dya, stride_dyc, stride_dyb), mask=mask, other=0.0)
     out = tl.load(out_ptr + _offsets(a, c, b, stride_oa, stride_oc, stride_ob), mask=mask, other=0.0)
     dz = _relu_mask_grad(dy, out)
@@ -449,10 +422,10 @@ def _bn_act_bwd_apply_kernel(
         tl.store(dr_ptr + x_offsets, dz.to(dr_ptr.dtype.element_ty), mask=mask)
     g = _acc(dz).to(invstd.dtype)
     if BATCH_STATS:
-        mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
+        mean = _channel_load(mean_ptr, stride_mean, c, c_mask, 0.0)
         denominator = _int64(count).to(invstd.dtype)
-        mean_dz = tl.load(dz_stat_ptr + c, mask=c_mask, other=0.0) / denominator
-        mean_dzx = tl.load(dzx_stat_ptr + c, mask=c_mask, other=0.0) / denominator
+        mean_dz = _channel_load(dz_stat_ptr, stride_dz_stat, c, c_mask, 0.0) / denominator
+        mean_dzx = _channel_load(dzx_stat_ptr, stride_dzx_stat, c, c_mask, 0.0) / denominator
         x = _acc(tl.load(x_ptr + x_offsets, mask=mask, other=0.0)).to(invstd.dtype)
         x_hat = (x - mean[None, :, None]) * invstd[None, :, None]
         g = g - mean_dz[None, :, None] - x_hat * mean_dzx[None, :, None]

@@ -1,0 +1,202 @@
+"""Where a Triton launch runs and in what pieces: the view of a tensor as the kernels see it, the
+plan of the split reductions, each launch's tile (tiles.py) and grid.
+
+`as_if_on_gpu(sm_count)` plans and tiles every launch as on a GPU whatever the tensors' device:
+with launch.count_specializations(launch=False), the GPU run's compiles are counted here
+(benchmarks/triton_count.py).
+"""
+
+import contextlib
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+from torch._library.triton import is_wrap_triton_enabled
+
+from ..contract import canonical_layout
+from . import launch, tiles
+
+# CUDA's limit on a grid's x dimension: the tile grids are flat.
+_MAX_PROGRAMS = 2**31 - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The view (docs/design.md) as the kernels see it (kernels.py): [n_outer, n_channels, n_inner],
+# the planes layout as [N, C, S], the rows layout as [N*S, C, 1].
+
+
+@dataclass(frozen=True)
+class View:
+    n_outer: int  # N, or N*S for channels_last
+    n_channels: int
+    n_inner: int  # S, or 1 for channels_last (and for 2D inputs)
+    channels_last: bool  # the input is channels_last(_3d): its tensors are viewed through movedim
+
+    @property
+    def per_channel(self) -> int:
+        """M: values per channel."""
+        return self.n_outer * self.n_inner
+
+
+def view_of(x: Tensor) -> View:
+    """The view of a canonical (contract.canonical_layout), non-empty input."""
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // (n * c)
+    if x.dim() > 2 and not x.is_contiguous():  # canonical and not contiguous: channels_last
+        return View(n * s, c, 1, True)
+    return View(n, c, s, False)
+
+
+def _memory_format(x: Tensor, view: View):
+    if not view.channels_last:
+        return torch.contiguous_format
+    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+
+
+def view_strides(t: Tensor, view: View):
+    """Strides of t seen as [n_outer, n_channels, n_inner], or None if t cannot be seen so."""
+    try:
+        if view.channels_last:
+            return t.movedim(1, -1).view(view.n_outer, view.n_channels, 1).stride()
+        return t.view(view.n_outer, view.n_channels, view.n_inner).stride()
+    except RuntimeError:  # dimensions that do not merge into one (a strided slice)
+        return None
+
+
+def operand(t: Tensor, x: Tensor, view: View):
+    """(tensor, strides) to read t with: t itself when it fits the view of x with unit or zero
+    stride along the fastest dimension (coalesced or broadcast loads), else t in x's format."""
+    strides = view_strides(t, view)
+    fastest = 1 if view.n_inner == 1 else 2
+    if strides is None or strides[fastest] not in (0, 1):
+        t = t.contiguous(memory_format=_memory_format(x, view))
+        strides = view_strides(t, view)
+    return t, strides
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch plan of the split reductions.
+
+_MAX_SPLITS = 1024
+
+
+@dataclass(frozen=True)
+class ReductionPlan:
+    """The reduction over (n_outer, n_inner) split into splits_a x splits_b rectangles of
+    chunk_a x chunk_b values per channel; one program per (channel block, rectangle)."""
+
+    chunk_a: int
+    chunk_b: int
+    splits_a: int
+    splits_b: int
+
+    @property
+    def num_splits(self) -> int:
+        return self.splits_a * self.splits_b
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+# The GPU the launches are planned for when they are only counted (as_if_on_gpu), or None.
+_counted_gpu_sms: Optional[int] = None
+
+
+@contextlib.contextmanager
+def as_if_on_gpu(sm_count: int):
+    """Plan and tile every launch as on a GPU with `sm_count` SMs, whatever the tensors' device:
+    with launch.count_specializations(launch=False), the GPU run's specializations, counted here."""
+    global _counted_gpu_sms
+    previous, _counted_gpu_sms = _counted_gpu_sms, sm_count
+    try:
+        yield
+    finally:
+        _counted_gpu_sms = previous
+
+
+def planned_for_gpu(device: torch.device) -> bool:
+    return _counted_gpu_sms is not None or (device.type == "cuda" and not launch.INTERPRETED)
+
+
+def _parallelism(device: torch.device):
+    """(programs to aim for, least values one program should reduce) on `device`.
+
+    On a GPU: 4 programs per SM, and at least 32K values per program (a few microseconds of
+    memory traffic, so the partials and the combine cost little). Under the interpreter: small
+    numbers, so that the tests' small shapes really split.
+    """
+    if _counted_gpu_sms is not None:
+        return 4 * _counted_gpu_sms, 32768
+    if planned_for_gpu(device):
+        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()), 32768
+    return 8, 256
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return triton.cdiv(value, multiple) * multiple
+
+
+def plan_reduction(view: View, device: torch.device) -> ReductionPlan:
+    """Split a channel's values until the grid has about the target number of programs, as long
+    as each program keeps at least the minimum work. Splits go along n_outer first (whole rows of
+    n_inner values), then along n_inner when there are fewer rows than splits."""
+    target_programs, min_work = _parallelism(device)
+    channels_per_program = 1 if view.n_inner > 1 else min(view.n_channels, 64)
+    channel_programs = triton.cdiv(view.n_channels, channels_per_program)
+    splits = min(
+        triton.cdiv(target_programs, channel_programs),
+        view.per_channel * channels_per_program // min_work,
+        _MAX_SPLITS,
+    )
+    splits = max(splits, 1)
+    if view.n_outer >= splits or view.n_inner == 1:
+        row_align = 16 if view.n_inner == 1 else 1
+        chunk_a = min(_round_up(triton.cdiv(view.n_outer, splits), row_align), view.n_outer)
+        return ReductionPlan(chunk_a, view.n_inner, triton.cdiv(view.n_outer, chunk_a), 1)
+    chunk_b = min(_round_up(triton.cdiv(view.n_inner, triton.cdiv(splits, view.n_outer)), 64), view.n_inner)
+    return ReductionPlan(1, chunk_b, view.n_outer, triton.cdiv(view.n_inner, chunk_b))
+
+
+def reduction_plan(input: Tensor) -> ReductionPlan:
+    """The plan the statistics and backward reductions use for `input` (non-empty)."""
+    return plan_reduction(view_of(canonical_layout(input)), input.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiles and grids (tiles.py).
+
+
+def reduce_tile(view: View, plan: ReductionPlan, device: torch.device) -> tiles.Tile:
+    """A split reduction's tile: by the rule only (its bits depend on the tile)."""
+    interpreted = not planned_for_gpu(device)
+    return tiles.tile_for(view.n_channels, min(view.n_inner, plan.chunk_b), view.n_inner == 1, interpreted)
+
+
+def apply_tile(view: View, device: torch.device, key, run) -> tiles.Tile:
+    """An elementwise kernel's tile: the rule's, or the tuner's fastest for `key` (run(tile)
+    launches the kernel with a tile on the caller's tensors)."""
+    interpreted = not planned_for_gpu(device)
+    rows = view.n_inner == 1
+    tuner = tiles.apply_tuner
+    if tuner is None or interpreted or _counted_gpu_sms is not None or is_wrap_triton_enabled():
+        return tiles.tile_for(view.n_channels, view.n_inner, rows, interpreted)
+    return tuner.tile(key, tiles.candidate_tiles(rows, interpreted), run)
+
+
+def tile_grid(view: View, tile: tiles.Tile):
+    programs = (
+        triton.cdiv(view.n_outer, tile.block_a)
+        * triton.cdiv(view.n_channels, tile.block_c)
+        * triton.cdiv(view.n_inner, tile.block_b)
+    )
+    if programs > _MAX_PROGRAMS:
+        raise RuntimeError(
+            f"fused_resnet triton backend: {view.n_outer * view.n_channels * view.n_inner} values need "
+            f"{programs} programs of {tile.block_a * tile.block_c * tile.block_b}; a grid holds at most {_MAX_PROGRAMS}"
+        )
+    return (programs,)
