@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backend as _backend
+from . import contract
 from .reference import update_running_stats
 
 
@@ -24,9 +25,12 @@ def batch_norm_act(input, residual, weight, bias, running_mean, running_var, tra
     In eval under torch.compile it is the eager composition instead: a normalization with the
     running statistics is one elementwise pass, which the compiler generates as well as a kernel
     and fuses with its neighbours, where an op it cannot see into stays a call of its own between
-    them (and costs its host time). Training, and eval with batch statistics, run the op.
+    them (and costs its host time). It checks the arguments as the op does first (the contract's
+    Python half, traced once per graph), so compiled and uncompiled calls refuse the same calls.
+    Training, and eval with batch statistics, run the op.
     """
     if not training and torch.compiler.is_compiling():
+        contract.check_bn_act(input, residual, weight, bias, running_mean, running_var, training)
         out = F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
         return F.relu(out if residual is None else out + residual)
     return _backend.ops_for(input).bn_act(

@@ -216,11 +216,12 @@ def register_bn_act_autograd(library: torch.library.Library, bn_act_op, bwd_op):
                 out, mean, invstd, relu_mask = bn_act_op(
                     input, residual, weight, bias, running_mean, running_var, training, momentum, eps
                 )
-            if training:
-                save_mean, save_invstd = mean, invstd
-            else:  # the statistics the backward uses, taken now: the buffers may change before it runs
-                save_mean, save_invstd = reference.eval_stats(input, running_mean, running_var, eps)
-            ctx.save_for_backward(input, out, relu_mask, weight, bias, save_mean, save_invstd)
+            # The statistics the backward uses: the batch's; in eval the running buffers
+            # themselves, held as eager's batch norm holds them (no copy and no kernel now, and
+            # no version check: a training step that updates them before this backward runs
+            # changes its gradient, in eager too).
+            ctx.save_for_backward(input, out, relu_mask, weight, bias, mean, invstd)
+            ctx.running = None if training else (running_mean, running_var, eps)
             ctx.training = training
             ctx.has_residual = residual is not None
             ctx.mark_non_differentiable(mean, invstd, relu_mask)
@@ -233,6 +234,10 @@ def register_bn_act_autograd(library: torch.library.Library, bn_act_op, bwd_op):
             if grad_out is None or not (need_input or need_residual or need_weight or need_bias):
                 return (None,) * 9
             input, out, relu_mask, weight, bias, mean, invstd = ctx.saved_tensors
+            if not ctx.training:  # from the running statistics, as csrc/common/bn_act_autograd.cpp
+                running_mean, running_var, eps = ctx.running
+                acc = acc_dtype(input.dtype)
+                mean, invstd = running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps)
             with profiled(ctx.has_residual, "bwd"):
                 grad_input, grad_residual, grad_weight, grad_bias = bwd_op(
                     grad_out, out, relu_mask, input, weight, mean, invstd, ctx.training, need_residual

@@ -44,9 +44,13 @@ def eval_stats(input, running_mean, running_var, eps):
 
 
 def _blend_into(buffer, batch_value, momentum, scale=1.0):
-    """buffer <- (1 - momentum) * buffer + momentum * scale * batch_value, in batch_value's dtype."""
+    """buffer <- (1 - momentum) * buffer + momentum * scale * batch_value, in batch_value's dtype;
+    momentum a float, or a 0-d tensor (the cumulative average under torch.compile)."""
     value = buffer.to(batch_value.dtype)  # the buffer itself when it already has that dtype
-    value.mul_(1.0 - momentum).add_(batch_value, alpha=momentum * scale)
+    if isinstance(momentum, torch.Tensor):
+        value.mul_(1.0 - momentum).add_(batch_value * (momentum * scale))
+    else:
+        value.mul_(1.0 - momentum).add_(batch_value, alpha=momentum * scale)
     if buffer.dtype != batch_value.dtype:
         buffer.copy_(value)
 

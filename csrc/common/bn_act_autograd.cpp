@@ -4,7 +4,7 @@
 // gradient tensors (materialize_grads off), so nothing is filled with zeros for them.
 //
 //   training:  grad_input = w·invstd·(dz - Σdz/M - x̂·Σdz·x̂/M), dz = grad_out where out > 0
-//   eval:      grad_input = w·invstd·dz, with the running statistics taken at the forward
+//   eval:      grad_input = w·invstd·dz, invstd from the running statistics the forward read
 //   grad_residual = dz,  grad_weight = Σdz·x̂,  grad_bias = Σdz   (csrc/fused_resnet.cpp)
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
@@ -60,19 +60,18 @@ class BnActFunction : public torch::autograd::Function<BnActFunction> {
       AutogradContext* ctx, const at::Tensor& input, const OptTensor& residual,
       const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
       const OptTensor& running_var, bool training, double momentum, double eps) {
-    at::Tensor out, mean, invstd, relu_mask, save_mean, save_invstd;
+    at::Tensor out, mean, invstd, relu_mask;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(out, mean, invstd, relu_mask) = call_bn_act(
           input, residual, weight, bias, running_mean, running_var, training, momentum, eps);
-      save_mean = mean;
-      save_invstd = invstd;
-      if (!training) {
-        // The statistics the backward uses, taken now: the buffers may change before it runs.
-        const auto acc = acc_dtype(input.scalar_type());
-        save_mean = running_mean->to(acc, /*non_blocking=*/false, /*copy=*/true);
-        save_invstd = running_var->to(acc, /*non_blocking=*/false, /*copy=*/true).add_(eps).rsqrt_();
-      }
+    }
+    // The statistics the backward uses: the batch's; in eval the running buffers themselves,
+    // held as eager's batch norm holds them (no copy and no kernel now, and no version check: a
+    // training step that updates them before this backward runs changes its gradient, in eager too).
+    if (!training) {
+      ctx->saved_data["running_mean"] = *running_mean;
+      ctx->saved_data["running_var"] = *running_var;
     }
     if (training && given(running_mean)) {  // updated in place, below autograd
       torch::autograd::increment_version(*running_mean);
@@ -86,9 +85,11 @@ class BnActFunction : public torch::autograd::Function<BnActFunction> {
     ctx->saved_data["weight_edge"] = edge_of(given(weight));
     ctx->saved_data["bias_edge"] = edge_of(given(bias));
     ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
     ctx->save_for_backward(
         {input, out, relu_mask, given(weight) ? *weight : at::Tensor(),
-         given(bias) ? *bias : at::Tensor(), save_mean, save_invstd});
+         given(bias) ? *bias : at::Tensor(), training ? mean : at::Tensor(),
+         training ? invstd : at::Tensor()});
     ctx->mark_non_differentiable({mean, invstd, relu_mask});
     ctx->set_materialize_grads(false);
     return {out, mean, invstd, relu_mask};
@@ -115,6 +116,13 @@ class BnActFunction : public torch::autograd::Function<BnActFunction> {
         ctx->saved_data["residual_edge"].toInt() >= 0 ? "fused_resnet::bn_add_relu_bwd"
                                                       : "fused_resnet::bn_relu_bwd",
         std::vector<c10::IValue>());
+    const bool training = ctx->saved_data["training"].toBool();
+    at::Tensor mean = saved[5], invstd = saved[6];
+    if (!training) {  // the running statistics: invstd = 1/sqrt(running_var + eps), acc dtype
+      const auto acc = acc_dtype(input.scalar_type());
+      mean = ctx->saved_data["running_mean"].toTensor().to(acc);
+      invstd = ctx->saved_data["running_var"].toTensor().to(acc).add(ctx->saved_data["eps"].toDouble()).rsqrt_();
+    }
     {
       // With create_graph, bn_act_bwd goes through its autograd (fused_resnet/ops.py), whose
       // backward says that double backward is not supported; otherwise straight to the kernel.
@@ -123,8 +131,7 @@ class BnActFunction : public torch::autograd::Function<BnActFunction> {
         below_autograd.emplace();
       }
       std::tie(grad_input, grad_residual, grad_weight, grad_bias) = call_bn_act_bwd(
-          grads[0], saved[1], saved[2], input, weight, saved[5], saved[6],
-          ctx->saved_data["training"].toBool(), need_residual);
+          grads[0], saved[1], saved[2], input, weight, mean, invstd, training, need_residual);
     }
     result[0] = need_input ? grad_input : at::Tensor();
     result[1] = need_residual ? grad_residual : at::Tensor();

@@ -11,9 +11,10 @@ and times them interleaved, round by round, with torch.utils.benchmark on one th
 gives the median µs per call over the rounds and fused / eager. On CUDA a call's time includes its
 launches (the GPU finishes tiny kernels faster than the host issues them).
 
-Modes: "eval" (forward under no_grad), "train-fwd" (forward that records autograd and updates
-the running statistics), "train-fwd+bwd" (that forward, then backward to input, residual,
-weight and bias).
+Modes: "eval" (forward under no_grad), "eval-grad" (an eval-mode forward that records autograd:
+an input that requires grad, as fine-tuning with frozen BatchNorm statistics runs it),
+"train-fwd" (forward that records autograd and updates the running statistics), "train-fwd+bwd"
+(that forward, then backward to input, residual, weight and bias).
 """
 
 import contextlib
@@ -26,7 +27,7 @@ from torch import nn
 
 import fused_resnet
 
-MODES = ("eval", "train-fwd", "train-fwd+bwd")
+MODES = ("eval", "eval-grad", "train-fwd", "train-fwd+bwd")
 SHAPES = {1: (4, 8, 16), 2: (2, 8, 4, 4), 3: (2, 8, 2, 2, 4)}  # 128 elements each
 EAGER_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
@@ -49,8 +50,8 @@ def make_call(provider, op, dims, mode, device):
     """A no-argument callable: one module call (and its backward) for the case."""
     shape = SHAPES[dims]
     build = _eager_forward if provider == "eager" else _fused_forward
-    module = build(op, dims, shape[1], device, mode != "eval")
-    x = torch.randn(shape, device=device, requires_grad=mode == "train-fwd+bwd")
+    module = build(op, dims, shape[1], device, mode.startswith("train"))
+    x = torch.randn(shape, device=device, requires_grad=mode in ("eval-grad", "train-fwd+bwd"))
     args = (x, torch.randn(shape, device=device, requires_grad=x.requires_grad)) if op == "bn_add_relu" else (x,)
     grad = torch.randn(shape, device=device)
 
@@ -63,7 +64,7 @@ def make_call(provider, op, dims, mode, device):
             with torch.no_grad():
                 return forward()
 
-    elif mode == "train-fwd":
+    elif mode in ("eval-grad", "train-fwd"):
         call = forward
     else:
 

@@ -15,9 +15,10 @@ first: a refused call changes no state.
 import torch
 from torch import nn
 
+from .. import backend as _backend
 from .. import functional
 from ..contract import shape_str
-from ..reference import acc_dtype
+from ..reference import acc_dtype, update_running_stats
 from .tracing import record_module_call, refuse_script
 
 
@@ -71,12 +72,29 @@ class _FusedBatchNormMixin:
         check_channels(self, input)
         use_batch_stats, running_mean, running_var, counts_steps = self._mode()
         params = self._parameters
-        out = functional.batch_norm_act(
-            input, residual, _tensor(self, params, "weight"), _tensor(self, params, "bias"),
-            running_mean, running_var, use_batch_stats, self._step_momentum(counts_steps), self.eps,
-        )
+        weight, bias = _tensor(self, params, "weight"), _tensor(self, params, "bias")
+        if self.momentum is None and counts_steps and torch.compiler.is_compiling():
+            out = self._compiled_cumulative_step(input, residual, weight, bias, running_mean, running_var)
+        else:
+            out = functional.batch_norm_act(
+                input, residual, weight, bias, running_mean, running_var, use_batch_stats,
+                self._step_momentum(counts_steps), self.eps,
+            )
         if counts_steps:  # counted once the step went through: a refused call counts nothing
             _tensor(self, self._buffers, "num_batches_tracked").add_(1)
+        return out
+
+    def _compiled_cumulative_step(self, input, residual, weight, bias, running_mean, running_var):
+        """A training step with momentum=None under torch.compile: the cumulative average's
+        momentum 1 / (num_batches_tracked + 1) is a tensor there (a float of it would be a value
+        the op's float argument cannot take), so the step runs the training forward op and
+        updates the running statistics with that tensor, in the graph the compiler fuses."""
+        out, mean, _invstd, var, _mask = _backend.ops_for(input).bn_act_fwd_train(
+            input, residual, weight, bias, self.eps
+        )
+        momentum = 1.0 / (_tensor(self, self._buffers, "num_batches_tracked").to(mean.dtype) + 1.0)
+        count = input.numel() // input.shape[1]
+        update_running_stats(running_mean, running_var, mean.detach(), var.detach(), count, momentum)
         return out
 
     __prepare_scriptable__ = refuse_script

@@ -344,14 +344,14 @@ def _bn_act(input, residual, weight, bias, running_mean, running_var, training, 
     x = canonical_layout(input)
     relu_mask = empty_relu_mask(x)  # none kept: bn_act_bwd reads out
     acc = acc_dtype(x.dtype)
-    if not training:
-        none = x.new_empty((0,), dtype=acc)
+    if not training:  # no batch statistics: two empty ones (outputs of an op never alias)
+        no_mean, no_invstd = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
         if x.numel() == 0:
-            return torch.empty_like(x), none, none.clone(), relu_mask
+            return torch.empty_like(x), no_mean, no_invstd, relu_mask
         out = _launch_fwd_apply(
             x, partition.view_of(x), residual, running_mean, running_var, weight, bias, eps, spread_is_var=True
         )
-        return out, none, none.clone(), relu_mask
+        return out, no_mean, no_invstd, relu_mask
     if x.numel() == 0:  # an empty batch updates nothing
         var = x.new_zeros((x.shape[1],), dtype=acc)
         return torch.empty_like(x), torch.zeros_like(var), torch.rsqrt(var + eps), relu_mask
