@@ -7,7 +7,7 @@
 # it goes; a failed or timed-out phase is recorded and the next one runs; each phase appends one
 # line to OUTDIR/summary.txt (and prints it); the exit status is that of the first failure.
 #
-# main (at most 8 minutes; the limits below in seconds, times GPU_CHECK_TIME_SCALE):
+# main (at most 8.5 minutes; the limits below in seconds, times GPU_CHECK_TIME_SCALE):
 #   a  load     30  the carried build loads and has its CUDA kernels (else it is built here:
 #                   setup.py build_ext --inplace, BUILD_LIMIT s, not in the 8 minutes); device facts,
 #                   nvidia-smi, measured copy bandwidth                     device.json, nvidia-smi.txt
@@ -17,11 +17,15 @@
 #                   per check (110 s), then tests/test_cuda.py (40 s) but its 2**31 and inductor
 #                   tests (the script has its own; call 2 runs the whole file)
 #                                                       correctness.jsonl, tests-cuda-kernels.xml
-#   c  bench   180  python -m fused_resnet.bench, bf16, eval and train-fwd+bwd, the ResNet-50 stage
+#   c  bench   170  python -m fused_resnet.bench, bf16, eval and train-fwd+bwd, the ResNet-50 stage
 #                   shapes, in chunks run while time is left: eager and the fused backends on every
 #                   case first, then with torch.compile (inductor: seconds per case) on as many as
 #                   fit, channels_last first          bench-c-N-NAME/results.json, goals-c.txt
 #   d  model    90  ResNet-50 bf16 channels_last training step, batch 128: eager vs fused   model.json
+#   e  overhead 60  python -m fused_resnet.bench --overhead --quick: host µs per module call, eager
+#                   against the cuda and triton backends, eval / eval-grad / train-fwd /
+#                   train-fwd+bwd, and the GPU activities (launches) of one call each
+#                                                                     overhead/overhead.json
 # rest (at most 4 minutes):
 #   r1 tests   150  the whole tests/ suite on CUDA tensors (no -x)                 tests-cuda.xml
 #   r2 sanitize 50  compute-sanitizer memcheck and racecheck over benchmarks/sanitize_cuda.py
@@ -214,7 +218,7 @@ bench_chunks() {
 phase_bench() {
   local fused="eager,$NATIVE,triton" all="eager,compile,$NATIVE,triton" common="--dtype bf16"
   if [[ $DEVICE == cuda ]]; then
-    bench_chunks c "$(limit 180)" \
+    bench_chunks c "$(limit 170)" \
       "fused-eval|$fused|yes|$common --modes eval" \
       "fused-train|$fused|yes|$common --modes train-fwd+bwd" \
       "compile-eval-cl|$all|no|$common --modes eval --cases channels_last" \
@@ -225,7 +229,7 @@ phase_bench() {
     # Dry run: bench's CPU quick shape (4x64x28x28), one case per chunk, the cpu backend only
     # (bench never times the Triton interpreter), no torch.compile (inductor's CPU C++ compile
     # takes 20-40 s a case here; on the GPU the same bench code runs it).
-    bench_chunks c "$(limit 180)" \
+    bench_chunks c "$(limit 170)" \
       "fused-eval|$fused|yes|$common --quick --modes eval --cases ^bn_relu.*channels_last" \
       "fused-train|$fused|yes|$common --quick --modes train-fwd+bwd --cases ^bn_add_relu.*contiguous"
   fi
@@ -243,6 +247,14 @@ phase_model() {
   # shellcheck disable=SC2086
   step d-model "$lim" $PY benchmarks/gpu_tools.py model --device "$DEVICE" --out "$OUT/model.json" $args
   verdict d-model "$STEP_RC" "$STEP_S" "$lim" "$(grep '^resnet' "$OUT/d-model.log" | tr -s ' ' | paste -sd ';' -)"
+}
+
+phase_overhead() {
+  local lim
+  lim=$(limit 60)
+  step e-overhead "$lim" $PY -m fused_resnet.bench --overhead --quick --device "$DEVICE" --output "$OUT/overhead"
+  verdict e-overhead "$STEP_RC" "$STEP_S" "$lim" \
+    "$(grep -E '^bn_(add_)?relu 2d' "$OUT/e-overhead.log" | tr -s ' ' | paste -sd ';' -)"
 }
 
 phase_tests() {
@@ -289,7 +301,7 @@ phase_rest_bench() {
 say "== gpu_check.sh $MODE $(date -u +%FT%TZ) device=$DEVICE python=$PY scale=$SCALE ${DRY_RUN:+(dry run)}"
 SECONDS=0
 case "$MODE" in
-  main) phase_load; [[ -n ${DRY_RUN:-} ]] && phase_count; phase_correctness; phase_bench; phase_model ;;
+  main) phase_load; [[ -n ${DRY_RUN:-} ]] && phase_count; phase_correctness; phase_bench; phase_model; phase_overhead ;;
   rest) phase_tests; phase_sanitize; phase_rest_bench ;;
   *) echo "unknown mode $MODE: main, rest or record" >&2; exit 2 ;;
 esac

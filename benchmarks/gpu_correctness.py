@@ -13,6 +13,11 @@ time limit keeps those: bf16 paths, bitwise, graph, compile, big, then fp16 and 
   bitwise/<backend>/<case>   the same inputs twice give torch.equal results (split reductions)
   graph/<backend>            a training step (forward + backward of a fused module) captured in a
                              CUDA graph and replayed on new inputs equals the same step run eagerly
+  graph-bn_act/<backend>     the module op's training forward captured, replayed on new inputs:
+                             output and running statistics against float64 eager, step by step
+  reduce-overhead/<backend>  torch.compile(fullgraph=True, mode="reduce-overhead") of the module,
+                             training steps: outputs, grad_input, running statistics, and whether
+                             inductor's CUDA graphs were taken (gpu_capture_checks.py)
   compile/<backend>          torch.compile(fullgraph=True) with inductor of a block of two fused
                              modules, training and eval, against eager float64
   big/<backend>/<layout>     a bfloat16 tensor of more than 2**31 elements: eval output and batch
@@ -67,6 +72,8 @@ from gpu_checks import (  # noqa: E402
     op_namespace,
     triton_specializations,
 )
+from gpu_capture_checks import check_bn_act_graph, check_bn_act_reduce_overhead  # noqa: E402
+from gpu_capture_checks import skipped_on as capture_skipped_on  # noqa: E402
 
 # (shape, layout, the kernel path it reaches, dry run). On a GPU every case runs on every backend.
 # The dry run (CPU) runs the cases marked "native" on the cpu backend only and those marked "all"
@@ -181,6 +188,10 @@ def main():
                        lambda: check_bitwise(ns, DEVICE, shape, layout, big_dtype))
         writer.run(f"graph/{name}", name, lambda: check_graph(name, DEVICE, torch.float32),
                    skip=None if gpu else "CUDA graphs need a GPU")
+        writer.run(f"graph-bn_act/{name}", name, lambda: check_bn_act_graph(name, DEVICE),
+                   skip=capture_skipped_on(DEVICE))
+        writer.run(f"reduce-overhead/{name}", name, lambda: check_bn_act_reduce_overhead(name, DEVICE),
+                   skip=capture_skipped_on(DEVICE))
         # The dry run checks the capture (fullgraph) and AOT autograd, not inductor: its CPU C++
         # compile takes minutes here, and Triton's interpreter cannot run on traced tensors.
         dynamo_backend = "inductor" if gpu else ("eager" if name == "triton" else "aot_eager")

@@ -95,7 +95,7 @@ def _bench(dtype_name):
 # phase: (title, workload, the phase's seconds in gpu_check.sh for the part that compiles them)
 PHASES = {
     "b": ("correctness (gpu_correctness.py, triton)", phase_b, 110),
-    "c": ("bench bf16", lambda: _bench("bf16"), 180),
+    "c": ("bench bf16", lambda: _bench("bf16"), 170),
     "r3": ("bench fp16 and fp32", lambda: (_bench("fp16"), _bench("fp32")), 40),
 }
 # A phase fits when its compiles take at most this share of its seconds (the rest runs the checks).

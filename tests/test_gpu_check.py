@@ -19,7 +19,10 @@ BASH = shutil.which("bash")
 pytestmark = pytest.mark.skipif(BASH is None, reason="needs bash")
 
 # What the dry run cannot run, and says so: no bfloat16 on the Triton interpreter, no CUDA graphs.
-DRY_RUN_SKIPS = {"paths/triton/bfloat16", "graph/cpu", "graph/triton"}
+DRY_RUN_SKIPS = {
+    "paths/triton/bfloat16",
+    *(f"{check}/{backend}" for check in ("graph", "graph-bn_act", "reduce-overhead") for backend in ("cpu", "triton")),
+}
 
 
 def run_script(*args, env=None, timeout=900):
@@ -38,7 +41,7 @@ def test_dry_run_main(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
 
     summary = (out / "summary.txt").read_text()
-    for phase in ("a-load", "b-correctness", "c-bench", "d-model"):
+    for phase in ("a-load", "count", "b-correctness", "c-bench", "d-model", "e-overhead"):
         assert f"phase {phase}: PASS" in summary, summary
     assert "status 0" in summary
     for name in ("device.json", "nvidia-smi.txt", "correctness.jsonl", "model.json", "goals-c.txt",
@@ -60,14 +63,15 @@ def test_dry_run_main(tmp_path):
         assert math.isfinite(line["max_err"]) and 0 <= line["tol_ratio"] <= 1, line
         assert line["seconds"] >= 0
     names = {l["check"].split("/")[0] for l in checks}
-    assert names == {"paths", "bitwise", "graph", "compile", "big"}
+    assert names == {"paths", "bitwise", "graph", "graph-bn_act", "reduce-overhead", "compile", "big"}
     assert any(l["check"].startswith("paths/triton/float16") for l in checks)
 
     # PACK: one archive of OUTDIR (the device returns at most 8 files) and the summary beside it.
     assert (pack / "summary.txt").read_text() == summary
     with tarfile.open(pack / "gpu_check.tgz") as tar:
         packed = set(tar.getnames())
-    assert {"out/summary.txt", "out/correctness.jsonl", "out/model.json"} <= packed
+    assert {"out/summary.txt", "out/correctness.jsonl", "out/model.json", "out/overhead/overhead.json",
+            "out/triton_count.json"} <= packed
 
 
 def test_a_wrong_backend_fails_its_checks(tmp_path):

@@ -9,7 +9,9 @@ launched besides the kernel. Each case builds, on the same device:
              that backend selected (outside the timed calls)
 and times them interleaved, round by round, with torch.utils.benchmark on one thread; the table
 gives the median µs per call over the rounds and fused / eager. On CUDA a call's time includes its
-launches (the GPU finishes tiny kernels faster than the host issues them).
+launches (the GPU finishes tiny kernels faster than the host issues them), and each row also
+counts the GPU activities (kernels, memsets, copies) of one call per provider, with the profiler
+("launches"; their names in overhead.json).
 
 Modes: "eval" (forward under no_grad), "eval-grad" (an eval-mode forward that records autograd:
 an input that requires grad, as fine-tuning with frozen BatchNorm statistics runs it),
@@ -98,6 +100,21 @@ def time_interleaved(calls, device, rounds, number):
     return samples
 
 
+def gpu_activities(call, provider):
+    """The names of the GPU activities (kernels, memsets, copies) one call of `call` runs, as the
+    profiler records them: the launches a module call costs, beside its host time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with _selected(provider):
+        call()  # first-call costs out of the profile
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            call()
+            torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
+
+
 def providers(device):
     """eager and every fused backend that runs `device` as a product would: the Triton
     interpreter (CPU tensors) is a test vehicle, not a provider."""
@@ -125,10 +142,15 @@ def run(device, rounds=7, number=200, ops=("bn_relu", "bn_add_relu"), dims=(1, 2
                 samples = time_interleaved(calls, device, rounds, number)
                 median = {name: statistics.median(s) for name, s in samples.items()}
                 row = {"op": op, "dims": d, "mode": mode, "us_per_call": median, "samples_us": samples}
-                rows.append(row)
                 label = f"{op} {d}d {mode}"
                 line = f"{label:34}" + "".join(f"{median[n]:14.1f}" for n in names) + "".join(
                     f"{median[n] / median['eager']:16.2f}" for n in names[1:]
                 )
+                if device.type == "cuda":
+                    row["gpu_activities"] = {name: gpu_activities(call, name) for name, call in calls.items()}
+                    line += "   launches " + " ".join(
+                        f"{name} {len(row['gpu_activities'][name])}" for name in names
+                    )
+                rows.append(row)
                 print(line, file=out, flush=True)
     return rows
