@@ -143,14 +143,50 @@ def extension(cuda, sources=None):
     )
 
 
+BUILD_INFO = os.path.join(ROOT, "fused_resnet", "_build_info.py")
+
+
+def torch_requirement(version):
+    """The requirement a build puts in its metadata: the torch release it was built against
+    (`_C` links against that libtorch; another release fails to load it). The local label
+    (+cu130, +cpu) is left out, so that PyPI's wheel of that release satisfies it."""
+    return f"torch=={version.split('+')[0]}"
+
+
+def write_build_info(torch_version, cuda_version, path=BUILD_INFO):
+    """fused_resnet/_build_info.py: the torch each build of `_C` was built against, by the
+    extension's file suffix (builds for several Pythons share the source tree: the device twin's
+    sits beside the default one), which the package compares with the running torch when it loads
+    `_C` (fused_resnet/__init__.py)."""
+    import importlib.machinery
+
+    builds = {}
+    if os.path.exists(path):
+        namespace = {}
+        with open(path) as f:
+            exec(f.read(), namespace)
+        builds = dict(namespace.get("BUILDS", {}))
+    builds[importlib.machinery.EXTENSION_SUFFIXES[0]] = {"torch": torch_version, "cuda": cuda_version}
+    with open(path, "w") as f:
+        f.write(
+            '"""Written by setup.py when it builds fused_resnet._C: the torch each build (by its file\n'
+            'suffix) was built against."""\n\n'
+            f"BUILDS = {builds!r}\n"
+        )
+
+
 # setuptools runs this file as __main__ (pip's build backend too); the test imports it for its flags.
 if __name__ == "__main__":
+    import torch
+
+    write_build_info(torch.__version__, torch.version.cuda)
     setup(
         name="fused_resnet",
         version="0.1.0",
         description="Fused BatchNorm(+add)+ReLU kernels and ResNet blocks for PyTorch",
         packages=find_packages(include=["fused_resnet", "fused_resnet.*"]),
         python_requires=">=3.9",
+        install_requires=[torch_requirement(torch.__version__)],
         ext_modules=[extension(cuda=_want_cuda() and bool(CUDA_SOURCES))],
         cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
         zip_safe=False,

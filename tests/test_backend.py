@@ -104,3 +104,33 @@ def test_import_without_extension_warns_once_and_runs_reference():
     result = _run_python(code)
     assert result.returncode == 0, result.stderr
     assert "ok (2, 3, 4, 4)" in result.stdout
+
+
+@pytest.mark.skipif(fused_resnet.EXTENSION_ERROR is not None, reason="fused_resnet._C not built")
+def test_an_extension_built_against_another_torch_is_named_with_both_versions():
+    """setup.py records the torch each build of _C was built against (fused_resnet/_build_info.py);
+    loading it beside another torch warns with both versions and the command that rebuilds it."""
+    code = (
+        "import importlib.machinery, sys, types, warnings\n"
+        "info = types.ModuleType('fused_resnet._build_info')\n"
+        "info.BUILDS = {importlib.machinery.EXTENSION_SUFFIXES[0]: {'torch': '2.0.0+test', 'cuda': None}}\n"
+        "sys.modules['fused_resnet._build_info'] = info\n"
+        "warnings.simplefilter('always')\n"
+        "import torch, fused_resnet\n"
+        "print('running', torch.__version__)\n"
+    )
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr
+    running = result.stdout.split("running ")[1].strip()
+    assert f"fused_resnet._C was built against torch 2.0.0+test, but torch {running} is running" in result.stderr
+    assert "pip install --no-build-isolation -e ." in result.stderr
+
+
+def test_a_build_requires_the_torch_release_it_was_built_against():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fused_resnet_setup", os.path.join(ROOT, "setup.py"))
+    setup_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_module)  # not as __main__: nothing is built
+    assert setup_module.torch_requirement("2.14.1+cu130") == "torch==2.14.1"
+    assert setup_module.torch_requirement("2.13.0") == "torch==2.13.0"
