@@ -1,6 +1,7 @@
 """What the tests share: the device and backends under test, the tolerance table and how to
 compare with it, inputs in every layout, per-channel parameters, the float64 eager oracle of the
-modules, and the ops' opcheck calls. Test modules import from here, never from each other.
+modules and its state checks. Test modules import from here (and from parity.py, the whole-model
+comparisons), never from each other.
 
 The tests run on CPU tensors unless FUSED_RESNET_TEST_DEVICE=cuda. On CPU tensors the "triton"
 backend runs through the Triton interpreter, which TRITON_INTERPRET=1 switches on; it must be set
@@ -231,14 +232,16 @@ def make_pair(ndim, channels, residual, config, param_dtype):
     return eager, fused
 
 
-def check_state(fused, eager, dtype, step):
+def check_state(fused, eager, dtype, what):
+    """The running statistics and num_batches_tracked of `fused` as `eager`'s; `what` (a step, a
+    case) starts every message."""
     for name in ("running_mean", "running_var"):
         mine, ref = getattr(fused, name), getattr(eager, name)
-        assert (mine is None) == (ref is None)
+        assert (mine is None) == (ref is None), f"{what}: {name}"
         if mine is not None:
-            assert_close(mine, ref, dtype, f"step {step}: {name}")
+            assert_close(mine, ref, dtype, f"{what}: {name}")
     if eager.num_batches_tracked is not None:
-        assert int(fused.num_batches_tracked) == int(eager.num_batches_tracked)
+        assert int(fused.num_batches_tracked) == int(eager.num_batches_tracked), f"{what}: num_batches_tracked"
 
 
 def run_against_eager(shape, layout, residual, config, dtypes, training, steps=3):
@@ -271,4 +274,4 @@ def run_against_eager(shape, layout, residual, config, dtypes, training, steps=3
             assert_close(fused.bias.grad, eager.bias.grad, dtype, f"step {step}: grad_bias")
             for m in (fused, eager):
                 m.weight.grad = m.bias.grad = None
-        check_state(fused, eager, dtype, step)
+        check_state(fused, eager, dtype, f"step {step}")

@@ -10,7 +10,6 @@ from torch import nn
 import fused_resnet
 from helpers import (
     DEVICE,
-    TRITON_INTERPRETED,
     assert_close,
     eager_step,
     import_client,
@@ -19,6 +18,7 @@ from helpers import (
     memory_format_of,
     relu_mask,
 )
+from parity import randomize_norms
 from fused_resnet.nn import (
     BatchNormAddReLU1d,
     BatchNormAddReLU2d,
@@ -56,13 +56,6 @@ def _randomize_frozen(module):
     return module
 
 
-def _randomize_norms(model):
-    """The same for every BatchNorm of a model."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            _randomize_frozen(m)
-
-
 def _oracle(frozen):
     """x -> x * scale + shift in float64: torchvision's FrozenBatchNorm2d for 4D input, else the
     formula written out."""
@@ -88,13 +81,14 @@ def _assert_frozen_state(module, before):
         assert torch.equal(buffer, before[name]), f"{name} changed"
 
 
+@pytest.mark.triton_interpreter(
+    reason="the Triton interpreter runs the channels_last training-mode cases (a GPU run covers the rest)",
+    only={"layout": ("channels_last",), "training": (True,)},
+)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("residual", [False, True], ids=["relu", "add_relu"])
 @pytest.mark.parametrize("shape,layout", SHAPE_LAYOUTS, ids=SHAPE_IDS)
 def test_frozen_fused_matches_eager(backend, shape, layout, residual, training):
-    if backend == "triton" and TRITON_INTERPRETED and (layout, training) != ("channels_last", True):
-        pytest.skip("the Triton interpreter runs the channels_last training-mode cases (a GPU run "
-                    "covers the rest)")
     cls = FrozenBatchNormAddReLU if residual else FrozenBatchNormReLU
     frozen = _randomize_frozen(cls(shape[1], eps=1e-3).to(DEVICE, F64)).train(training)
     before = {k: v.clone() for k, v in frozen.state_dict().items()}
@@ -153,12 +147,11 @@ def _count(model, cls):
     return sum(type(m) is cls for m in model.modules())
 
 
+@pytest.mark.triton_interpreter(reason="a whole ResNet under the Triton interpreter (a GPU run covers it)", skip=True)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_frozen_resnet18_matches_torchvision_frozen_twin(backend, training):
-    if backend == "triton" and TRITON_INTERPRETED:
-        pytest.skip("a whole ResNet under the Triton interpreter (a GPU run covers it)")
     fused = fused_resnet.models.resnet18(num_classes=10, fused=True).to(DEVICE, F64)
-    _randomize_norms(fused)
+    randomize_norms(fused)
     eager = fused_resnet.models.resnet18(num_classes=10, fused=False).to(DEVICE, F64)
     eager.load_state_dict(fused.state_dict(), strict=True)
     fused.train(training)
@@ -205,7 +198,7 @@ def test_frozen_blocks_apply_relu_and_add_once(block):
     calls each once, and never its own relu."""
     spatial = (5, 6) if block is fused_resnet.nn.Bottleneck else (3, 4, 5)
     fused = block(16, 4).to(DEVICE, F64)
-    _randomize_norms(fused)
+    randomize_norms(fused)
     eager = block(16, 4, fused=False).to(DEVICE, F64)
     eager.load_state_dict(fused.state_dict())
     freeze_batchnorm(fused)

@@ -167,4 +167,4 @@ def test_large_activations(backend, layout, training):
     xhat = (x64 - mean.view(1, -1, 1, 1)) * torch.rsqrt(var.view(1, -1, 1, 1) + eager.eps)
     scale = sum_atol_scale(grad_out.double() * mask * xhat, torch.float32)
     assert_close(fused.weight.grad, eager.weight.grad, torch.float32, "grad_weight", atol_scale=scale)
-    check_state(fused, eager, torch.float32, 0)
+    check_state(fused, eager, torch.float32, "step 0")

@@ -1,16 +1,16 @@
 """The SyncBatchNorm pieces of every backend: bn_stats, bn_act_bwd_reduce, bn_act_bwd_apply.
 
 Each op is compared with its formula evaluated in float64 on the same (rounded) inputs, over
-every layout, odd sizes, reduced precision and empty batches; the compiled ops also go through
-torch.library.opcheck. Composed with a single process's statistics, the pieces reproduce the
-training ops.
+every layout, odd sizes, reduced precision and empty batches (their torch.library.opcheck is
+test_opcheck.py's, with every other op). Composed with a single process's statistics, the pieces
+reproduce the training ops.
 """
 
 import pytest
 import torch
 
 import fused_resnet
-from helpers import DEVICE, TRITON_INTERPRETED, acc_dtype, assert_close, channel_stats, layouts_for, make_tensor, memory_format_of, param_dtype_for
+from helpers import DEVICE, acc_dtype, assert_close, channel_stats, layouts_for, make_tensor, memory_format_of, param_dtype_for
 
 SHAPES = [
     (7, 3),  # (N, C): rows layout with S == 1
@@ -98,15 +98,27 @@ def test_bwd_apply_matches_float64(backend, shape, layout, dtype, residual_grad,
         assert grad_residual.numel() == 0
 
 
-@pytest.mark.parametrize("residual", [False, True], ids=["relu", "add_relu"])
-@pytest.mark.parametrize("shape,layout", SHAPE_LAYOUTS, ids=[f"{s}-{l}" for s, l in SHAPE_LAYOUTS])
+def _pieces_cases():
+    """(shape, layout, residual); under the Triton interpreter the largest shape (35k values per
+    channel, a minute a case there) composes the split pieces in one case, and
+    test_*_matches_float64 check each split piece in every layout."""
+    one_split_case = pytest.mark.triton_interpreter(
+        reason="one split-reduction case under the Triton interpreter (a GPU run covers the rest)", skip=True
+    )
+    return [
+        pytest.param(
+            shape, layout, residual, id=f"{shape}-{layout}-{'add_relu' if residual else 'relu'}",
+            marks=one_split_case if shape == SHAPES[-1] and (layout, residual) != ("channels_last", False) else (),
+        )
+        for shape, layout in SHAPE_LAYOUTS
+        for residual in (False, True)
+    ]
+
+
+@pytest.mark.parametrize("shape,layout,residual", _pieces_cases())
 def test_pieces_compose_to_the_training_ops(backend, shape, layout, residual):
     """One process's statistics through the pieces: stats -> eval apply -> reduce -> apply with
     the means of the sums gives the training forward and backward."""
-    if backend == "triton" and TRITON_INTERPRETED and shape == SHAPES[-1] and (layout, residual) != ("channels_last", False):
-        # 35k values per channel take the interpreter a minute a case; one case composes the split
-        # pieces, and test_*_matches_float64 check each split piece in every layout.
-        pytest.skip("one split-reduction case under the Triton interpreter (a GPU run covers the rest)")
     dtype, channels = torch.float32, shape[1]
     impl = _impl()
     x = make_tensor(shape, dtype, layout)

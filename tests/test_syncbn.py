@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fused_resnet
-from helpers import assert_close, eager_bn_class, eager_step, fused_class, randomize_affine, relu_mask
+from helpers import assert_close, check_state, eager_bn_class, eager_step, fused_class, randomize_affine, relu_mask
 
 CPU_BACKENDS = fused_resnet.available_backends("cpu")
 
@@ -88,16 +88,6 @@ def _gather_cat(t, world, group=None):
     parts = [None] * world
     dist.all_gather_object(parts, t.detach().contiguous(), group=group)
     return torch.cat(parts)
-
-
-def _assert_same_state(mine, ref, dtype, what):
-    for name in ("running_mean", "running_var"):
-        a, b = getattr(mine, name), getattr(ref, name)
-        assert (a is None) == (b is None), f"{what}: {name}"
-        if a is not None:
-            assert_close(a, b, dtype, f"{what}: {name}")
-    if ref.num_batches_tracked is not None:
-        assert int(mine.num_batches_tracked) == int(ref.num_batches_tracked), f"{what}: num_batches_tracked"
 
 
 def run_against_full_batch(case, rank, world, counter, group=None):
@@ -164,7 +154,7 @@ def run_against_full_batch(case, rank, world, counter, group=None):
             assert_close(grads[0], eager.weight.grad, dtype, f"{what}: grad_weight")
             assert_close(grads[1], eager.bias.grad, dtype, f"{what}: grad_bias")
             fused.weight.grad = fused.bias.grad = eager.weight.grad = eager.bias.grad = None
-        _assert_same_state(fused, eager, dtype, what)
+        check_state(fused, eager, dtype, what)
 
 
 def check_matches_non_sync_module(case, rank, counter, group):

@@ -216,17 +216,7 @@ def test_split_reduction_is_bitwise_deterministic(triton_backend, shape, layout,
 
 
 # ---------------------------------------------------------------------------------------------
-# Registration: opcheck, backend choice, import failures.
-
-def test_schemas_match_the_cpp_ops():
-    if fused_resnet.EXTENSION_ERROR is not None:
-        pytest.skip("the C++ extension is not built")
-    for name in fused_resnet.contract.OP_NAMES:
-        mine = getattr(triton_ops, name).default._schema
-        cpp = getattr(torch.ops.fused_resnet, name).default._schema
-        assert [(a.name, str(a.type)) for a in mine.arguments] == [(a.name, str(a.type)) for a in cpp.arguments], name
-        assert [str(r.type) for r in mine.returns] == [str(r.type) for r in cpp.returns], name
-
+# Registration: backend choice, import failures (the schemas: test_contract.py; opcheck: test_opcheck.py).
 
 def test_backend_listing_and_auto():
     assert "triton" in fused_resnet.available_backends(DEVICE)
