@@ -28,9 +28,9 @@ struct BwdApplyOp {
   BwdApplyArgs<T> a;
 
   __device__ __forceinline__ Coef coef(int64_t c) const {
-    const A invstd = load_channel<T>(a.invstd, c, A(1));
+    const A invstd = load_channel<T>(a.in.invstd, c, A(1));
     const A inv_count = static_cast<A>(a.inv_count);
-    return {load_channel<T>(a.weight, c, A(1)) * invstd, load_channel<T>(a.mean, c, A(0)),
+    return {load_channel<T>(a.in.weight, c, A(1)) * invstd, load_channel<T>(a.in.mean, c, A(0)),
             load_channel<T>(a.sum_dz, c, A(0)) * inv_count,
             invstd * (load_channel<T>(a.sum_dz_xhat, c, A(0)) * inv_count)};
   }
@@ -40,10 +40,10 @@ struct BwdApplyOp {
     if (a.dz_in != nullptr) {
       it.g = load_pack<T, L>(a.dz_in + off);
     } else {
-      it.g = load_pack<T, L>(a.dy + off);
-      it.y = load_pack<T, L>(a.y + off);
+      it.g = load_pack<T, L>(a.in.dy + off);
+      it.y = load_pack<T, L>(a.in.y + off);
     }
-    it.x = load_pack<T, L>(a.x + off);
+    it.x = load_pack<T, L>(a.in.x + off);
   }
 
   template <int L, int LC>
@@ -68,7 +68,7 @@ struct BwdApplyOp {
 template <typename T>
 void launch_bwd_apply(const ViewDims& dims, const BwdApplyArgs<T>& args, cudaStream_t stream) {
   const BwdApplyOp<T> op{args};
-  launch_for_view<T>(dims, {args.dy, args.y, args.dz_in, args.x, args.dx, args.dr}, [&](auto lanes, auto rows) {
+  launch_for_view<T>(dims, {args.in.dy, args.in.y, args.dz_in, args.in.x, args.dx, args.dr}, [&](auto lanes, auto rows) {
     run_apply<T, decltype(lanes)::value, decltype(rows)::value>(op, dims, stream);
   });
 }

@@ -27,15 +27,15 @@ struct BwdReduceOp {
   BwdReduceArgs<T> a;
 
   __device__ __forceinline__ Ctx context(int64_t c) const {
-    return {load_channel<T>(a.mean, c, A(0)),
-            load_channel<T>(a.weight, c, A(1)) * load_channel<T>(a.invstd, c, A(1))};
+    return {load_channel<T>(a.in.mean, c, A(0)),
+            load_channel<T>(a.in.weight, c, A(1)) * load_channel<T>(a.in.invstd, c, A(1))};
   }
 
   template <int L>
   __device__ __forceinline__ void load(Item<L>& it, int64_t off) const {
-    it.dy = load_pack<T, L>(a.dy + off);
-    it.y = load_pack<T, L>(a.y + off);
-    it.x = load_pack<T, L>(a.x + off);
+    it.dy = load_pack<T, L>(a.in.dy + off);
+    it.y = load_pack<T, L>(a.in.y + off);
+    it.x = load_pack<T, L>(a.in.x + off);
   }
 
   template <int L>
@@ -63,7 +63,7 @@ struct BwdReduceOp {
 
   __device__ __forceinline__ void finalize(int64_t c, const State<1>& s) const {
     a.sum_dz[c] = s.s1[0];
-    a.sum_dz_xhat[c] = s.s2[0] * load_channel<T>(a.invstd, c, A(1));
+    a.sum_dz_xhat[c] = s.s2[0] * load_channel<T>(a.in.invstd, c, A(1));
   }
 };
 
@@ -73,7 +73,7 @@ template <typename T>
 void launch_bwd_reduce(const ViewDims& dims, const BwdReduceArgs<T>& args, Workspace& workspace,
                        cudaStream_t stream) {
   const BwdReduceOp<T> op{args};
-  launch_for_view<T>(dims, {args.dy, args.y, args.x, args.dr, args.dx}, [&](auto lanes, auto rows) {
+  launch_for_view<T>(dims, {args.in.dy, args.in.y, args.in.x, args.dr, args.dx}, [&](auto lanes, auto rows) {
     run_reduce<T, decltype(lanes)::value, decltype(rows)::value>(op, dims, workspace, stream);
   });
 }

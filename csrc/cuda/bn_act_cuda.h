@@ -77,20 +77,28 @@ struct FwdApplyArgs {
   double eps = 0.0;
 };
 
-// Backward reductions, dz = 0 where out <= 0 else grad_out:
-//   sum_dz = Σdz,  sum_dz_xhat = invstd·Σdz·(x − mean).
-// The same pass may also store dz (dr: grad_residual, or the apply pass's input) and, when the
-// statistics are not batch statistics, grad_input = w·invstd·dz (dx), which needs no reduction.
+// What both backward passes read: grad_out (dy), the forward's out (y) and input (x), and the
+// per-channel vectors of the forward's normalization; bn_act_ops.cpp fills it once per op.
 template <typename T>
-struct BwdReduceArgs {
+struct BwdInputs {
   const T* dy = nullptr;
   const T* y = nullptr;
   const T* x = nullptr;
-  T* dr = nullptr;  // null: dz not stored
-  T* dx = nullptr;  // null: grad_input left to the apply pass
-  ChannelVec weight{};  // absent: 1 (only read with dx)
+  ChannelVec weight{};  // absent: 1
   ChannelVec mean{};
   ChannelVec invstd{};
+};
+
+// Backward reductions, dz = 0 where out <= 0 else grad_out:
+//   sum_dz = Σdz,  sum_dz_xhat = invstd·Σdz·(x − mean).
+// The same pass may also store dz (dr: grad_residual, or the apply pass's input) and, when the
+// statistics are not batch statistics, grad_input = w·invstd·dz (dx), which needs no reduction
+// (the only use of in.weight here).
+template <typename T>
+struct BwdReduceArgs {
+  BwdInputs<T> in;
+  T* dr = nullptr;  // null: dz not stored
+  T* dx = nullptr;  // null: grad_input left to the apply pass
   acc_t<T>* sum_dz_xhat = nullptr;
   acc_t<T>* sum_dz = nullptr;
 };
@@ -98,18 +106,13 @@ struct BwdReduceArgs {
 // grad_input = w·invstd·(dz − mean_dz − x̂·mean_dz_xhat), x̂ = (x − mean)·invstd, with
 // mean_dz = sum_dz·inv_count and mean_dz_xhat = sum_dz_xhat·inv_count (inv_count = 1/M for sums,
 // 1 when the caller passes means). dz is read from dz_in when given (stored there by the reduce
-// pass), else formed from dy and y, and then stored to dr when dr is not null.
+// pass), else formed from in.dy and in.y, and then stored to dr when dr is not null.
 template <typename T>
 struct BwdApplyArgs {
-  const T* dy = nullptr;
-  const T* y = nullptr;
-  const T* dz_in = nullptr;  // null: dz from dy, y
-  const T* x = nullptr;
+  BwdInputs<T> in;
+  const T* dz_in = nullptr;  // null: dz from in.dy, in.y
   T* dx = nullptr;
   T* dr = nullptr;  // null: grad_residual not wanted (or already stored)
-  ChannelVec weight{};  // absent: 1
-  ChannelVec mean{};
-  ChannelVec invstd{};
   ChannelVec sum_dz{};
   ChannelVec sum_dz_xhat{};
   double inv_count = 1.0;

@@ -95,6 +95,19 @@ T* mutable_ptr(const at::Tensor& t) {
   return t.defined() && t.numel() > 0 ? t.mutable_data_ptr<T>() : nullptr;
 }
 
+// The backward passes' common arguments, from the checked operands and the forward's vectors.
+template <typename T>
+BwdInputs<T> bwd_inputs(
+    const BwdOperands& in, const OptTensor& weight, const at::Tensor& mean, const at::Tensor& invstd) {
+  return {
+      .dy = in.grad_out.const_data_ptr<T>(),
+      .y = in.out.const_data_ptr<T>(),
+      .x = in.g.x.const_data_ptr<T>(),
+      .weight = channel_vec(weight),
+      .mean = channel_vec(mean),
+      .invstd = channel_vec(invstd)};
+}
+
 } // namespace
 
 namespace {
@@ -181,8 +194,6 @@ BwdOutputs bwd_cuda(
     const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats, bool residual_grad) {
   constexpr const char* op = "bn_act_bwd";
   const View& g = in.g;
-  const at::Tensor& dy = in.grad_out;
-  const at::Tensor& y = in.out;
   const c10::cuda::CUDAGuard guard(g.x.device());
 
   at::Tensor dx = empty_activation(g);
@@ -197,29 +208,20 @@ BwdOutputs bwd_cuda(
     // Running statistics: grad_input = w·invstd·dz needs no reduction, so the reduce pass
     // writes it. Batch statistics: the reduce pass stores dz into grad_residual (if wanted),
     // and the apply pass reads it back instead of grad_out and out.
+    const BwdInputs<scalar_t> inputs = bwd_inputs<scalar_t>(in, weight, mean, invstd);
     const BwdReduceArgs<scalar_t> reduce{
-        .dy = dy.const_data_ptr<scalar_t>(),
-        .y = y.const_data_ptr<scalar_t>(),
-        .x = g.x.const_data_ptr<scalar_t>(),
+        .in = inputs,
         .dr = dr_ptr,
         .dx = batch_stats ? nullptr : dx.mutable_data_ptr<scalar_t>(),
-        .weight = channel_vec(weight),
-        .mean = channel_vec(mean),
-        .invstd = channel_vec(invstd),
         .sum_dz_xhat = gw.mutable_data_ptr<A>(),
         .sum_dz = gb.mutable_data_ptr<A>()};
     TensorWorkspace workspace(g.x);
     launch_bwd_reduce<scalar_t>(dims, reduce, workspace, stream);
     if (batch_stats) {
       const BwdApplyArgs<scalar_t> apply{
-          .dy = dy.const_data_ptr<scalar_t>(),
-          .y = y.const_data_ptr<scalar_t>(),
+          .in = inputs,
           .dz_in = dr_ptr,  // dz, where the reduce pass stored it
-          .x = g.x.const_data_ptr<scalar_t>(),
           .dx = dx.mutable_data_ptr<scalar_t>(),
-          .weight = channel_vec(weight),
-          .mean = channel_vec(mean),
-          .invstd = channel_vec(invstd),
           .sum_dz = channel_vec(gb),
           .sum_dz_xhat = channel_vec(gw),
           .inv_count = 1.0 / static_cast<double>(g.M())};
@@ -251,8 +253,6 @@ TensorPair stats_cuda(const View& g) {
 TensorPair bwd_reduce_cuda(const BwdOperands& in, const at::Tensor& mean, const at::Tensor& invstd) {
   constexpr const char* op = "bn_act_bwd_reduce";
   const View& g = in.g;
-  const at::Tensor& dy = in.grad_out;
-  const at::Tensor& y = in.out;
   const c10::cuda::CUDAGuard guard(g.x.device());
 
   at::Tensor sum_dz_xhat = empty_channel_stat(g);
@@ -261,11 +261,7 @@ TensorPair bwd_reduce_cuda(const BwdOperands& in, const at::Tensor& mean, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.x.scalar_type(), op, [&] {
     using A = acc_t<scalar_t>;
     const BwdReduceArgs<scalar_t> reduce{
-        .dy = dy.const_data_ptr<scalar_t>(),
-        .y = y.const_data_ptr<scalar_t>(),
-        .x = g.x.const_data_ptr<scalar_t>(),
-        .mean = channel_vec(mean),
-        .invstd = channel_vec(invstd),
+        .in = bwd_inputs<scalar_t>(in, std::nullopt, mean, invstd),  // no dx: weight unread
         .sum_dz_xhat = sum_dz_xhat.mutable_data_ptr<A>(),
         .sum_dz = sum_dz.mutable_data_ptr<A>()};
     TensorWorkspace workspace(g.x);
@@ -280,8 +276,6 @@ TensorPair bwd_apply_cuda(
     bool residual_grad) {
   constexpr const char* op = "bn_act_bwd_apply";
   const View& g = in.g;
-  const at::Tensor& dy = in.grad_out;
-  const at::Tensor& y = in.out;
   const c10::cuda::CUDAGuard guard(g.x.device());
 
   at::Tensor dx = empty_activation(g);
@@ -289,14 +283,9 @@ TensorPair bwd_apply_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.x.scalar_type(), op, [&] {
     const BwdApplyArgs<scalar_t> apply{
-        .dy = dy.const_data_ptr<scalar_t>(),
-        .y = y.const_data_ptr<scalar_t>(),
-        .x = g.x.const_data_ptr<scalar_t>(),
+        .in = bwd_inputs<scalar_t>(in, weight, mean, invstd),
         .dx = dx.mutable_data_ptr<scalar_t>(),
         .dr = mutable_ptr<scalar_t>(dr),
-        .weight = channel_vec(weight),
-        .mean = channel_vec(mean),
-        .invstd = channel_vec(invstd),
         .sum_dz = channel_vec(mean_dz),  // given means: inv_count 1
         .sum_dz_xhat = channel_vec(mean_dz_xhat)};
     launch_bwd_apply<scalar_t>(dims_of(g), apply, stream);
