@@ -8,7 +8,9 @@ container (`conv2 = nn.Sequential(conv, bn)`, nested to any depth) whose caller 
 or the add: the container's graph is spliced into the caller's (rewrite/inline.py). When both
 operands of the add are BatchNorm outputs, the left one (the main branch, as torchvision and timm
 write `out += shortcut`) takes the add. timm's BatchNormAct2d counts as a BatchNorm when it applies
-no activation, and becomes a BatchNormReLU2d by itself when it applies a ReLU.
+no activation, and becomes a BatchNormReLU2d by itself when it applies a ReLU. Frozen BatchNorms
+(torchvision's FrozenBatchNorm2d, timm's FrozenBatchNormAct2d) fuse the same way into
+FrozenBatchNormReLU / FrozenBatchNormAddReLU (rewrite/norms.py).
 
 The BatchNorm object itself becomes the fused module (only its class changes), so its qualified
 name, parameters, buffers, settings, mode, device and dtype stay and state dicts load strictly in
@@ -20,17 +22,18 @@ dataflow. Every BatchNorm left is listed in the report with the reason: "cannot 
 the computation has no fused form, "not supported: ..." when convert does not take it.
 
 What the rewrite never does: fuse a BatchNorm whose output has another use, that is shared or called
-twice, that has hooks, or whose add writes into the residual in place (`r += bn(x)` modifies r).
-torch.fx records `a += b` as `a = a + b`; a module whose forward applies an operator to a tensor
-that is an input, an attribute, or used again afterwards is left as it is, because regenerating
-its code could drop an in-place update another reader sees.
+twice, that has hooks, or whose add writes into the residual in place (`r.add_(bn(x))` modifies r).
+torch.fx records `a += b` as `a = a + b`, and the trace reads from the bytecode which one the forward
+wrote (rewrite/operators.py): a module whose forward writes `a op= b` on a tensor that is an input,
+an attribute, or used again afterwards (or an operator whose form cannot be read) is left as it is,
+because regenerating its code would drop an in-place update another reader sees. `x = x + f(x)`
+(torchvision's RegNet) converts.
 
 convert(..., inplace=True) is all or nothing: if it fails, the model is as it was. unfuse(model)
 turns everything convert did back into the plain modules and forwards, with the same keys.
 """
 
 import copy
-import operator
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import List, Tuple
@@ -39,19 +42,12 @@ import torch
 import torch.fx
 from torch import nn
 
-from .nn.batchnorm import (
-    EAGER_BATCHNORMS,
-    UNFUSED_CLASS,
-    AddReLU,
-    _BatchNormAddReLU,
-    _BatchNormReLU,
-    fuse_batchnorm_,
-)
+from .nn.batchnorm import EAGER_BATCHNORMS, AddReLU, _BatchNormAddReLU, _BatchNormReLU
 from .nn.blocks import BasicBlock, Bottleneck
 from .nn.frozen import FrozenBatchNorm, FrozenBatchNormAddReLU
 from .nn.syncbn import convert_sync_batchnorm
 from .nn.tracing import record_function_call
-from .rewrite import patterns
+from .rewrite import norms, patterns
 from .rewrite.graphs import (
     NotRewritable,
     has_forward,
@@ -61,17 +57,13 @@ from .rewrite.graphs import (
     module_graph,
 )
 from .rewrite.inline import splice, splice_blocker
-from .rewrite.patterns import PLAIN, REACHES_OUTPUT, cannot, unsupported
+from .rewrite.norms import PLAIN, fuse_norm
+from .rewrite.operators import SYMBOLS, in_place_on_shared, shared_operand
+from .rewrite.patterns import REACHES_OUTPUT, cannot, unsupported
 from .rewrite.undo import all_or_nothing
 
-_module_graph = module_graph  # the name tests replace
-
-# Python operators that torch.fx records out of place even when written augmented (`a op= b`).
-_BINARY_OPERATORS = (
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod,
-    operator.pow, operator.matmul, operator.and_, operator.or_, operator.xor, operator.lshift,
-    operator.rshift,
-)  # fmt: skip
+_module_graph = module_graph  # the names tests replace
+_fuse = fuse_norm  # makes a BatchNorm or a frozen BatchNorm its fused twin (rewrite/norms.py)
 FUSED_NORMS = (_BatchNormReLU, _BatchNormAddReLU)
 
 
@@ -122,26 +114,25 @@ def _bn_add_relu(bn, input, residual, bn_on_left):
     return torch.relu(out + residual if bn_on_left else residual + out)
 
 
-def _fuse(bn, with_residual):
-    """Make the BatchNorm `bn` its fused twin in place, keeping its class for unfuse."""
-    unfused = type(bn)
-    bn.__class__ = next(c for c in unfused.__mro__ if c in EAGER_BATCHNORMS)
-    fuse_batchnorm_(bn, with_residual)
-    bn.__dict__[UNFUSED_CLASS] = unfused
-
-
-def _ambiguous_operator(graph):
-    """A node `a op b` that might have been `a op= b` with a reader of the old `a`, or None."""
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    for node in graph.nodes:
-        if node.op != "call_function" or node.target not in _BINARY_OPERATORS:
-            continue
-        left = node.args[0]
-        if not isinstance(left, torch.fx.Node):
-            continue
-        if left.op in ("placeholder", "get_attr") or any(order[u] > order[node] for u in left.users):
-            return node
-    return None
+def _in_place_blocker(graph, module_name):
+    """Why the forward of `module_name`, whose graph is `graph`, cannot be regenerated (it updates
+    in place a tensor another reader sees, or may), or None."""
+    found = in_place_on_shared(graph)
+    if found is None:
+        return None
+    node, in_place = found
+    where = f"the forward of {module_name or 'the model'}"
+    symbol = SYMBOLS[node.target]
+    if in_place:
+        return (
+            f"{where} writes `{symbol}=` into {shared_operand(node)}, an update in place that the "
+            "forward torch.fx regenerates would not make"
+        )
+    return (
+        f"{where} applies {node.target.__name__} to a tensor read elsewhere ({shared_operand(node)}) "
+        f"where no `{symbol}` or `{symbol}=` operator tells the form, and torch.fx cannot tell "
+        "`a += b` from `a = a + b`"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,11 +162,11 @@ class _Walk:
         self.tails = {}  # module -> _Tail
         self.fused = []  # (name, fused class)
         for name, module in sorted(model.named_modules(), key=lambda item: -_depth(item[0])):
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) or not has_forward(module):
+            if norms.is_norm(module) or not has_forward(module):
                 continue
             if _is_our_block(module) and not trace_our_blocks:
                 continue
-            if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+            if not any(norms.is_norm(m) for m in module.modules()):
                 continue
             try:
                 graph = _module_graph(module)
@@ -227,7 +218,7 @@ def _site(walk, module, node):
     if node.op != "call_module":
         return None
     target = module.get_submodule(node.target)
-    if patterns.norm_kind(target) == PLAIN:
+    if norms.norm_kind(target) == PLAIN:
         if len(node.args) != 1 or node.kwargs:
             return walk.qualified(module, node.target), unsupported("it is called with more than one argument")
         return walk.qualified(module, node.target), walk.why_not_alone(target)
@@ -239,15 +230,16 @@ def _site(walk, module, node):
     if blocker is None:
         blocker = splice_blocker(node, walk.graphs[target])
         blocker = blocker and unsupported(f"{where}, which {blocker}")
-    if blocker is None and _ambiguous_operator(walk.graphs[target]) is not None:
-        blocker = unsupported(f"{where}, whose forward applies an operator torch.fx cannot tell from its in-place form")
+    if blocker is None:
+        in_place = _in_place_blocker(walk.graphs[target], walk.names[target])
+        blocker = in_place and unsupported(f"{where}, to be spliced into its caller, and {in_place}")
     return tail.name, blocker
 
 
 def _rewrite(walk, module, graph):
     """Fuse what `module`'s graph allows and install the regenerated forward."""
     order = {n: i for i, n in enumerate(graph.nodes)}
-    found = []
+    found, refused = [], []
     for node in list(graph.nodes):
         site = _site(walk, module, node)
         if site is None:
@@ -259,21 +251,19 @@ def _rewrite(walk, module, graph):
             walk.reasons[name] = _output_reason(walk, module)
         elif isinstance(result, str):
             walk.reasons[name] = result
+            refused.append((name, node))
         else:
             result.name = name
-            result.container = patterns.norm_kind(module.get_submodule(node.target)) != PLAIN
+            result.container = norms.norm_kind(module.get_submodule(node.target)) != PLAIN
             found.append(result)
-    found = _one_per_add(walk, found)
     if not found:
         return
-    ambiguous = _ambiguous_operator(graph)
-    if ambiguous is not None:
+    blocker = _in_place_blocker(graph, walk.names[module])
+    if blocker is not None:
         for fusion in found:
-            walk.reasons[fusion.name] = unsupported(
-                f"the forward of {walk.names[module] or 'the model'} applies {patterns.describe(ambiguous, module)} "
-                "to a tensor read elsewhere, and torch.fx cannot tell `a += b` from `a = a + b`"
-            )
+            walk.reasons[fusion.name] = unsupported(blocker)
         return
+    found = _one_per_add(walk, module, found, refused)
     for fusion in found:
         _apply(walk, module, graph, fusion)
     graph.lint()
@@ -286,8 +276,10 @@ def _output_reason(walk, module):
     return unsupported(f"it is the last layer of {walk.names[module]}, whose caller torch.fx could not trace")
 
 
-def _one_per_add(walk, found):
-    """When both operands of an add are BatchNorm outputs, the left one takes the add."""
+def _one_per_add(walk, module, found, refused):
+    """When both operands of an add are BatchNorm outputs, the left one takes the add. A BatchNorm
+    refused for another reason (`proj(x) + f(x)`: its input is read again before the add) whose
+    add the other operand takes is listed for that, the reason that holds in any case."""
     by_add = {}
     for fusion in found:
         if fusion.add is not None:
@@ -299,10 +291,16 @@ def _one_per_add(walk, found):
         if fusion is winner:
             kept.append(fusion)
         else:
-            walk.reasons[fusion.name] = cannot(
-                f"the other operand of its add, {winner.name}, takes the add (one BatchNorm per add)"
-            )
+            walk.reasons[fusion.name] = _other_operand_takes_it(winner)
+    for name, node in refused:
+        users = patterns.follow(node, module)[2]
+        if len(users) == 1 and users[0] in by_add:
+            walk.reasons[name] = _other_operand_takes_it(next(f for f in kept if f.add is users[0]))
     return kept
+
+
+def _other_operand_takes_it(winner):
+    return cannot(f"the other operand of its add, {winner.name}, takes the add (one BatchNorm per add)")
 
 
 def _apply(walk, module, graph, fusion):
@@ -313,7 +311,7 @@ def _apply(walk, module, graph, fusion):
         copies = splice(graph, node, walk.graphs[container], node.target)
         node = copies[tail.node]
         placeholders = [copies[p] for p in tail.placeholders] + placeholders
-        fusion.container = patterns.norm_kind(module.get_submodule(node.target)) != PLAIN
+        fusion.container = norms.norm_kind(module.get_submodule(node.target)) != PLAIN
     bn = module.get_submodule(node.target)
     for value in [node] + placeholders:  # shape reads: the BatchNorm's input has the same
         for reader in [u for u in value.users if patterns.reads_metadata(u)]:
@@ -377,7 +375,7 @@ def _convert_known_block(walk, module):
     for attr, with_residual in layout:
         bn = getattr(module, attr)
         name = walk.qualified(module, attr)
-        if type(bn) not in EAGER_BATCHNORMS:
+        if norms.norm_kind(bn) != PLAIN:
             continue
         reason = walk.why_not_alone(bn)
         if reason:
@@ -441,7 +439,7 @@ def convert(
             if _is_our_block(module) or (module in untraceable and _known_block_layout(module)):
                 _convert_known_block(walk, module)
         for name, module in model.named_modules():
-            if patterns.norm_kind(module) == patterns.APPLIES_RELU:
+            if norms.norm_kind(module) == norms.APPLIES_RELU:
                 # it applies its ReLU itself: only hooks that see its input or gradients notice
                 if module._forward_pre_hooks or module._backward_hooks:
                     walk.reasons[name] = unsupported("it has pre-forward or backward hooks")
@@ -460,8 +458,8 @@ def _report(walk):
     for name, module in walk.model.named_modules():
         if name in fused:
             report.fused.append((name, fused[name]))
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, FUSED_NORMS):
-            kind = patterns.norm_kind(module)
+        elif norms.is_norm(module) and not norms.is_fused(module):
+            kind = norms.norm_kind(module)
             reason = walk.reasons.get(name) or (kind if kind not in (PLAIN, None) else None)
             report.left.append((name, reason or _unreached_reason(walk, name)))
     return report

@@ -3,10 +3,11 @@ fuse the rest with convert.
 
 Folding (W' = W * g / sqrt(var + eps) per output channel, b' = (b - mean) * g / sqrt(var + eps)
 + beta) needs a Conv1d/2d/3d, or a subclass that keeps their forward (torchvision's
-Conv3DSimple), whose output only the BatchNorm reads. A folded BatchNorm becomes nn.Identity, a
-folded BatchNormReLU*d an nn.ReLU, a folded BatchNormAddReLU*d an AddReLU (the fused kernel with
-identity statistics), a folded timm BatchNormAct2d its activation; an eager BatchNorm followed
-by add + ReLU keeps its eager add + ReLU.
+Conv3DSimple), whose output only the BatchNorm reads; frozen BatchNorms (torchvision's, timm's)
+fold the same way. A folded BatchNorm becomes nn.Identity, a folded BatchNormReLU*d an nn.ReLU, a
+folded BatchNormAddReLU*d an AddReLU (the fused kernel with identity statistics), a folded timm
+(Frozen)BatchNormAct2d its activation; an eager BatchNorm followed by add + ReLU keeps its eager
+add + ReLU.
 """
 
 import copy
@@ -17,7 +18,7 @@ from torch import nn
 
 from .convert import FUSED_NORMS, _bn_add_relu, _check_module, _finish, _resolve, _Walk, convert
 from .nn.batchnorm import AddReLU, _BatchNormAddReLU, _BatchNormReLU
-from .rewrite import patterns
+from .rewrite import norms
 from .rewrite.undo import all_or_nothing
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -57,13 +58,13 @@ def _folded_replacement(bn):
         return AddReLU()
     if isinstance(bn, _BatchNormReLU):
         return nn.ReLU()
-    if patterns.norm_kind(bn) in (patterns.PLAIN, patterns.APPLIES_RELU) and hasattr(bn, "act"):
-        return bn.act  # timm's BatchNormAct2d: what remains is its activation
+    if norms.norm_kind(bn) in (norms.PLAIN, norms.APPLIES_RELU) and hasattr(bn, "act"):
+        return bn.act  # timm's (Frozen)BatchNormAct2d: what remains is its activation
     return nn.Identity()
 
 
 def _foldable(norm):
-    return patterns.norm_kind(norm) in (patterns.PLAIN, patterns.APPLIES_RELU) or isinstance(norm, FUSED_NORMS)
+    return norms.norm_kind(norm) in (norms.PLAIN, norms.APPLIES_RELU) or isinstance(norm, FUSED_NORMS)
 
 
 def _norm_call(module, node):
@@ -88,7 +89,8 @@ def _fold_target(walk, module, target, source):
     if not (isinstance(source, torch.fx.Node) and source.op == "call_module"):
         return None
     conv = module.get_submodule(source.target)
-    if not _is_plain_conv(conv) or conv.out_channels != bn.num_features:
+    channels = bn.running_mean.shape[0]  # torchvision's FrozenBatchNorm2d has no num_features
+    if not _is_plain_conv(conv) or conv.out_channels != channels:
         return None
     if len(source.users) != 1 or walk.calls[id(conv)] != 1 or walk.owners[id(conv)] != 1:
         return None  # its output is used elsewhere too

@@ -7,14 +7,15 @@ state_dict keys and the same parameter and buffer objects:
 
 - each module convert rewrote gets its own class and forward back (a GraphModule its graph);
 - each BatchNorm convert fused gets the class it had (nn.BatchNorm2d, timm's BatchNormAct2d,
-  nn.SyncBatchNorm after convert(..., sync_batchnorm=True));
+  nn.SyncBatchNorm after convert(..., sync_batchnorm=True), torchvision's FrozenBatchNorm2d,
+  timm's FrozenBatchNormAct2d, this package's FrozenBatchNorm);
 - the fused BatchNorms of this package's blocks and ResNets become nn.BatchNorm*d: those
   forwards apply the ReLU and the add themselves when the norm does not;
 - an AddReLU (a BatchNormAddReLU*d that optimize_for_inference folded) becomes the nn.Identity
   a folded eager BatchNorm is, and the eager forward adds and applies the ReLU.
 
 A fused module it cannot give back (one a user's own forward calls expecting the ReLU, a frozen
-one) is named in a ValueError before anything changes.
+one that freeze_batchnorm made) is named in a ValueError before anything changes.
 """
 
 import copy
@@ -25,6 +26,7 @@ from .convert import FUSED_NORMS, _check_module
 from .nn.batchnorm import EAGER_BATCHNORMS, UNFUSED_CLASS, AddReLU
 from .nn.frozen import _FrozenFusedNorm
 from .rewrite.graphs import UNFUSED_GRAPH, is_rewritten, original_class, set_graph
+from .rewrite.norms import unfuse_norm
 from .rewrite.undo import all_or_nothing
 
 _ADAPTIVE_FORWARDS = ("fused_resnet.nn.blocks", "fused_resnet.models.resnet")
@@ -55,7 +57,7 @@ def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
         parent = modules.get(name.rpartition(".")[0]) if name else None
         if isinstance(module, FUSED_NORMS) and _plain_class(module, parent) is None:
             refused.append(f"{name or '<model>'} ({type(module).__name__}, not made by fused_resnet.convert)")
-        elif isinstance(module, _FrozenFusedNorm):
+        elif isinstance(module, _FrozenFusedNorm) and UNFUSED_CLASS not in module.__dict__:
             refused.append(f"{name or '<model>'} ({type(module).__name__}: unfuse before freezing)")
     if refused:
         raise ValueError(
@@ -69,9 +71,10 @@ def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
             parent = model.get_submodule(parent_name) if name else None
             if is_rewritten(module):
                 _restore_forward(module)
-            if isinstance(module, FUSED_NORMS):
+            if UNFUSED_CLASS in module.__dict__:  # fused by convert
+                unfuse_norm(module)
+            elif isinstance(module, FUSED_NORMS):
                 module.__class__ = _plain_class(module, parent)
-                module.__dict__.pop(UNFUSED_CLASS, None)
             elif isinstance(module, AddReLU) and parent is not None:
                 setattr(parent, attr, nn.Identity())
     return model

@@ -1,6 +1,6 @@
 """Fixtures and collection rules of the suite: the backend fixture (every backend available on the
-machine), NaN-poisoned allocations, and the Triton interpreter's marker. What the tests share
-otherwise is in helpers.py.
+machine), NaN-poisoned allocations, one intra-op thread for whole-model tests, and the Triton
+interpreter's marker. What the tests share otherwise is in helpers.py.
 """
 
 import pytest
@@ -54,6 +54,20 @@ def pytest_collection_modifyitems(config, items):
 def backend(request):
     with fused_resnet.use_backend(request.param):
         yield request.param
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: whole models under pytest-xdist on a 2-core machine, where
+    two workers with two OpenMP threads each oversubscribe the cores and a model step takes 4 to
+    20 times longer (the model zoo's new cases: 150 s with -n 2, 34 s on one thread each). The
+    kernel tests keep every thread, so the kernels' parallel splits stay covered."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -16,16 +16,48 @@ from helpers import TOLERANCES
 MODEL_ERROR_GROWTH = 100.0
 
 
+_FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
+
+
 def randomize_norms(model):
-    """Give every BatchNorm weights, biases and running statistics away from their defaults, so
-    that eval mode and the affine part are tested too."""
+    """Give every BatchNorm, and every frozen BatchNorm (torchvision's, timm's, this package's:
+    those four buffers and no parameters), weights, biases and running statistics away from their
+    defaults, so that eval mode and the affine part are tested too."""
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+            if (isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None) or _is_frozen_norm(m):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0.0, 0.5)
                 m.running_mean.normal_(0.0, 0.1)
                 m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def _is_frozen_norm(module):
+    return not isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and all(
+        isinstance(module._buffers.get(name), torch.Tensor) for name in _FROZEN_BUFFERS
+    )
+
+
+@torch.no_grad()
+def calibrate_frozen(model, x):
+    """Give every frozen BatchNorm of `model` the statistics of its own input when the model
+    runs on `x`, layer after layer, as a trained model's are: random statistics leave a deep
+    frozen ResNet's activations growing block after block until they overflow. Returns `model`."""
+
+    def take_statistics(module, args):
+        dims = [0] + list(range(2, args[0].dim()))
+        module.running_mean.copy_(args[0].mean(dims))
+        module.running_var.copy_(args[0].var(dims))
+
+    handles = [m.register_forward_pre_hook(take_statistics) for m in model.modules() if _is_frozen_norm(m)]
+    if not handles:
+        return model
+    try:
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
     return model
 
 

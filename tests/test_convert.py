@@ -4,6 +4,8 @@ what must not be fused is left, with the reason in the report."""
 
 import copy
 import importlib
+import inspect
+import operator
 import pickle
 
 import pytest
@@ -215,26 +217,118 @@ def test_unfusable_batchnorms_are_left_with_reasons():
 
 
 class AugmentedInput(nn.Module):
-    """`x += bn(y)` writes into the caller's tensor; torch.fx would record it as x + bn(y)."""
+    """`x += bn(y)` writes into the caller's tensor; torch.fx would record it as x + bn(y). As a
+    function call, `operator.iadd(x, bn(y))`, no operator instruction tells the form."""
 
-    def __init__(self):
+    def __init__(self, as_call=False):
         super().__init__()
         self.bn = nn.BatchNorm2d(3)
         self.bn2 = nn.BatchNorm2d(3)
+        self.as_call = as_call
 
     def forward(self, x, y):
-        x += self.bn(y)
+        if self.as_call:
+            x = operator.iadd(x, self.bn(y))
+        else:
+            x += self.bn(y)
         return F.relu(x) + F.relu(self.bn2(y))
 
 
-def test_augmented_assignment_into_an_input_is_left():
-    net = AugmentedInput()
+@pytest.mark.parametrize("as_call", [False, True], ids=["operator", "function"])
+def test_augmented_assignment_into_an_input_is_left(as_call):
+    net = AugmentedInput(as_call)
     converted, report = fused_resnet.convert(net, return_report=True)
-    assert report.fused == [] and "cannot tell `a += b`" in dict(report.left)["bn"]
+    expected = (
+        "not supported: the forward of the model applies add to a tensor read elsewhere (the input x) "
+        "where no `+` or `+=` operator tells the form, and torch.fx cannot tell `a += b` from `a = a + b`"
+        if as_call
+        else "not supported: the forward of the model writes `+=` into the input x, an update in place "
+        "that the forward torch.fx regenerates would not make"
+    )
+    assert report.fused == [] and dict(report.left) == {"bn": expected, "bn2": expected}
     x, y = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     x_converted = x.clone()
     torch.testing.assert_close(converted(x_converted, y), net(x, y))
     torch.testing.assert_close(x_converted, x)  # the caller's tensor was updated in both
+
+
+# Defined by exec, so that inspect.getsource cannot find the source: the form of each operator is
+# read from the bytecode. `accumulate` is a helper the trace goes through.
+_NO_SOURCE = """
+def accumulate(total, value):
+    total += value
+    return total
+
+
+class NewTensorResidual(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
+        self.g = nn.Sequential(nn.Conv2d(c, c, 1), nn.BatchNorm2d(c))
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = x + self.f(x)  # a new tensor: the caller's x stays as it was (RegNet)
+        y = self.relu(x)
+        return torch.relu(self.g(y) + y)
+
+
+class HelperInPlace(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x, y):
+        return accumulate(x, torch.relu(self.bn(y)))  # writes into the caller's x
+"""
+_no_source = {"nn": nn, "torch": torch, "__name__": "no_source"}
+exec(compile(_NO_SOURCE, "<no source>", "exec"), _no_source)
+
+
+def test_operator_forms_are_read_from_the_bytecode():
+    """`x = x + f(x)`, with x an input read again afterwards, fuses: the bytecode says `+`, not
+    `+=` (no source file is needed). `total += value` in a helper the forward calls, on the
+    caller's tensor, is left with its reason, and the caller still sees the update."""
+    with pytest.raises((OSError, TypeError)):  # TypeError: "is a built-in class"
+        inspect.getsource(_no_source["NewTensorResidual"].forward)
+    torch.manual_seed(0)
+    net = _prepare(_no_source["NewTensorResidual"](4))
+    converted, report = fused_resnet.convert(net, return_report=True)
+    assert dict(report.fused) == {"f.1": "BatchNormAddReLU2d", "g.1": "BatchNormAddReLU2d"}
+    x = make_tensor((2, 4, 5, 5), torch.float64)
+    before = x.clone()
+    torch.testing.assert_close(converted(x), net(before.clone()), atol=1e-12, rtol=1e-12)
+    assert torch.equal(x, before), "the caller's tensor is unchanged"
+
+    helper = _no_source["HelperInPlace"](3)
+    converted, report = fused_resnet.convert(helper, return_report=True)
+    assert report.left == [
+        ("bn", "not supported: the forward of the model writes `+=` into the input x, an update in place "
+         "that the forward torch.fx regenerates would not make")
+    ]  # fmt: skip
+    x, y = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    x_converted = x.clone()
+    converted(x_converted, y), helper(x, y)
+    torch.testing.assert_close(x_converted, x)
+
+
+class Chain(nn.ModuleList):
+    """A ModuleList with a forward of its own, as torchvision's IntermediateLayerGetter is a
+    ModuleDict with one."""
+
+    def forward(self, x):
+        for layer in self:
+            x = layer(x)
+        return x
+
+
+def test_module_list_with_a_forward_is_traced():
+    torch.manual_seed(0)
+    net = _prepare(nn.Sequential(Chain([nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()]), nn.Conv2d(4, 2, 1)))
+    converted, report = fused_resnet.convert(net, return_report=True)
+    assert report.fused == [("0.1", "BatchNormReLU2d")] and report.left == [] and report.untraced == []
+    assert isinstance(converted[0], Chain)
+    assert_same_training(converted, net, lambda: make_tensor((2, 3, 6, 6), torch.float64), torch.float64, steps=2)
 
 
 class BroadcastResidual(nn.Module):

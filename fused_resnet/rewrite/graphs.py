@@ -4,16 +4,19 @@ Each module is traced on its own, every submodule a leaf call_module node, in bo
 eval mode: a forward that branches on self.training is left alone. A branch on a traced value
 that raises on one side (`if x.size() != out.size(): raise ...`, `assert x.dim() == 4`) is
 followed along the side that does not raise, and the graph gets a node that raises the same
-error at run time (_branch_guard). A torch.fx GraphModule is its own graph.
+error at run time (_branch_guard). Each binary operator node records whether the forward wrote
+it `a op b` or `a op= b` (rewrite/operators.py). A torch.fx GraphModule is its own graph.
 """
 
 import copy
+import sys
 
 import torch
 import torch.fx
 from torch import nn
 
 from ..nn.tracing import record_function_call, refuse_script
+from .operators import mark_form, mark_written_plain
 
 
 class NotRewritable(Exception):
@@ -94,10 +97,10 @@ def _is_dual(graph_module):
 
 def has_forward(module):
     """False for containers that are never called: ModuleList, ModuleDict, and the plain
-    nn.Module that a GraphModule makes to hold the submodules of a path."""
-    return type(module).forward is not nn.Module.forward and not isinstance(
-        module, (nn.ModuleList, nn.ModuleDict)
-    )
+    nn.Module that a GraphModule makes to hold the submodules of a path. A subclass of
+    ModuleList or ModuleDict with a forward of its own (torchvision's IntermediateLayerGetter,
+    the backbone of its segmentation and detection models) is traced like any module."""
+    return type(module).forward is not nn.Module.forward
 
 
 def is_rewritten(module):
@@ -135,6 +138,11 @@ class _ShallowTracer(torch.fx.Tracer):
 
     def is_leaf_module(self, m, module_qualified_name):
         return True
+
+    def create_proxy(self, kind, target, args, kwargs, *rest, **options):
+        proxy = super().create_proxy(kind, target, args, kwargs, *rest, **options)
+        mark_form(proxy.node, sys._getframe(1))  # `a + b` or `a += b`, from the caller's bytecode
+        return proxy
 
     def to_bool(self, obj):
         if self.branches >= len(self.decisions):
@@ -199,11 +207,12 @@ def module_graph(module):
     if isinstance(module, torch.fx.GraphModule):
         if _is_dual(module) and module.train_graph.python_code("self").src != module.eval_graph.python_code("self").src:
             raise NotRewritable("its train and eval graphs differ (a DualGraphModule of a forward that reads self.training)")
-        return copy.deepcopy(module.graph)  # rewritten as a copy: the original stays for unfuse
+        # rewritten as a copy: the original stays for unfuse; its code is the graph's
+        return mark_written_plain(copy.deepcopy(module.graph))
     if is_rewritten(module):
         if type(module)._fused_resnet_graph is None:
             raise NotRewritable("its forward is a known block's")
-        return type(module)._fused_resnet_graph
+        return mark_written_plain(type(module)._fused_resnet_graph)
     if "forward" in module.__dict__:
         raise NotRewritable("its forward is set on the instance")
     if not has_forward(module):

@@ -23,7 +23,6 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.batchnorm import EAGER_BATCHNORMS, _BatchNormAddReLU, _BatchNormReLU
 
 _RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
@@ -41,46 +40,8 @@ def unsupported(why):
     return f"not supported: {why}"
 
 
-# ---------------------------------------------------------------------------------------------
-# Which BatchNorms convert fuses.
-
-PLAIN = "plain"  # normalizes only: it fuses with the ReLU or add + ReLU that follows
-APPLIES_RELU = "applies relu"  # applies its own ReLU: it becomes a BatchNormReLU*d by itself
-
-
-def _is_timm_batchnorm_act(module):
-    cls = type(module)
-    return cls.__module__ == "timm.layers.norm_act" and cls.__qualname__ == "BatchNormAct2d"
-
-
-def _hooked(module):
+def hooked(module):
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
-
-
-def norm_kind(module):
-    """PLAIN, APPLIES_RELU, a reason (str) for a BatchNorm convert does not fuse, or None for a
-    module that is no BatchNorm. Fused modules are None: they are done."""
-    if type(module) in EAGER_BATCHNORMS:
-        return PLAIN
-    if not isinstance(module, nn.modules.batchnorm._BatchNorm) or _is_fused(module):
-        return None
-    if not _is_timm_batchnorm_act(module):
-        return unsupported(f"{type(module).__qualname__} is not nn.BatchNorm1d/2d/3d")
-    # timm's BatchNormAct2d: nn.BatchNorm2d's forward, then self.drop, then self.act
-    act, drop = module.act, module.drop
-    if type(drop) is not nn.Identity:
-        return unsupported(f"it applies {type(drop).__name__} between normalization and activation")
-    if _hooked(act) or _hooked(drop):
-        return unsupported("its activation or dropout layer has hooks")
-    if type(act) is nn.Identity:
-        return PLAIN
-    if type(act) is nn.ReLU:
-        return APPLIES_RELU
-    return cannot(f"it applies {type(act).__name__}, and only a ReLU fuses")
-
-
-def _is_fused(module):
-    return isinstance(module, (_BatchNormReLU, _BatchNormAddReLU))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +65,7 @@ def relu_input(node, module):
 def add_operands(node):
     """(left, right, writes_left_in_place) when `node` adds two things with alpha 1, else None."""
     if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
-        in_place = False
+        in_place = node.target is operator.iadd  # a graph's iadd (torch.fx traces `+=` as add)
     elif node.op == "call_method" and node.target in _ADD_METHODS:
         in_place = node.target == "add_"
     else:
@@ -132,7 +93,7 @@ def is_placeholder_layer(node, module):
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
         return False
     target = module.get_submodule(node.target)
-    return type(target) is nn.Identity and not _hooked(target)
+    return type(target) is nn.Identity and not hooked(target)
 
 
 def describe(node, module):
