@@ -58,11 +58,9 @@ from .convert import ConversionReport, convert
 from .inference import optimize_for_inference
 from .unfuse import unfuse
 
-ops._register_compiled_backends(EXTENSION_ERROR)
+from .backends import register_all as _register_backends  # noqa: E402
 
-from .triton import register_backend as _register_triton_backend  # noqa: E402
-
-_register_triton_backend()
+_register_backends()  # reference, cpu and cuda (the extension's), triton: fused_resnet/backends
 
 __version__ = "0.1.0"
 

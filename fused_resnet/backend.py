@@ -7,8 +7,8 @@ cannot run a tensor is an error, never a silent fallback. A backend may run a de
 an "auto" candidate there: "triton" runs CPU tensors through the Triton interpreter
 (TRITON_INTERPRET=1), for testing only.
 
-Backends register themselves here (fused_resnet/ops.py does it at import); this module only holds
-names, availability and the resolution rule. A module call resolves its backend on every call,
+Backends are registered here by fused_resnet/backends (each the same way, at import); this module
+only holds names, availability and the resolution rule. A module call resolves its backend on every call,
 so the rule is cached per device type until a selection or registration changes it.
 """
 

@@ -31,6 +31,11 @@ FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCED_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the fused ops: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class OpSet(NamedTuple):
     """One backend's implementation of every op, by the op's name."""
 

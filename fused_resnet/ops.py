@@ -1,4 +1,5 @@
-"""The one op API of fused_resnet: fake impls, autograd, and the backends' registration.
+"""The one op API of fused_resnet: the fake impls and autograd every compiled backend's ops get
+(fused_resnet/backends registers the backends, each through register_op_set).
 
 Every backend implements the ops of `contract.OpSet` (schemas and math in csrc/fused_resnet.cpp):
   bn_act(input, residual?, weight?, bias?, running_mean(a!)?, running_var(b!)?, training, momentum,
@@ -29,11 +30,10 @@ composition in reference.py (autograd from eager ops).
 
 import torch
 
-from . import backend as _backend
 from . import contract, reference
 from .contract import OpSet, canonical_layout
 from .profiling import profiled
-from .reference import acc_dtype
+from .contract import acc_dtype
 
 # ---------------------------------------------------------------------------------------------
 # Fake impls: outputs laid out like the canonical input (contract.canonical_layout).
@@ -267,39 +267,3 @@ def register_bn_act_autograd(library: torch.library.Library, bn_act_op, bwd_op):
         return tuple(result)
 
     library.impl("bn_act", bn_act_autograd, "Autograd")
-
-
-# ---------------------------------------------------------------------------------------------
-# Backend registration.
-
-_backend.register(
-    _backend.Backend(
-        name="reference",
-        device_types=("cpu", "cuda"),
-        ops=reference.OPS,
-        relu_mask_bytes=no_relu_mask_bytes,
-    )
-)
-
-
-def _register_compiled_backends(extension_error):
-    """The C++ ops: CPU kernels always, CUDA kernels when the extension was built with them."""
-    if extension_error is not None:
-        reason = f"the C++ extension fused_resnet._C failed to load ({extension_error})"
-        _backend.mark_unavailable("cpu", reason)
-        _backend.mark_unavailable("cuda", reason)
-        return
-    namespace = torch.ops.fused_resnet
-    ops = OpSet(*(getattr(namespace, name).default for name in contract.OP_NAMES))
-    # bn_act's autograd is in C++ (csrc/common/bn_act_autograd.cpp)
-    register_op_set(ops, relu_mask_bytes=cpu_relu_mask_bytes)
-    for device_type in ("cpu", "cuda"):
-        if torch._C._dispatch_has_kernel_for_dispatch_key(ops.bn_act.name(), device_type.upper()):
-            _backend.register(
-                _backend.Backend(
-                    name=device_type,
-                    device_types=(device_type,),
-                    ops=ops,
-                    relu_mask_bytes=cpu_relu_mask_bytes,  # 0 for every CUDA input
-                )
-            )

@@ -12,12 +12,8 @@ apply the same update in their per-channel finalize (csrc/common/running_stats.h
 import torch
 
 from . import contract
+from .contract import acc_dtype
 from .profiling import profiled
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype of the fused ops: float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _per_channel(t: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ if DEVICE.type == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fused_resnet  # noqa: E402  (after TRITON_INTERPRET is decided)
-from fused_resnet.reference import acc_dtype  # noqa: E402
+from fused_resnet.contract import acc_dtype  # noqa: E402
 
 # One (atol, rtol) per input dtype: the table lives in tolerances.py, which scripts import too.
 from tolerances import TOLERANCES  # noqa: E402

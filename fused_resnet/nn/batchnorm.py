@@ -17,8 +17,8 @@ from torch import nn
 
 from .. import backend as _backend
 from .. import functional
-from ..contract import shape_str
-from ..reference import acc_dtype, update_running_stats
+from ..contract import acc_dtype, shape_str
+from ..reference import update_running_stats
 from .tracing import record_module_call, refuse_script
 
 

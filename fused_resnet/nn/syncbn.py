@@ -45,7 +45,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import backend as _backend
 from .. import contract
-from ..reference import acc_dtype, update_running_stats
+from ..contract import acc_dtype
+from ..reference import update_running_stats
 from .batchnorm import UNFUSED_CLASS, _BatchNormAddReLU, _BatchNormReLU, _FusedBatchNormMixin, check_channels
 
 

@@ -6,7 +6,7 @@ functional ops are defined with `torch.library.triton_op`, so torch.compile trac
 kernels (launch.Kernel goes through wrap_triton under a tracer); bn_act, which updates the running
 statistics in place, is defined from its schema in a torch.library.Library, with a kernel for
 each device the backend runs and its autograd from fused_resnet.ops.register_bn_act_autograd.
-fused_resnet/triton/__init__.py gives the ops their fake impls and autograd (through
+fused_resnet/backends/triton.py gives the ops their fake impls and autograd (through
 fused_resnet.ops.register_op_set) and registers the backend.
 
 Layout: the input is used as it is when it is dense NC* or channels_last, else made contiguous
@@ -27,9 +27,8 @@ from torch._library.triton import set_wrap_triton_enabled
 from torch.library import triton_op
 
 from .. import contract
-from ..contract import canonical_layout
+from ..contract import acc_dtype, canonical_layout
 from ..ops import empty_grad_residual, empty_relu_mask
-from ..reference import acc_dtype
 from . import launch, partition
 from .launch import device_guard
 
