@@ -32,7 +32,7 @@ import torch
 
 from . import contract, reference
 from .contract import OpSet, canonical_layout
-from .profiling import profiled
+from .trace_names import profiled
 from .contract import acc_dtype
 
 # ---------------------------------------------------------------------------------------------

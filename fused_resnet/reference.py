@@ -13,7 +13,7 @@ import torch
 
 from . import contract
 from .contract import acc_dtype
-from .profiling import profiled
+from .trace_names import profiled
 
 
 def _per_channel(t: torch.Tensor, ndim: int) -> torch.Tensor:
