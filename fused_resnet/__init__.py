@@ -54,9 +54,7 @@ except ImportError as error:  # pure-Python install, a build that failed, or ano
 
 from . import functional, models, nn, ops
 from .backend import available_backends, get_backend, set_backend, use_backend
-from .convert import ConversionReport, convert
-from .inference import optimize_for_inference
-from .unfuse import unfuse
+from .convert import ConversionReport, convert, optimize_for_inference, unfuse
 
 from .backends import register_all as _register_backends  # noqa: E402
 

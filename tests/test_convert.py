@@ -19,8 +19,8 @@ from helpers import DEVICE, make_tensor
 from parity import assert_same_training, randomize_norms
 import seed_models as seeds
 
-# The submodule, which the function fused_resnet.convert shadows as a package attribute.
-convert_module = importlib.import_module("fused_resnet.convert")
+# The module of convert's pass (the function fused_resnet.convert shadows the package attribute).
+convert_module = importlib.import_module("fused_resnet.convert.fuse")
 
 
 def _prepare(model):

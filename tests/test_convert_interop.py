@@ -18,7 +18,7 @@ from parity import assert_same_training, randomize_norms
 torchvision = import_client("torchvision")
 from torchvision.models.feature_extraction import create_feature_extractor  # noqa: E402
 
-convert_module = importlib.import_module("fused_resnet.convert")
+convert_module = importlib.import_module("fused_resnet.convert.fuse")
 X = (2, 3, 64, 64)
 
 

@@ -26,8 +26,8 @@ input against: it is added, and unfuse takes it away again.
 
 from torch import nn
 
-from ..nn.batchnorm import EAGER_BATCHNORMS, UNFUSED_CLASS, _BatchNormAddReLU, _BatchNormReLU, fuse_batchnorm_
-from ..nn.frozen import FrozenBatchNorm, FrozenBatchNormAddReLU, FrozenBatchNormReLU, _FrozenFusedNorm, _FrozenNorm
+from ...nn.batchnorm import EAGER_BATCHNORMS, UNFUSED_CLASS, _BatchNormAddReLU, _BatchNormReLU, fuse_batchnorm_
+from ...nn.frozen import FrozenBatchNorm, FrozenBatchNormAddReLU, FrozenBatchNormReLU, _FrozenFusedNorm, _FrozenNorm
 from .patterns import cannot, hooked, unsupported
 
 PLAIN = "plain"  # normalizes only: it fuses with the ReLU or add + ReLU that follows

@@ -16,8 +16,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from .convert import FUSED_NORMS, _bn_add_relu, _check_module, _finish, _resolve, _Walk, convert
-from .nn.batchnorm import AddReLU, _BatchNormAddReLU, _BatchNormReLU
+from .fuse import FUSED_NORMS, _bn_add_relu, _check_module, _finish, _resolve, _Walk, convert
+from ..nn.batchnorm import AddReLU, _BatchNormAddReLU, _BatchNormReLU
 from .rewrite import norms
 from .rewrite.undo import all_or_nothing
 

@@ -22,9 +22,9 @@ import copy
 
 from torch import nn
 
-from .convert import FUSED_NORMS, _check_module
-from .nn.batchnorm import EAGER_BATCHNORMS, UNFUSED_CLASS, AddReLU
-from .nn.frozen import _FrozenFusedNorm
+from .fuse import FUSED_NORMS, _check_module
+from ..nn.batchnorm import EAGER_BATCHNORMS, UNFUSED_CLASS, AddReLU
+from ..nn.frozen import _FrozenFusedNorm
 from .rewrite.graphs import UNFUSED_GRAPH, is_rewritten, original_class, set_graph
 from .rewrite.norms import unfuse_norm
 from .rewrite.undo import all_or_nothing

@@ -42,11 +42,11 @@ import torch
 import torch.fx
 from torch import nn
 
-from .nn.batchnorm import EAGER_BATCHNORMS, AddReLU, _BatchNormAddReLU, _BatchNormReLU
-from .nn.blocks import BasicBlock, Bottleneck
-from .nn.frozen import FrozenBatchNorm, FrozenBatchNormAddReLU
-from .nn.syncbn import convert_sync_batchnorm
-from .nn.tracing import record_function_call
+from ..nn.batchnorm import EAGER_BATCHNORMS, AddReLU, _BatchNormAddReLU, _BatchNormReLU
+from ..nn.blocks import BasicBlock, Bottleneck
+from ..nn.frozen import FrozenBatchNorm, FrozenBatchNormAddReLU
+from ..nn.syncbn import convert_sync_batchnorm
+from ..nn.tracing import record_function_call
 from .rewrite import norms, patterns
 from .rewrite.graphs import (
     NotRewritable,

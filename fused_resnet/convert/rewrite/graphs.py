@@ -15,7 +15,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..nn.tracing import record_function_call, refuse_script
+from ...nn.tracing import record_function_call, refuse_script
 from .operators import mark_form, mark_written_plain
 
 
