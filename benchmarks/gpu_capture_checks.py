@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_resnet
-from gpu_checks import Errors, make
+from gpu_checks import Errors, capture, make
 
 SHAPE = (16, 32, 14, 14)
 
@@ -44,20 +44,13 @@ def check_bn_act_graph(backend, device, dtype=torch.float32):
     r = make(SHAPE, dtype, "channels_last", device)
     errs = Errors(dtype)
     with fused_resnet.use_backend(backend):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):  # warm-up outside the capture (JIT compiles, workspaces)
-                bn(x, r)
-                _twin_step(twin, x, r)
-        torch.cuda.current_stream().wait_stream(side)
-        _compare_state(errs, bn, twin, "after the warm-up")
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = bn(x, r)
+        warmups = 3
+        graph, out = capture(lambda: bn(x, r), warmups)
+        for _ in range(warmups):  # the twin takes the warm-up's steps too
+            _twin_step(twin, x, r)
         # The capture records the kernels (the running update, num_batches_tracked's count)
         # without running them: the buffers are as the warm-up left them.
-        _compare_state(errs, bn, twin, "after the capture")
+        _compare_state(errs, bn, twin, "after the warm-up and the capture")
         for step in range(3):
             with torch.no_grad():
                 x.copy_(make(SHAPE, dtype, "channels_last", device, offset=step))

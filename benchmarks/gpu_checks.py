@@ -274,6 +274,21 @@ def check_bitwise(ns, device, shape, layout, dtype):
     return errs, ("differ: " + ", ".join(unequal)) if unequal else "all 13 outputs bitwise equal"
 
 
+def capture(step, warmups=3):
+    """(graph, its outputs): step() run `warmups` times on a side stream (JIT compiles and
+    workspaces outside the capture), then captured in a CUDA graph; replay() reruns it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    return graph, captured
+
+
 def check_graph(backend, device, dtype):
     """Forward + backward of BatchNormAddReLU2d captured in a CUDA graph (no host sync, fixed
     workspaces), replayed on new inputs, against the same step run eagerly afterwards."""
@@ -288,15 +303,7 @@ def check_graph(backend, device, dtype):
         return (y,) + torch.autograd.grad(y, (x, r, bn.weight, bn.bias), dy)
 
     with fused_resnet.use_backend(backend):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                step()  # warm-up outside the capture (JIT compiles, workspaces)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = step()
+        graph, captured = capture(step)
         errs = Errors(dtype)
         for _ in range(2):
             with torch.no_grad():

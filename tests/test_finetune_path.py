@@ -1,5 +1,5 @@
 """The op path of fine-tuning: eval-mode calls that record autograd (BatchNorms in eval, the rest of
-the model training), eval under torch.compile refusing what the op refuses, momentum=None (the
+the model training; their host path: test_host_path.py), eval under torch.compile refusing what the op refuses, momentum=None (the
 cumulative average) under torch.compile(fullgraph=True), and a Triton call that fails changing no
 state."""
 
@@ -7,40 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 import fused_resnet
-from helpers import BACKENDS, DEVICE, assert_close, dynamo_backend_for, make_tensor
-
-OP_BACKENDS = [b for b in BACKENDS if b != "reference"]
-
-
-def _descendants(event):
-    for child in event.cpu_children:
-        yield child
-        yield from _descendants(child)
-
-
-@pytest.mark.parametrize("residual", [False, True], ids=["bn_relu", "bn_add_relu"])
-@pytest.mark.parametrize("backend_name", OP_BACKENDS)
-def test_an_eval_call_that_records_autograd_is_the_op_alone(backend_name, residual):
-    """No cast, add or rsqrt of the running statistics around the op, as eager runs none: the
-    backward reads the running buffers the forward read."""
-    cls = fused_resnet.nn.BatchNormAddReLU2d if residual else fused_resnet.nn.BatchNormReLU2d
-    module = cls(4).to(DEVICE).eval()
-    x = make_tensor((2, 4, 3, 3), torch.float32).requires_grad_()
-    inputs = (x, make_tensor(x.shape, torch.float32)) if residual else (x,)
-    with fused_resnet.use_backend(backend_name):
-        module(*inputs).sum().backward()  # first-call costs out of the profile
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            module(*inputs)
-    top = [e for e in prof.events() if e.cpu_parent is None]
-    namespace = "fused_resnet_triton" if backend_name == "triton" else "fused_resnet"
-    assert [e.name for e in top] == [f"{namespace}::bn_act"], [e.name for e in top]
-    inside = {d.name for d in _descendants(top[0])}
-    extra = inside & {"aten::_to_copy", "aten::to", "aten::add_", "aten::rsqrt_", "aten::rsqrt", "aten::clone"}
-    assert not extra, extra
-
+from helpers import BACKENDS, DEVICE, OP_BACKENDS, assert_close, dynamo_backend_for, make_tensor
 
 @pytest.mark.parametrize("residual", [False, True], ids=["bn_relu", "bn_add_relu"])
 def test_eval_backward_matches_eager_float64(backend, residual):

@@ -1,15 +1,13 @@
 """The host path of a module call: one op forward (kernels and running-statistics update), the
-count of the step, and one op backward, with no tiny side ops (counted with torch.profiler)."""
+count of the step, and one op backward, with no tiny side ops (counted with torch.profiler); an
+eval call that records autograd, the op alone."""
 
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fused_resnet
-from helpers import BACKENDS, DEVICE, make_tensor
-
-# The backends whose bn_act is one op (the reference backend is the eager composition).
-OP_BACKENDS = [b for b in BACKENDS if b != "reference"]
+from helpers import BACKENDS, DEVICE, OP_BACKENDS, make_tensor  # OP_BACKENDS: bn_act is one op
 
 
 def _descendants(event):
@@ -62,6 +60,28 @@ def test_a_training_step_is_one_op_forward_and_one_backward(backend_name, residu
         if d.name.startswith(("aten::", namespace)) and d.name != recorded and id(d) not in inside_bwd
     ]
     assert others == [], others
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["bn_relu", "bn_add_relu"])
+@pytest.mark.parametrize("backend_name", OP_BACKENDS)
+def test_an_eval_call_that_records_autograd_is_the_op_alone(backend_name, residual):
+    """No cast, add or rsqrt of the running statistics around the op, as eager runs none: the
+    backward reads the running buffers the forward read."""
+    cls = fused_resnet.nn.BatchNormAddReLU2d if residual else fused_resnet.nn.BatchNormReLU2d
+    module = cls(4).to(DEVICE).eval()
+    x = make_tensor((2, 4, 3, 3), torch.float32).requires_grad_()
+    inputs = (x, make_tensor(x.shape, torch.float32)) if residual else (x,)
+    with fused_resnet.use_backend(backend_name):
+        module(*inputs).sum().backward()  # first-call costs out of the profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            module(*inputs)
+    top = [e for e in prof.events() if e.cpu_parent is None]
+    namespace = "fused_resnet_triton" if backend_name == "triton" else "fused_resnet"
+    assert [e.name for e in top] == [f"{namespace}::bn_act"], [e.name for e in top]
+    inside = {d.name for d in _descendants(top[0])}
+    extra = inside & {"aten::_to_copy", "aten::to", "aten::add_", "aten::rsqrt_", "aten::rsqrt", "aten::clone"}
+    assert not extra, extra
+
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="no Triton backend")

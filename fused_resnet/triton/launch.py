@@ -45,9 +45,9 @@ class Kernel:
 
     def __init__(self, fn):
         self.fn = fn
-        self.name = fn.fn.__name__ if hasattr(fn, "fn") else fn.__name__
-        code = (fn.fn if hasattr(fn, "fn") else fn).__code__
-        self.arg_names = code.co_varnames[: code.co_argcount]
+        function = fn.fn  # the Python function (JITFunction and InterpretedFunction both hold it)
+        self.name = function.__name__
+        self.arg_names = function.__code__.co_varnames[: function.__code__.co_argcount]
         self.unspecialized = frozenset(kernels._UNSPECIALIZED) & frozenset(self.arg_names)
 
     def __call__(self, grid, *args, **meta):
