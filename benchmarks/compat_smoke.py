@@ -74,7 +74,7 @@ def opcheck_training_op():
     x = torch.randn(2, 3, 4, 4)
     weight, bias = torch.rand(3) + 0.5, torch.randn(3)
     torch.library.opcheck(
-        torch.ops.fused_resnet.bn_act_fwd_train.default, (x, torch.randn_like(x), weight, bias, 1e-5),
+        torch.ops.fused_resnet._bn_act_fwd_train.default, (x, torch.randn_like(x), weight, bias, 1e-5),
         test_utils=("test_schema", "test_faketensor"),
     )
     return True, ""
@@ -84,8 +84,8 @@ def main(build):
     ok = check("torch", True, f"{torch.__version__} (CUDA {torch.version.cuda}), Python {sys.version.split()[0]}")
     ok &= check("extension loads", fused_resnet.EXTENSION_ERROR is None, str(fused_resnet.EXTENSION_ERROR or ""))
     has = torch._C._dispatch_has_kernel_for_dispatch_key
-    ok &= check("CPU kernels registered", has("fused_resnet::bn_act_fwd_train", "CPU"))
-    cuda_registered = has("fused_resnet::bn_act_fwd_train", "CUDA")
+    ok &= check("CPU kernels registered", has("fused_resnet::_bn_act_fwd_train", "CPU"))
+    cuda_registered = has("fused_resnet::_bn_act_fwd_train", "CUDA")
     ok &= check(f"CUDA kernels {'registered' if build == 'cuda' else 'absent'}", cuda_registered == (build == "cuda"))
     with fused_resnet.use_backend("cpu"):
         ok &= check("training step, NCHW float64", *training_step_matches_eager(torch.contiguous_format, torch.float64, 1e-10))

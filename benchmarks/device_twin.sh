@@ -34,7 +34,7 @@ echo "built $so: $((size / 1048576)) MiB in $((SECONDS - start)) s"
 PYTHONPATH=$PWD "$python" -c '
 import torch, fused_resnet
 assert fused_resnet.EXTENSION_ERROR is None, fused_resnet.EXTENSION_ERROR
-assert torch._C._dispatch_has_kernel_for_dispatch_key("fused_resnet::bn_act_fwd_train", "CUDA")
+assert torch._C._dispatch_has_kernel_for_dispatch_key("fused_resnet::_bn_act_fwd_train", "CUDA")
 print("the build loads, CUDA kernels registered")'
 
 echo "== Triton kernels compiled for sm_90 by triton $("$python" -c 'import triton; print(triton.__version__)')"

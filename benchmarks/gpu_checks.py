@@ -12,6 +12,7 @@ import sys
 import torch
 
 import fused_resnet
+from fused_resnet.contract import op_set_of
 from fused_resnet import reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,7 +114,7 @@ class Errors:
 
 
 def op_namespace(backend):
-    return torch.ops.fused_resnet_triton if backend == "triton" else torch.ops.fused_resnet
+    return op_set_of(torch.ops.fused_resnet_triton if backend == "triton" else torch.ops.fused_resnet)
 
 
 class Broken:

@@ -38,7 +38,7 @@ def facts(args):
     device = torch.device(args.device)
     key = "CUDA" if device.type == "cuda" else "CPU"
     kernels = {
-        k: torch._C._dispatch_has_kernel_for_dispatch_key("fused_resnet::bn_act_fwd_train", k)
+        k: torch._C._dispatch_has_kernel_for_dispatch_key("fused_resnet::_bn_act_fwd_train", k)
         for k in ("CPU", "CUDA")
     } if fused_resnet.EXTENSION_ERROR is None else {}
     info = {

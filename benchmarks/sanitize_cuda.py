@@ -16,6 +16,7 @@ import sys
 import torch
 
 import fused_resnet
+from fused_resnet.contract import op_set_of
 from fused_resnet import reference
 
 CASES = [
@@ -40,7 +41,7 @@ def _check(name, actual, expected, dtype):
 
 
 def run_case(shape, memory_format, dtype, residual):
-    cxx_ops = torch.ops.fused_resnet
+    cxx_ops = op_set_of(torch.ops.fused_resnet)
     device = "cuda"
     param_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
 

@@ -30,6 +30,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fused_resnet  # noqa: E402
+from fused_resnet.contract import op_set_of  # noqa: E402
 from fused_resnet.bench import cases as bench_cases  # noqa: E402
 from fused_resnet.bench.runners import make_runner  # noqa: E402
 from fused_resnet.triton import launch, partition  # noqa: E402
@@ -55,7 +56,7 @@ def _quietly(fn, *args):
 def phase_b():
     """gpu_correctness.py on the triton backend: paths in bf16, fp16, fp32 over every case, the
     bitwise reruns, the CUDA-graph step (fp32 module training step, channels_last)."""
-    ns = torch.ops.fused_resnet_triton
+    ns = op_set_of(torch.ops.fused_resnet_triton)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for shape, layout, _path, _dry in gpu_correctness.CASES:
             _quietly(check_paths, ns, CPU, shape, layout, dtype)

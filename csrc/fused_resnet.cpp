@@ -70,7 +70,7 @@ TORCH_LIBRARY(fused_resnet, m) {
   //     without AVX2, or channel counts whose rows do not fill whole vectors).
   //   Otherwise: empty (bn_act_bwd reads out).
   m.def(
-      "bn_act_fwd_train(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, float eps)"
+      "_bn_act_fwd_train(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, float eps)"
       " -> (Tensor out, Tensor save_mean, Tensor save_invstd, Tensor batch_var,"
       " Tensor relu_mask)",
       kAnyLayout);
@@ -79,7 +79,7 @@ TORCH_LIBRARY(fused_resnet, m) {
   //   scale = w / sqrt(running_var + eps),  shift = b - running_mean * scale,
   //   y = relu(x * scale + shift (+ r)).
   m.def(
-      "bn_act_fwd_eval(Tensor input, Tensor? residual, Tensor running_mean, Tensor running_var,"
+      "_bn_act_fwd_eval(Tensor input, Tensor? residual, Tensor running_mean, Tensor running_var,"
       " Tensor? weight, Tensor? bias, float eps) -> Tensor",
       kAnyLayout);
 
@@ -93,7 +93,7 @@ TORCH_LIBRARY(fused_resnet, m) {
   // relu_mask: bn_act_fwd_train's (the backward of the training forward), whose bits then stand
   // in for out where it has them; or an empty tensor (the backward of the eval forward).
   m.def(
-      "bn_act_bwd(Tensor grad_out, Tensor out, Tensor relu_mask, Tensor input, Tensor? weight,"
+      "_bn_act_bwd(Tensor grad_out, Tensor out, Tensor relu_mask, Tensor input, Tensor? weight,"
       " Tensor mean, Tensor invstd, bool batch_stats, bool residual_grad)"
       " -> (Tensor grad_input, Tensor grad_residual, Tensor grad_weight, Tensor grad_bias)",
       kAnyLayout);
@@ -105,12 +105,12 @@ TORCH_LIBRARY(fused_resnet, m) {
 
   // Local per-channel batch statistics: mean and biased variance over this input's M elements
   // (Welford M2 = var·M). An empty input gives mean 0, var 0.
-  m.def("bn_stats(Tensor input) -> (Tensor mean, Tensor var)", kAnyLayout);
+  m.def("_bn_stats(Tensor input) -> (Tensor mean, Tensor var)", kAnyLayout);
 
   // Local backward reductions, dz = grad_out where out > 0:
   //   sum_dz_xhat = Σdz·x̂,  sum_dz = Σdz   (= grad_weight, grad_bias of this input alone).
   m.def(
-      "bn_act_bwd_reduce(Tensor grad_out, Tensor out, Tensor input, Tensor mean, Tensor invstd)"
+      "_bn_act_bwd_reduce(Tensor grad_out, Tensor out, Tensor input, Tensor mean, Tensor invstd)"
       " -> (Tensor sum_dz_xhat, Tensor sum_dz)",
       kAnyLayout);
 
@@ -119,7 +119,7 @@ TORCH_LIBRARY(fused_resnet, m) {
   //   mean_dz = Σdz / M_total,  mean_dz_xhat = Σdz·x̂ / M_total  (acc dtype, length C).
   // grad_residual is an empty tensor unless residual_grad.
   m.def(
-      "bn_act_bwd_apply(Tensor grad_out, Tensor out, Tensor input, Tensor? weight, Tensor mean,"
+      "_bn_act_bwd_apply(Tensor grad_out, Tensor out, Tensor input, Tensor? weight, Tensor mean,"
       " Tensor invstd, Tensor mean_dz, Tensor mean_dz_xhat, bool residual_grad)"
       " -> (Tensor grad_input, Tensor grad_residual)",
       kAnyLayout);

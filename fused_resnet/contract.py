@@ -50,6 +50,23 @@ class OpSet(NamedTuple):
 
 OP_NAMES = OpSet._fields
 
+# The ops' names in the dispatcher (torch.ops.fused_resnet, torch.ops.fused_resnet_triton):
+# bn_act, the op a module call runs, is the one user-facing op; the others are the internal
+# pieces that its autograd, SyncBatchNorm and the momentum=None path compose, named with a
+# leading underscore as torchvision names its backward ops (torchvision::_roi_align_backward):
+# their schemas may change between releases. An op set names each op without the underscore.
+PUBLIC_OPS = ("bn_act",)
+
+
+def schema_name(op: str) -> str:
+    """The dispatcher's name of the op set's field `op`."""
+    return op if op in PUBLIC_OPS else f"_{op}"
+
+
+def op_set_of(namespace) -> OpSet:
+    """The op set of a torch.ops namespace (torch.ops.fused_resnet, torch.ops.fused_resnet_triton)."""
+    return OpSet(*(getattr(namespace, schema_name(op)).default for op in OP_NAMES))
+
 
 # ---------------------------------------------------------------------------------------------
 # The layout rule: a dense NC* or channels_last input is used as it is, anything else is made

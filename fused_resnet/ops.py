@@ -1,21 +1,24 @@
 """The one op API of fused_resnet: the fake impls and autograd every compiled backend's ops get
 (fused_resnet/backends registers the backends, each through register_op_set).
 
-Every backend implements the ops of `contract.OpSet` (schemas and math in csrc/fused_resnet.cpp):
+Every backend implements the ops of `contract.OpSet` (schemas and math in csrc/fused_resnet.cpp).
+The user-facing op, the one a module call runs:
   bn_act(input, residual?, weight?, bias?, running_mean(a!)?, running_var(b!)?, training, momentum,
          eps) -> (out, save_mean, save_invstd, relu_mask)
-      the op one module call runs: the forward and, in training, the running-statistics update
-      in place, with its autograd (C++ for the C++ backends, `register_bn_act_autograd` here for
-      the triton backend); one bn_act_bwd in the backward
-  bn_act_fwd_train(input, residual?, weight?, bias?, eps)
+      the forward and, in training, the running-statistics update in place, with its autograd
+      (C++ for the C++ backends, `register_bn_act_autograd` here for the triton backend); one
+      _bn_act_bwd in the backward.
+The internal ops (a leading underscore in the dispatcher, contract.schema_name):
+  _bn_act_fwd_train(input, residual?, weight?, bias?, eps)
       -> (out, save_mean, save_invstd, batch_var, relu_mask)
-  bn_act_fwd_eval(input, residual?, running_mean, running_var, weight?, bias?, eps) -> out
-  bn_act_bwd(grad_out, out, relu_mask, input, weight?, mean, invstd, batch_stats, residual_grad)
+      with autograd: nn.BatchNorm's momentum=None path calls it under torch.compile
+  _bn_act_fwd_eval(input, residual?, running_mean, running_var, weight?, bias?, eps) -> out
+  _bn_act_bwd(grad_out, out, relu_mask, input, weight?, mean, invstd, batch_stats, residual_grad)
       -> (grad_input, grad_residual, grad_weight, grad_bias)
 and the pieces of the training ops that SyncBatchNorm runs around its collectives:
-  bn_stats(input) -> (mean, var)
-  bn_act_bwd_reduce(grad_out, out, input, mean, invstd) -> (sum_dz_xhat, sum_dz)
-  bn_act_bwd_apply(grad_out, out, input, weight?, mean, invstd, mean_dz, mean_dz_xhat, residual_grad)
+  _bn_stats(input) -> (mean, var)
+  _bn_act_bwd_reduce(grad_out, out, input, mean, invstd) -> (sum_dz_xhat, sum_dz)
+  _bn_act_bwd_apply(grad_out, out, input, weight?, mean, invstd, mean_dz, mean_dz_xhat, residual_grad)
       -> (grad_input, grad_residual)
 
 relu_mask is the ReLU mask the training forward keeps for its backward, in a packed form of the
@@ -23,17 +26,16 @@ backend's own (or empty: the backward then takes the mask from out); autograd pa
 to the other.
 
 `register_op_set` gives a compiled backend's ops (C++ or Triton) the same fake impls, which check
-their arguments as the kernels do (contract.py), and the same autograd formula for the functional
-forwards, so backends differ only in their kernels. The "reference" backend is the eager
-composition in reference.py (autograd from eager ops).
+their arguments as the kernels do (contract.py), and _bn_act_fwd_train its autograd, so backends
+differ only in their kernels. The "reference" backend is the eager composition in reference.py
+(autograd from eager ops).
 """
-
 import torch
 
-from . import contract, reference
+from . import contract
 from .contract import OpSet, canonical_layout
-from .trace_names import profiled
 from .contract import acc_dtype
+from .trace_names import profiled
 
 # ---------------------------------------------------------------------------------------------
 # Fake impls: outputs laid out like the canonical input (contract.canonical_layout).
@@ -111,8 +113,12 @@ def _fake_ops(relu_mask_bytes) -> OpSet:
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd of the functional forwards, one formula for every op set. The forward ops return
-# statistics that are not differentiable; gradients flow to input, residual, weight and bias only.
+# The autograd formula, written once in Python (the C++ twin: csrc/common/bn_act_autograd.cpp):
+# one bn_act_bwd, whose gradients reach input, residual, weight and bias only (the statistics the
+# forwards return are not differentiable). It serves bn_act of a Python backend (triton) and
+# bn_act_fwd_train of every op set, which nn.BatchNorm's momentum=None path calls under
+# torch.compile. No module differentiates through the other ops: bn_act_fwd_eval and SyncBatchNorm's
+# pieces run inside SyncBatchNorm's own autograd.Function, so they have no autograd formula.
 
 
 def _param_grad(grad, param, needed):
@@ -121,55 +127,35 @@ def _param_grad(grad, param, needed):
     return grad if grad.dtype == param.dtype else grad.to(param.dtype)
 
 
-def _make_autograd(bwd_op):
-    def setup_train(ctx, inputs, output):
+def _backward(ctx, bwd_op, grad_out, saved, batch_stats):
+    """(grad_input, grad_residual, grad_weight, grad_bias) of one bn_act_bwd, None where
+    ctx.needs_input_grad (input, residual, weight, bias first) asks for none."""
+    input, out, relu_mask, weight, bias, mean, invstd = saved
+    need_input, need_residual, need_weight, need_bias = ctx.needs_input_grad[:4]
+    with profiled(ctx.has_residual, "bwd"):
+        grad_input, grad_residual, grad_weight, grad_bias = bwd_op(
+            grad_out, out, relu_mask, input, weight, mean, invstd, batch_stats, need_residual
+        )
+    return (
+        grad_input if need_input else None,
+        grad_residual if need_residual else None,
+        _param_grad(grad_weight, weight, need_weight),
+        _param_grad(grad_bias, bias, need_bias),
+    )
+
+
+def _fwd_train_autograd(bwd_op):
+    def setup_context(ctx, inputs, output):
         input, residual, weight, bias, _eps = inputs
         out, save_mean, save_invstd, _batch_var, relu_mask = output
         ctx.save_for_backward(input, out, relu_mask, weight, bias, save_mean, save_invstd)
         ctx.mark_non_differentiable(*output[1:])
         ctx.has_residual = residual is not None
 
-    def backward_train(ctx, grad_out, _grad_mean, _grad_invstd, _grad_var, _grad_mask):
-        input, out, relu_mask, weight, bias, mean, invstd = ctx.saved_tensors
-        need_input, need_residual, need_weight, need_bias, _ = ctx.needs_input_grad
-        with profiled(ctx.has_residual, "bwd"):
-            grad_input, grad_residual, grad_weight, grad_bias = bwd_op(
-                grad_out, out, relu_mask, input, weight, mean, invstd, True, need_residual
-            )
-        return (
-            grad_input if need_input else None,
-            grad_residual if need_residual else None,
-            _param_grad(grad_weight, weight, need_weight),
-            _param_grad(grad_bias, bias, need_bias),
-            None,
-        )
+    def backward(ctx, grad_out, _grad_mean, _grad_invstd, _grad_var, _grad_mask):
+        return *_backward(ctx, bwd_op, grad_out, ctx.saved_tensors, True), None
 
-    def setup_eval(ctx, inputs, output):
-        # The statistics are taken now: the running buffers may be updated in place before backward.
-        input, residual, running_mean, running_var, weight, bias, eps = inputs
-        ctx.has_residual = residual is not None
-        mean, invstd = reference.eval_stats(input, running_mean, running_var, eps)
-        ctx.save_for_backward(input, output, weight, bias, mean, invstd)
-
-    def backward_eval(ctx, grad_out):
-        input, out, weight, bias, mean, invstd = ctx.saved_tensors
-        need_input, need_residual, _, _, need_weight, need_bias, _ = ctx.needs_input_grad
-        with profiled(ctx.has_residual, "bwd"):
-            grad_input, grad_residual, grad_weight, grad_bias = bwd_op(
-                grad_out, out, empty_relu_mask(input), input, weight, mean, invstd, False,
-                need_residual,
-            )
-        return (
-            grad_input if need_input else None,
-            grad_residual if need_residual else None,
-            None,
-            None,
-            _param_grad(grad_weight, weight, need_weight),
-            _param_grad(grad_bias, bias, need_bias),
-            None,
-        )
-
-    return (backward_train, setup_train), (backward_eval, setup_eval)
+    return backward, setup_context
 
 
 def _no_double_backward(ctx, *grads):
@@ -181,19 +167,16 @@ def _no_double_backward(ctx, *grads):
 
 def register_op_set(ops: OpSet, relu_mask_bytes, with_bn_act_fake=True):
     """Give a compiled backend's ops (OpOverloads or triton_op handles) their fake impls and the
-    autograd of the functional forwards; bn_act has its autograd where it is defined (C++, or
-    `register_bn_act_autograd`).
+    autograd of _bn_act_fwd_train; bn_act has its autograd where it is defined (C++, or
+    `register_bn_act_autograd`); _bn_act_bwd refuses a double backward.
 
     relu_mask_bytes(input): the length of the relu_mask its bn_act_fwd_train returns for that input.
-    bn_stats / bn_act_bwd_reduce / bn_act_bwd_apply are called only inside SyncBatchNorm's
-    autograd.Function, so they get fake impls and no autograd formula.
     """
     for op, fake in zip(ops, _fake_ops(relu_mask_bytes)):
         if op is not ops.bn_act or with_bn_act_fake:
             torch.library.register_fake(op, fake)
-    (backward_train, setup_train), (backward_eval, setup_eval) = _make_autograd(ops.bn_act_bwd)
-    torch.library.register_autograd(ops.bn_act_fwd_train, backward_train, setup_context=setup_train)
-    torch.library.register_autograd(ops.bn_act_fwd_eval, backward_eval, setup_context=setup_eval)
+    backward, setup_context = _fwd_train_autograd(ops.bn_act_bwd)
+    torch.library.register_autograd(ops.bn_act_fwd_train, backward, setup_context=setup_context)
     torch.library.register_autograd(
         ops.bn_act_bwd, _no_double_backward, setup_context=lambda ctx, inputs, output: None
     )
@@ -230,25 +213,15 @@ def register_bn_act_autograd(library: torch.library.Library, bn_act_op, bwd_op):
 
         @staticmethod
         def backward(ctx, grad_out, _grad_mean, _grad_invstd, _grad_mask):
-            need_input, need_residual, need_weight, need_bias = ctx.needs_input_grad[:4]
-            if grad_out is None or not (need_input or need_residual or need_weight or need_bias):
+            if grad_out is None or not any(ctx.needs_input_grad[:4]):
                 return (None,) * 9
             input, out, relu_mask, weight, bias, mean, invstd = ctx.saved_tensors
             if not ctx.training:  # from the running statistics, as csrc/common/bn_act_autograd.cpp
                 running_mean, running_var, eps = ctx.running
                 acc = acc_dtype(input.dtype)
                 mean, invstd = running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps)
-            with profiled(ctx.has_residual, "bwd"):
-                grad_input, grad_residual, grad_weight, grad_bias = bwd_op(
-                    grad_out, out, relu_mask, input, weight, mean, invstd, ctx.training, need_residual
-                )
-            return (
-                grad_input if need_input else None,
-                grad_residual if need_residual else None,
-                _param_grad(grad_weight, weight, need_weight),
-                _param_grad(grad_bias, bias, need_bias),
-                None, None, None, None, None,
-            )
+            saved = (input, out, relu_mask, weight, bias, mean, invstd)
+            return *_backward(ctx, bwd_op, grad_out, saved, ctx.training), None, None, None, None, None
 
     def bn_act_autograd(input, residual, weight, bias, running_mean, running_var, training, momentum, eps):
         args = (input, residual, weight, bias, running_mean, running_var, training, momentum, eps)

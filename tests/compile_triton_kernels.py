@@ -26,8 +26,8 @@ from fused_resnet.triton import kernels, tiles
 # Pointer arguments in the accumulation dtype; every other pointer is an activation (or a
 # parameter, which may be in the activation dtype).
 ACC_POINTERS = {
-    "mean_part_ptr", "m2_part_ptr", "mean_ptr", "var_ptr", "invstd_ptr", "dz_part_ptr",
-    "dzx_part_ptr", "sum_dz_ptr", "sum_dz_xhat_ptr", "dz_stat_ptr", "dzx_stat_ptr",
+    "mean_part_ptr", "m2_part_ptr", "mean_ptr", "var_ptr", "invstd_ptr", "sum_dz_part_ptr",
+    "sum_dz_xmu_part_ptr", "sum_dz_ptr", "sum_dz_xhat_ptr",
     "running_mean_ptr", "running_var_ptr",  # float32 running statistics beside bfloat16 (AMP)
 }
 FLOAT_BITS_ARGUMENTS = {"eps_bits", "momentum_bits"}  # a float64's bits: int64
@@ -39,7 +39,7 @@ VIEWS = {
 FLAGS = {
     "_bn_fwd_stats_kernel": ("SINGLE_SPLIT", "UPDATE_RUNNING"),
     "_bn_act_bwd_reduce_kernel": ("SINGLE_SPLIT",),
-    "_bn_act_fwd_apply_kernel": ("SPREAD_IS_VAR", "HAS_WEIGHT", "HAS_BIAS", "HAS_RESIDUAL"),
+    "_bn_act_fwd_apply_kernel": ("BATCH_STATS", "HAS_WEIGHT", "HAS_BIAS", "HAS_RESIDUAL"),
     "_bn_act_bwd_apply_kernel": ("BATCH_STATS", "HAS_WEIGHT", "WRITE_GRAD_RESIDUAL"),
 }
 # (kernel, its flags)

@@ -37,7 +37,7 @@ def _load_setup():
 BUILD = _load_setup()
 FORCED = os.environ.get("FUSED_RESNET_NVCC_CHECK") == "1"
 CUDA_BUILT = fused_resnet.EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "fused_resnet::bn_act_fwd_train", "CUDA"
+    "fused_resnet::_bn_act_fwd_train", "CUDA"
 )
 
 

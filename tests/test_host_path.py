@@ -44,13 +44,13 @@ def test_a_training_step_is_one_op_forward_and_one_backward(backend_name, residu
     name = "bn_add_relu" if residual else "bn_relu"
     assert [c.name for c in top[0].cpu_children] == [f"fused_resnet::{name}_fwd"]
 
-    # the backward: one node besides the gradients' accumulation, whose only op is bn_act_bwd
+    # the backward: one node besides the gradients' accumulation, whose only op is _bn_act_bwd
     # (so no gradient of the statistics is filled with zeros)
     (backward,) = [e for e in top if e.name == "test::backward"]
     nodes = [e for e in backward.cpu_children if "AccumulateGrad" not in e.name]
     assert len(nodes) == 1, [e.name for e in nodes]
     in_node = list(_descendants(nodes[0]))
-    bwd = [d for d in in_node if d.name == f"{namespace}::bn_act_bwd"]
+    bwd = [d for d in in_node if d.name == f"{namespace}::_bn_act_bwd"]
     assert len(bwd) == 1, [d.name for d in in_node]
     inside_bwd = {id(d) for d in _descendants(bwd[0])} | {id(bwd[0])}
     recorded = f"fused_resnet::{name}_bwd"  # the profiler's name around it

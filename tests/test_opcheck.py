@@ -36,10 +36,12 @@ def op_calls(ops, sample, requires_grad):
     calls = [(ops.bn_act, (x, r, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5)) for training in (True, False)]
     calls.append((ops.bn_act, (x, r, w, b, None, None, True, 0.1, 1e-5)))
     calls.append((ops.bn_act_fwd_train, (x, r, w, b, 1e-5)))
-    calls.append((ops.bn_act_fwd_eval, (x, r, rm, rv, w, b, 1e-5)))
     with torch.no_grad():
         out, mean, invstd, _, relu_mask = ops.bn_act_fwd_train(x, r, w, b, 1e-5)
+    # The internal ops no module differentiates through have no autograd: called on plain tensors.
     xd, wd, grad_out = x.detach(), w.detach(), make_tensor(shape, dtype)
+    rd = r.detach() if residual else None
+    calls.append((ops.bn_act_fwd_eval, (xd, rd, rm, rv, wd, b.detach(), 1e-5)))
     for mask in {relu_mask.numel(): relu_mask, 0: relu_mask.new_empty((0,))}.values():
         for batch_stats in (True, False):
             for residual_grad in (True, False):

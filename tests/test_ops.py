@@ -5,10 +5,11 @@ import pytest
 import torch
 
 import fused_resnet
+from fused_resnet.contract import op_set_of
 from helpers import BACKENDS, DEVICE, TRITON_INTERPRETED, channel_params, make_tensor, memory_format_of, param_dtype_for
 
 COMPILED = [b for b in BACKENDS if b != "reference"]
-cxx_ops = torch.ops.fused_resnet if fused_resnet.EXTENSION_ERROR is None else None
+cxx_ops = op_set_of(torch.ops.fused_resnet) if fused_resnet.EXTENSION_ERROR is None else None
 
 
 def _gradcheck(backend, fn, inputs):

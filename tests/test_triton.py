@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fused_resnet
+from fused_resnet.contract import op_set_of
 from helpers import BACKENDS, DEVICE, TRITON_INTERPRETED, assert_close, make_tensor, memory_format_of
 from fused_resnet import backend as backend_module
 from fused_resnet import reference
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.skipif(
 if "triton" in BACKENDS:
     from fused_resnet.triton import partition
 
-    triton_ops = torch.ops.fused_resnet_triton
+    triton_ops = op_set_of(torch.ops.fused_resnet_triton)
 
 ON_GPU = DEVICE.type == "cuda"
 GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="GPU-only: run with FUSED_RESNET_TEST_DEVICE=cuda")

@@ -17,13 +17,14 @@ import triton
 import triton.language as tl
 
 import fused_resnet
+from fused_resnet.contract import op_set_of
 from helpers import BACKENDS, DEVICE, assert_close, make_tensor
 
 pytestmark = pytest.mark.skipif("triton" not in BACKENDS, reason="no Triton backend for these tensors")
 if "triton" in BACKENDS:
     from fused_resnet.triton import kernels, launch, launchers, partition, tiles
 
-    triton_ops = torch.ops.fused_resnet_triton
+    triton_ops = op_set_of(torch.ops.fused_resnet_triton)
 
 
 @pytest.fixture
@@ -212,7 +213,7 @@ def test_reductions_tile_by_their_chunk_on_a_gpu():
         plan = partition.plan_reduction(view, torch.device("cpu"))
         tile = partition.reduce_tile(view, plan, torch.device("cpu"))
     assert plan.splits_b > 1
-    assert tile == tiles.tile_for(2, min(view.n_inner, plan.chunk_b), False, interpreted=False)
+    assert tile == tiles.tile_for(2, min(view.inner, plan.chunk_b), False, interpreted=False)
 
 
 def test_module_and_functional_statistics_are_bitwise_equal():

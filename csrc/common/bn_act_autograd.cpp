@@ -38,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_bn_act_bwd(
     const at::Tensor& input, const OptTensor& weight, const at::Tensor& mean,
     const at::Tensor& invstd, bool batch_stats, bool residual_grad) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fused_resnet::bn_act_bwd", "")
+                       .findSchemaOrThrow("fused_resnet::_bn_act_bwd", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, const OptTensor&, const at::Tensor&,

@@ -46,8 +46,8 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
 struct View {
   at::Tensor x;             // the input, dense in `format`
   at::MemoryFormat format;  // Contiguous, ChannelsLast or ChannelsLast3d
-  bool rows;                // true: [N*S][C] rows of C; false: [N][C][S] planes of S
   int64_t N, C, S;
+  bool rows;                // true: [N*S][C] rows of C; false: [N][C][S] planes of S
   int64_t M() const { return N * S; }
   int64_t numel() const { return N * C * S; }
 };

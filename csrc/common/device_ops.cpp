@@ -40,7 +40,7 @@ at::Tensor no_tensor(const View& g) {
   return at::empty({0}, g.x.options());
 }
 
-BwdOutputs bn_act(
+BnActOutputs bn_act(
     const at::Tensor& input, const OptTensor& residual, const OptTensor& weight,
     const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
     bool training, double momentum, double eps, const DeviceOps& device) {

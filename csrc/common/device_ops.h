@@ -43,7 +43,11 @@ RunningStatsUpdate<A> running_stats_update(const RunningBuffers* running, int64_
   return u;
 }
 
+// (out, save_mean, save_invstd, batch_var, relu_mask): bn_act_fwd_train's outputs.
 using TrainOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// (out, save_mean, save_invstd, relu_mask): bn_act's outputs.
+using BnActOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// (grad_input, grad_residual, grad_weight, grad_bias): bn_act_bwd's outputs.
 using BwdOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using TensorPair = std::tuple<at::Tensor, at::Tensor>;
 
@@ -77,7 +81,7 @@ struct DeviceOps {
 };
 
 // The ops, composed from a device's (device_ops.cpp).
-BwdOutputs bn_act(
+BnActOutputs bn_act(
     const at::Tensor& input, const OptTensor& residual, const OptTensor& weight,
     const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
     bool training, double momentum, double eps, const DeviceOps& device);
@@ -105,7 +109,7 @@ TensorPair bn_act_bwd_apply(
 // The ops of one device as functions TORCH_FN can take.
 template <const DeviceOps& kDevice>
 struct RegisteredOps {
-  static BwdOutputs bn_act(
+  static BnActOutputs bn_act(
       const at::Tensor& input, const OptTensor& residual, const OptTensor& weight,
       const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
       bool training, double momentum, double eps) {
@@ -154,12 +158,12 @@ template <const DeviceOps& kDevice>
 void register_device_ops(torch::Library& m) {
   using Ops = RegisteredOps<kDevice>;
   m.impl("bn_act", TORCH_FN(Ops::bn_act));
-  m.impl("bn_act_fwd_train", TORCH_FN(Ops::fwd_train));
-  m.impl("bn_act_fwd_eval", TORCH_FN(Ops::fwd_eval));
-  m.impl("bn_act_bwd", TORCH_FN(Ops::bwd));
-  m.impl("bn_stats", TORCH_FN(Ops::stats));
-  m.impl("bn_act_bwd_reduce", TORCH_FN(Ops::bwd_reduce));
-  m.impl("bn_act_bwd_apply", TORCH_FN(Ops::bwd_apply));
+  m.impl("_bn_act_fwd_train", TORCH_FN(Ops::fwd_train));
+  m.impl("_bn_act_fwd_eval", TORCH_FN(Ops::fwd_eval));
+  m.impl("_bn_act_bwd", TORCH_FN(Ops::bwd));
+  m.impl("_bn_stats", TORCH_FN(Ops::stats));
+  m.impl("_bn_act_bwd_reduce", TORCH_FN(Ops::bwd_reduce));
+  m.impl("_bn_act_bwd_apply", TORCH_FN(Ops::bwd_apply));
 }
 
 } // namespace fused_resnet

@@ -38,24 +38,25 @@ namespace {
 // rows reduce and apply the same chunk on the same thread. bn_act_bwd_reduce: the reduce pass;
 // bn_act_bwd_apply: the apply pass with coefficients from given means.
 
+// Where the parameter gradients go: grad_weight = Σdz·x̂ (sum_dz_xhat), grad_bias = Σdz (sum_dz).
 template <typename T>
 struct ParamGrads {
   bool batch_stats;
-  acc_type<T>* gw;  // Σdz·x̂
-  acc_type<T>* gb;  // Σdz
+  acc_type<T>* sum_dz_xhat;  // Σdz·x̂
+  acc_type<T>* sum_dz;       // Σdz
 };
 
 // Writes channel c's parameter gradients and returns its coefficients.
 template <typename T>
 C10_ALWAYS_INLINE Coef<acc_type<T>> finalize_grads(
-    const BwdArgs<T>& a, const ParamGrads<T>& pg, int64_t c, const ChannelSums& s, int64_t M) {
+    const BwdArgs<T>& a, const ParamGrads<T>& pg, int64_t c, const Sums& s, int64_t M) {
   using A = acc_type<T>;
-  const A gw = sum_dz_xhat(s, a.invstd[c]);
-  pg.gw[c] = gw;
-  const A gb = static_cast<A>(s.dz);
-  pg.gb[c] = gb;
+  const A sum_dz_xhat = sum_dz_xhat_of(s, a.invstd[c]);
+  pg.sum_dz_xhat[c] = sum_dz_xhat;
+  const A sum_dz = static_cast<A>(s.sum_dz);
+  pg.sum_dz[c] = sum_dz;
   if (pg.batch_stats && M > 0) {
-    return batch_coef(a.w[c], a.invstd[c], gw, gb, A(1) / A(M));
+    return batch_coef(a.w[c], a.invstd[c], sum_dz_xhat, sum_dz, A(1) / A(M));
   }
   return running_coef(a.w[c], a.invstd[c]);
 }
@@ -77,7 +78,7 @@ void bwd_planes(const BwdArgs<T>& a, const ParamGrads<T>& pg) {
     });
     return;
   }
-  std::vector<ChannelSums> sums(a.C);
+  std::vector<Sums> sums(a.C);
   planes_sums(a, tasks, sums.data());
   std::vector<Coef<A>> coef(a.C);
   for (int64_t c = 0; c < a.C; ++c) {
@@ -91,7 +92,7 @@ void bwd_rows(const BwdArgs<T>& a, const ParamGrads<T>& pg) {
   using A = acc_type<T>;
   const RowPlan plan(a.C, a.N * a.S, VecT<T>::kStep, at::get_num_threads());
   const std::vector<A> mean_ext = repeated_means(a, plan);
-  std::vector<ChannelSums> sums(a.C);
+  std::vector<Sums> sums(a.C);
   const RowMask mask = row_mask<T>(plan, a.relu_mask);
   rows_sums(a, plan, mean_ext.data(), sums.data(), mask);
   std::vector<Coef<A>> coef(a.C);
@@ -102,10 +103,11 @@ void bwd_rows(const BwdArgs<T>& a, const ParamGrads<T>& pg) {
 }
 
 template <typename T>
-void bwd_reduce(const BwdArgs<T>& a, const View& g, acc_type<T>* gw, acc_type<T>* gb) {
+void bwd_reduce(
+    const BwdArgs<T>& a, const View& g, acc_type<T>* sum_dz_xhat, acc_type<T>* sum_dz) {
   using A = acc_type<T>;
   const int64_t threads = at::get_num_threads();
-  std::vector<ChannelSums> sums(a.C);
+  std::vector<Sums> sums(a.C);
   if (g.rows) {
     const RowPlan plan(a.C, g.M(), VecT<T>::kStep, threads);
     rows_sums(a, plan, repeated_means(a, plan).data(), sums.data());
@@ -113,8 +115,8 @@ void bwd_reduce(const BwdArgs<T>& a, const View& g, acc_type<T>* gw, acc_type<T>
     planes_sums(a, PlaneTasks(a.N, a.C, a.S, threads), sums.data());
   }
   for (int64_t c = 0; c < a.C; ++c) {
-    gw[c] = sum_dz_xhat(sums[c], a.invstd[c]);
-    gb[c] = static_cast<A>(sums[c].dz);
+    sum_dz_xhat[c] = sum_dz_xhat_of(sums[c], a.invstd[c]);
+    sum_dz[c] = static_cast<A>(sums[c].sum_dz);
   }
 }
 
@@ -126,7 +128,7 @@ void bwd_apply(
   const int64_t threads = at::get_num_threads();
   std::vector<Coef<A>> coef(a.C);
   for (int64_t c = 0; c < a.C; ++c) {
-    coef[c] = batch_coef(a.w[c], a.invstd[c], mean_dz_xhat[c], mean_dz[c], A(1));
+    coef[c] = batch_coef_of_means(a.w[c], a.invstd[c], mean_dz_xhat[c], mean_dz[c]);
   }
   if (g.rows) {
     const RowPlan plan(a.C, g.M(), VecT<T>::kStep, threads);
@@ -221,10 +223,8 @@ TensorPair bwd_reduce_cpu(const BwdOperands& in, const at::Tensor& mean, const a
   at::Tensor sum_dz = empty_channel_stat(g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.x.scalar_type(), op, [&] {
     using A = acc_type<scalar_t>;
-    A* gw = sum_dz_xhat.mutable_data_ptr<A>();
-    A* gb = sum_dz.mutable_data_ptr<A>();
     const BwdBuffers<scalar_t> buf(in, std::nullopt, mean, invstd, nullptr, nullptr);
-    bwd_reduce(buf.args, g, gw, gb);
+    bwd_reduce(buf.args, g, sum_dz_xhat.mutable_data_ptr<A>(), sum_dz.mutable_data_ptr<A>());
   });
   return {sum_dz_xhat, sum_dz};
 }
@@ -239,9 +239,9 @@ TensorPair bwd_apply_cpu(
   at::Tensor dr = residual_grad ? empty_activation(g) : no_tensor(g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.x.scalar_type(), op, [&] {
     using A = acc_type<scalar_t>;
-    std::vector<A> mdz(g.C), mdzx(g.C);
-    read_param<A>(mean_dz, g.C, A(0), mdz.data());
-    read_param<A>(mean_dz_xhat, g.C, A(0), mdzx.data());
+    std::vector<A> mean_dz_acc(g.C), mean_dz_xhat_acc(g.C);
+    read_param<A>(mean_dz, g.C, A(0), mean_dz_acc.data());
+    read_param<A>(mean_dz_xhat, g.C, A(0), mean_dz_xhat_acc.data());
     const BwdBuffers<scalar_t> buf(in, weight, mean, invstd, &dx, residual_grad ? &dr : nullptr);
     // bytes of activations touched: dy, y, x read; dx (and dr) written
     const int64_t bytes = g.numel() * int64_t(sizeof(scalar_t)) * (residual_grad ? 5 : 4);
@@ -249,7 +249,7 @@ TensorPair bwd_apply_cpu(
     const bool nt = use_streaming_stores(bytes, Pass::kTwo);
     dispatch_bools(residual_grad, nt, [&](auto res_c, auto nt_c) {
       using F = BwdFlags<true, decltype(res_c)::value, decltype(nt_c)::value>;
-      bwd_apply<scalar_t, F>(buf.args, g, mdz.data(), mdzx.data());
+      bwd_apply<scalar_t, F>(buf.args, g, mean_dz_acc.data(), mean_dz_xhat_acc.data());
     });
   });
   return {dx, dr};

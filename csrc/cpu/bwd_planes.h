@@ -15,8 +15,8 @@ namespace fused_resnet::cpu {
 // Planes layout (tasks: PlaneTasks in plans.h).
 
 template <typename T>
-ChannelSums task_sums(const BwdArgs<T>& a, const PlaneTasks& tasks, int64_t t) {
-  ChannelSums s;
+Sums task_sums(const BwdArgs<T>& a, const PlaneTasks& tasks, int64_t t) {
+  Sums s;
   const acc_type<T> mean = a.mean[tasks.channel(t)];
   tasks.for_each_span(t, [&](int64_t o, int64_t len) {
     reduce_span(a.dy + o, a.y + o, a.x + o, len, mean, s);
@@ -37,18 +37,18 @@ C10_ALWAYS_INLINE void apply_task(
 
 // Per-channel sums: the tasks in parallel, then each channel's parts added in order.
 template <typename T>
-void planes_sums(const BwdArgs<T>& a, const PlaneTasks& tasks, ChannelSums* out) {
-  std::vector<ChannelSums> part(tasks.count());
+void planes_sums(const BwdArgs<T>& a, const PlaneTasks& tasks, Sums* out) {
+  std::vector<Sums> part(tasks.count());
   at::parallel_for(0, tasks.count(), tasks.grain(), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       part[t] = task_sums(a, tasks, t);
     }
   });
   for (int64_t c = 0; c < tasks.C; ++c) {
-    ChannelSums s;
+    Sums s;
     for (int64_t p = 0; p < tasks.P; ++p) {
-      s.dz += part[c * tasks.P + p].dz;
-      s.dzx += part[c * tasks.P + p].dzx;
+      s.sum_dz += part[c * tasks.P + p].sum_dz;
+      s.sum_dz_xmu += part[c * tasks.P + p].sum_dz_xmu;
     }
     out[c] = s;
   }

@@ -24,14 +24,15 @@ namespace fused_resnet::cpu {
 enum class MaskSource { kOut, kOutRecord, kSavedBits };
 
 // Per-position Σdz and Σdz·(x − mean) of a tile of NS vector steps (positions [j, j + NS*K))
-// over rows [r0, r0 + nr) of width W; added to sdz/sdzx (the block total goes in in one add).
+// over rows [r0, r0 + nr) of width W; added to sum_dz/sum_dz_xmu (the block total goes in in
+// one add).
 // The mask bits of the vector at element e are byte e / 8 of saved (kSavedBits) or of record
 // (kOutRecord, written here).
 template <typename T, int64_t NS, MaskSource kSrc>
 C10_ALWAYS_INLINE void rows_reduce_tile(
     const T* __restrict__ dy, const T* __restrict__ y, const T* __restrict__ x, int64_t W,
     int64_t r0, int64_t nr, int64_t j, const acc_type<T>* __restrict__ mean,
-    acc_type<T>* __restrict__ sdz, acc_type<T>* __restrict__ sdzx,
+    acc_type<T>* __restrict__ sum_dz, acc_type<T>* __restrict__ sum_dz_xmu,
     const MaskWord* __restrict__ saved, MaskWord* __restrict__ record) {
   using V = VecT<T>;
   using A = typename V::acc_t;
@@ -79,8 +80,8 @@ C10_ALWAYS_INLINE void rows_reduce_tile(
   FR_UNROLL
   for (int64_t i = 0; i < NA; ++i) {
     const int64_t t = j + i * H;
-    (AV::loadu(sdz + t) + sd[i]).store(sdz + t);
-    (AV::loadu(sdzx + t) + sx[i]).store(sdzx + t);
+    (AV::loadu(sum_dz + t) + sd[i]).store(sum_dz + t);
+    (AV::loadu(sum_dz_xmu + t) + sx[i]).store(sum_dz_xmu + t);
   }
 }
 
@@ -125,30 +126,31 @@ RowMask row_mask(const RowPlan& plan, const MaskWord* saved) {
 }
 
 // Per-position sums over super-rows [g0, g1) of width W, in blocks of kRowBlock rows, the
-// ReLU mask taken as `mask` says (RowMask; W is then a multiple of the vector step). Block
-// totals go into acc_t sums (psdz, psdzx: W each), which are added into the double sums every
+// ReLU mask taken as `mask` says (RowMask; W is then a multiple of the vector step): Σdz into
+// sum_dz, Σdz·(x − mean) into sum_dz_xmu (double, W each). Block totals go into acc_t partial
+// sums (part_sum_dz, part_sum_dz_xmu: W each), which are added into the double sums every
 // kFlushBlocks blocks (see Sums).
 template <typename T>
 void rows_chunk_sums(
     const T* dy, const T* y, const T* x, int64_t W, int64_t g0, int64_t g1,
-    const acc_type<T>* mean, double* sdz, double* sdzx, acc_type<T>* psdz, acc_type<T>* psdzx,
-    const RowMask& mask) {
+    const acc_type<T>* mean, double* sum_dz, double* sum_dz_xmu, acc_type<T>* part_sum_dz,
+    acc_type<T>* part_sum_dz_xmu, const RowMask& mask) {
   using V = VecT<T>;
   using A = typename V::acc_t;
   constexpr int64_t K = V::kStep;
   constexpr int64_t NS = kTileVectors / V::kParts;
   constexpr int64_t kFlushBlocks = 4;
   const int64_t Wv = W / K * K;
-  std::fill(sdz, sdz + W, 0.0);
-  std::fill(sdzx, sdzx + W, 0.0);
-  std::fill(psdz, psdz + W, A(0));
-  std::fill(psdzx, psdzx + W, A(0));
+  std::fill(sum_dz, sum_dz + W, 0.0);
+  std::fill(sum_dz_xmu, sum_dz_xmu + W, 0.0);
+  std::fill(part_sum_dz, part_sum_dz + W, A(0));
+  std::fill(part_sum_dz_xmu, part_sum_dz_xmu + W, A(0));
   auto flush = [&] {
     for (int64_t t = 0; t < W; ++t) {
-      sdz[t] += static_cast<double>(psdz[t]);
-      sdzx[t] += static_cast<double>(psdzx[t]);
-      psdz[t] = A(0);
-      psdzx[t] = A(0);
+      sum_dz[t] += static_cast<double>(part_sum_dz[t]);
+      sum_dz_xmu[t] += static_cast<double>(part_sum_dz_xmu[t]);
+      part_sum_dz[t] = A(0);
+      part_sum_dz_xmu[t] = A(0);
     }
   };
   int64_t blocks = 0;
@@ -164,11 +166,11 @@ void rows_chunk_sums(
       int64_t t = 0;
       for (; t + NS * K <= Wv; t += NS * K) {
         rows_reduce_tile<T, NS, kSrc>(
-            dy, y, x, W, gb, nb, t, mean, psdz, psdzx, mask.saved, mask.record);
+            dy, y, x, W, gb, nb, t, mean, part_sum_dz, part_sum_dz_xmu, mask.saved, mask.record);
       }
       for (; t < Wv; t += K) {
         rows_reduce_tile<T, 1, kSrc>(
-            dy, y, x, W, gb, nb, t, mean, psdz, psdzx, mask.saved, mask.record);
+            dy, y, x, W, gb, nb, t, mean, part_sum_dz, part_sum_dz_xmu, mask.saved, mask.record);
       }
     };
     using Src = MaskSource;
@@ -187,8 +189,8 @@ void rows_chunk_sums(
         bd += dz;
         bx += dz * (static_cast<A>(x[e]) - mean[j]);
       }
-      psdz[j] += bd;
-      psdzx[j] += bx;
+      part_sum_dz[j] += bd;
+      part_sum_dz_xmu[j] += bx;
     }
   }
   flush();
@@ -199,25 +201,25 @@ void rows_chunk_sums(
 // repeated over a super-row. mask: where the super-rows' ReLU mask comes from (RowMask).
 template <typename T>
 void rows_sums(
-    const BwdArgs<T>& a, const RowPlan& plan, const acc_type<T>* mean_ext, ChannelSums* out,
+    const BwdArgs<T>& a, const RowPlan& plan, const acc_type<T>* mean_ext, Sums* out,
     const RowMask& mask = RowMask{}) {
   using A = acc_type<T>;
   const int64_t C = plan.C, k = plan.k, W = plan.W, P = plan.P;
-  std::vector<ChannelSums> part(P * C);
+  std::vector<Sums> part(P * C);
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     std::vector<double> totals(2 * W);
     std::vector<A> partials(2 * W);
-    double* sdz = totals.data();
-    double* sdzx = sdz + W;
+    double* sum_dz = totals.data();
+    double* sum_dz_xmu = sum_dz + W;
     for (int64_t p = p0; p < p1; ++p) {
       rows_chunk_sums(
-          a.dy, a.y, a.x, W, plan.chunk_begin(p), plan.chunk_end(p), mean_ext, sdz, sdzx,
+          a.dy, a.y, a.x, W, plan.chunk_begin(p), plan.chunk_end(p), mean_ext, sum_dz, sum_dz_xmu,
           partials.data(), partials.data() + W, mask);
       for (int64_t c = 0; c < C; ++c) {  // fold the k positions of each channel
-        ChannelSums s;
+        Sums s;
         for (int64_t q = 0; q < k; ++q) {
-          s.dz += sdz[q * C + c];
-          s.dzx += sdzx[q * C + c];
+          s.sum_dz += sum_dz[q * C + c];
+          s.sum_dz_xmu += sum_dz_xmu[q * C + c];
         }
         part[p * C + c] = s;
       }
@@ -225,18 +227,18 @@ void rows_sums(
   });
 
   for (int64_t c = 0; c < C; ++c) {
-    ChannelSums s;
+    Sums s;
     for (int64_t p = 0; p < P; ++p) {
-      s.dz += part[p * C + c].dz;
-      s.dzx += part[p * C + c].dzx;
+      s.sum_dz += part[p * C + c].sum_dz;
+      s.sum_dz_xmu += part[p * C + c].sum_dz_xmu;
     }
     if (plan.Rl > 0) {  // leftover rows (k > 1 only)
       const int64_t o = plan.G * W + c;
       for (int64_t i = 0; i < plan.Rl; ++i) {
         const int64_t e = o + i * C;
         const A dz = relu_grad_scalar(static_cast<A>(a.dy[e]), static_cast<A>(a.y[e]));
-        s.dz += dz;
-        s.dzx += dz * (static_cast<A>(a.x[e]) - a.mean[c]);
+        s.sum_dz += dz;
+        s.sum_dz_xmu += dz * (static_cast<A>(a.x[e]) - a.mean[c]);
       }
     }
     out[c] = s;

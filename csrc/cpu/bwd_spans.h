@@ -13,11 +13,11 @@
 
 namespace fused_resnet::cpu {
 
-template <bool kBatch_, bool kResGrad_, bool kNT_>
+template <bool kBatchStats_, bool kResGrad_, bool kNT_>
 struct BwdFlags {
-  static constexpr bool kBatch = kBatch_;      // batch statistics: dx has the mean terms
-  static constexpr bool kResGrad = kResGrad_;  // write grad_residual
-  static constexpr bool kNT = kNT_;            // streaming stores for dx/dr
+  static constexpr bool kBatchStats = kBatchStats_;  // batch_stats: dx has the mean terms
+  static constexpr bool kResGrad = kResGrad_;        // write grad_residual (residual_grad)
+  static constexpr bool kNT = kNT_;                  // streaming stores for dx/dr
 };
 
 // Per-channel totals of the reduce pass, in double whatever the dtype. Σdz·(x − mean) over a
@@ -25,10 +25,11 @@ struct BwdFlags {
 // the running mean, or a gradient that sums to ~0): fp32 block sums (a kBlockBytes span, or
 // kRowBlock rows, at most 4 blocks of them in the rows layout) are exact enough, but thousands
 // of them added into an fp32 total lose the result. Adding them in double costs one add per
-// block.
-struct ChannelSums {
-  double dz = 0;
-  double dzx = 0;  // Σdz·(x − mean)
+// block. sum_dz_xmu is taken about the mean the backward is given (not times invstd): Σdz·x̂ is
+// invstd·sum_dz_xmu (sum_dz_xhat_of below).
+struct Sums {
+  double sum_dz = 0;      // Σdz
+  double sum_dz_xmu = 0;  // Σdz·(x − mean)
 };
 
 // ------------------------------------------------------------------------------------------
@@ -37,7 +38,7 @@ struct ChannelSums {
 template <typename T>
 C10_ALWAYS_INLINE void reduce_span_block(
     const T* __restrict__ dy, const T* __restrict__ y, const T* __restrict__ x, int64_t L,
-    acc_type<T> mean, ChannelSums& out) {
+    acc_type<T> mean, Sums& out) {
   using V = VecT<T>;
   using A = typename V::acc_t;
   using AV = typename V::AV;
@@ -88,13 +89,13 @@ C10_ALWAYS_INLINE void reduce_span_block(
     bd += dz;
     bx += dz * (static_cast<A>(x[j]) - mean);
   }
-  out.dz += bd;
-  out.dzx += bx;
+  out.sum_dz += bd;
+  out.sum_dz_xmu += bx;
 }
 
 template <typename T>
 C10_ALWAYS_INLINE void reduce_span(
-    const T* dy, const T* y, const T* x, int64_t L, acc_type<T> mean, ChannelSums& out) {
+    const T* dy, const T* y, const T* x, int64_t L, acc_type<T> mean, Sums& out) {
   constexpr int64_t kBlock = kBlockBytes / sizeof(T);
   for (int64_t lo = 0; lo < L; lo += kBlock) {
     const int64_t len = std::min(kBlock, L - lo);
@@ -127,7 +128,7 @@ C10_ALWAYS_INLINE void apply_span_from(
       const A dz = relu_grad_scalar(static_cast<A>(dy[j]), static_cast<A>(y[j]));
       const A a = kPerPos ? cA[j] : cA[0];
       A v;
-      if constexpr (F::kBatch) {
+      if constexpr (F::kBatchStats) {
         const A b = kPerPos ? cB[j] : cB[0];
         const A m = kPerPos ? cmean[j] : cmean[0];
         const A d = kPerPos ? cD[j] : cD[0];
@@ -146,7 +147,7 @@ C10_ALWAYS_INLINE void apply_span_from(
   const AV zero(A(0));
   const AV a0(cA[0]);
   AV b0(A(0)), m0(A(0)), d0(A(0));
-  if constexpr (F::kBatch) {
+  if constexpr (F::kBatchStats) {
     b0 = AV(cB[0]);
     m0 = AV(cmean[0]);
     d0 = AV(cD[0]);
@@ -157,7 +158,7 @@ C10_ALWAYS_INLINE void apply_span_from(
     if constexpr (!kMask) {
       V::load(y + j, o);
     }
-    if constexpr (F::kBatch) {
+    if constexpr (F::kBatchStats) {
       V::load(x + j, xv);
     }
     FR_UNROLL
@@ -170,7 +171,7 @@ C10_ALWAYS_INLINE void apply_span_from(
       }
       dzs[q] = dz;
       const int64_t i = j + q * H;
-      if constexpr (F::kBatch) {
+      if constexpr (F::kBatchStats) {
         if constexpr (kPerPos) {
           const AV t = at::vec::fmadd(
               AV::loadu(cB + i), xv[q] - AV::loadu(cmean + i), AV::loadu(cD + i));
@@ -209,7 +210,7 @@ C10_ALWAYS_INLINE void apply_span(
   if constexpr (F::kNT) {
     const int64_t head = stream_head(dx);
     if (head < 0 || (F::kResGrad && stream_head(dr) != head)) {
-      using Plain = BwdFlags<F::kBatch, F::kResGrad, false>;
+      using Plain = BwdFlags<F::kBatchStats, F::kResGrad, false>;
       apply_span_from<T, Plain, kPerPos, kMask>(0, dx, dr, dy, y, x, L, cA, cB, cmean, cD, mask);
     } else if (kMask && head != 0) {
       apply_span_from<T, F, kPerPos, false>(head, dx, dr, dy, y, x, L, cA, cB, cmean, cD, nullptr);
@@ -241,14 +242,25 @@ struct Coef {
 };
 
 // grad_input = a·dz + b·(x − mean) + d with a = w·invstd and, for batch statistics,
-//   b = −a·invstd·Σdz·x̂·inv_count,  d = −a·Σdz·inv_count
-// (inv_count = 1/M with this input's sums; 1 with given global means of the sums).
+//   b = −a·invstd·mean_dz_xhat,  d = −a·mean_dz,
+// from this input's sums (mean_dz = sum_dz·inv_count, mean_dz_xhat = sum_dz_xhat·inv_count,
+// inv_count = 1/M) ...
 template <typename A>
 C10_ALWAYS_INLINE Coef<A> batch_coef(A w, A invstd, A sum_dz_xhat, A sum_dz, A inv_count) {
   Coef<A> k;
   k.a = w * invstd;
   k.b = -k.a * invstd * sum_dz_xhat * inv_count;
   k.d = -k.a * sum_dz * inv_count;
+  return k;
+}
+
+// ... or from given means (over all processes: bn_act_bwd_apply).
+template <typename A>
+C10_ALWAYS_INLINE Coef<A> batch_coef_of_means(A w, A invstd, A mean_dz_xhat, A mean_dz) {
+  Coef<A> k;
+  k.a = w * invstd;
+  k.b = -k.a * invstd * mean_dz_xhat;
+  k.d = -k.a * mean_dz;
   return k;
 }
 
@@ -260,8 +272,8 @@ C10_ALWAYS_INLINE Coef<A> running_coef(A w, A invstd) {
 
 // Σdz·x̂ = invstd·Σdz·(x − mean): grad_weight of this input.
 template <typename A>
-C10_ALWAYS_INLINE A sum_dz_xhat(const ChannelSums& s, A invstd) {
-  return static_cast<A>(s.dzx * static_cast<double>(invstd));
+C10_ALWAYS_INLINE A sum_dz_xhat_of(const Sums& s, A invstd) {
+  return static_cast<A>(s.sum_dz_xmu * static_cast<double>(invstd));
 }
 
 } // namespace fused_resnet::cpu

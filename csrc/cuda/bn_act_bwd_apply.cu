@@ -29,10 +29,17 @@ struct BwdApplyOp {
 
   __device__ __forceinline__ Coef coef(int64_t c) const {
     const A invstd = load_channel<T>(a.in.invstd, c, A(1));
-    const A inv_count = static_cast<A>(a.inv_count);
+    A mean_dz, mean_dz_xhat;
+    if (a.mean_dz.ptr != nullptr) {  // given means
+      mean_dz = load_channel<T>(a.mean_dz, c, A(0));
+      mean_dz_xhat = load_channel<T>(a.mean_dz_xhat, c, A(0));
+    } else {  // this input's sums
+      const A inv_count = static_cast<A>(a.inv_count);
+      mean_dz = load_channel<T>(a.sum_dz, c, A(0)) * inv_count;
+      mean_dz_xhat = load_channel<T>(a.sum_dz_xhat, c, A(0)) * inv_count;
+    }
     return {load_channel<T>(a.in.weight, c, A(1)) * invstd, load_channel<T>(a.in.mean, c, A(0)),
-            load_channel<T>(a.sum_dz, c, A(0)) * inv_count,
-            invstd * (load_channel<T>(a.sum_dz_xhat, c, A(0)) * inv_count)};
+            mean_dz, invstd * mean_dz_xhat};
   }
 
   template <int L>

@@ -15,7 +15,7 @@ struct BwdReduceOp {
   using A = acc_t<T>;
   static constexpr int kUnroll = 2;
   template <int L>
-  using State = Sums<A, L>;
+  using State = Sums<A, L>;  // sum_dz = Σdz, sum_dz_xmu = Σdz·(x − mean)
   struct Ctx {
     A mean, a;  // a = w·invstd, the grad_input factor of running statistics
   };
@@ -45,8 +45,8 @@ struct BwdReduceOp {
 #pragma unroll
     for (int j = 0; j < L; ++j) {
       dz[j] = relu_grad(to_acc<A>(it.dy.v[j]), to_acc<A>(it.y.v[j]));
-      st.s1[j] += dz[j];
-      st.s2[j] += dz[j] * (to_acc<A>(it.x.v[j]) - ctx[j].mean);
+      st.sum_dz[j] += dz[j];
+      st.sum_dz_xmu[j] += dz[j] * (to_acc<A>(it.x.v[j]) - ctx[j].mean);
     }
     if (a.dr != nullptr) {
       store_pack<T, L>(a.dr + off, dz);
@@ -62,8 +62,8 @@ struct BwdReduceOp {
   }
 
   __device__ __forceinline__ void finalize(int64_t c, const State<1>& s) const {
-    a.sum_dz[c] = s.s1[0];
-    a.sum_dz_xhat[c] = s.s2[0] * load_channel<T>(a.in.invstd, c, A(1));
+    a.sum_dz[c] = s.sum_dz[0];
+    a.sum_dz_xhat[c] = s.sum_dz_xmu[0] * load_channel<T>(a.in.invstd, c, A(1));  // Σdz·x̂
   }
 };
 

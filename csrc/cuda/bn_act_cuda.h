@@ -39,15 +39,16 @@ struct ChannelVec {
   bool is_float = false;
 };
 
-// The view (csrc/common/contract.h) as the kernels see it: its sizes and its layout.
+// View's dimensions without the tensor, for the kernels: the fields of View
+// (csrc/common/contract.h), in its order, N, C, S and the layout `rows`.
 struct ViewDims {
   int64_t N, C, S;
-  bool rows;
+  bool rows;  // true: [N*S][C] rows of C; false: [N][C][S] planes of S
   int64_t numel() const { return N * C * S; }
 };
 
 // Training-forward statistics (bn_act_fwd_train, bn_stats): mean and biased variance per channel
-// (Welford per thread, Chan merges), and invstd = 1/sqrt(var + eps) when invstd is not null. The
+// (Moments per thread, Chan merges), and invstd = 1/sqrt(var + eps) when invstd is not null. The
 // per-channel finalize also applies `running` (bn_act: the running statistics' update).
 //
 // The argument structs are filled by name (designated initializers, in declaration order);
@@ -63,17 +64,18 @@ struct StatsArgs {
 };
 
 // y = relu(x * scale + shift (+ r)), scale = w * invstd, shift = b - mean * scale, where invstd is
-// given (training: the batch statistics just computed) or 1/sqrt(var + eps) (eval: running stats).
+// given (batch_stats: the batch statistics just computed) or 1/sqrt(var + eps) (not batch_stats:
+// the running statistics, eval).
 template <typename T>
 struct FwdApplyArgs {
   const T* x = nullptr;
   const T* r = nullptr;  // null: no residual
   T* y = nullptr;
   ChannelVec mean{};
-  ChannelVec spread{};  // invstd, or the variance when spread_is_var
-  bool spread_is_var = false;
-  ChannelVec weight{};  // absent: 1
-  ChannelVec bias{};    // absent: 0
+  ChannelVec spread{};      // batch_stats: the batch invstd; else the running variance
+  bool batch_stats = true;  // false: spread is the variance, invstd = 1/sqrt(spread + eps)
+  ChannelVec weight{};      // absent: 1
+  ChannelVec bias{};        // absent: 0
   double eps = 0.0;
 };
 
@@ -90,7 +92,7 @@ struct BwdInputs {
 };
 
 // Backward reductions, dz = 0 where out <= 0 else grad_out:
-//   sum_dz = Σdz,  sum_dz_xhat = invstd·Σdz·(x − mean).
+//   sum_dz = Σdz,  sum_dz_xhat = Σdz·x̂ = invstd·Σdz·(x − mean)   (this input's sums, not means).
 // The same pass may also store dz (dr: grad_residual, or the apply pass's input) and, when the
 // statistics are not batch statistics, grad_input = w·invstd·dz (dx), which needs no reduction
 // (the only use of in.weight here).
@@ -103,19 +105,23 @@ struct BwdReduceArgs {
   acc_t<T>* sum_dz = nullptr;
 };
 
-// grad_input = w·invstd·(dz − mean_dz − x̂·mean_dz_xhat), x̂ = (x − mean)·invstd, with
-// mean_dz = sum_dz·inv_count and mean_dz_xhat = sum_dz_xhat·inv_count (inv_count = 1/M for sums,
-// 1 when the caller passes means). dz is read from dz_in when given (stored there by the reduce
-// pass), else formed from in.dy and in.y, and then stored to dr when dr is not null.
+// grad_input = w·invstd·(dz − mean_dz − x̂·mean_dz_xhat), x̂ = (x − mean)·invstd, with the means
+// given (mean_dz = Σdz/M_total, mean_dz_xhat = Σdz·x̂/M_total: bn_act_bwd_apply) or, where
+// mean_dz is absent, formed from this input's sums: mean_dz = sum_dz·inv_count and
+// mean_dz_xhat = sum_dz_xhat·inv_count, inv_count = 1/M (bn_act_bwd). dz is read from dz_in when
+// given (stored there by the reduce pass), else formed from in.dy and in.y, and then stored to dr
+// when dr is not null.
 template <typename T>
 struct BwdApplyArgs {
   BwdInputs<T> in;
   const T* dz_in = nullptr;  // null: dz from in.dy, in.y
   T* dx = nullptr;
   T* dr = nullptr;  // null: grad_residual not wanted (or already stored)
-  ChannelVec sum_dz{};
-  ChannelVec sum_dz_xhat{};
-  double inv_count = 1.0;
+  ChannelVec mean_dz{};       // absent: the means from sum_dz, sum_dz_xhat and inv_count
+  ChannelVec mean_dz_xhat{};  // (given and absent together)
+  ChannelVec sum_dz{};        // Σdz
+  ChannelVec sum_dz_xhat{};   // Σdz·x̂
+  double inv_count = 1.0;     // 1/M
 };
 
 // Device memory for a launcher's temporaries (the reductions' staging buffer and counters),

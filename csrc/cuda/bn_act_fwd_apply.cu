@@ -1,8 +1,8 @@
 // Forward apply pass (bn_act_fwd_train after its statistics, and bn_act_fwd_eval):
 //   y = relu(x·scale + shift (+ r)),  scale = w·invstd,  shift = b − mean·scale,
 // in the accumulation type, rounded once to the activation dtype. Training passes the batch
-// mean and invstd just computed; eval passes the running statistics, folded here per channel
-// (invstd = 1/sqrt(running_var + eps)) once per thread (rows) or per plane (planes).
+// mean and invstd just computed (batch_stats); eval passes the running statistics, folded here
+// per channel (invstd = 1/sqrt(running_var + eps)) once per thread (rows) or per plane (planes).
 // Memory traffic: reads x (and r), writes y, each once, in 16-byte accesses where aligned.
 #include "skeletons.cuh"
 #include "static_switch.h"
@@ -29,7 +29,7 @@ struct FwdApplyOp {
   __device__ __forceinline__ Coef coef(int64_t c) const {
     const A mean = load_channel<T>(a.mean, c, A(0));
     const A v = load_channel<T>(a.spread, c, A(1));
-    const A invstd = a.spread_is_var ? A(1) / ::sqrt(v + static_cast<A>(a.eps)) : v;
+    const A invstd = a.batch_stats ? v : A(1) / ::sqrt(v + static_cast<A>(a.eps));
     const A scale = load_channel<T>(a.weight, c, A(1)) * invstd;
     return {scale, load_channel<T>(a.bias, c, A(0)) - mean * scale};
   }

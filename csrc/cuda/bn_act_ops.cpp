@@ -61,7 +61,7 @@ ChannelVec channel_vec(const std::optional<at::Tensor>& t) {
 }
 
 ViewDims dims_of(const View& g) {
-  return {g.N, g.C, g.S, g.rows};
+  return {.N = g.N, .C = g.C, .S = g.S, .rows = g.rows};
 }
 
 // An activation output laid out like the canonical input (dense, so Preserve copies its strides).
@@ -149,7 +149,7 @@ TrainOutputs fwd_train_cuda(
         .y = out.mutable_data_ptr<scalar_t>(),
         .mean = channel_vec(mean),
         .spread = channel_vec(invstd),
-        .spread_is_var = false,
+        .batch_stats = true,
         .weight = channel_vec(weight),
         .bias = channel_vec(bias),
         .eps = eps};
@@ -175,7 +175,7 @@ at::Tensor fwd_eval_cuda(
         .y = out.mutable_data_ptr<scalar_t>(),
         .mean = channel_vec(running_mean),
         .spread = channel_vec(running_var),
-        .spread_is_var = true,
+        .batch_stats = false,
         .weight = channel_vec(weight),
         .bias = channel_vec(bias),
         .eps = eps};
@@ -286,8 +286,8 @@ TensorPair bwd_apply_cuda(
         .in = bwd_inputs<scalar_t>(in, weight, mean, invstd),
         .dx = dx.mutable_data_ptr<scalar_t>(),
         .dr = mutable_ptr<scalar_t>(dr),
-        .sum_dz = channel_vec(mean_dz),  // given means: inv_count 1
-        .sum_dz_xhat = channel_vec(mean_dz_xhat)};
+        .mean_dz = channel_vec(mean_dz),  // the given means
+        .mean_dz_xhat = channel_vec(mean_dz_xhat)};
     launch_bwd_apply<scalar_t>(dims_of(g), apply, stream);
   });
   return {dx, dr};

@@ -2,9 +2,9 @@
 // elements, mean and biased variance = M2 / M, and invstd = 1/sqrt(var + eps); bn_act's
 // running-statistics update in the same per-channel finalize (common/running_stats.h).
 //
-// One launch of reduce_kernel: Welford per thread (one division per access, shared by its lanes),
-// Chan merges across the warp, the block and the blocks of a channel. Reads x once (N·C·S
-// elements); writes O(C · blocks per channel) partials.
+// One launch of reduce_kernel: Moments per thread by Welford's update (one division per access,
+// shared by its lanes), Chan merges across the warp, the block and the blocks of a channel.
+// Reads x once (N·C·S elements); writes O(C · blocks per channel) partials.
 #include "skeletons.cuh"
 
 #include <cmath>
@@ -18,7 +18,7 @@ struct StatsOp {
   using A = acc_t<T>;
   static constexpr int kUnroll = 4;
   template <int L>
-  using State = Welford<A, L>;
+  using State = Moments<A, L>;
   struct Ctx {};
   template <int L>
   struct Item {

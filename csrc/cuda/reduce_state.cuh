@@ -1,4 +1,4 @@
-// The reductions' accumulator states: Welford (count, mean, M2) for the statistics, Sums for the
+// The reductions' accumulator states: Moments (count, mean, M2) for the statistics, Sums for the
 // backward's Σdz and Σdz·(x − mean); their staging buffers, warp shuffles and block merges.
 #pragma once
 
@@ -12,10 +12,11 @@ namespace fused_resnet::cuda {
 // Accumulator states. A state holds L lanes (the L elements of one access); in the planes layout
 // all lanes belong to one channel and are collapsed to one lane before the block merge.
 
-// Welford (count, mean, M2), merged with Chan's formula: for partials a, b with n = na + nb,
+// Moments (count, mean, M2), accumulated with Welford's update (push) and merged with Chan's
+// formula (as the CPU backend's Moments, csrc/cpu/moments.h): for partials a, b with n = na + nb,
 //   δ = mean_b − mean_a,  mean = mean_a + δ·nb/n,  M2 = M2_a + M2_b + δ²·na·nb/n.
 template <typename A>
-struct WelfordStaging {
+struct MomentsStaging {
   A* mean;
   A* m2;
   int64_t* n;
@@ -23,8 +24,8 @@ struct WelfordStaging {
     return entries * int64_t(2 * sizeof(A) + sizeof(int64_t));
   }
   // `base` 16-byte aligned; the three arrays follow each other, int64 first (alignment).
-  static WelfordStaging carve(char* base, int64_t entries) {
-    WelfordStaging s;
+  static MomentsStaging carve(char* base, int64_t entries) {
+    MomentsStaging s;
     s.n = reinterpret_cast<int64_t*>(base);
     s.mean = reinterpret_cast<A*>(base + entries * int64_t(sizeof(int64_t)));
     s.m2 = s.mean + entries;
@@ -33,8 +34,8 @@ struct WelfordStaging {
 };
 
 template <typename A, int L>
-struct Welford {
-  using Staging = WelfordStaging<A>;
+struct Moments {
+  using Staging = MomentsStaging<A>;
   int64_t n;  // shared by the lanes: every access is whole
   A mean[L];
   A m2[L];
@@ -59,7 +60,7 @@ struct Welford {
     }
   }
 
-  __device__ __forceinline__ void merge(const Welford& o) {
+  __device__ __forceinline__ void merge(const Moments& o) {
     if (o.n == 0) {
       return;
     }
@@ -79,8 +80,8 @@ struct Welford {
     n = total;
   }
 
-  __device__ __forceinline__ Welford shfl_xor(int offset) const {
-    Welford r;
+  __device__ __forceinline__ Moments shfl_xor(int offset) const {
+    Moments r;
     r.n = __shfl_xor_sync(kFullMask, n, offset);
 #pragma unroll
     for (int j = 0; j < L; ++j) {
@@ -90,8 +91,8 @@ struct Welford {
     return r;
   }
 
-  __device__ __forceinline__ Welford<A, 1> lane(int j) const {
-    Welford<A, 1> r;
+  __device__ __forceinline__ Moments<A, 1> lane(int j) const {
+    Moments<A, 1> r;
     r.n = n;
     r.mean[0] = mean[j];
     r.m2[0] = m2[j];
@@ -110,9 +111,9 @@ struct Welford {
   }
 
   // Reads what other blocks stored (L2, bypassing the non-coherent L1).
-  __device__ __forceinline__ static Welford load(const Staging& s, int64_t g, int64_t C,
+  __device__ __forceinline__ static Moments load(const Staging& s, int64_t g, int64_t C,
                                                  int64_t c0) {
-    Welford r;
+    Moments r;
     r.n = __ldcg(reinterpret_cast<const long long*>(s.n) + g * C + c0);
 #pragma unroll
     for (int j = 0; j < L; ++j) {
@@ -124,18 +125,19 @@ struct Welford {
   }
 };
 
-// Two plain sums per lane (backward: Σdz and Σdz·(x − mean)).
+// Two plain sums per lane, the backward's (bn_act_bwd_reduce.cu): sum_dz = Σdz and
+// sum_dz_xmu = Σdz·(x − mean) (times invstd, Σdz·x̂, at the finalize).
 template <typename A>
 struct SumsStaging {
-  A* s1;
-  A* s2;
+  A* sum_dz;
+  A* sum_dz_xmu;
   static int64_t bytes(int64_t entries) {
     return entries * int64_t(2 * sizeof(A));
   }
   static SumsStaging carve(char* base, int64_t entries) {
     SumsStaging s;
-    s.s1 = reinterpret_cast<A*>(base);
-    s.s2 = s.s1 + entries;
+    s.sum_dz = reinterpret_cast<A*>(base);
+    s.sum_dz_xmu = s.sum_dz + entries;
     return s;
   }
 };
@@ -143,22 +145,22 @@ struct SumsStaging {
 template <typename A, int L>
 struct Sums {
   using Staging = SumsStaging<A>;
-  A s1[L];
-  A s2[L];
+  A sum_dz[L];      // Σdz
+  A sum_dz_xmu[L];  // Σdz·(x − mean)
 
   __device__ __forceinline__ void zero() {
 #pragma unroll
     for (int j = 0; j < L; ++j) {
-      s1[j] = A(0);
-      s2[j] = A(0);
+      sum_dz[j] = A(0);
+      sum_dz_xmu[j] = A(0);
     }
   }
 
   __device__ __forceinline__ void merge(const Sums& o) {
 #pragma unroll
     for (int j = 0; j < L; ++j) {
-      s1[j] += o.s1[j];
-      s2[j] += o.s2[j];
+      sum_dz[j] += o.sum_dz[j];
+      sum_dz_xmu[j] += o.sum_dz_xmu[j];
     }
   }
 
@@ -166,16 +168,16 @@ struct Sums {
     Sums r;
 #pragma unroll
     for (int j = 0; j < L; ++j) {
-      r.s1[j] = __shfl_xor_sync(kFullMask, s1[j], offset);
-      r.s2[j] = __shfl_xor_sync(kFullMask, s2[j], offset);
+      r.sum_dz[j] = __shfl_xor_sync(kFullMask, sum_dz[j], offset);
+      r.sum_dz_xmu[j] = __shfl_xor_sync(kFullMask, sum_dz_xmu[j], offset);
     }
     return r;
   }
 
   __device__ __forceinline__ Sums<A, 1> lane(int j) const {
     Sums<A, 1> r;
-    r.s1[0] = s1[j];
-    r.s2[0] = s2[j];
+    r.sum_dz[0] = sum_dz[j];
+    r.sum_dz_xmu[0] = sum_dz_xmu[j];
     return r;
   }
 
@@ -183,8 +185,8 @@ struct Sums {
 #pragma unroll
     for (int j = 0; j < L; ++j) {
       const int64_t i = g * C + c0 + j;
-      s.s1[i] = s1[j];
-      s.s2[i] = s2[j];
+      s.sum_dz[i] = sum_dz[j];
+      s.sum_dz_xmu[i] = sum_dz_xmu[j];
     }
   }
 
@@ -193,8 +195,8 @@ struct Sums {
 #pragma unroll
     for (int j = 0; j < L; ++j) {
       const int64_t i = g * C + c0 + j;
-      r.s1[j] = __ldcg(s.s1 + i);
-      r.s2[j] = __ldcg(s.s2 + i);
+      r.sum_dz[j] = __ldcg(s.sum_dz + i);
+      r.sum_dz_xmu[j] = __ldcg(s.sum_dz_xmu + i);
     }
     return r;
   }

@@ -30,7 +30,7 @@ namespace fused_resnet::cuda {
 // ---------------------------------------------------------------------------------------------
 // Reduction skeleton. Op provides:
 //   kUnroll                         accesses per thread per tile
-//   template <int L> using State;   Welford<A, L> or Sums<A, L>
+//   template <int L> using State;   Moments<A, L> or Sums<A, L>
 //   struct Ctx;  Ctx context(c)     per-channel values needed while accumulating
 //   template <int L> struct Item;   one access's loaded data
 //   load<L>(Item&, off), accumulate<L>(State<L>&, const Ctx (&)[L], const Item<L>&, off)

@@ -16,8 +16,7 @@ def load():
     if fused_resnet.EXTENSION_ERROR is not None:
         reason = f"the C++ extension fused_resnet._C failed to load ({fused_resnet.EXTENSION_ERROR})"
         return {"cpu": reason, "cuda": reason}
-    namespace = torch.ops.fused_resnet
-    ops = contract.OpSet(*(getattr(namespace, name).default for name in contract.OP_NAMES))
+    ops = contract.op_set_of(torch.ops.fused_resnet)
     register_op_set(ops, relu_mask_bytes=cpu_relu_mask_bytes)
     loaded = {}
     for device_type in ("cpu", "cuda"):

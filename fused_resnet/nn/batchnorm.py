@@ -43,7 +43,7 @@ class _FusedBatchNormMixin:
     """nn.BatchNorm's forward as one op call, with the input checks before any state changes."""
 
     def _mode(self):
-        """(use_batch_stats, running_mean, running_var, counts_steps) as nn.BatchNorm decides them.
+        """(batch_stats, running_mean, running_var, counts_steps) as nn.BatchNorm decides them.
 
         Batch statistics in training, and in eval when there are no running ones. The running
         buffers are read in eval, and updated in training if they are tracked (else None); a
@@ -70,14 +70,14 @@ class _FusedBatchNormMixin:
         # csrc/common/contract.cpp) and the count of the step: each name is read once.
         self._check_input_dim(input)  # nn.BatchNorm*d's own rank check and message
         check_channels(self, input)
-        use_batch_stats, running_mean, running_var, counts_steps = self._mode()
+        batch_stats, running_mean, running_var, counts_steps = self._mode()
         params = self._parameters
         weight, bias = _tensor(self, params, "weight"), _tensor(self, params, "bias")
         if self.momentum is None and counts_steps and torch.compiler.is_compiling():
             out = self._compiled_cumulative_step(input, residual, weight, bias, running_mean, running_var)
         else:
             out = functional.batch_norm_act(
-                input, residual, weight, bias, running_mean, running_var, use_batch_stats,
+                input, residual, weight, bias, running_mean, running_var, batch_stats,
                 self._step_momentum(counts_steps), self.eps,
             )
         if counts_steps:  # counted once the step went through: a refused call counts nothing

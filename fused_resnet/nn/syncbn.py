@@ -126,8 +126,8 @@ class _SyncFusedBatchNormMixin(_FusedBatchNormMixin):
 
     def _sync_group(self):
         """(process group, world size) when this call synchronizes, else None (as nn.SyncBatchNorm)."""
-        use_batch_stats = self._mode()[0]
-        if not (self.training and use_batch_stats and dist.is_available() and dist.is_initialized()):
+        batch_stats = self._mode()[0]
+        if not (self.training and batch_stats and dist.is_available() and dist.is_initialized()):
             return None
         group = self.process_group if self.process_group else dist.group.WORLD
         world_size = dist.get_world_size(group)

@@ -43,7 +43,7 @@ import triton.language as tl
 _UNSPECIALIZED = (
     "n_outer", "chunk_a", "splits_b", "num_splits", "count", "eps_bits", "momentum_bits",
     "stride_running_mean", "stride_running_var", "stride_mean", "stride_spread", "stride_invstd",
-    "stride_w", "stride_b", "stride_dz_stat", "stride_dzx_stat",
+    "stride_w", "stride_b", "stride_sum_dz", "stride_sum_dz_xhat",
 )
 
 
@@ -295,22 +295,22 @@ def _bn_act_fwd_apply_kernel(
     y_ptr,  # allocated like x: x's strides
     mean_ptr, stride_mean, spread_ptr, stride_spread, w_ptr, stride_w, b_ptr, stride_b, eps_bits,
     n_outer, n_channels, n_inner,
-    SPREAD_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BATCH_STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """y = relu((x - mean)·scale + b (+ r)), scale = w·invstd folded once per channel.
 
-    spread is invstd (training: the batch statistics) or the running variance (eval:
-    invstd = 1/sqrt(var + eps)). Memory traffic: read x (and r), write y.
+    spread is invstd when BATCH_STATS (training: the batch statistics), else the running
+    variance (eval: invstd = 1/sqrt(var + eps)). Memory traffic: read x (and r), write y.
     """
     a, c, b, c_mask, mask = _tile_position(tl.program_id(0), n_outer, n_channels, n_inner, BLOCK_A, BLOCK_C, BLOCK_B)
     mean = _acc(_channel_load(mean_ptr, stride_mean, c, c_mask, 0.0))
     spread = _acc(_channel_load(spread_ptr, stride_spread, c, c_mask, 1.0))
-    if SPREAD_IS_VAR:
-        scale = 1.0 / tl.sqrt(spread + _float_arg(eps_bits, spread.dtype))
-    else:
+    if BATCH_STATS:
         scale = spread
+    else:
+        scale = 1.0 / tl.sqrt(spread + _float_arg(eps_bits, spread.dtype))
     if HAS_WEIGHT:
         scale *= _acc(_channel_load(w_ptr, stride_w, c, c_mask, 0.0))
     x = _acc(tl.load(x_ptr + _offsets(a, c, b, stride_xa, stride_xc, stride_xb), mask=mask, other=0.0))
@@ -333,7 +333,7 @@ def _bn_act_bwd_reduce_kernel(
     out_ptr, stride_oa, stride_oc, stride_ob,
     x_ptr, stride_xa, stride_xc, stride_xb,
     mean_ptr, stride_mean, invstd_ptr, stride_invstd,  # accumulation dtype
-    dz_part_ptr, dzx_part_ptr,  # [num_splits, n_channels]: Σdz and Σdz·(x - mean), acc dtype
+    sum_dz_part_ptr, sum_dz_xmu_part_ptr,  # [num_splits, n_channels]: Σdz, Σdz·(x - mean), acc dtype
     sum_dz_ptr, sum_dz_xhat_ptr,  # [n_channels] results, written here when SINGLE_SPLIT
     n_outer, n_channels, n_inner, chunk_a, chunk_b, splits_b,
     SINGLE_SPLIT: tl.constexpr,
@@ -347,7 +347,7 @@ def _bn_act_bwd_reduce_kernel(
     mean = _channel_load(mean_ptr, stride_mean, c, c_mask, 0.0)
 
     sum_dz = tl.zeros([BLOCK_C], dtype=mean_ptr.dtype.element_ty)
-    sum_dzx = sum_dz
+    sum_dz_xmu = sum_dz
     for a0 in range(a_begin, a_end, BLOCK_A):
         a = a0 + tl.arange(0, BLOCK_A)
         for b0 in range(b_begin, b_end, BLOCK_B):
@@ -359,35 +359,35 @@ def _bn_act_bwd_reduce_kernel(
             dz = _acc(_relu_mask_grad(dy, out)).to(sum_dz.dtype)
             centered = _acc(x).to(sum_dz.dtype) - mean[None, :, None]
             sum_dz += tl.sum(tl.sum(dz, axis=2), axis=0)
-            sum_dzx += tl.sum(tl.sum(dz * centered, axis=2), axis=0)
+            sum_dz_xmu += tl.sum(tl.sum(dz * centered, axis=2), axis=0)
 
     if SINGLE_SPLIT:
         invstd = _channel_load(invstd_ptr, stride_invstd, c, c_mask, 0.0)
         tl.store(sum_dz_ptr + c, sum_dz, mask=c_mask)
-        tl.store(sum_dz_xhat_ptr + c, sum_dzx * invstd, mask=c_mask)
+        tl.store(sum_dz_xhat_ptr + c, sum_dz_xmu * invstd, mask=c_mask)
     else:
-        _store_partials(dz_part_ptr, dzx_part_ptr, split, n_channels, c, c_mask, sum_dz, sum_dzx)
+        _store_partials(sum_dz_part_ptr, sum_dz_xmu_part_ptr, split, n_channels, c, c_mask, sum_dz, sum_dz_xmu)
 
 
 @_jit
 def _bn_act_bwd_reduce_combine_kernel(
-    dz_part_ptr, dzx_part_ptr, invstd_ptr, stride_invstd, sum_dz_ptr, sum_dz_xhat_ptr,
+    sum_dz_part_ptr, sum_dz_xmu_part_ptr, invstd_ptr, stride_invstd, sum_dz_ptr, sum_dz_xhat_ptr,
     n_channels, num_splits,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Sum the partials of every split in split order: Σdz, and Σdz·x̂ = invstd·Σdz·(x - mean)."""
     c, c_mask = _channel_block(tl.program_id(0), n_channels, BLOCK_C)
-    sum_dz = tl.zeros([BLOCK_C], dtype=dz_part_ptr.dtype.element_ty)
-    sum_dzx = sum_dz
+    sum_dz = tl.zeros([BLOCK_C], dtype=sum_dz_part_ptr.dtype.element_ty)
+    sum_dz_xmu = sum_dz
     for s0 in range(0, num_splits, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = (s < num_splits)[:, None] & c_mask[None, :]
         part = s.to(tl.int64)[:, None] * n_channels + c[None, :]
-        sum_dz += tl.sum(tl.load(dz_part_ptr + part, mask=mask, other=0.0), axis=0)
-        sum_dzx += tl.sum(tl.load(dzx_part_ptr + part, mask=mask, other=0.0), axis=0)
+        sum_dz += tl.sum(tl.load(sum_dz_part_ptr + part, mask=mask, other=0.0), axis=0)
+        sum_dz_xmu += tl.sum(tl.load(sum_dz_xmu_part_ptr + part, mask=mask, other=0.0), axis=0)
     invstd = _channel_load(invstd_ptr, stride_invstd, c, c_mask, 0.0)
     tl.store(sum_dz_ptr + c, sum_dz, mask=c_mask)
-    tl.store(sum_dz_xhat_ptr + c, sum_dzx * invstd, mask=c_mask)
+    tl.store(sum_dz_xhat_ptr + c, sum_dz_xmu * invstd, mask=c_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,7 +401,7 @@ def _bn_act_bwd_apply_kernel(
     x_ptr, stride_xa, stride_xc, stride_xb,
     dx_ptr, dr_ptr,  # allocated like x: x's strides
     w_ptr, stride_w, mean_ptr, stride_mean, invstd_ptr, stride_invstd,  # mean, invstd: acc dtype
-    dz_stat_ptr, stride_dz_stat, dzx_stat_ptr, stride_dzx_stat, count,  # Σdz, Σdz·x̂ over `count` values
+    sum_dz_ptr, stride_sum_dz, sum_dz_xhat_ptr, stride_sum_dz_xhat, count,  # Σdz, Σdz·x̂ over `count` values
     n_outer, n_channels, n_inner,
     BATCH_STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr, WRITE_GRAD_RESIDUAL: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -424,9 +424,9 @@ def _bn_act_bwd_apply_kernel(
     if BATCH_STATS:
         mean = _channel_load(mean_ptr, stride_mean, c, c_mask, 0.0)
         denominator = _int64(count).to(invstd.dtype)
-        mean_dz = _channel_load(dz_stat_ptr, stride_dz_stat, c, c_mask, 0.0) / denominator
-        mean_dzx = _channel_load(dzx_stat_ptr, stride_dzx_stat, c, c_mask, 0.0) / denominator
+        mean_dz = _channel_load(sum_dz_ptr, stride_sum_dz, c, c_mask, 0.0) / denominator
+        mean_dz_xhat = _channel_load(sum_dz_xhat_ptr, stride_sum_dz_xhat, c, c_mask, 0.0) / denominator
         x = _acc(tl.load(x_ptr + x_offsets, mask=mask, other=0.0)).to(invstd.dtype)
         x_hat = (x - mean[None, :, None]) * invstd[None, :, None]
-        g = g - mean_dz[None, :, None] - x_hat * mean_dzx[None, :, None]
+        g = g - mean_dz[None, :, None] - x_hat * mean_dz_xhat[None, :, None]
     tl.store(dx_ptr + x_offsets, (g * scale[None, :, None]).to(dx_ptr.dtype.element_ty), mask=mask)

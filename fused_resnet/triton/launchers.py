@@ -63,7 +63,7 @@ def _plan_with_partials(x, view, standin):
     plan = partition.plan_reduction(view, x.device)
     if plan.num_splits == 1:
         return plan, standin, standin
-    first, second = (x.new_empty((plan.num_splits, view.n_channels), dtype=standin.dtype) for _ in range(2))
+    first, second = (x.new_empty((plan.num_splits, view.C), dtype=standin.dtype) for _ in range(2))
     return plan, first, second
 
 
@@ -82,13 +82,13 @@ def _launch_batch_stats(x, view, eps, running=None):
     running = (running_mean, running_var, momentum), the running statistics are updated in the
     kernels' per-channel finalize."""
     acc = acc_dtype(x.dtype)
-    c = view.n_channels
+    c = view.C
     mean, var, invstd = (x.new_empty((c,), dtype=acc) for _ in range(3))
     plan, mean_part, m2_part = _plan_with_partials(x, view, mean)
     single = plan.num_splits == 1
     update_args, update = _running_update_args(running, mean)
     tile = partition.reduce_tile(view, plan, x.device)
-    sizes = (view.n_outer, c, view.n_inner, plan.chunk_a, plan.chunk_b, plan.splits_b)
+    sizes = (view.outer, c, view.inner, plan.chunk_a, plan.chunk_b, plan.splits_b)
     launch.stats(
         (triton.cdiv(c, tile.block_c), plan.num_splits),
         x, *partition.view_strides(x, view),
@@ -116,23 +116,23 @@ def _fwd_apply_operands(x, view, residual):
     return y, x, (0, 0, 0)
 
 
-def _launch_fwd_apply(x, view, residual, mean, spread, weight, bias, eps, spread_is_var, operands=None):
+def _launch_fwd_apply(x, view, residual, mean, spread, weight, bias, eps, batch_stats, operands=None):
     y, r, r_strides = operands if operands is not None else _fwd_apply_operands(x, view, residual)
     args = (
         x, *partition.view_strides(x, view), r, *r_strides, y,
         mean, mean.stride(0), spread, spread.stride(0),
         *_channel_arg(weight, mean), *_channel_arg(bias, mean), _float_bits(eps),
-        view.n_outer, view.n_channels, view.n_inner,
+        view.outer, view.C, view.inner,
     )
     flags = dict(
-        SPREAD_IS_VAR=spread_is_var, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BATCH_STATS=batch_stats, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None,
     )
 
     def run(tile):
         launch.fwd_apply(partition.tile_grid(view, tile), *args, **flags, **tile.meta)
 
-    key = ("fwd_apply", view.n_channels, view.n_inner, x.dtype, r.dtype, mean.dtype, *flags.values())
+    key = ("fwd_apply", view.C, view.inner, x.dtype, r.dtype, mean.dtype, *flags.values())
     run(partition.apply_tile(view, x.device, key, run))
     return y
 
@@ -140,12 +140,12 @@ def _launch_fwd_apply(x, view, residual, mean, spread, weight, bias, eps, spread
 def _launch_bwd_reduce(grad_out, out, x, view, mean, invstd):
     """(Σdz·x̂, Σdz) of each channel of a non-empty canonical x, accumulation dtype."""
     acc = acc_dtype(x.dtype)
-    c = view.n_channels
+    c = view.C
     mean, invstd = mean.to(acc), invstd.to(acc)
     dy, dy_strides = partition.operand(grad_out, x, view)
     y, y_strides = partition.operand(out, x, view)
     sum_dz, sum_dz_xhat = (x.new_empty((c,), dtype=acc) for _ in range(2))
-    plan, dz_part, dzx_part = _plan_with_partials(x, view, sum_dz)
+    plan, sum_dz_part, sum_dz_xmu_part = _plan_with_partials(x, view, sum_dz)
     single = plan.num_splits == 1
     tile = partition.reduce_tile(view, plan, x.device)
     launch.bwd_reduce(
@@ -154,27 +154,28 @@ def _launch_bwd_reduce(grad_out, out, x, view, mean, invstd):
         y, *y_strides,
         x, *partition.view_strides(x, view),
         mean, mean.stride(0), invstd, invstd.stride(0),
-        dz_part, dzx_part, sum_dz, sum_dz_xhat,
-        view.n_outer, c, view.n_inner, plan.chunk_a, plan.chunk_b, plan.splits_b,
+        sum_dz_part, sum_dz_xmu_part, sum_dz, sum_dz_xhat,
+        view.outer, c, view.inner, plan.chunk_a, plan.chunk_b, plan.splits_b,
         SINGLE_SPLIT=single, **tile.meta,
     )
     if not single:
         launch.bwd_reduce_combine(
             (triton.cdiv(c, _COMBINE_META["BLOCK_C"]),),
-            dz_part, dzx_part, invstd, invstd.stride(0), sum_dz, sum_dz_xhat,
+            sum_dz_part, sum_dz_xmu_part, invstd, invstd.stride(0), sum_dz, sum_dz_xhat,
             c, plan.num_splits,
             **_COMBINE_META,
         )
     return sum_dz_xhat, sum_dz
 
 
-def _launch_bwd_apply(grad_out, out, x, view, weight, mean, invstd, dz_stat, dzx_stat, count,
+def _launch_bwd_apply(grad_out, out, x, view, weight, mean, invstd, sum_dz, sum_dz_xhat, count,
                       batch_stats, residual_grad):
-    """(grad_input, grad_residual) of a non-empty canonical x; the statistics of dz are
-    dz_stat / count and dzx_stat / count."""
+    """(grad_input, grad_residual) of a non-empty canonical x; the means of the backward's sums
+    are sum_dz / count and sum_dz_xhat / count (bn_act_bwd_apply, given the means, passes them
+    with count 1)."""
     acc = acc_dtype(x.dtype)
     mean, invstd = mean.to(acc), invstd.to(acc)
-    dz_stat, dzx_stat = dz_stat.to(acc), dzx_stat.to(acc)
+    sum_dz, sum_dz_xhat = sum_dz.to(acc), sum_dz_xhat.to(acc)
     dy, dy_strides = partition.operand(grad_out, x, view)
     y, y_strides = partition.operand(out, x, view)
     grad_input = torch.empty_like(x)
@@ -185,15 +186,15 @@ def _launch_bwd_apply(grad_out, out, x, view, weight, mean, invstd, dz_stat, dzx
         x, *partition.view_strides(x, view),
         grad_input, grad_residual if residual_grad else grad_input,
         *_channel_arg(weight, invstd), mean, mean.stride(0), invstd, invstd.stride(0),
-        dz_stat, dz_stat.stride(0), dzx_stat, dzx_stat.stride(0), count,
-        view.n_outer, view.n_channels, view.n_inner,
+        sum_dz, sum_dz.stride(0), sum_dz_xhat, sum_dz_xhat.stride(0), count,
+        view.outer, view.C, view.inner,
     )
     flags = dict(BATCH_STATS=batch_stats, HAS_WEIGHT=weight is not None, WRITE_GRAD_RESIDUAL=residual_grad)
 
     def run(tile):
         launch.bwd_apply(partition.tile_grid(view, tile), *args, **flags, **tile.meta)
 
-    key = ("bwd_apply", view.n_channels, view.n_inner, x.dtype, dy.dtype, y.dtype, *flags.values())
+    key = ("bwd_apply", view.C, view.inner, x.dtype, dy.dtype, y.dtype, *flags.values())
     run(partition.apply_tile(view, x.device, key, run))
     return grad_input, grad_residual
 
@@ -203,7 +204,7 @@ def _launch_bwd_apply(grad_out, out, x, view, weight, mean, invstd, dz_stat, dzx
 # statistics are mean 0, var 0, and its reductions 0.
 
 
-@triton_op(f"{LIBRARY}::bn_act_fwd_train", mutates_args=())
+@triton_op(f"{LIBRARY}::_bn_act_fwd_train", mutates_args=())
 def bn_act_fwd_train(
     input: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -216,11 +217,11 @@ def bn_act_fwd_train(
     view = partition.view_of(x)
     with device_guard(x.device):
         mean, var, invstd = _launch_batch_stats(x, view, eps)
-        out = _launch_fwd_apply(x, view, residual, mean, invstd, weight, bias, eps, spread_is_var=False)
+        out = _launch_fwd_apply(x, view, residual, mean, invstd, weight, bias, eps, batch_stats=True)
     return out, mean, invstd, var, relu_mask
 
 
-@triton_op(f"{LIBRARY}::bn_act_fwd_eval", mutates_args=())
+@triton_op(f"{LIBRARY}::_bn_act_fwd_eval", mutates_args=())
 def bn_act_fwd_eval(
     input: Tensor,
     residual: Optional[Tensor],
@@ -236,11 +237,11 @@ def bn_act_fwd_eval(
         return torch.empty_like(x)
     with device_guard(x.device):
         return _launch_fwd_apply(
-            x, partition.view_of(x), residual, running_mean, running_var, weight, bias, eps, spread_is_var=True
+            x, partition.view_of(x), residual, running_mean, running_var, weight, bias, eps, batch_stats=False
         )
 
 
-@triton_op(f"{LIBRARY}::bn_act_bwd", mutates_args=())
+@triton_op(f"{LIBRARY}::_bn_act_bwd", mutates_args=())
 def bn_act_bwd(
     grad_out: Tensor,
     out: Tensor,
@@ -261,13 +262,13 @@ def bn_act_bwd(
     with device_guard(x.device):
         sum_dz_xhat, sum_dz = _launch_bwd_reduce(grad_out, out, x, view, mean, invstd)
         grad_input, grad_residual = _launch_bwd_apply(
-            grad_out, out, x, view, weight, mean, invstd, sum_dz, sum_dz_xhat, view.per_channel,
+            grad_out, out, x, view, weight, mean, invstd, sum_dz, sum_dz_xhat, view.M,
             batch_stats, residual_grad,
         )
     return grad_input, grad_residual, sum_dz_xhat, sum_dz
 
 
-@triton_op(f"{LIBRARY}::bn_stats", mutates_args=())
+@triton_op(f"{LIBRARY}::_bn_stats", mutates_args=())
 def bn_stats(input: Tensor) -> Tuple[Tensor, Tensor]:
     contract.check_stats(input)
     x = canonical_layout(input)
@@ -280,7 +281,7 @@ def bn_stats(input: Tensor) -> Tuple[Tensor, Tensor]:
     return mean, var
 
 
-@triton_op(f"{LIBRARY}::bn_act_bwd_reduce", mutates_args=())
+@triton_op(f"{LIBRARY}::_bn_act_bwd_reduce", mutates_args=())
 def bn_act_bwd_reduce(grad_out: Tensor, out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor) -> Tuple[Tensor, Tensor]:
     contract.check_bwd_reduce(grad_out, out, input, mean, invstd)
     x = canonical_layout(input)
@@ -291,7 +292,7 @@ def bn_act_bwd_reduce(grad_out: Tensor, out: Tensor, input: Tensor, mean: Tensor
         return _launch_bwd_reduce(grad_out, out, x, partition.view_of(x), mean, invstd)
 
 
-@triton_op(f"{LIBRARY}::bn_act_bwd_apply", mutates_args=())
+@triton_op(f"{LIBRARY}::_bn_act_bwd_apply", mutates_args=())
 def bn_act_bwd_apply(
     grad_out: Tensor,
     out: Tensor,
@@ -348,7 +349,7 @@ def _bn_act(input, residual, weight, bias, running_mean, running_var, training, 
         if x.numel() == 0:
             return torch.empty_like(x), no_mean, no_invstd, relu_mask
         out = _launch_fwd_apply(
-            x, partition.view_of(x), residual, running_mean, running_var, weight, bias, eps, spread_is_var=True
+            x, partition.view_of(x), residual, running_mean, running_var, weight, bias, eps, batch_stats=False
         )
         return out, no_mean, no_invstd, relu_mask
     if x.numel() == 0:  # an empty batch updates nothing
@@ -358,7 +359,7 @@ def _bn_act(input, residual, weight, bias, running_mean, running_var, training, 
     running = (running_mean, running_var, momentum) if running_mean is not None else None
     operands = _fwd_apply_operands(x, view, residual)  # before the running statistics change
     mean, _var, invstd = _launch_batch_stats(x, view, eps, running)
-    out = _launch_fwd_apply(x, view, residual, mean, invstd, weight, bias, eps, spread_is_var=False,
+    out = _launch_fwd_apply(x, view, residual, mean, invstd, weight, bias, eps, batch_stats=True,
                             operands=operands)
     return out, mean, invstd, relu_mask
 

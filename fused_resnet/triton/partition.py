@@ -24,44 +24,52 @@ _MAX_PROGRAMS = 2**31 - 1
 
 
 # ---------------------------------------------------------------------------------------------
-# The view (docs/design.md) as the kernels see it (kernels.py): [n_outer, n_channels, n_inner],
-# the planes layout as [N, C, S], the rows layout as [N*S, C, 1].
+# The view (docs/design.md): N, C, S and the layout, the fields of the C++ View. The kernels
+# (kernels.py) index it as [outer, C, inner]: the planes layout as [N, C, S], the rows layout
+# as [N*S, C, 1].
 
 
 @dataclass(frozen=True)
 class View:
-    n_outer: int  # N, or N*S for channels_last
-    n_channels: int
-    n_inner: int  # S, or 1 for channels_last (and for 2D inputs)
-    channels_last: bool  # the input is channels_last(_3d): its tensors are viewed through movedim
+    N: int
+    C: int
+    S: int  # the product of the spatial sizes
+    rows: bool  # [N*S][C] rows of C (channels_last, or S == 1); else [N][C][S] planes of S
 
     @property
-    def per_channel(self) -> int:
-        """M: values per channel."""
-        return self.n_outer * self.n_inner
+    def outer(self) -> int:
+        return self.N * self.S if self.rows else self.N
+
+    @property
+    def inner(self) -> int:
+        return 1 if self.rows else self.S
+
+    @property
+    def M(self) -> int:
+        """Values per channel."""
+        return self.N * self.S
 
 
 def view_of(x: Tensor) -> View:
     """The view of a canonical (contract.canonical_layout), non-empty input."""
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // (n * c)
-    if x.dim() > 2 and not x.is_contiguous():  # canonical and not contiguous: channels_last
-        return View(n * s, c, 1, True)
-    return View(n, c, s, False)
+    return View(n, c, s, s == 1 or not x.is_contiguous())
 
 
-def _memory_format(x: Tensor, view: View):
-    if not view.channels_last:
+def _memory_format(x: Tensor):
+    """The memory format of the canonical input x."""
+    if x.is_contiguous():
         return torch.contiguous_format
     return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
 
 
 def view_strides(t: Tensor, view: View):
-    """Strides of t seen as [n_outer, n_channels, n_inner], or None if t cannot be seen so."""
+    """Strides of t seen as [outer, C, inner], or None if t cannot be seen so."""
     try:
-        if view.channels_last:
-            return t.movedim(1, -1).view(view.n_outer, view.n_channels, 1).stride()
-        return t.view(view.n_outer, view.n_channels, view.n_inner).stride()
+        if view.rows:
+            return t.movedim(1, -1).view(view.outer, view.C, 1).stride()
+        return t.view(view.outer, view.C, view.inner).stride()
     except RuntimeError:  # dimensions that do not merge into one (a strided slice)
         return None
 
@@ -70,9 +78,9 @@ def operand(t: Tensor, x: Tensor, view: View):
     """(tensor, strides) to read t with: t itself when it fits the view of x with unit or zero
     stride along the fastest dimension (coalesced or broadcast loads), else t in x's format."""
     strides = view_strides(t, view)
-    fastest = 1 if view.n_inner == 1 else 2
+    fastest = 1 if view.rows else 2
     if strides is None or strides[fastest] not in (0, 1):
-        t = t.contiguous(memory_format=_memory_format(x, view))
+        t = t.contiguous(memory_format=_memory_format(x))
         strides = view_strides(t, view)
     return t, strides
 
@@ -85,7 +93,7 @@ _MAX_SPLITS = 1024
 
 @dataclass(frozen=True)
 class ReductionPlan:
-    """The reduction over (n_outer, n_inner) split into splits_a x splits_b rectangles of
+    """The reduction over (outer, inner) split into splits_a x splits_b rectangles of
     chunk_a x chunk_b values per channel; one program per (channel block, rectangle)."""
 
     chunk_a: int
@@ -143,23 +151,23 @@ def _round_up(value: int, multiple: int) -> int:
 
 def plan_reduction(view: View, device: torch.device) -> ReductionPlan:
     """Split a channel's values until the grid has about the target number of programs, as long
-    as each program keeps at least the minimum work. Splits go along n_outer first (whole rows of
-    n_inner values), then along n_inner when there are fewer rows than splits."""
+    as each program keeps at least the minimum work. Splits go along outer first (whole rows of
+    inner values), then along inner when there are fewer rows than splits."""
     target_programs, min_work = _parallelism(device)
-    channels_per_program = 1 if view.n_inner > 1 else min(view.n_channels, 64)
-    channel_programs = triton.cdiv(view.n_channels, channels_per_program)
+    channels_per_program = min(view.C, 64) if view.rows else 1
+    channel_programs = triton.cdiv(view.C, channels_per_program)
     splits = min(
         triton.cdiv(target_programs, channel_programs),
-        view.per_channel * channels_per_program // min_work,
+        view.M * channels_per_program // min_work,
         _MAX_SPLITS,
     )
     splits = max(splits, 1)
-    if view.n_outer >= splits or view.n_inner == 1:
-        row_align = 16 if view.n_inner == 1 else 1
-        chunk_a = min(_round_up(triton.cdiv(view.n_outer, splits), row_align), view.n_outer)
-        return ReductionPlan(chunk_a, view.n_inner, triton.cdiv(view.n_outer, chunk_a), 1)
-    chunk_b = min(_round_up(triton.cdiv(view.n_inner, triton.cdiv(splits, view.n_outer)), 64), view.n_inner)
-    return ReductionPlan(1, chunk_b, view.n_outer, triton.cdiv(view.n_inner, chunk_b))
+    if view.outer >= splits or view.rows:
+        row_align = 16 if view.rows else 1
+        chunk_a = min(_round_up(triton.cdiv(view.outer, splits), row_align), view.outer)
+        return ReductionPlan(chunk_a, view.inner, triton.cdiv(view.outer, chunk_a), 1)
+    chunk_b = min(_round_up(triton.cdiv(view.inner, triton.cdiv(splits, view.outer)), 64), view.inner)
+    return ReductionPlan(1, chunk_b, view.outer, triton.cdiv(view.inner, chunk_b))
 
 
 def reduction_plan(input: Tensor) -> ReductionPlan:
@@ -174,29 +182,28 @@ def reduction_plan(input: Tensor) -> ReductionPlan:
 def reduce_tile(view: View, plan: ReductionPlan, device: torch.device) -> tiles.Tile:
     """A split reduction's tile: by the rule only (its bits depend on the tile)."""
     interpreted = not planned_for_gpu(device)
-    return tiles.tile_for(view.n_channels, min(view.n_inner, plan.chunk_b), view.n_inner == 1, interpreted)
+    return tiles.tile_for(view.C, min(view.inner, plan.chunk_b), view.rows, interpreted)
 
 
 def apply_tile(view: View, device: torch.device, key, run) -> tiles.Tile:
     """An elementwise kernel's tile: the rule's, or the tuner's fastest for `key` (run(tile)
     launches the kernel with a tile on the caller's tensors)."""
     interpreted = not planned_for_gpu(device)
-    rows = view.n_inner == 1
     tuner = tiles.apply_tuner
     if tuner is None or interpreted or _counted_gpu_sms is not None or is_wrap_triton_enabled():
-        return tiles.tile_for(view.n_channels, view.n_inner, rows, interpreted)
-    return tuner.tile(key, tiles.candidate_tiles(rows, interpreted), run)
+        return tiles.tile_for(view.C, view.inner, view.rows, interpreted)
+    return tuner.tile(key, tiles.candidate_tiles(view.rows, interpreted), run)
 
 
 def tile_grid(view: View, tile: tiles.Tile):
     programs = (
-        triton.cdiv(view.n_outer, tile.block_a)
-        * triton.cdiv(view.n_channels, tile.block_c)
-        * triton.cdiv(view.n_inner, tile.block_b)
+        triton.cdiv(view.outer, tile.block_a)
+        * triton.cdiv(view.C, tile.block_c)
+        * triton.cdiv(view.inner, tile.block_b)
     )
     if programs > _MAX_PROGRAMS:
         raise RuntimeError(
-            f"fused_resnet triton backend: {view.n_outer * view.n_channels * view.n_inner} values need "
+            f"fused_resnet triton backend: {view.outer * view.C * view.inner} values need "
             f"{programs} programs of {tile.block_a * tile.block_c * tile.block_b}; a grid holds at most {_MAX_PROGRAMS}"
         )
     return (programs,)
