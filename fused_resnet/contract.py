@@ -204,11 +204,50 @@ def check_relu_mask(op: str, relu_mask: torch.Tensor, input: torch.Tensor, expec
 
 
 # ---------------------------------------------------------------------------------------------
+# The activations (docs/design.md, "Activations"): out = act(z), z = x̂·w + b (+ r).
+
+# The backward finds the side of the kink from out (or the mask): out > 0 for relu and
+# leaky_relu (negative_slope >= 0), 0 < out < 6 for relu6.
+PIECEWISE_LINEAR = ("relu", "relu6", "leaky_relu")
+# The backward recomputes z from x, the statistics, the parameters and the residual.
+RECOMPUTED = ("silu", "hardswish", "gelu", "gelu_tanh")
+ACTIVATIONS = PIECEWISE_LINEAR + ("identity",) + RECOMPUTED
+DEFAULT_ACT = "relu"
+DEFAULT_NEGATIVE_SLOPE = 0.01  # nn.LeakyReLU's
+
+
+def backward_reads_out(act: str) -> bool:
+    """Whether the backward of `act` reads out (else it recomputes z, or needs nothing: identity)."""
+    return act in PIECEWISE_LINEAR
+
+
+def backward_recomputes_z(act: str) -> bool:
+    return act in RECOMPUTED
+
+
+def check_act(op: str, act, negative_slope) -> None:
+    if not isinstance(act, str) or act not in ACTIVATIONS:
+        raise ValueError(f"{op}: unknown activation {act!r}; expected one of {', '.join(ACTIVATIONS)}")
+    if act == "leaky_relu" and not negative_slope >= 0:
+        raise ValueError(
+            f"{op}: leaky_relu's negative_slope must be >= 0 for the fused op (got {negative_slope}): "
+            "the backward tells the side of the kink from the output's sign"
+        )
+
+
+def check_out(op: str, out, input: torch.Tensor, act: str) -> None:
+    """out of a backward op: required where the backward reads it, else optional (unused)."""
+    if out is None and backward_reads_out(act):
+        raise ValueError(f"{op}: out is required for the backward of {act}")
+    check_activation(op, "out", out, input)
+
+
+# ---------------------------------------------------------------------------------------------
 # The checks of each op, in schema order.
 
 
 def check_bn_act(input, residual, weight, bias, running_mean, running_var, training,
-                 op="bn_act", values_per_channel=True):
+                 act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE, op="bn_act", values_per_channel=True):
     """values_per_channel=False: SyncBatchNorm, whose batch statistics span several processes,
     checks the global count itself."""
     check_input(op, input)
@@ -216,50 +255,70 @@ def check_bn_act(input, residual, weight, bias, running_mean, running_var, train
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         check_per_channel(op, name, t, input)
     check_running_stats(op, running_mean, running_var, training)
+    check_act(op, act, negative_slope)
     if training and values_per_channel:
         check_values_per_channel(input)
 
 
-def check_fwd_train(input, residual, weight, bias, op="bn_act_fwd_train"):
+def check_fwd_train(input, residual, weight, bias, act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE,
+                    op="bn_act_fwd_train"):
     check_input(op, input)
     check_activation(op, "residual", residual, input)
     check_per_channel(op, "weight", weight, input)
     check_per_channel(op, "bias", bias, input)
+    check_act(op, act, negative_slope)
 
 
-def check_fwd_eval(input, residual, running_mean, running_var, weight, bias, op="bn_act_fwd_eval"):
+def check_fwd_eval(input, residual, running_mean, running_var, weight, bias, act=DEFAULT_ACT,
+                   negative_slope=DEFAULT_NEGATIVE_SLOPE, op="bn_act_fwd_eval"):
     check_input(op, input)
     check_activation(op, "residual", residual, input)
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         check_per_channel(op, name, t, input)
+    check_act(op, act, negative_slope)
 
 
-def check_bwd(grad_out, out, relu_mask, input, weight, mean, invstd, relu_mask_bytes, op="bn_act_bwd"):
+def check_bwd(grad_out, out, relu_mask, input, weight, mean, invstd, relu_mask_bytes, residual=None, bias=None,
+              act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE, op="bn_act_bwd"):
     """relu_mask_bytes: the length of the mask the backend's bn_act_fwd_train gives `input`."""
     check_input(op, input)
     check_activation(op, "grad_out", grad_out, input)
-    check_activation(op, "out", out, input)
+    check_out(op, out, input, act)
     check_relu_mask(op, relu_mask, input, relu_mask_bytes)
     for name, t in (("weight", weight), ("mean", mean), ("invstd", invstd)):
         check_per_channel(op, name, t, input)
+    _check_recompute_operands(op, residual, bias, input)
+    check_act(op, act, negative_slope)
+
+
+def _check_recompute_operands(op, residual, bias, input):
+    check_activation(op, "residual", residual, input)
+    check_per_channel(op, "bias", bias, input)
 
 
 def check_stats(input, op="bn_stats"):
     check_input(op, input)
 
 
-def check_bwd_reduce(grad_out, out, input, mean, invstd, op="bn_act_bwd_reduce"):
+def check_bwd_reduce(grad_out, out, input, mean, invstd, residual=None, weight=None, bias=None, act=DEFAULT_ACT,
+                     negative_slope=DEFAULT_NEGATIVE_SLOPE, op="bn_act_bwd_reduce"):
     check_input(op, input)
     check_activation(op, "grad_out", grad_out, input)
-    check_activation(op, "out", out, input)
+    check_out(op, out, input, act)
     check_per_channel(op, "mean", mean, input)
     check_per_channel(op, "invstd", invstd, input)
+    check_per_channel(op, "weight", weight, input)
+    _check_recompute_operands(op, residual, bias, input)
+    check_act(op, act, negative_slope)
 
 
-def check_bwd_apply(grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat, op="bn_act_bwd_apply"):
+def check_bwd_apply(grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat, residual=None, bias=None,
+                    act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE, op="bn_act_bwd_apply"):
     check_input(op, input)
     check_activation(op, "grad_out", grad_out, input)
-    check_activation(op, "out", out, input)
+    check_out(op, out, input, act)
     for name, t in (("weight", weight), ("mean", mean), ("invstd", invstd), ("mean_dz", mean_dz),
                     ("mean_dz_xhat", mean_dz_xhat)):
         check_per_channel(op, name, t, input)
+    _check_recompute_operands(op, residual, bias, input)
+    check_act(op, act, negative_slope)

@@ -34,7 +34,7 @@ import torch
 
 from . import contract
 from .contract import OpSet, canonical_layout
-from .contract import acc_dtype
+from .contract import DEFAULT_ACT, DEFAULT_NEGATIVE_SLOPE, acc_dtype
 from .trace_names import profiled
 
 # ---------------------------------------------------------------------------------------------
@@ -73,8 +73,8 @@ def no_relu_mask_bytes(input: torch.Tensor):
 def _fake_ops(relu_mask_bytes) -> OpSet:
     """The fake impls of an op set whose bn_act_fwd_train returns relu_mask_bytes(input) bytes."""
 
-    def bn_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps):
-        contract.check_bn_act(input, residual, weight, bias, running_mean, running_var, training)
+    def bn_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps, act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE):
+        contract.check_bn_act(input, residual, weight, bias, running_mean, running_var, training, act, negative_slope)
         if not training:  # no batch statistics, no mask
             acc = acc_dtype(input.dtype)
             none = input.new_empty((0,), dtype=acc)
@@ -82,18 +82,20 @@ def _fake_ops(relu_mask_bytes) -> OpSet:
         stat = _empty_channel_stat
         return _empty_activation(input), stat(input), stat(input), empty_relu_mask(input, relu_mask_bytes(input))
 
-    def fwd_train(input, residual, weight, bias, eps):
-        contract.check_fwd_train(input, residual, weight, bias)
+    def fwd_train(input, residual, weight, bias, eps, act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE):
+        contract.check_fwd_train(input, residual, weight, bias, act, negative_slope)
         stat = _empty_channel_stat
         mask = empty_relu_mask(input, relu_mask_bytes(input))
         return _empty_activation(input), stat(input), stat(input), stat(input), mask
 
-    def fwd_eval(input, residual, running_mean, running_var, weight, bias, eps):
-        contract.check_fwd_eval(input, residual, running_mean, running_var, weight, bias)
+    def fwd_eval(input, residual, running_mean, running_var, weight, bias, eps, act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE):
+        contract.check_fwd_eval(input, residual, running_mean, running_var, weight, bias, act, negative_slope)
         return _empty_activation(input)
 
-    def bwd(grad_out, out, relu_mask, input, weight, mean, invstd, batch_stats, residual_grad):
-        contract.check_bwd(grad_out, out, relu_mask, input, weight, mean, invstd, relu_mask_bytes(input))
+    def bwd(grad_out, out, relu_mask, input, weight, mean, invstd, batch_stats, residual_grad, residual=None,
+            bias=None, act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE):
+        contract.check_bwd(grad_out, out, relu_mask, input, weight, mean, invstd, relu_mask_bytes(input), residual,
+                           bias, act, negative_slope)
         stat = _empty_channel_stat
         return _empty_activation(input), empty_grad_residual(input, residual_grad), stat(input), stat(input)
 
@@ -101,12 +103,14 @@ def _fake_ops(relu_mask_bytes) -> OpSet:
         contract.check_stats(input)
         return _empty_channel_stat(input), _empty_channel_stat(input)
 
-    def bwd_reduce(grad_out, out, input, mean, invstd):
-        contract.check_bwd_reduce(grad_out, out, input, mean, invstd)
+    def bwd_reduce(grad_out, out, input, mean, invstd, residual=None, weight=None, bias=None, act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE):
+        contract.check_bwd_reduce(grad_out, out, input, mean, invstd, residual, weight, bias, act, negative_slope)
         return _empty_channel_stat(input), _empty_channel_stat(input)
 
-    def bwd_apply(grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat, residual_grad):
-        contract.check_bwd_apply(grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat)
+    def bwd_apply(grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat, residual_grad, residual=None,
+                  bias=None, act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE):
+        contract.check_bwd_apply(grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat, residual, bias,
+                                 act, negative_slope)
         return _empty_activation(input), empty_grad_residual(input, residual_grad)
 
     return OpSet(bn_act, fwd_train, fwd_eval, bwd, stats, bwd_reduce, bwd_apply)
@@ -127,14 +131,28 @@ def _param_grad(grad, param, needed):
     return grad if grad.dtype == param.dtype else grad.to(param.dtype)
 
 
+def _save(ctx, input, residual, out, relu_mask, weight, bias, mean, invstd, act, negative_slope):
+    """What the backward of `act` reads, and nothing else of an activation's size: out (and the
+    mask) for the piecewise-linear activations, the residual (by reference) where z is recomputed."""
+    reads_out = contract.backward_reads_out(act)
+    recomputes = contract.backward_recomputes_z(act)
+    ctx.save_for_backward(
+        input, out if reads_out else None, relu_mask, weight, bias, mean, invstd,
+        residual if recomputes else None,
+    )
+    ctx.act, ctx.negative_slope = act, negative_slope
+    ctx.has_residual = residual is not None
+
+
 def _backward(ctx, bwd_op, grad_out, saved, batch_stats):
     """(grad_input, grad_residual, grad_weight, grad_bias) of one bn_act_bwd, None where
     ctx.needs_input_grad (input, residual, weight, bias first) asks for none."""
-    input, out, relu_mask, weight, bias, mean, invstd = saved
+    input, out, relu_mask, weight, bias, mean, invstd, residual = saved
     need_input, need_residual, need_weight, need_bias = ctx.needs_input_grad[:4]
     with profiled(ctx.has_residual, "bwd"):
         grad_input, grad_residual, grad_weight, grad_bias = bwd_op(
-            grad_out, out, relu_mask, input, weight, mean, invstd, batch_stats, need_residual
+            grad_out, out, relu_mask, input, weight, mean, invstd, batch_stats, need_residual, residual, bias,
+            ctx.act, ctx.negative_slope,
         )
     return (
         grad_input if need_input else None,
@@ -144,16 +162,20 @@ def _backward(ctx, bwd_op, grad_out, saved, batch_stats):
     )
 
 
+def _act_args(trailing):
+    """(act, negative_slope): a call's trailing arguments, the schema's defaults for those left out."""
+    return tuple(trailing) + (DEFAULT_ACT, DEFAULT_NEGATIVE_SLOPE)[len(trailing):]
+
+
 def _fwd_train_autograd(bwd_op):
     def setup_context(ctx, inputs, output):
-        input, residual, weight, bias, _eps = inputs
+        input, residual, weight, bias, _eps, *act = inputs
         out, save_mean, save_invstd, _batch_var, relu_mask = output
-        ctx.save_for_backward(input, out, relu_mask, weight, bias, save_mean, save_invstd)
+        _save(ctx, input, residual, out, relu_mask, weight, bias, save_mean, save_invstd, *_act_args(act))
         ctx.mark_non_differentiable(*output[1:])
-        ctx.has_residual = residual is not None
 
     def backward(ctx, grad_out, _grad_mean, _grad_invstd, _grad_var, _grad_mask):
-        return *_backward(ctx, bwd_op, grad_out, ctx.saved_tensors, True), None
+        return *_backward(ctx, bwd_op, grad_out, ctx.saved_tensors, True), None, None, None
 
     return backward, setup_context
 
@@ -194,19 +216,20 @@ def register_bn_act_autograd(library: torch.library.Library, bn_act_op, bwd_op):
 
     class BnActFunction(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, input, residual, weight, bias, running_mean, running_var, training, momentum, eps):
+        def forward(ctx, input, residual, weight, bias, running_mean, running_var, training, momentum, eps, act,
+                    negative_slope):
             with torch._C._AutoDispatchBelowADInplaceOrView():
                 out, mean, invstd, relu_mask = bn_act_op(
-                    input, residual, weight, bias, running_mean, running_var, training, momentum, eps
+                    input, residual, weight, bias, running_mean, running_var, training, momentum, eps, act,
+                    negative_slope,
                 )
             # The statistics the backward uses: the batch's; in eval the running buffers
             # themselves, held as eager's batch norm holds them (no copy and no kernel now, and
             # no version check: a training step that updates them before this backward runs
             # changes its gradient, in eager too).
-            ctx.save_for_backward(input, out, relu_mask, weight, bias, mean, invstd)
+            _save(ctx, input, residual, out, relu_mask, weight, bias, mean, invstd, act, negative_slope)
             ctx.running = None if training else (running_mean, running_var, eps)
             ctx.training = training
-            ctx.has_residual = residual is not None
             ctx.mark_non_differentiable(mean, invstd, relu_mask)
             ctx.set_materialize_grads(False)
             return out, mean, invstd, relu_mask
@@ -214,17 +237,18 @@ def register_bn_act_autograd(library: torch.library.Library, bn_act_op, bwd_op):
         @staticmethod
         def backward(ctx, grad_out, _grad_mean, _grad_invstd, _grad_mask):
             if grad_out is None or not any(ctx.needs_input_grad[:4]):
-                return (None,) * 9
-            input, out, relu_mask, weight, bias, mean, invstd = ctx.saved_tensors
+                return (None,) * 11
+            input, out, relu_mask, weight, bias, mean, invstd, residual = ctx.saved_tensors
             if not ctx.training:  # from the running statistics, as csrc/common/bn_act_autograd.cpp
                 running_mean, running_var, eps = ctx.running
                 acc = acc_dtype(input.dtype)
                 mean, invstd = running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps)
-            saved = (input, out, relu_mask, weight, bias, mean, invstd)
-            return *_backward(ctx, bwd_op, grad_out, saved, ctx.training), None, None, None, None, None
+            saved = (input, out, relu_mask, weight, bias, mean, invstd, residual)
+            return *_backward(ctx, bwd_op, grad_out, saved, ctx.training), (None,) * 7
 
-    def bn_act_autograd(input, residual, weight, bias, running_mean, running_var, training, momentum, eps):
-        args = (input, residual, weight, bias, running_mean, running_var, training, momentum, eps)
+    def bn_act_autograd(input, residual, weight, bias, running_mean, running_var, training, momentum, eps,
+                        act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE):
+        args = (input, residual, weight, bias, running_mean, running_var, training, momentum, eps, act, negative_slope)
         records = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input, residual, weight, bias)
         )

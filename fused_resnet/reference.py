@@ -10,9 +10,10 @@ apply the same update in their per-channel finalize (csrc/common/running_stats.h
 """
 
 import torch
+import torch.nn.functional as F
 
 from . import contract
-from .contract import acc_dtype
+from .contract import DEFAULT_ACT, DEFAULT_NEGATIVE_SLOPE, acc_dtype
 from .trace_names import profiled
 
 
@@ -20,7 +21,45 @@ def _per_channel(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.reshape((1, -1) + (1,) * (ndim - 2))
 
 
-def _affine_residual_relu(x_hat, residual, weight, bias, out_dtype):
+def activation(z, act, negative_slope):
+    """out = act(z) (docs/design.md, "Activations"), as eager's own functions compute it."""
+    if act == "relu":
+        return torch.relu(z)
+    if act == "relu6":
+        return F.hardtanh(z, 0.0, 6.0)
+    if act == "leaky_relu":
+        return F.leaky_relu(z, negative_slope)
+    if act == "identity":
+        return z
+    if act == "silu":
+        return F.silu(z)
+    if act == "hardswish":
+        return F.hardswish(z)
+    return F.gelu(z, approximate="tanh" if act == "gelu_tanh" else "none")
+
+
+def activation_grad(grad, out, z, act, negative_slope):
+    """dz = grad · d out / dz, from out for the piecewise-linear activations (eager's backward
+    formulas written on out, which tells the same side: a NaN passes as eager's passes it), from
+    z for the smooth ones (eager's own backward ops)."""
+    zero = torch.zeros_like(grad)
+    if act == "relu":
+        return torch.where(out <= 0, zero, grad)
+    if act == "relu6":
+        return torch.where((out <= 0) | (out >= 6), zero, grad)
+    if act == "leaky_relu":
+        return torch.where(out > 0, grad, grad * negative_slope)
+    if act == "identity":
+        return grad
+    if act == "silu":
+        return torch.ops.aten.silu_backward(grad, z)
+    if act == "hardswish":
+        return torch.ops.aten.hardswish_backward(grad, z)
+    return torch.ops.aten.gelu_backward(grad, z, approximate="tanh" if act == "gelu_tanh" else "none")
+
+
+def _pre_activation(x_hat, residual, weight, bias):
+    """z = x̂·w + b (+ r) in x_hat's (the accumulation) dtype."""
     acc = x_hat.dtype
     z = x_hat
     if weight is not None:
@@ -29,7 +68,11 @@ def _affine_residual_relu(x_hat, residual, weight, bias, out_dtype):
         z = z + _per_channel(bias.to(acc), z.dim())
     if residual is not None:
         z = z + residual.to(acc)
-    return torch.relu(z).to(out_dtype)
+    return z
+
+
+def _affine_residual_act(x_hat, residual, weight, bias, out_dtype, act, negative_slope):
+    return activation(_pre_activation(x_hat, residual, weight, bias), act, negative_slope).to(out_dtype)
 
 
 def eval_stats(input, running_mean, running_var, eps):
@@ -67,31 +110,34 @@ def update_running_stats(running_mean, running_var, batch_mean, batch_var, count
     _blend_into(running_var, batch_var, momentum, scale=count / (count - 1))
 
 
-def bn_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps):
-    contract.check_bn_act(input, residual, weight, bias, running_mean, running_var, training)
+def bn_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps,
+           act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE):
+    contract.check_bn_act(input, residual, weight, bias, running_mean, running_var, training, act, negative_slope)
     with profiled(residual is not None, "fwd"):
-        return _bn_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps)
+        return _bn_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps,
+                       act, negative_slope)
 
 
-def _bn_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps):
+def _bn_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps, act,
+            negative_slope):
     relu_mask = input.new_empty((0,), dtype=torch.uint8)
     if not training:
-        out = _fwd_eval(input, residual, running_mean, running_var, weight, bias, eps)
+        out = _fwd_eval(input, residual, running_mean, running_var, weight, bias, eps, act, negative_slope)
         none = input.new_empty((0,), dtype=acc_dtype(input.dtype))
         return out, none, none.clone(), relu_mask
-    out, mean, invstd, var, relu_mask = _fwd_train(input, residual, weight, bias, eps)
+    out, mean, invstd, var, relu_mask = _fwd_train(input, residual, weight, bias, eps, act, negative_slope)
     if running_mean is not None:
         count = input.numel() // input.shape[1] if input.shape[1] else 0
         update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return out, mean, invstd, relu_mask
 
 
-def bn_act_fwd_train(input, residual, weight, bias, eps):
-    contract.check_fwd_train(input, residual, weight, bias)
-    return _fwd_train(input, residual, weight, bias, eps)
+def bn_act_fwd_train(input, residual, weight, bias, eps, act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE):
+    contract.check_fwd_train(input, residual, weight, bias, act, negative_slope)
+    return _fwd_train(input, residual, weight, bias, eps, act, negative_slope)
 
 
-def _fwd_train(input, residual, weight, bias, eps):
+def _fwd_train(input, residual, weight, bias, eps, act, negative_slope):
     acc = acc_dtype(input.dtype)
     x = input.to(acc)
     channels = input.shape[1]
@@ -104,24 +150,25 @@ def _fwd_train(input, residual, weight, bias, eps):
         var, mean = torch.var_mean(x, dim=reduce_dims, correction=0)
     invstd = torch.rsqrt(var + eps)
     x_hat = (x - _per_channel(mean, x.dim())) * _per_channel(invstd, x.dim())
-    out = _affine_residual_relu(x_hat, residual, weight, bias, input.dtype)
-    # no relu_mask: eager autograd keeps what relu's backward needs
+    out = _affine_residual_act(x_hat, residual, weight, bias, input.dtype, act, negative_slope)
+    # no mask: eager autograd keeps what the activation's backward needs
     relu_mask = input.new_empty((0,), dtype=torch.uint8)
     return out, mean.detach(), invstd.detach(), var.detach(), relu_mask
 
 
-def bn_act_fwd_eval(input, residual, running_mean, running_var, weight, bias, eps):
-    contract.check_fwd_eval(input, residual, running_mean, running_var, weight, bias)
-    return _fwd_eval(input, residual, running_mean, running_var, weight, bias, eps)
+def bn_act_fwd_eval(input, residual, running_mean, running_var, weight, bias, eps, act=DEFAULT_ACT,
+                    negative_slope=DEFAULT_NEGATIVE_SLOPE):
+    contract.check_fwd_eval(input, residual, running_mean, running_var, weight, bias, act, negative_slope)
+    return _fwd_eval(input, residual, running_mean, running_var, weight, bias, eps, act, negative_slope)
 
 
-def _fwd_eval(input, residual, running_mean, running_var, weight, bias, eps):
+def _fwd_eval(input, residual, running_mean, running_var, weight, bias, eps, act, negative_slope):
     acc = acc_dtype(input.dtype)
     invstd = torch.rsqrt(running_var.to(acc) + eps)
     x_hat = (input.to(acc) - _per_channel(running_mean.to(acc), input.dim())) * _per_channel(
         invstd, input.dim()
     )
-    return _affine_residual_relu(x_hat, residual, weight, bias, input.dtype)
+    return _affine_residual_act(x_hat, residual, weight, bias, input.dtype, act, negative_slope)
 
 
 # The pieces of the training ops, used by SyncBatchNorm (schemas in csrc/fused_resnet.cpp).
@@ -131,19 +178,39 @@ def _reduce_dims(input):
     return [0] + list(range(2, input.dim()))
 
 
-def bn_act_bwd(grad_out, out, relu_mask, input, weight, mean, invstd, batch_stats, residual_grad):
+class _Backward:
+    """What a backward op is given beside grad_out and the statistics: out (piecewise-linear
+    activations), and what recomputes z (the smooth ones): input, residual, weight, bias."""
+
+    def __init__(self, out, input, residual, weight, bias, mean, invstd, act, negative_slope):
+        self.out, self.input, self.residual, self.weight, self.bias = out, input, residual, weight, bias
+        self.mean, self.invstd, self.act, self.negative_slope = mean, invstd, act, negative_slope
+
+    def dz_and_x_hat(self, grad_out):
+        acc = acc_dtype(self.input.dtype)
+        ndim = self.input.dim()
+        x_hat = (self.input.to(acc) - _per_channel(self.mean.to(acc), ndim)) * _per_channel(self.invstd.to(acc), ndim)
+        z = None
+        if contract.backward_recomputes_z(self.act):
+            z = _pre_activation(x_hat, self.residual, self.weight, self.bias)
+        # piecewise-linear: compared on out in its own dtype, as eager's backward compares its input
+        dz = activation_grad(grad_out.to(acc), self.out, z, self.act, self.negative_slope)
+        return dz, x_hat
+
+
+def bn_act_bwd(grad_out, out, relu_mask, input, weight, mean, invstd, batch_stats, residual_grad, residual=None,
+               bias=None, act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE):
     """The backward as the kernels compute it (the reference backend's own forwards need none:
     eager autograd differentiates them)."""
-    contract.check_bwd(grad_out, out, relu_mask, input, weight, mean, invstd, 0)
-    sum_dz_xhat, sum_dz = _bwd_reduce(grad_out, out, input, mean, invstd)
+    contract.check_bwd(grad_out, out, relu_mask, input, weight, mean, invstd, 0, residual, bias, act, negative_slope)
+    saved = _Backward(out, input, residual, weight, bias, mean, invstd, act, negative_slope)
+    sum_dz_xhat, sum_dz = _bwd_reduce(grad_out, saved)
     count = input.numel() // input.shape[1] if input.shape[1] else 0
     if batch_stats and count > 0:
         mean_dz, mean_dz_xhat = sum_dz / count, sum_dz_xhat / count
     else:
         mean_dz, mean_dz_xhat = torch.zeros_like(sum_dz), torch.zeros_like(sum_dz)
-    grad_input, grad_residual = _bwd_apply(
-        grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat, residual_grad
-    )
+    grad_input, grad_residual = _bwd_apply(grad_out, saved, mean_dz, mean_dz_xhat, residual_grad)
     return grad_input, grad_residual, sum_dz_xhat, sum_dz
 
 
@@ -157,34 +224,29 @@ def bn_stats(input):
     return mean, var
 
 
-def _masked_grad_and_x_hat(grad_out, out, input, mean, invstd):
-    # dz = 0 where out <= 0, else grad_out (NaN in out passes the gradient, as threshold_backward).
-    acc = acc_dtype(input.dtype)
-    dz = torch.where(out <= 0, torch.zeros_like(grad_out), grad_out).to(acc)
-    x_hat = (input.to(acc) - _per_channel(mean.to(acc), input.dim())) * _per_channel(
-        invstd.to(acc), input.dim()
-    )
-    return dz, x_hat
+def bn_act_bwd_reduce(grad_out, out, input, mean, invstd, residual=None, weight=None, bias=None, act=DEFAULT_ACT,
+                      negative_slope=DEFAULT_NEGATIVE_SLOPE):
+    contract.check_bwd_reduce(grad_out, out, input, mean, invstd, residual, weight, bias, act, negative_slope)
+    return _bwd_reduce(grad_out, _Backward(out, input, residual, weight, bias, mean, invstd, act, negative_slope))
 
 
-def bn_act_bwd_reduce(grad_out, out, input, mean, invstd):
-    contract.check_bwd_reduce(grad_out, out, input, mean, invstd)
-    return _bwd_reduce(grad_out, out, input, mean, invstd)
-
-
-def _bwd_reduce(grad_out, out, input, mean, invstd):
-    dz, x_hat = _masked_grad_and_x_hat(grad_out, out, input, mean, invstd)
-    dims = _reduce_dims(input)
+def _bwd_reduce(grad_out, saved):
+    dz, x_hat = saved.dz_and_x_hat(grad_out)
+    dims = _reduce_dims(saved.input)
     return (dz * x_hat).sum(dims), dz.sum(dims)
 
 
-def bn_act_bwd_apply(grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat, residual_grad):
-    contract.check_bwd_apply(grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat)
-    return _bwd_apply(grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat, residual_grad)
+def bn_act_bwd_apply(grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat, residual_grad, residual=None,
+                     bias=None, act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE):
+    contract.check_bwd_apply(grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat, residual, bias, act,
+                             negative_slope)
+    saved = _Backward(out, input, residual, weight, bias, mean, invstd, act, negative_slope)
+    return _bwd_apply(grad_out, saved, mean_dz, mean_dz_xhat, residual_grad)
 
 
-def _bwd_apply(grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat, residual_grad):
-    dz, x_hat = _masked_grad_and_x_hat(grad_out, out, input, mean, invstd)
+def _bwd_apply(grad_out, saved, mean_dz, mean_dz_xhat, residual_grad):
+    dz, x_hat = saved.dz_and_x_hat(grad_out)
+    input, weight, invstd = saved.input, saved.weight, saved.invstd
     ndim = input.dim()
     scale = invstd.to(dz.dtype) if weight is None else invstd.to(dz.dtype) * weight.to(dz.dtype)
     grad_input = (dz - _per_channel(mean_dz.to(dz.dtype), ndim) - x_hat * _per_channel(

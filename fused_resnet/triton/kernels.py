@@ -43,7 +43,7 @@ import triton.language as tl
 _UNSPECIALIZED = (
     "n_outer", "chunk_a", "splits_b", "num_splits", "count", "eps_bits", "momentum_bits",
     "stride_running_mean", "stride_running_var", "stride_mean", "stride_spread", "stride_invstd",
-    "stride_w", "stride_b", "stride_sum_dz", "stride_sum_dz_xhat",
+    "stride_w", "stride_b", "stride_sum_dz", "stride_sum_dz_xhat", "slope_bits",
 )
 
 
@@ -178,10 +178,100 @@ def _finalize_stats(mean_ptr, var_ptr, invstd_ptr, c, c_mask, mean, m2, count, e
     return var
 
 
+# The ACT constexpr: the index of the activation in contract.ACTIVATIONS (docs/design.md,
+# "Activations"); launchers.py passes it.
+ACT_RELU = tl.constexpr(0)
+ACT_RELU6 = tl.constexpr(1)
+ACT_LEAKY_RELU = tl.constexpr(2)
+ACT_IDENTITY = tl.constexpr(3)
+ACT_SILU = tl.constexpr(4)
+ACT_HARDSWISH = tl.constexpr(5)
+ACT_GELU = tl.constexpr(6)
+ACT_GELU_TANH = tl.constexpr(7)
+
+
 @triton.jit
-def _relu_mask_grad(dy, out):
-    """dz = 0 where out <= 0, else dy (a NaN in out passes dy, as aten's threshold_backward)."""
-    return tl.where(out <= 0, tl.zeros_like(dy), dy)
+def _const(value: tl.constexpr, like):
+    """`value` in like's dtype, exactly where it is float64 (a bare float literal is a float32)."""
+    return tl.full([], value, like.dtype)
+
+
+@triton.jit
+def _sigmoid(z):
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _tanh(u):
+    """tanh(u) = 1 - 2 / (exp(2u) + 1): ±1 where exp over- or underflows."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def _activation(z, ACT: tl.constexpr, slope):
+    """out = act(z), z in the accumulation dtype. relu, relu6 and leaky_relu keep a NaN, as eager."""
+    if ACT == ACT_RELU:
+        return tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    elif ACT == ACT_RELU6:
+        return tl.minimum(tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL), 6.0, propagate_nan=tl.PropagateNan.ALL)
+    elif ACT == ACT_LEAKY_RELU:
+        return tl.where(z > 0, z, z * slope)
+    elif ACT == ACT_IDENTITY:
+        return z
+    elif ACT == ACT_SILU:
+        return z * _sigmoid(z)
+    elif ACT == ACT_HARDSWISH:
+        return z * tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0
+    elif ACT == ACT_GELU:  # z·Φ(z)
+        return 0.5 * z * (1.0 + tl.math.erf(z * _const(0.7071067811865476, z)))
+    else:  # ACT_GELU_TANH: 0.5·z·(1 + tanh(√(2/π)·(z + 0.044715·z³)))
+        return 0.5 * z * (1.0 + _tanh(_const(0.7978845608028654, z) * (z + _const(0.044715, z) * z * z * z)))
+
+
+@triton.jit
+def _activation_grad(dy, out, z, ACT: tl.constexpr, slope):
+    """dz = dy · d out / dz in the accumulation dtype: from out for the piecewise-linear
+    activations (compared in out's own dtype; a NaN out passes dy where eager's backward passes
+    it), from the recomputed z for the smooth ones (eager's formulas), dy for identity."""
+    if ACT == ACT_RELU:  # aten's threshold_backward
+        return _acc(tl.where(out <= 0, tl.zeros_like(dy), dy))
+    elif ACT == ACT_RELU6:  # hardtanh_backward
+        return _acc(tl.where((out <= 0) | (out >= 6), tl.zeros_like(dy), dy))
+    elif ACT == ACT_LEAKY_RELU:  # leaky_relu_backward: out > 0 exactly where z > 0 (slope >= 0)
+        g = _acc(dy)
+        return tl.where(out > 0, g, g * slope)
+    elif ACT == ACT_IDENTITY:
+        return _acc(dy)
+    elif ACT == ACT_SILU:
+        sig = _sigmoid(z)
+        return _acc(dy) * (sig * (1.0 + z * (1.0 - sig)))
+    elif ACT == ACT_HARDSWISH:  # 0 below -3, z/3 + 1/2 up to 3, 1 above: hardswish_backward
+        g = _acc(dy)
+        return tl.where(z < -3.0, tl.zeros_like(g), tl.where(z <= 3.0, g * (z / 3.0 + 0.5), g))
+    elif ACT == ACT_GELU:  # Φ(z) + z·φ(z)
+        cdf = 0.5 * (1.0 + tl.math.erf(z * _const(0.7071067811865476, z)))
+        pdf = tl.exp(-0.5 * z * z) * _const(0.3989422804014327, z)
+        return _acc(dy) * (cdf + z * pdf)
+    else:  # ACT_GELU_TANH, as gelu_backward(approximate="tanh")
+        k = _const(0.7978845608028654, z)
+        kappa = _const(0.044715, z)
+        t = _tanh(k * (z + kappa * z * z * z))
+        return _acc(dy) * (0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * k * (1.0 + 3.0 * kappa * z * z))
+
+
+@triton.jit
+def _pre_activation(x, mean, invstd, w_ptr, stride_w, b_ptr, stride_b, r_ptr, r_offsets, c, c_mask, mask,
+                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """z = (x - mean)·invstd·w + b (+ r), recomputed in the backward (accumulation dtype)."""
+    scale = invstd
+    if HAS_WEIGHT:
+        scale *= _acc(_channel_load(w_ptr, stride_w, c, c_mask, 0.0)).to(invstd.dtype)
+    z = (x - mean[None, :, None]) * scale[None, :, None]
+    if HAS_BIAS:
+        z += _acc(_channel_load(b_ptr, stride_b, c, c_mask, 0.0)).to(invstd.dtype)[None, :, None]
+    if HAS_RESIDUAL:
+        z += _acc(tl.load(r_ptr + r_offsets, mask=mask, other=0.0)).to(invstd.dtype)
+    return z
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,13 +383,13 @@ def _bn_act_fwd_apply_kernel(
     x_ptr, stride_xa, stride_xc, stride_xb,
     r_ptr, stride_ra, stride_rc, stride_rb,
     y_ptr,  # allocated like x: x's strides
-    mean_ptr, stride_mean, spread_ptr, stride_spread, w_ptr, stride_w, b_ptr, stride_b, eps_bits,
+    mean_ptr, stride_mean, spread_ptr, stride_spread, w_ptr, stride_w, b_ptr, stride_b, eps_bits, slope_bits,
     n_outer, n_channels, n_inner,
     BATCH_STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    """y = relu((x - mean)·scale + b (+ r)), scale = w·invstd folded once per channel.
+    """y = act((x - mean)·scale + b (+ r)), scale = w·invstd folded once per channel.
 
     spread is invstd when BATCH_STATS (training: the batch statistics), else the running
     variance (eval: invstd = 1/sqrt(var + eps)). Memory traffic: read x (and r), write y.
@@ -319,7 +409,7 @@ def _bn_act_fwd_apply_kernel(
         z += _acc(_channel_load(b_ptr, stride_b, c, c_mask, 0.0))[None, :, None]
     if HAS_RESIDUAL:
         z += _acc(tl.load(r_ptr + _offsets(a, c, b, stride_ra, stride_rc, stride_rb), mask=mask, other=0.0))
-    y = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu keeps NaN, as torch.relu
+    y = _activation(z, ACT, _float_arg(slope_bits, z.dtype))
     tl.store(y_ptr + _offsets(a, c, b, stride_xa, stride_xc, stride_xb), y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -332,19 +422,27 @@ def _bn_act_bwd_reduce_kernel(
     dy_ptr, stride_dya, stride_dyc, stride_dyb,
     out_ptr, stride_oa, stride_oc, stride_ob,
     x_ptr, stride_xa, stride_xc, stride_xb,
+    r_ptr, stride_ra, stride_rc, stride_rb,  # read to recompute z (HAS_RESIDUAL)
     mean_ptr, stride_mean, invstd_ptr, stride_invstd,  # accumulation dtype
+    w_ptr, stride_w, b_ptr, stride_b, slope_bits,
     sum_dz_part_ptr, sum_dz_xmu_part_ptr,  # [num_splits, n_channels]: Σdz, Σdz·(x - mean), acc dtype
     sum_dz_ptr, sum_dz_xhat_ptr,  # [n_channels] results, written here when SINGLE_SPLIT
     n_outer, n_channels, n_inner, chunk_a, chunk_b, splits_b,
-    SINGLE_SPLIT: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr, ACT: tl.constexpr, RECOMPUTE_Z: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """Σdz and Σdz·(x - mean) over one split rectangle; Σdz·x̂ = invstd·Σdz·(x - mean) is taken
-    at the end (no E[dz·x] - mean·E[dz] cancellation). Memory traffic: read dy, y and x."""
+    at the end (no E[dz·x] - mean·E[dz] cancellation). dz from out (piecewise-linear
+    activations) or from z recomputed from x (and r): RECOMPUTE_Z. Memory traffic: read dy, x, and
+    y or r."""
     c, c_mask = _channel_block(tl.program_id(0), n_channels, BLOCK_C)
     split = tl.program_id(1)
     a_begin, a_end, b_begin, b_end = _split_bounds(split, splits_b, chunk_a, chunk_b, n_outer, n_inner)
     mean = _channel_load(mean_ptr, stride_mean, c, c_mask, 0.0)
+    slope = _float_arg(slope_bits, mean.dtype)
+    if RECOMPUTE_Z:
+        invstd_z = _channel_load(invstd_ptr, stride_invstd, c, c_mask, 0.0)
 
     sum_dz = tl.zeros([BLOCK_C], dtype=mean_ptr.dtype.element_ty)
     sum_dz_xmu = sum_dz
@@ -354,10 +452,16 @@ def _bn_act_bwd_reduce_kernel(
             b = b0 + tl.arange(0, BLOCK_B)
             mask = (a < a_end)[:, None, None] & c_mask[None, :, None] & (b < b_end)[None, None, :]
             dy = tl.load(dy_ptr + _offsets(a, c, b, stride_dya, stride_dyc, stride_dyb), mask=mask, other=0.0)
-            out = tl.load(out_ptr + _offsets(a, c, b, stride_oa, stride_oc, stride_ob), mask=mask, other=0.0)
             x = tl.load(x_ptr + _offsets(a, c, b, stride_xa, stride_xc, stride_xb), mask=mask, other=0.0)
-            dz = _acc(_relu_mask_grad(dy, out)).to(sum_dz.dtype)
             centered = _acc(x).to(sum_dz.dtype) - mean[None, :, None]
+            if RECOMPUTE_Z:
+                z = _pre_activation(_acc(x).to(sum_dz.dtype), mean, invstd_z, w_ptr, stride_w, b_ptr, stride_b,
+                                    r_ptr, _offsets(a, c, b, stride_ra, stride_rc, stride_rb), c, c_mask, mask,
+                                    HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL)
+                dz = _activation_grad(dy, dy, z, ACT, slope).to(sum_dz.dtype)
+            else:
+                out = tl.load(out_ptr + _offsets(a, c, b, stride_oa, stride_oc, stride_ob), mask=mask, other=0.0)
+                dz = _activation_grad(dy, out, centered, ACT, slope).to(sum_dz.dtype)
             sum_dz += tl.sum(tl.sum(dz, axis=2), axis=0)
             sum_dz_xmu += tl.sum(tl.sum(dz * centered, axis=2), axis=0)
 
@@ -400,10 +504,13 @@ def _bn_act_bwd_apply_kernel(
     out_ptr, stride_oa, stride_oc, stride_ob,
     x_ptr, stride_xa, stride_xc, stride_xb,
     dx_ptr, dr_ptr,  # allocated like x: x's strides
+    r_ptr, stride_ra, stride_rc, stride_rb,  # read to recompute z (HAS_RESIDUAL)
     w_ptr, stride_w, mean_ptr, stride_mean, invstd_ptr, stride_invstd,  # mean, invstd: acc dtype
+    b_ptr, stride_b, slope_bits,
     sum_dz_ptr, stride_sum_dz, sum_dz_xhat_ptr, stride_sum_dz_xhat, count,  # Σdz, Σdz·x̂ over `count` values
     n_outer, n_channels, n_inner,
     BATCH_STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr, WRITE_GRAD_RESIDUAL: tl.constexpr,
+    ACT: tl.constexpr, RECOMPUTE_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """grad_input = w·invstd·(dz - mean_dz - x̂·mean_dz_xhat) with batch statistics,
@@ -415,12 +522,19 @@ def _bn_act_bwd_apply_kernel(
     if HAS_WEIGHT:
         scale *= _acc(_channel_load(w_ptr, stride_w, c, c_mask, 0.0)).to(invstd.dtype)
     dy = tl.load(dy_ptr + _offsets(a, c, b, stride_dya, stride_dyc, stride_dyb), mask=mask, other=0.0)
-    out = tl.load(out_ptr + _offsets(a, c, b, stride_oa, stride_oc, stride_ob), mask=mask, other=0.0)
-    dz = _relu_mask_grad(dy, out)
     x_offsets = _offsets(a, c, b, stride_xa, stride_xc, stride_xb)
+    slope = _float_arg(slope_bits, invstd.dtype)
+    if RECOMPUTE_Z:
+        z = _pre_activation(_acc(tl.load(x_ptr + x_offsets, mask=mask, other=0.0)).to(invstd.dtype),
+                            _channel_load(mean_ptr, stride_mean, c, c_mask, 0.0), invstd, w_ptr, stride_w,
+                            b_ptr, stride_b, r_ptr, _offsets(a, c, b, stride_ra, stride_rc, stride_rb), c, c_mask,
+                            mask, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL)
+        g = _activation_grad(dy, dy, z, ACT, slope).to(invstd.dtype)
+    else:
+        out = tl.load(out_ptr + _offsets(a, c, b, stride_oa, stride_oc, stride_ob), mask=mask, other=0.0)
+        g = _activation_grad(dy, out, out, ACT, slope).to(invstd.dtype)
     if WRITE_GRAD_RESIDUAL:
-        tl.store(dr_ptr + x_offsets, dz.to(dr_ptr.dtype.element_ty), mask=mask)
-    g = _acc(dz).to(invstd.dtype)
+        tl.store(dr_ptr + x_offsets, g.to(dr_ptr.dtype.element_ty), mask=mask)
     if BATCH_STATS:
         mean = _channel_load(mean_ptr, stride_mean, c, c_mask, 0.0)
         denominator = _int64(count).to(invstd.dtype)

@@ -27,7 +27,7 @@ from torch._library.triton import set_wrap_triton_enabled
 from torch.library import triton_op
 
 from .. import contract
-from ..contract import acc_dtype, canonical_layout
+from ..contract import DEFAULT_ACT, DEFAULT_NEGATIVE_SLOPE, acc_dtype, canonical_layout
 from ..ops import empty_grad_residual, empty_relu_mask
 from . import launch, partition
 from .launch import device_guard
@@ -116,17 +116,23 @@ def _fwd_apply_operands(x, view, residual):
     return y, x, (0, 0, 0)
 
 
-def _launch_fwd_apply(x, view, residual, mean, spread, weight, bias, eps, batch_stats, operands=None):
+def _act_code(act):
+    """The kernels' ACT constexpr (kernels.ACT_*): the activation's index in contract.ACTIVATIONS."""
+    return contract.ACTIVATIONS.index(act)
+
+
+def _launch_fwd_apply(x, view, residual, mean, spread, weight, bias, eps, batch_stats, act, negative_slope,
+                      operands=None):
     y, r, r_strides = operands if operands is not None else _fwd_apply_operands(x, view, residual)
     args = (
         x, *partition.view_strides(x, view), r, *r_strides, y,
         mean, mean.stride(0), spread, spread.stride(0),
-        *_channel_arg(weight, mean), *_channel_arg(bias, mean), _float_bits(eps),
+        *_channel_arg(weight, mean), *_channel_arg(bias, mean), _float_bits(eps), _float_bits(negative_slope),
         view.outer, view.C, view.inner,
     )
     flags = dict(
         BATCH_STATS=batch_stats, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None,
+        HAS_RESIDUAL=residual is not None, ACT=_act_code(act),
     )
 
     def run(tile):
@@ -137,13 +143,35 @@ def _launch_fwd_apply(x, view, residual, mean, spread, weight, bias, eps, batch_
     return y
 
 
-def _launch_bwd_reduce(grad_out, out, x, view, mean, invstd):
+def _recompute_operands(x, view, out, residual, act):
+    """(y, y_strides, r, r_strides): what a backward kernel reads to find dz: out, or the residual
+    to recompute z (x stands in, unread, for the one not read)."""
+    if contract.backward_reads_out(act):
+        y, y_strides = partition.operand(out, x, view)
+    else:
+        y, y_strides = x, (0, 0, 0)
+    if contract.backward_recomputes_z(act) and residual is not None:
+        r, r_strides = partition.operand(residual, x, view)
+    else:
+        r, r_strides = x, (0, 0, 0)
+    return y, y_strides, r, r_strides
+
+
+def _z_flags(act, residual, weight, bias):
+    recompute = contract.backward_recomputes_z(act)
+    return dict(
+        ACT=_act_code(act), RECOMPUTE_Z=recompute, HAS_BIAS=recompute and bias is not None,
+        HAS_RESIDUAL=recompute and residual is not None,
+    )
+
+
+def _launch_bwd_reduce(grad_out, out, x, view, mean, invstd, residual, weight, bias, act, negative_slope):
     """(Σdz·x̂, Σdz) of each channel of a non-empty canonical x, accumulation dtype."""
     acc = acc_dtype(x.dtype)
     c = view.C
     mean, invstd = mean.to(acc), invstd.to(acc)
     dy, dy_strides = partition.operand(grad_out, x, view)
-    y, y_strides = partition.operand(out, x, view)
+    y, y_strides, r, r_strides = _recompute_operands(x, view, out, residual, act)
     sum_dz, sum_dz_xhat = (x.new_empty((c,), dtype=acc) for _ in range(2))
     plan, sum_dz_part, sum_dz_xmu_part = _plan_with_partials(x, view, sum_dz)
     single = plan.num_splits == 1
@@ -153,10 +181,12 @@ def _launch_bwd_reduce(grad_out, out, x, view, mean, invstd):
         dy, *dy_strides,
         y, *y_strides,
         x, *partition.view_strides(x, view),
+        r, *r_strides,
         mean, mean.stride(0), invstd, invstd.stride(0),
+        *_channel_arg(weight, mean), *_channel_arg(bias, mean), _float_bits(negative_slope),
         sum_dz_part, sum_dz_xmu_part, sum_dz, sum_dz_xhat,
         view.outer, c, view.inner, plan.chunk_a, plan.chunk_b, plan.splits_b,
-        SINGLE_SPLIT=single, **tile.meta,
+        SINGLE_SPLIT=single, HAS_WEIGHT=weight is not None, **_z_flags(act, residual, weight, bias), **tile.meta,
     )
     if not single:
         launch.bwd_reduce_combine(
@@ -169,7 +199,7 @@ def _launch_bwd_reduce(grad_out, out, x, view, mean, invstd):
 
 
 def _launch_bwd_apply(grad_out, out, x, view, weight, mean, invstd, sum_dz, sum_dz_xhat, count,
-                      batch_stats, residual_grad):
+                      batch_stats, residual_grad, residual, bias, act, negative_slope):
     """(grad_input, grad_residual) of a non-empty canonical x; the means of the backward's sums
     are sum_dz / count and sum_dz_xhat / count (bn_act_bwd_apply, given the means, passes them
     with count 1)."""
@@ -177,7 +207,7 @@ def _launch_bwd_apply(grad_out, out, x, view, weight, mean, invstd, sum_dz, sum_
     mean, invstd = mean.to(acc), invstd.to(acc)
     sum_dz, sum_dz_xhat = sum_dz.to(acc), sum_dz_xhat.to(acc)
     dy, dy_strides = partition.operand(grad_out, x, view)
-    y, y_strides = partition.operand(out, x, view)
+    y, y_strides, r, r_strides = _recompute_operands(x, view, out, residual, act)
     grad_input = torch.empty_like(x)
     grad_residual = empty_grad_residual(x, residual_grad)
     args = (
@@ -185,11 +215,14 @@ def _launch_bwd_apply(grad_out, out, x, view, weight, mean, invstd, sum_dz, sum_
         y, *y_strides,
         x, *partition.view_strides(x, view),
         grad_input, grad_residual if residual_grad else grad_input,
+        r, *r_strides,
         *_channel_arg(weight, invstd), mean, mean.stride(0), invstd, invstd.stride(0),
+        *_channel_arg(bias, invstd), _float_bits(negative_slope),
         sum_dz, sum_dz.stride(0), sum_dz_xhat, sum_dz_xhat.stride(0), count,
         view.outer, view.C, view.inner,
     )
-    flags = dict(BATCH_STATS=batch_stats, HAS_WEIGHT=weight is not None, WRITE_GRAD_RESIDUAL=residual_grad)
+    flags = dict(BATCH_STATS=batch_stats, HAS_WEIGHT=weight is not None, WRITE_GRAD_RESIDUAL=residual_grad,
+                 **_z_flags(act, residual, weight, bias))
 
     def run(tile):
         launch.bwd_apply(partition.tile_grid(view, tile), *args, **flags, **tile.meta)
@@ -206,9 +239,10 @@ def _launch_bwd_apply(grad_out, out, x, view, weight, mean, invstd, sum_dz, sum_
 
 @triton_op(f"{LIBRARY}::_bn_act_fwd_train", mutates_args=())
 def bn_act_fwd_train(
-    input: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+    input: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+    act: str = DEFAULT_ACT, negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    contract.check_fwd_train(input, residual, weight, bias)
+    contract.check_fwd_train(input, residual, weight, bias, act, negative_slope)
     x = canonical_layout(input)
     relu_mask = empty_relu_mask(x)  # none kept: bn_act_bwd reads out
     if x.numel() == 0:
@@ -217,7 +251,7 @@ def bn_act_fwd_train(
     view = partition.view_of(x)
     with device_guard(x.device):
         mean, var, invstd = _launch_batch_stats(x, view, eps)
-        out = _launch_fwd_apply(x, view, residual, mean, invstd, weight, bias, eps, batch_stats=True)
+        out = _launch_fwd_apply(x, view, residual, mean, invstd, weight, bias, eps, True, act, negative_slope)
     return out, mean, invstd, var, relu_mask
 
 
@@ -230,21 +264,23 @@ def bn_act_fwd_eval(
     weight: Optional[Tensor],
     bias: Optional[Tensor],
     eps: float,
+    act: str = DEFAULT_ACT,
+    negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
 ) -> Tensor:
-    contract.check_fwd_eval(input, residual, running_mean, running_var, weight, bias)
+    contract.check_fwd_eval(input, residual, running_mean, running_var, weight, bias, act, negative_slope)
     x = canonical_layout(input)
     if x.numel() == 0:
         return torch.empty_like(x)
     with device_guard(x.device):
         return _launch_fwd_apply(
-            x, partition.view_of(x), residual, running_mean, running_var, weight, bias, eps, batch_stats=False
+            x, partition.view_of(x), residual, running_mean, running_var, weight, bias, eps, False, act, negative_slope
         )
 
 
 @triton_op(f"{LIBRARY}::_bn_act_bwd", mutates_args=())
 def bn_act_bwd(
     grad_out: Tensor,
-    out: Tensor,
+    out: Optional[Tensor],
     relu_mask: Tensor,
     input: Tensor,
     weight: Optional[Tensor],
@@ -252,18 +288,25 @@ def bn_act_bwd(
     invstd: Tensor,
     batch_stats: bool,
     residual_grad: bool,
+    residual: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    act: str = DEFAULT_ACT,
+    negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    contract.check_bwd(grad_out, out, relu_mask, input, weight, mean, invstd, 0)  # no mask kept
+    contract.check_bwd(grad_out, out, relu_mask, input, weight, mean, invstd, 0, residual, bias, act,
+                       negative_slope)  # no mask kept
     x = canonical_layout(input)
     if x.numel() == 0:
         sum_dz = x.new_zeros((x.shape[1],), dtype=acc_dtype(x.dtype))
         return torch.empty_like(x), empty_grad_residual(x, residual_grad), torch.zeros_like(sum_dz), sum_dz
     view = partition.view_of(x)
     with device_guard(x.device):
-        sum_dz_xhat, sum_dz = _launch_bwd_reduce(grad_out, out, x, view, mean, invstd)
+        sum_dz_xhat, sum_dz = _launch_bwd_reduce(
+            grad_out, out, x, view, mean, invstd, residual, weight, bias, act, negative_slope
+        )
         grad_input, grad_residual = _launch_bwd_apply(
             grad_out, out, x, view, weight, mean, invstd, sum_dz, sum_dz_xhat, view.M,
-            batch_stats, residual_grad,
+            batch_stats, residual_grad, residual, bias, act, negative_slope,
         )
     return grad_input, grad_residual, sum_dz_xhat, sum_dz
 
@@ -282,20 +325,26 @@ def bn_stats(input: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 @triton_op(f"{LIBRARY}::_bn_act_bwd_reduce", mutates_args=())
-def bn_act_bwd_reduce(grad_out: Tensor, out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor) -> Tuple[Tensor, Tensor]:
-    contract.check_bwd_reduce(grad_out, out, input, mean, invstd)
+def bn_act_bwd_reduce(
+    grad_out: Tensor, out: Optional[Tensor], input: Tensor, mean: Tensor, invstd: Tensor,
+    residual: Optional[Tensor] = None, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+    act: str = DEFAULT_ACT, negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
+) -> Tuple[Tensor, Tensor]:
+    contract.check_bwd_reduce(grad_out, out, input, mean, invstd, residual, weight, bias, act, negative_slope)
     x = canonical_layout(input)
     if x.numel() == 0:
         sum_dz = x.new_zeros((x.shape[1],), dtype=acc_dtype(x.dtype))
         return torch.zeros_like(sum_dz), sum_dz
     with device_guard(x.device):
-        return _launch_bwd_reduce(grad_out, out, x, partition.view_of(x), mean, invstd)
+        return _launch_bwd_reduce(
+            grad_out, out, x, partition.view_of(x), mean, invstd, residual, weight, bias, act, negative_slope
+        )
 
 
 @triton_op(f"{LIBRARY}::_bn_act_bwd_apply", mutates_args=())
 def bn_act_bwd_apply(
     grad_out: Tensor,
-    out: Tensor,
+    out: Optional[Tensor],
     input: Tensor,
     weight: Optional[Tensor],
     mean: Tensor,
@@ -303,15 +352,20 @@ def bn_act_bwd_apply(
     mean_dz: Tensor,
     mean_dz_xhat: Tensor,
     residual_grad: bool,
+    residual: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    act: str = DEFAULT_ACT,
+    negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
 ) -> Tuple[Tensor, Tensor]:
-    contract.check_bwd_apply(grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat)
+    contract.check_bwd_apply(grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat, residual, bias, act,
+                             negative_slope)
     x = canonical_layout(input)
     if x.numel() == 0:
         return torch.empty_like(x), empty_grad_residual(x, residual_grad)
     with device_guard(x.device):
         return _launch_bwd_apply(
             grad_out, out, x, partition.view_of(x), weight, mean, invstd, mean_dz, mean_dz_xhat, 1,
-            True, residual_grad,
+            True, residual_grad, residual, bias, act, negative_slope,
         )
 
 
@@ -321,14 +375,16 @@ def bn_act_bwd_apply(
 BN_ACT_SCHEMA = (
     "bn_act(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias,"
     " Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum,"
-    " float eps) -> (Tensor out, Tensor save_mean, Tensor save_invstd, Tensor relu_mask)"
+    " float eps, str act=\"relu\", float negative_slope=0.01)"
+    " -> (Tensor out, Tensor save_mean, Tensor save_invstd, Tensor relu_mask)"
 )
 library = torch.library.Library(LIBRARY, "FRAGMENT")
 # any layout in, outputs like the canonical input (csrc/fused_resnet.cpp's kAnyLayout)
 library.define(BN_ACT_SCHEMA, tags=(torch.Tag.flexible_layout,))
 
 
-def bn_act_kernel(input, residual, weight, bias, running_mean, running_var, training, momentum, eps):
+def bn_act_kernel(input, residual, weight, bias, running_mean, running_var, training, momentum, eps,
+                  act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE):
     """One module call: the training forward with the running statistics updated in the
     statistics kernels' finalize, or the eval forward (csrc/fused_resnet.cpp).
 
@@ -336,11 +392,12 @@ def bn_act_kernel(input, residual, weight, bias, running_mean, running_var, trai
     fake impl): its launches go straight to the kernels, as triton_op's own device kernels do,
     rather than through wrap_triton's higher-order-op dispatch, which costs host time each launch."""
     with set_wrap_triton_enabled(False), device_guard(input.device):
-        return _bn_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps)
+        return _bn_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps, act,
+                       negative_slope)
 
 
-def _bn_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps):
-    contract.check_bn_act(input, residual, weight, bias, running_mean, running_var, training)
+def _bn_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps, act, negative_slope):
+    contract.check_bn_act(input, residual, weight, bias, running_mean, running_var, training, act, negative_slope)
     x = canonical_layout(input)
     relu_mask = empty_relu_mask(x)  # none kept: bn_act_bwd reads out
     acc = acc_dtype(x.dtype)
@@ -349,7 +406,7 @@ def _bn_act(input, residual, weight, bias, running_mean, running_var, training, 
         if x.numel() == 0:
             return torch.empty_like(x), no_mean, no_invstd, relu_mask
         out = _launch_fwd_apply(
-            x, partition.view_of(x), residual, running_mean, running_var, weight, bias, eps, batch_stats=False
+            x, partition.view_of(x), residual, running_mean, running_var, weight, bias, eps, False, act, negative_slope
         )
         return out, no_mean, no_invstd, relu_mask
     if x.numel() == 0:  # an empty batch updates nothing
@@ -359,7 +416,7 @@ def _bn_act(input, residual, weight, bias, running_mean, running_var, training, 
     running = (running_mean, running_var, momentum) if running_mean is not None else None
     operands = _fwd_apply_operands(x, view, residual)  # before the running statistics change
     mean, _var, invstd = _launch_batch_stats(x, view, eps, running)
-    out = _launch_fwd_apply(x, view, residual, mean, invstd, weight, bias, eps, batch_stats=True,
+    out = _launch_fwd_apply(x, view, residual, mean, invstd, weight, bias, eps, True, act, negative_slope,
                             operands=operands)
     return out, mean, invstd, relu_mask
 
