@@ -56,7 +56,7 @@ def run_case(shape, memory_format, dtype, residual):
     rm, rv = torch.randn(c, device=device, dtype=param_dtype), torch.rand(c, device=device, dtype=param_dtype) + 0.5
     what = f"{tuple(shape)} {memory_format} {dtype} residual={residual}"
 
-    out, mean, invstd, var, relu_mask = cxx_ops.bn_act_fwd_train(x, r, w, b, 1e-5)
+    out, mean, invstd, var, act_mask = cxx_ops.bn_act_fwd_train(x, r, w, b, 1e-5)
     ref = reference.bn_act_fwd_train(x, r, w, b, 1e-5)
     for name, mine, theirs in zip(("out", "mean", "invstd", "var"), (out, mean, invstd, var), ref):
         _check(f"{what}: bn_act_fwd_train {name}", mine, theirs, dtype)
@@ -73,7 +73,7 @@ def run_case(shape, memory_format, dtype, residual):
         ref_dx, _ = reference.bn_act_bwd_apply(dy, out, x, w, mean, invstd, sdz / m, sdx / m, residual_grad)
         _check(f"{what}: bn_act_bwd_apply grad_input", dx, ref_dx, dtype)
         for batch_stats in (True, False):
-            dx2, dr2, gw, gb = cxx_ops.bn_act_bwd(dy, out, relu_mask, x, w, mean, invstd, batch_stats, residual_grad)
+            dx2, dr2, gw, gb = cxx_ops.bn_act_bwd(dy, out, act_mask, x, w, mean, invstd, batch_stats, residual_grad)
             if batch_stats:
                 _check(f"{what}: bn_act_bwd grad_input", dx2, ref_dx, dtype)
             _check(f"{what}: bn_act_bwd grad_weight", gw, ref_sdx, dtype)

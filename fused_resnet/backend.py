@@ -40,8 +40,8 @@ class Backend:
     name: str
     device_types: tuple  # device types whose tensors it runs, e.g. ("cpu",)
     ops: OpSet
-    # relu_mask_bytes(input): the length of the relu_mask its bn_act_fwd_train returns for input
-    relu_mask_bytes: Callable
+    # act_mask_bytes(input, act): the length of the act_mask its bn_act_fwd_train returns for input
+    act_mask_bytes: Callable
 
 
 _registry: Dict[str, Backend] = {}

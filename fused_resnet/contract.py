@@ -13,7 +13,7 @@ refused alike whatever the backend (tests/test_contract.py holds them to it):
                  (C,), dtype the input's or, for a float16/bfloat16 input, float32 (the AMP case)
   bn_act         running_mean and running_var given together; required when training=False;
                  more than one value per channel when training (torch's own message)
-  relu_mask      empty, or the length that backend's bn_act_fwd_train returns for that input
+  act_mask      empty, or the length that backend's bn_act_fwd_train returns for that input
 
 The input is checked first, then the other arguments in schema order, each for device, then
 shape, then dtype; the first rule broken raises. Nothing is computed or changed before every
@@ -182,23 +182,23 @@ def check_values_per_channel(input: torch.Tensor) -> None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
 
 
-def check_relu_mask(op: str, relu_mask: torch.Tensor, input: torch.Tensor, expected_bytes: int) -> None:
-    _check_is_tensor(op, "relu_mask", relu_mask)
-    _check_device(op, "relu_mask", relu_mask, input)
-    if relu_mask.dtype != torch.uint8 or relu_mask.dim() != 1:
+def check_act_mask(op: str, act_mask: torch.Tensor, input: torch.Tensor, expected_bytes: int) -> None:
+    _check_is_tensor(op, "act_mask", act_mask)
+    _check_device(op, "act_mask", act_mask, input)
+    if act_mask.dtype != torch.uint8 or act_mask.dim() != 1:
         raise TypeError(
-            f"{op}: relu_mask should be a 1-D torch.uint8 tensor, got {relu_mask.dtype} of shape "
-            f"{shape_str(relu_mask.shape)}"
+            f"{op}: act_mask should be a 1-D torch.uint8 tensor, got {act_mask.dtype} of shape "
+            f"{shape_str(act_mask.shape)}"
         )
-    n = relu_mask.numel()
+    n = act_mask.numel()
     if expected_bytes == 0 and n != 0:
         raise ValueError(
-            f"{op}: relu_mask holds {n} bytes; expected none (this backend's bn_act_fwd_train "
+            f"{op}: act_mask holds {n} bytes; expected none (this backend's bn_act_fwd_train "
             "keeps no mask for this input)"
         )
     if n not in (0, expected_bytes):
         raise ValueError(
-            f"{op}: relu_mask holds {n} bytes; expected none or {expected_bytes} (the mask this "
+            f"{op}: act_mask holds {n} bytes; expected none or {expected_bytes} (the mask this "
             "backend's bn_act_fwd_train returns for this input)"
         )
 
@@ -278,13 +278,13 @@ def check_fwd_eval(input, residual, running_mean, running_var, weight, bias, act
     check_act(op, act, negative_slope)
 
 
-def check_bwd(grad_out, out, relu_mask, input, weight, mean, invstd, relu_mask_bytes, residual=None, bias=None,
+def check_bwd(grad_out, out, act_mask, input, weight, mean, invstd, act_mask_bytes, residual=None, bias=None,
               act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE, op="bn_act_bwd"):
-    """relu_mask_bytes: the length of the mask the backend's bn_act_fwd_train gives `input`."""
+    """act_mask_bytes: the length of the mask the backend's bn_act_fwd_train gives `input`."""
     check_input(op, input)
     check_activation(op, "grad_out", grad_out, input)
     check_out(op, out, input, act)
-    check_relu_mask(op, relu_mask, input, relu_mask_bytes)
+    check_act_mask(op, act_mask, input, act_mask_bytes)
     for name, t in (("weight", weight), ("mean", mean), ("invstd", invstd)):
         check_per_channel(op, name, t, input)
     _check_recompute_operands(op, residual, bias, input)
@@ -307,8 +307,9 @@ def check_bwd_reduce(grad_out, out, input, mean, invstd, residual=None, weight=N
     check_out(op, out, input, act)
     check_per_channel(op, "mean", mean, input)
     check_per_channel(op, "invstd", invstd, input)
+    check_activation(op, "residual", residual, input)
     check_per_channel(op, "weight", weight, input)
-    _check_recompute_operands(op, residual, bias, input)
+    check_per_channel(op, "bias", bias, input)
     check_act(op, act, negative_slope)
 
 

@@ -4,16 +4,16 @@
 Every backend implements the ops of `contract.OpSet` (schemas and math in csrc/fused_resnet.cpp).
 The user-facing op, the one a module call runs:
   bn_act(input, residual?, weight?, bias?, running_mean(a!)?, running_var(b!)?, training, momentum,
-         eps) -> (out, save_mean, save_invstd, relu_mask)
+         eps) -> (out, save_mean, save_invstd, act_mask)
       the forward and, in training, the running-statistics update in place, with its autograd
       (C++ for the C++ backends, `register_bn_act_autograd` here for the triton backend); one
       _bn_act_bwd in the backward.
 The internal ops (a leading underscore in the dispatcher, contract.schema_name):
   _bn_act_fwd_train(input, residual?, weight?, bias?, eps)
-      -> (out, save_mean, save_invstd, batch_var, relu_mask)
+      -> (out, save_mean, save_invstd, batch_var, act_mask)
       with autograd: nn.BatchNorm's momentum=None path calls it under torch.compile
   _bn_act_fwd_eval(input, residual?, running_mean, running_var, weight?, bias?, eps) -> out
-  _bn_act_bwd(grad_out, out, relu_mask, input, weight?, mean, invstd, batch_stats, residual_grad)
+  _bn_act_bwd(grad_out, out, act_mask, input, weight?, mean, invstd, batch_stats, residual_grad)
       -> (grad_input, grad_residual, grad_weight, grad_bias)
 and the pieces of the training ops that SyncBatchNorm runs around its collectives:
   _bn_stats(input) -> (mean, var)
@@ -21,7 +21,7 @@ and the pieces of the training ops that SyncBatchNorm runs around its collective
   _bn_act_bwd_apply(grad_out, out, input, weight?, mean, invstd, mean_dz, mean_dz_xhat, residual_grad)
       -> (grad_input, grad_residual)
 
-relu_mask is the ReLU mask the training forward keeps for its backward, in a packed form of the
+act_mask is the ReLU mask the training forward keeps for its backward, in a packed form of the
 backend's own (or empty: the backward then takes the mask from out); autograd passes it from one
 to the other.
 
@@ -49,7 +49,7 @@ def _empty_channel_stat(input: torch.Tensor) -> torch.Tensor:
     return input.new_empty((input.shape[1],), dtype=acc_dtype(input.dtype))
 
 
-def empty_relu_mask(input: torch.Tensor, size=0) -> torch.Tensor:
+def empty_act_mask(input: torch.Tensor, size=0) -> torch.Tensor:
     return input.new_empty((size,), dtype=torch.uint8)
 
 
@@ -58,43 +58,44 @@ def empty_grad_residual(input, residual_grad):
     return _empty_activation(input) if residual_grad else input.new_empty((0,))
 
 
-def cpu_relu_mask_bytes(input: torch.Tensor):
-    """Length of the C++ ops' relu_mask (csrc/fused_resnet.cpp): one bit per element for a CPU
-    input in the rows layout, else 0."""
-    if input.device.type != "cpu":
+def cpu_act_mask_bytes(input: torch.Tensor, act: str = DEFAULT_ACT):
+    """Length of the C++ ops' act_mask (csrc/fused_resnet.cpp): one bit per element for a CPU
+    input in the rows layout and a piecewise-linear activation (contract.backward_reads_out),
+    else 0."""
+    if input.device.type != "cpu" or not contract.backward_reads_out(act):
         return 0
     return (input.numel() + 7) // 8 if contract.is_rows_layout(input) else 0
 
 
-def no_relu_mask_bytes(input: torch.Tensor):
+def no_act_mask_bytes(input: torch.Tensor, act: str = DEFAULT_ACT):
     return 0
 
 
-def _fake_ops(relu_mask_bytes) -> OpSet:
-    """The fake impls of an op set whose bn_act_fwd_train returns relu_mask_bytes(input) bytes."""
+def _fake_ops(act_mask_bytes) -> OpSet:
+    """The fake impls of an op set whose bn_act_fwd_train returns act_mask_bytes(input) bytes."""
 
     def bn_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps, act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE):
         contract.check_bn_act(input, residual, weight, bias, running_mean, running_var, training, act, negative_slope)
         if not training:  # no batch statistics, no mask
             acc = acc_dtype(input.dtype)
             none = input.new_empty((0,), dtype=acc)
-            return _empty_activation(input), none, none.clone(), empty_relu_mask(input)
+            return _empty_activation(input), none, none.clone(), empty_act_mask(input)
         stat = _empty_channel_stat
-        return _empty_activation(input), stat(input), stat(input), empty_relu_mask(input, relu_mask_bytes(input))
+        return _empty_activation(input), stat(input), stat(input), empty_act_mask(input, act_mask_bytes(input, act))
 
     def fwd_train(input, residual, weight, bias, eps, act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE):
         contract.check_fwd_train(input, residual, weight, bias, act, negative_slope)
         stat = _empty_channel_stat
-        mask = empty_relu_mask(input, relu_mask_bytes(input))
+        mask = empty_act_mask(input, act_mask_bytes(input, act))
         return _empty_activation(input), stat(input), stat(input), stat(input), mask
 
     def fwd_eval(input, residual, running_mean, running_var, weight, bias, eps, act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE):
         contract.check_fwd_eval(input, residual, running_mean, running_var, weight, bias, act, negative_slope)
         return _empty_activation(input)
 
-    def bwd(grad_out, out, relu_mask, input, weight, mean, invstd, batch_stats, residual_grad, residual=None,
+    def bwd(grad_out, out, act_mask, input, weight, mean, invstd, batch_stats, residual_grad, residual=None,
             bias=None, act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE):
-        contract.check_bwd(grad_out, out, relu_mask, input, weight, mean, invstd, relu_mask_bytes(input), residual,
+        contract.check_bwd(grad_out, out, act_mask, input, weight, mean, invstd, act_mask_bytes(input, act), residual,
                            bias, act, negative_slope)
         stat = _empty_channel_stat
         return _empty_activation(input), empty_grad_residual(input, residual_grad), stat(input), stat(input)
@@ -131,13 +132,13 @@ def _param_grad(grad, param, needed):
     return grad if grad.dtype == param.dtype else grad.to(param.dtype)
 
 
-def _save(ctx, input, residual, out, relu_mask, weight, bias, mean, invstd, act, negative_slope):
+def _save(ctx, input, residual, out, act_mask, weight, bias, mean, invstd, act, negative_slope):
     """What the backward of `act` reads, and nothing else of an activation's size: out (and the
     mask) for the piecewise-linear activations, the residual (by reference) where z is recomputed."""
     reads_out = contract.backward_reads_out(act)
     recomputes = contract.backward_recomputes_z(act)
     ctx.save_for_backward(
-        input, out if reads_out else None, relu_mask, weight, bias, mean, invstd,
+        input, out if reads_out else None, act_mask, weight, bias, mean, invstd,
         residual if recomputes else None,
     )
     ctx.act, ctx.negative_slope = act, negative_slope
@@ -147,11 +148,11 @@ def _save(ctx, input, residual, out, relu_mask, weight, bias, mean, invstd, act,
 def _backward(ctx, bwd_op, grad_out, saved, batch_stats):
     """(grad_input, grad_residual, grad_weight, grad_bias) of one bn_act_bwd, None where
     ctx.needs_input_grad (input, residual, weight, bias first) asks for none."""
-    input, out, relu_mask, weight, bias, mean, invstd, residual = saved
+    input, out, act_mask, weight, bias, mean, invstd, residual = saved
     need_input, need_residual, need_weight, need_bias = ctx.needs_input_grad[:4]
     with profiled(ctx.has_residual, "bwd"):
         grad_input, grad_residual, grad_weight, grad_bias = bwd_op(
-            grad_out, out, relu_mask, input, weight, mean, invstd, batch_stats, need_residual, residual, bias,
+            grad_out, out, act_mask, input, weight, mean, invstd, batch_stats, need_residual, residual, bias,
             ctx.act, ctx.negative_slope,
         )
     return (
@@ -170,8 +171,8 @@ def _act_args(trailing):
 def _fwd_train_autograd(bwd_op):
     def setup_context(ctx, inputs, output):
         input, residual, weight, bias, _eps, *act = inputs
-        out, save_mean, save_invstd, _batch_var, relu_mask = output
-        _save(ctx, input, residual, out, relu_mask, weight, bias, save_mean, save_invstd, *_act_args(act))
+        out, save_mean, save_invstd, _batch_var, act_mask = output
+        _save(ctx, input, residual, out, act_mask, weight, bias, save_mean, save_invstd, *_act_args(act))
         ctx.mark_non_differentiable(*output[1:])
 
     def backward(ctx, grad_out, _grad_mean, _grad_invstd, _grad_var, _grad_mask):
@@ -187,14 +188,15 @@ def _no_double_backward(ctx, *grads):
     )
 
 
-def register_op_set(ops: OpSet, relu_mask_bytes, with_bn_act_fake=True):
+def register_op_set(ops: OpSet, act_mask_bytes, with_bn_act_fake=True):
     """Give a compiled backend's ops (OpOverloads or triton_op handles) their fake impls and the
     autograd of _bn_act_fwd_train; bn_act has its autograd where it is defined (C++, or
     `register_bn_act_autograd`); _bn_act_bwd refuses a double backward.
 
-    relu_mask_bytes(input): the length of the relu_mask its bn_act_fwd_train returns for that input.
+    act_mask_bytes(input, act): the length of the act_mask its bn_act_fwd_train returns for that input
+    and activation.
     """
-    for op, fake in zip(ops, _fake_ops(relu_mask_bytes)):
+    for op, fake in zip(ops, _fake_ops(act_mask_bytes)):
         if op is not ops.bn_act or with_bn_act_fake:
             torch.library.register_fake(op, fake)
     backward, setup_context = _fwd_train_autograd(ops.bn_act_bwd)
@@ -219,7 +221,7 @@ def register_bn_act_autograd(library: torch.library.Library, bn_act_op, bwd_op):
         def forward(ctx, input, residual, weight, bias, running_mean, running_var, training, momentum, eps, act,
                     negative_slope):
             with torch._C._AutoDispatchBelowADInplaceOrView():
-                out, mean, invstd, relu_mask = bn_act_op(
+                out, mean, invstd, act_mask = bn_act_op(
                     input, residual, weight, bias, running_mean, running_var, training, momentum, eps, act,
                     negative_slope,
                 )
@@ -227,23 +229,23 @@ def register_bn_act_autograd(library: torch.library.Library, bn_act_op, bwd_op):
             # themselves, held as eager's batch norm holds them (no copy and no kernel now, and
             # no version check: a training step that updates them before this backward runs
             # changes its gradient, in eager too).
-            _save(ctx, input, residual, out, relu_mask, weight, bias, mean, invstd, act, negative_slope)
+            _save(ctx, input, residual, out, act_mask, weight, bias, mean, invstd, act, negative_slope)
             ctx.running = None if training else (running_mean, running_var, eps)
             ctx.training = training
-            ctx.mark_non_differentiable(mean, invstd, relu_mask)
+            ctx.mark_non_differentiable(mean, invstd, act_mask)
             ctx.set_materialize_grads(False)
-            return out, mean, invstd, relu_mask
+            return out, mean, invstd, act_mask
 
         @staticmethod
         def backward(ctx, grad_out, _grad_mean, _grad_invstd, _grad_mask):
             if grad_out is None or not any(ctx.needs_input_grad[:4]):
                 return (None,) * 11
-            input, out, relu_mask, weight, bias, mean, invstd, residual = ctx.saved_tensors
+            input, out, act_mask, weight, bias, mean, invstd, residual = ctx.saved_tensors
             if not ctx.training:  # from the running statistics, as csrc/common/bn_act_autograd.cpp
                 running_mean, running_var, eps = ctx.running
                 acc = acc_dtype(input.dtype)
                 mean, invstd = running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps)
-            saved = (input, out, relu_mask, weight, bias, mean, invstd, residual)
+            saved = (input, out, act_mask, weight, bias, mean, invstd, residual)
             return *_backward(ctx, bwd_op, grad_out, saved, ctx.training), (None,) * 7
 
     def bn_act_autograd(input, residual, weight, bias, running_mean, running_var, training, momentum, eps,

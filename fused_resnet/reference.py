@@ -120,16 +120,16 @@ def bn_act(input, residual, weight, bias, running_mean, running_var, training, m
 
 def _bn_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps, act,
             negative_slope):
-    relu_mask = input.new_empty((0,), dtype=torch.uint8)
+    act_mask = input.new_empty((0,), dtype=torch.uint8)
     if not training:
         out = _fwd_eval(input, residual, running_mean, running_var, weight, bias, eps, act, negative_slope)
         none = input.new_empty((0,), dtype=acc_dtype(input.dtype))
-        return out, none, none.clone(), relu_mask
-    out, mean, invstd, var, relu_mask = _fwd_train(input, residual, weight, bias, eps, act, negative_slope)
+        return out, none, none.clone(), act_mask
+    out, mean, invstd, var, act_mask = _fwd_train(input, residual, weight, bias, eps, act, negative_slope)
     if running_mean is not None:
         count = input.numel() // input.shape[1] if input.shape[1] else 0
         update_running_stats(running_mean, running_var, mean, var, count, momentum)
-    return out, mean, invstd, relu_mask
+    return out, mean, invstd, act_mask
 
 
 def bn_act_fwd_train(input, residual, weight, bias, eps, act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE):
@@ -152,8 +152,8 @@ def _fwd_train(input, residual, weight, bias, eps, act, negative_slope):
     x_hat = (x - _per_channel(mean, x.dim())) * _per_channel(invstd, x.dim())
     out = _affine_residual_act(x_hat, residual, weight, bias, input.dtype, act, negative_slope)
     # no mask: eager autograd keeps what the activation's backward needs
-    relu_mask = input.new_empty((0,), dtype=torch.uint8)
-    return out, mean.detach(), invstd.detach(), var.detach(), relu_mask
+    act_mask = input.new_empty((0,), dtype=torch.uint8)
+    return out, mean.detach(), invstd.detach(), var.detach(), act_mask
 
 
 def bn_act_fwd_eval(input, residual, running_mean, running_var, weight, bias, eps, act=DEFAULT_ACT,
@@ -198,11 +198,11 @@ class _Backward:
         return dz, x_hat
 
 
-def bn_act_bwd(grad_out, out, relu_mask, input, weight, mean, invstd, batch_stats, residual_grad, residual=None,
+def bn_act_bwd(grad_out, out, act_mask, input, weight, mean, invstd, batch_stats, residual_grad, residual=None,
                bias=None, act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE):
     """The backward as the kernels compute it (the reference backend's own forwards need none:
     eager autograd differentiates them)."""
-    contract.check_bwd(grad_out, out, relu_mask, input, weight, mean, invstd, 0, residual, bias, act, negative_slope)
+    contract.check_bwd(grad_out, out, act_mask, input, weight, mean, invstd, 0, residual, bias, act, negative_slope)
     saved = _Backward(out, input, residual, weight, bias, mean, invstd, act, negative_slope)
     sum_dz_xhat, sum_dz = _bwd_reduce(grad_out, saved)
     count = input.numel() // input.shape[1] if input.shape[1] else 0

@@ -151,7 +151,7 @@ def randomize_affine(module):
             module.bias.copy_(torch.randn_like(module.bias) * 0.5)
 
 
-def relu_mask(out):
+def act_mask(out):
     """Where relu passes the gradient: exactly aten's threshold_backward (0 where out <= 0)."""
     return ~(out <= 0)
 
@@ -261,7 +261,7 @@ def run_against_eager(shape, layout, residual, config, dtypes, training, steps=3
             assert memory_format_of(out) == memory_format_of(x), "output lost channels_last"
         out.backward(grad_out)
 
-        ref_out, ref_gx, ref_gr = eager_step(eager, x, r, grad_out, relu_mask(out.detach()))
+        ref_out, ref_gx, ref_gr = eager_step(eager, x, r, grad_out, act_mask(out.detach()))
         assert_close(out, ref_out, dtype, f"step {step}: output")
         uses_batch_stats = training or eager.running_mean is None
         gain = grad_input_gain(x, fused.weight) if uses_batch_stats else 1.0

@@ -82,8 +82,8 @@ def test_forward_and_backward_paths(case, dtype, misaligned):
     w, b = _params(shape[1], dtype)
     eps = 1e-5
 
-    out, mean, invstd, var, relu_mask = cxx_ops.bn_act_fwd_train(x, r, w, b, eps)
-    assert relu_mask.numel() == 0  # the CUDA kernels keep no ReLU mask (yet)
+    out, mean, invstd, var, act_mask = cxx_ops.bn_act_fwd_train(x, r, w, b, eps)
+    assert act_mask.numel() == 0  # the CUDA kernels keep no ReLU mask (yet)
     ref_out, ref_mean, ref_invstd, ref_var, _ = reference.bn_act_fwd_train(
         x.double(), r.double(), w.double(), b.double(), eps
     )
@@ -102,7 +102,7 @@ def test_forward_and_backward_paths(case, dtype, misaligned):
     mask_dz = torch.where(out <= 0, torch.zeros_like(dy), dy).double()
     for batch_stats in (True, False):
         for residual_grad in (True, False):
-            dx, dr, gw, gb = cxx_ops.bn_act_bwd(dy, out, relu_mask, x, w, mean, invstd, batch_stats, residual_grad)
+            dx, dr, gw, gb = cxx_ops.bn_act_bwd(dy, out, act_mask, x, w, mean, invstd, batch_stats, residual_grad)
             x_hat = (x.double() - _per_channel(mean.double(), x)) * _per_channel(invstd.double(), x)
             dims = [0] + list(range(2, x.dim()))
             ref_gb = mask_dz.sum(dims)
@@ -170,13 +170,13 @@ def test_sync_batchnorm_pieces(case, dtype):
 def test_empty_inputs(shape):
     x = torch.randn(shape, device=DEVICE)
     w, b = _params(shape[1], torch.float32)
-    out, mean, invstd, var, relu_mask = cxx_ops.bn_act_fwd_train(x, None, w, b, 1e-5)
+    out, mean, invstd, var, act_mask = cxx_ops.bn_act_fwd_train(x, None, w, b, 1e-5)
     assert out.shape == x.shape
     ref = reference.bn_act_fwd_train(x, None, w, b, 1e-5)
     for mine, expected in zip((mean, invstd, var), ref[1:4]):
         torch.testing.assert_close(mine, expected)
     assert cxx_ops.bn_act_fwd_eval(x, None, mean, var + 1, w, b, 1e-5).shape == x.shape
-    dx, dr, gw, gb = cxx_ops.bn_act_bwd(x, out, relu_mask, x, w, mean, invstd, True, True)
+    dx, dr, gw, gb = cxx_ops.bn_act_bwd(x, out, act_mask, x, w, mean, invstd, True, True)
     assert dx.shape == dr.shape == x.shape
     assert torch.equal(gw, torch.zeros_like(gw)) and torch.equal(gb, torch.zeros_like(gb))
     m, v = cxx_ops.bn_stats(x)
@@ -242,8 +242,8 @@ def test_bitwise_deterministic(layout, dtype):
     w, b = _params(shape[1], dtype)
     runs = []
     for _ in range(3):
-        out, mean, invstd, var, relu_mask = cxx_ops.bn_act_fwd_train(x, r, w, b, 1e-5)
-        grads = cxx_ops.bn_act_bwd(dy, out, relu_mask, x, w, mean, invstd, True, True)
+        out, mean, invstd, var, act_mask = cxx_ops.bn_act_fwd_train(x, r, w, b, 1e-5)
+        grads = cxx_ops.bn_act_bwd(dy, out, act_mask, x, w, mean, invstd, True, True)
         runs.append((out, mean, invstd, var) + tuple(grads) + cxx_ops.bn_stats(x))
     for first, other in zip(runs[0], runs[1]):
         assert torch.equal(first, other)
@@ -287,8 +287,8 @@ def test_cuda_graph_capture():
     w, b = _params(32, torch.float32)
 
     def step():
-        out, mean, invstd, _, relu_mask = cxx_ops.bn_act_fwd_train(x, None, w, b, 1e-5)
-        return (out,) + tuple(cxx_ops.bn_act_bwd(dy, out, relu_mask, x, w, mean, invstd, True, False))
+        out, mean, invstd, _, act_mask = cxx_ops.bn_act_fwd_train(x, None, w, b, 1e-5)
+        return (out,) + tuple(cxx_ops.bn_act_bwd(dy, out, act_mask, x, w, mean, invstd, True, False))
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -16,7 +16,7 @@ from helpers import (
     layouts_for,
     make_tensor,
     memory_format_of,
-    relu_mask,
+    act_mask,
 )
 from parity import randomize_norms
 from fused_resnet.nn import (
@@ -103,7 +103,7 @@ def test_frozen_fused_matches_eager(backend, shape, layout, residual, training):
         assert memory_format_of(out) == memory_format_of(x), "output lost channels_last"
     out.backward(grad_out)
 
-    ref_out, ref_gx, ref_gr = eager_step(_oracle(frozen), x, r, grad_out, relu_mask(out.detach()))
+    ref_out, ref_gx, ref_gr = eager_step(_oracle(frozen), x, r, grad_out, act_mask(out.detach()))
     assert_close(out, ref_out, F64, "output")
     assert_close(x.grad, ref_gx, F64, "grad_input")
     if residual:

@@ -20,7 +20,7 @@ from helpers import (
     make_pair,
     make_tensor,
     randomize_affine,
-    relu_mask,
+    act_mask,
     run_against_eager,
     sum_atol_scale,
 )
@@ -153,7 +153,7 @@ def test_large_activations(backend, layout, training):
     grad_out = make_tensor(shape, torch.float32)
     out = fused(x, r)
     out.backward(grad_out)
-    mask = relu_mask(out.detach())
+    mask = act_mask(out.detach())
     ref_out, ref_gx, ref_gr = eager_step(eager, x, r, grad_out, mask)
     assert_close(out, ref_out, torch.float32, "output")
     assert_close(x.grad, ref_gx, torch.float32, "grad_input")

@@ -27,7 +27,7 @@ INTERPRETED_UTILS = ALL_UTILS[:3]
 
 def op_calls(ops, sample, requires_grad):
     """(op, arguments) for every op of `ops` on `sample`: bn_act in training (tracked and not) and
-    eval, both functional forwards, the backward of both (with the op set's own relu_mask and with
+    eval, both functional forwards, the backward of both (with the op set's own act_mask and with
     none, with and without grad_residual), and SyncBatchNorm's three pieces."""
     shape, layout, dtype, residual = sample
     x = make_tensor(shape, dtype, layout).requires_grad_(requires_grad)
@@ -37,12 +37,12 @@ def op_calls(ops, sample, requires_grad):
     calls.append((ops.bn_act, (x, r, w, b, None, None, True, 0.1, 1e-5)))
     calls.append((ops.bn_act_fwd_train, (x, r, w, b, 1e-5)))
     with torch.no_grad():
-        out, mean, invstd, _, relu_mask = ops.bn_act_fwd_train(x, r, w, b, 1e-5)
+        out, mean, invstd, _, act_mask = ops.bn_act_fwd_train(x, r, w, b, 1e-5)
     # The internal ops no module differentiates through have no autograd: called on plain tensors.
     xd, wd, grad_out = x.detach(), w.detach(), make_tensor(shape, dtype)
     rd = r.detach() if residual else None
     calls.append((ops.bn_act_fwd_eval, (xd, rd, rm, rv, wd, b.detach(), 1e-5)))
-    for mask in {relu_mask.numel(): relu_mask, 0: relu_mask.new_empty((0,))}.values():
+    for mask in {act_mask.numel(): act_mask, 0: act_mask.new_empty((0,))}.values():
         for batch_stats in (True, False):
             for residual_grad in (True, False):
                 args = (grad_out, out, mask, xd, wd, mean, invstd, batch_stats, residual_grad)

@@ -115,7 +115,7 @@ def test_double_backward_is_a_clear_error(backend, training):
 
 
 # ---------------------------------------------------------------------------------------------
-# The CPU kernels' relu_mask (csrc/fused_resnet.cpp): bit e % 8 of byte e / 8 set where out[e] <= 0
+# The CPU kernels' act_mask (csrc/fused_resnet.cpp): bit e % 8 of byte e / 8 set where out[e] <= 0
 # (e in memory order) for rows-layout inputs whose rows fill whole vectors; bn_act_bwd reads it
 # instead of out.
 
@@ -166,13 +166,13 @@ MASK_CASES = [
 @cpu_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("case", MASK_CASES, ids=[f"{'x'.join(map(str, s))}-{l}" for s, l in MASK_CASES])
-def test_cpu_relu_mask_bits(case, dtype):
+def test_cpu_act_mask_bits(case, dtype):
     shape, layout = case
     x = make_tensor(shape, dtype, layout, device="cpu")
     r = make_tensor(shape, dtype, layout, device="cpu")
     out, _, _, _, mask = cxx_ops.bn_act_fwd_train(x, r, None, None, 1e-5)
     assert mask.dtype == torch.uint8 and mask.shape == ((x.numel() + 7) // 8,)
-    assert fused_resnet.ops.cpu_relu_mask_bytes(x) == mask.numel()
+    assert fused_resnet.ops.cpu_act_mask_bytes(x) == mask.numel()
     keeps = dtype != torch.float64 and _rows_fill_vectors(shape[1], dtype) and _cpu_keeps_mask()
     if keeps:
         assert torch.equal(mask, _expected_mask(out))
@@ -182,17 +182,17 @@ def test_cpu_relu_mask_bits(case, dtype):
 
 @cpu_only
 @pytest.mark.parametrize("shape", [(2, 3, 5, 4), (2, 3, 2, 3, 4), (4, 6, 5)])
-def test_cpu_relu_mask_empty_for_planes(shape):
+def test_cpu_act_mask_empty_for_planes(shape):
     x = make_tensor(shape, torch.float32, device="cpu")
     mask = cxx_ops.bn_act_fwd_train(x, None, None, None, 1e-5)[4]
-    assert mask.numel() == 0 == fused_resnet.ops.cpu_relu_mask_bytes(x)
+    assert mask.numel() == 0 == fused_resnet.ops.cpu_act_mask_bytes(x)
 
 
 @cpu_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("residual_grad", [True, False], ids=["dr", "no-dr"])
 @pytest.mark.parametrize("case", MASK_CASES[:6], ids=[f"{'x'.join(map(str, s))}-{l}" for s, l in MASK_CASES[:6]])
-def test_cpu_bwd_with_relu_mask_equals_bwd_from_out(case, dtype, residual_grad):
+def test_cpu_bwd_with_act_mask_equals_bwd_from_out(case, dtype, residual_grad):
     """The saved bits give exactly the results of the mask taken from out (same sums, same
     order), ties (out == 0, plenty after the ReLU) and a NaN channel included."""
     shape, layout = case
@@ -210,14 +210,14 @@ def test_cpu_bwd_with_relu_mask_equals_bwd_from_out(case, dtype, residual_grad):
 
 
 @cpu_only
-def test_cpu_bwd_rejects_a_wrong_relu_mask():
+def test_cpu_bwd_rejects_a_wrong_act_mask():
     x = make_tensor((2, 8, 3, 3), torch.float32, "channels_last", device="cpu")
     out, mean, invstd, _, mask = cxx_ops.bn_act_fwd_train(x, None, None, None, 1e-5)
     args = (x, None, mean, invstd, True, False)
-    with pytest.raises(ValueError, match=r"relu_mask holds 8 bytes; expected none or 18"):
+    with pytest.raises(ValueError, match=r"act_mask holds 8 bytes; expected none or 18"):
         cxx_ops.bn_act_bwd(x, out, mask[:8], *args)
-    with pytest.raises(TypeError, match="relu_mask should be a 1-D torch.uint8 tensor"):
+    with pytest.raises(TypeError, match="act_mask should be a 1-D torch.uint8 tensor"):
         cxx_ops.bn_act_bwd(x, out, mask.float(), *args)
     planes = x.contiguous()
-    with pytest.raises(ValueError, match="relu_mask holds 18 bytes; expected none"):
+    with pytest.raises(ValueError, match="act_mask holds 18 bytes; expected none"):
         cxx_ops.bn_act_bwd(planes, out.contiguous(), mask, planes, None, mean, invstd, True, False)

@@ -130,7 +130,7 @@ def test_pieces_compose_to_the_training_ops(backend, shape, layout, residual):
 
     leaves = [t.detach().clone().requires_grad_() for t in (x, w, b) + ((r,) if residual else ())]
     x_t, w_t, b_t = leaves[:3]
-    out_t, mean_t, invstd_t, var_t, _relu_mask = impl.bn_act_fwd_train(x_t, leaves[3] if residual else None, w_t, b_t, 1e-5)
+    out_t, mean_t, invstd_t, var_t, _act_mask = impl.bn_act_fwd_train(x_t, leaves[3] if residual else None, w_t, b_t, 1e-5)
     gx_t, gw_t, gb_t, *gr_t = torch.autograd.grad(out_t, leaves, grad_out)
 
     mean, var = impl.bn_stats(x)

@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fused_resnet
-from helpers import assert_close, check_state, eager_bn_class, eager_step, fused_class, randomize_affine, relu_mask
+from helpers import assert_close, check_state, eager_bn_class, eager_step, fused_class, randomize_affine, act_mask
 
 CPU_BACKENDS = fused_resnet.available_backends("cpu")
 
@@ -131,7 +131,7 @@ def run_against_full_batch(case, rank, world, counter, group=None):
         assert out.shape == x.shape and out.dtype == dtype
 
         if training:  # the batch is the concatenation of every rank's slice
-            mask = relu_mask(_gather_cat(out, len(ranks), group))
+            mask = act_mask(_gather_cat(out, len(ranks), group))
             ref_out, ref_gx, ref_gr = eager_step(
                 eager, full_x.requires_grad_(), full_r if residual else None, full_g, mask
             )
@@ -140,7 +140,7 @@ def run_against_full_batch(case, rank, world, counter, group=None):
         else:
             ref_out, ref_gx, ref_gr = eager_step(
                 eager, full_x[lo:hi].requires_grad_(), full_r[lo:hi] if residual else None, full_g[lo:hi],
-                relu_mask(out.detach()),
+                act_mask(out.detach()),
             )
         assert_close(out, ref_out, dtype, f"{what}: output")
         assert_close(x.grad, ref_gx, dtype, f"{what}: grad_input")

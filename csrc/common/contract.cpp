@@ -99,22 +99,67 @@ void check_per_channel(
   }
 }
 
-void check_relu_mask(
+void check_act_mask(
     const char* op, const at::Tensor& mask, const at::Tensor& input, int64_t expected) {
-  check_device(op, "relu_mask", mask, input);
+  check_device(op, "act_mask", mask, input);
   TORCH_CHECK_TYPE(
       mask.scalar_type() == at::kByte && mask.dim() == 1, op,
-      ": relu_mask should be a 1-D torch.uint8 tensor, got ", dtype_str(mask.scalar_type()),
+      ": act_mask should be a 1-D torch.uint8 tensor, got ", dtype_str(mask.scalar_type()),
       " of shape ", shape_str(mask.sizes()));
   const int64_t n = mask.numel();
   if (expected == 0) {
     TORCH_CHECK_VALUE(
-        n == 0, op, ": relu_mask holds ", n,
+        n == 0, op, ": act_mask holds ", n,
         " bytes; expected none (this backend's bn_act_fwd_train keeps no mask for this input)");
   } else {
     TORCH_CHECK_VALUE(
-        n == 0 || n == expected, op, ": relu_mask holds ", n, " bytes; expected none or ",
+        n == 0 || n == expected, op, ": act_mask holds ", n, " bytes; expected none or ",
         expected, " (the mask this backend's bn_act_fwd_train returns for this input)");
+  }
+}
+
+// The activation by its schema name (contract.ACTIVATIONS, in Act's order).
+constexpr const char* kActNames[] = {"relu", "relu6", "leaky_relu", "identity",
+                                     "silu", "hardswish", "gelu", "gelu_tanh"};
+
+Activation check_act(const char* op, c10::string_view act, double negative_slope) {
+  int index = -1;
+  for (int i = 0; i < 8; ++i) {
+    if (act == kActNames[i]) {
+      index = i;
+    }
+  }
+  TORCH_CHECK_VALUE(
+      index >= 0, op, ": unknown activation '", std::string(act),
+      "'; expected one of relu, relu6, leaky_relu, identity, silu, hardswish, gelu, gelu_tanh");
+  const Activation a{static_cast<Act>(index), negative_slope};
+  TORCH_CHECK_VALUE(
+      a.kind != Act::kLeakyRelu || negative_slope >= 0, op,
+      ": leaky_relu's negative_slope must be >= 0 for the fused op (got ", negative_slope,
+      "): the backward tells the side of the kink from the output's sign");
+  return a;
+}
+
+// Whether the backward of the activation named `act` reads out (backward_reads_out), read before
+// the name is checked: an unknown one reads no out and keeps no mask, and is refused after the
+// other arguments, in schema order.
+bool reads_out(c10::string_view act) {
+  return act == "relu" || act == "relu6" || act == "leaky_relu";
+}
+
+// out of a backward op: required where the backward reads it.
+void check_out(const char* op, const OptTensor& out, const at::Tensor& input, c10::string_view act) {
+  TORCH_CHECK_VALUE(
+      given(out) || !reads_out(act), op, ": out is required for the backward of ", std::string(act));
+  if (given(out)) {
+    check_activation(op, "out", *out, input);
+  }
+}
+
+void check_activation(
+    const char* op, const char* name, const OptTensor& t, const at::Tensor& input) {
+  if (given(t)) {
+    check_activation(op, name, *t, input);
   }
 }
 
@@ -155,12 +200,26 @@ at::Tensor residual_in_input_format(const OptTensor& residual, const View& g) {
   return given(residual) ? in_input_format(*residual, g) : at::Tensor();
 }
 
+// The backward operands: out where the backward reads it, the residual where it recomputes z.
+BwdOperands bwd_operands_of(
+    const View& g, const at::Tensor& grad_out, const OptTensor& out, const OptTensor& residual,
+    const Activation& act) {
+  BwdOperands in{g, in_input_format(grad_out, g), at::Tensor(), at::Tensor(), act};
+  if (backward_reads_out(act.kind)) {
+    in.out = in_input_format(*out, g);
+  }
+  if (backward_recomputes_z(act.kind)) {
+    in.residual = residual_in_input_format(residual, g);
+  }
+  return in;
+}
+
 } // namespace
 
 FwdOperands bn_act_operands(
     const at::Tensor& input, const OptTensor& residual, const OptTensor& weight,
     const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
-    bool training) {
+    bool training, c10::string_view act, double negative_slope) {
   constexpr const char* op = "bn_act";
   check_input(op, input);
   if (given(residual)) {
@@ -177,6 +236,7 @@ FwdOperands bn_act_operands(
       training || given(running_mean), op,
       ": running_mean and running_var are required when training=False (eval mode normalizes "
       "with the running statistics)");
+  const Activation a = check_act(op, act, negative_slope);
   const View g = canonical_view(input);
   if (training) {
     std::ostringstream size;
@@ -191,53 +251,56 @@ FwdOperands bn_act_operands(
         g.M() != 1, "Expected more than 1 value per channel when training, got input size ",
         size.str());
   }
-  return {g, residual_in_input_format(residual, g)};
+  return {g, residual_in_input_format(residual, g), a};
 }
 
 FwdOperands fwd_train_operands(
     const at::Tensor& input, const OptTensor& residual, const OptTensor& weight,
-    const OptTensor& bias) {
+    const OptTensor& bias, c10::string_view act, double negative_slope) {
   constexpr const char* op = "bn_act_fwd_train";
   check_input(op, input);
-  if (given(residual)) {
-    check_activation(op, "residual", *residual, input);
-  }
+  check_activation(op, "residual", residual, input);
   check_per_channel(op, "weight", weight, input);
   check_per_channel(op, "bias", bias, input);
+  const Activation a = check_act(op, act, negative_slope);
   const View g = canonical_view(input);
-  return {g, residual_in_input_format(residual, g)};
+  return {g, residual_in_input_format(residual, g), a};
 }
 
 FwdOperands fwd_eval_operands(
     const at::Tensor& input, const OptTensor& residual, const at::Tensor& running_mean,
-    const at::Tensor& running_var, const OptTensor& weight, const OptTensor& bias) {
+    const at::Tensor& running_var, const OptTensor& weight, const OptTensor& bias,
+    c10::string_view act, double negative_slope) {
   constexpr const char* op = "bn_act_fwd_eval";
   check_input(op, input);
-  if (given(residual)) {
-    check_activation(op, "residual", *residual, input);
-  }
+  check_activation(op, "residual", residual, input);
   check_per_channel(op, "running_mean", running_mean, input);
   check_per_channel(op, "running_var", running_var, input);
   check_per_channel(op, "weight", weight, input);
   check_per_channel(op, "bias", bias, input);
+  const Activation a = check_act(op, act, negative_slope);
   const View g = canonical_view(input);
-  return {g, residual_in_input_format(residual, g)};
+  return {g, residual_in_input_format(residual, g), a};
 }
 
 BwdOperands bwd_operands(
-    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& relu_mask,
+    const at::Tensor& grad_out, const OptTensor& out, const at::Tensor& act_mask,
     const at::Tensor& input, const OptTensor& weight, const at::Tensor& mean,
-    const at::Tensor& invstd, ReluMaskBytes relu_mask_bytes) {
+    const at::Tensor& invstd, ActMaskBytes act_mask_bytes, const OptTensor& residual,
+    const OptTensor& bias, c10::string_view act, double negative_slope) {
   constexpr const char* op = "bn_act_bwd";
   check_input(op, input);
   check_activation(op, "grad_out", grad_out, input);
-  check_activation(op, "out", out, input);
+  check_out(op, out, input, act);
   const View g = canonical_view(input);
-  check_relu_mask(op, relu_mask, input, relu_mask_bytes(g));
+  check_act_mask(op, act_mask, input, act_mask_bytes(g, reads_out(act)));
   check_per_channel(op, "weight", weight, input);
   check_per_channel(op, "mean", mean, input);
   check_per_channel(op, "invstd", invstd, input);
-  return {g, in_input_format(grad_out, g), in_input_format(out, g)};
+  check_activation(op, "residual", residual, input);
+  check_per_channel(op, "bias", bias, input);
+  const Activation a = check_act(op, act, negative_slope);
+  return bwd_operands_of(g, grad_out, out, residual, a);
 }
 
 View stats_operands(const at::Tensor& input) {
@@ -246,33 +309,40 @@ View stats_operands(const at::Tensor& input) {
 }
 
 BwdOperands bwd_reduce_operands(
-    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& input,
-    const at::Tensor& mean, const at::Tensor& invstd) {
+    const at::Tensor& grad_out, const OptTensor& out, const at::Tensor& input,
+    const at::Tensor& mean, const at::Tensor& invstd, const OptTensor& residual,
+    const OptTensor& weight, const OptTensor& bias, c10::string_view act, double negative_slope) {
   constexpr const char* op = "bn_act_bwd_reduce";
   check_input(op, input);
   check_activation(op, "grad_out", grad_out, input);
-  check_activation(op, "out", out, input);
+  check_out(op, out, input, act);
   check_per_channel(op, "mean", mean, input);
   check_per_channel(op, "invstd", invstd, input);
-  const View g = canonical_view(input);
-  return {g, in_input_format(grad_out, g), in_input_format(out, g)};
+  check_activation(op, "residual", residual, input);
+  check_per_channel(op, "weight", weight, input);
+  check_per_channel(op, "bias", bias, input);
+  const Activation a = check_act(op, act, negative_slope);
+  return bwd_operands_of(canonical_view(input), grad_out, out, residual, a);
 }
 
 BwdOperands bwd_apply_operands(
-    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& input,
+    const at::Tensor& grad_out, const OptTensor& out, const at::Tensor& input,
     const OptTensor& weight, const at::Tensor& mean, const at::Tensor& invstd,
-    const at::Tensor& mean_dz, const at::Tensor& mean_dz_xhat) {
+    const at::Tensor& mean_dz, const at::Tensor& mean_dz_xhat, const OptTensor& residual,
+    const OptTensor& bias, c10::string_view act, double negative_slope) {
   constexpr const char* op = "bn_act_bwd_apply";
   check_input(op, input);
   check_activation(op, "grad_out", grad_out, input);
-  check_activation(op, "out", out, input);
+  check_out(op, out, input, act);
   check_per_channel(op, "weight", weight, input);
   check_per_channel(op, "mean", mean, input);
   check_per_channel(op, "invstd", invstd, input);
   check_per_channel(op, "mean_dz", mean_dz, input);
   check_per_channel(op, "mean_dz_xhat", mean_dz_xhat, input);
-  const View g = canonical_view(input);
-  return {g, in_input_format(grad_out, g), in_input_format(out, g)};
+  check_activation(op, "residual", residual, input);
+  check_per_channel(op, "bias", bias, input);
+  const Activation a = check_act(op, act, negative_slope);
+  return bwd_operands_of(canonical_view(input), grad_out, out, residual, a);
 }
 
 } // namespace fused_resnet

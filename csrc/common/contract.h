@@ -11,7 +11,9 @@
 //                  (TypeError)
 //   bn_act         running_mean and running_var given together; required when training=False;
 //                  more than one value per channel when training (torch's own message)
-//   relu_mask      empty, or the length the backend's bn_act_fwd_train returns for the input
+//   act_mask      empty, or the length the backend's bn_act_fwd_train returns for the input
+//   act            one of the activations (activation.h); leaky_relu's negative_slope >= 0
+//   out            (backward ops) required where the backward reads it (backward_reads_out)
 //
 // The input is checked first, then the other arguments in schema order, each for device, shape,
 // dtype; the first rule broken raises.
@@ -24,7 +26,10 @@
 // like the canonical input (fused_resnet.contract.canonical_layout).
 #pragma once
 
+#include "activation.h"
+
 #include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
 
 #include <cstdint>
 #include <optional>
@@ -52,45 +57,56 @@ struct View {
   int64_t numel() const { return N * C * S; }
 };
 
-// The checked operands of a forward: the view, and the residual in the input's format
-// (undefined when not given).
+// The checked operands of a forward: the view, the residual in the input's format (undefined
+// when not given), the activation.
 struct FwdOperands {
   View g;
   at::Tensor residual;
+  Activation act;
 };
 
-// The checked operands of a backward: grad_out and out in the input's format.
+// The checked operands of a backward: grad_out in the input's format; out in it where the
+// backward reads out, the residual where it recomputes z and one was given (else undefined);
+// the activation.
 struct BwdOperands {
   View g;
   at::Tensor grad_out;
   at::Tensor out;
+  at::Tensor residual;
+  Activation act;
 };
 
-// The length of the relu_mask a backend's bn_act_fwd_train returns for an input.
-using ReluMaskBytes = int64_t (*)(const View&);
+// The length of the act_mask a backend's bn_act_fwd_train returns for an input.
+// keeps_mask: the activation is piecewise linear (backward_reads_out), the only kind whose
+// backward a mask can stand in for out.
+using ActMaskBytes = int64_t (*)(const View&, bool keeps_mask);
 
 // One function per op: checks every argument, then lays the activations out.
 FwdOperands bn_act_operands(
     const at::Tensor& input, const OptTensor& residual, const OptTensor& weight,
     const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
-    bool training);
+    bool training, c10::string_view act, double negative_slope);
 FwdOperands fwd_train_operands(
     const at::Tensor& input, const OptTensor& residual, const OptTensor& weight,
-    const OptTensor& bias);
+    const OptTensor& bias, c10::string_view act, double negative_slope);
 FwdOperands fwd_eval_operands(
     const at::Tensor& input, const OptTensor& residual, const at::Tensor& running_mean,
-    const at::Tensor& running_var, const OptTensor& weight, const OptTensor& bias);
+    const at::Tensor& running_var, const OptTensor& weight, const OptTensor& bias,
+    c10::string_view act, double negative_slope);
 BwdOperands bwd_operands(
-    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& relu_mask,
+    const at::Tensor& grad_out, const OptTensor& out, const at::Tensor& act_mask,
     const at::Tensor& input, const OptTensor& weight, const at::Tensor& mean,
-    const at::Tensor& invstd, ReluMaskBytes relu_mask_bytes);
+    const at::Tensor& invstd, ActMaskBytes act_mask_bytes, const OptTensor& residual,
+    const OptTensor& bias, c10::string_view act, double negative_slope);
 View stats_operands(const at::Tensor& input);
 BwdOperands bwd_reduce_operands(
-    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& input,
-    const at::Tensor& mean, const at::Tensor& invstd);
+    const at::Tensor& grad_out, const OptTensor& out, const at::Tensor& input,
+    const at::Tensor& mean, const at::Tensor& invstd, const OptTensor& residual,
+    const OptTensor& weight, const OptTensor& bias, c10::string_view act, double negative_slope);
 BwdOperands bwd_apply_operands(
-    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& input,
+    const at::Tensor& grad_out, const OptTensor& out, const at::Tensor& input,
     const OptTensor& weight, const at::Tensor& mean, const at::Tensor& invstd,
-    const at::Tensor& mean_dz, const at::Tensor& mean_dz_xhat);
+    const at::Tensor& mean_dz, const at::Tensor& mean_dz_xhat, const OptTensor& residual,
+    const OptTensor& bias, c10::string_view act, double negative_slope);
 
 } // namespace fused_resnet

@@ -43,13 +43,13 @@ at::Tensor no_tensor(const View& g) {
 BnActOutputs bn_act(
     const at::Tensor& input, const OptTensor& residual, const OptTensor& weight,
     const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
-    bool training, double momentum, double eps, const DeviceOps& device) {
+    bool training, double momentum, double eps, c10::string_view act, double negative_slope, const DeviceOps& device) {
   // The name a profiler trace shows for every backend's forward (fused_resnet/profiling.py).
   RECORD_FUNCTION(
       given(residual) ? "fused_resnet::bn_add_relu_fwd" : "fused_resnet::bn_relu_fwd",
       std::vector<c10::IValue>());
-  const FwdOperands in =
-      bn_act_operands(input, residual, weight, bias, running_mean, running_var, training);
+  const FwdOperands in = bn_act_operands(
+      input, residual, weight, bias, running_mean, running_var, training, act, negative_slope);
   if (!training) {  // no batch statistics, no mask
     at::Tensor out = in.g.numel() == 0
         ? empty_activation(in.g)
@@ -62,16 +62,16 @@ BnActOutputs bn_act(
   if (given(running_mean)) {
     running = RunningBuffers{*running_mean, *running_var, momentum};
   }
-  auto [out, mean, invstd, var, relu_mask] = in.g.numel() == 0
+  auto [out, mean, invstd, var, act_mask] = in.g.numel() == 0
       ? empty_train_outputs(in.g, eps)
       : device.fwd_train(in, weight, bias, eps, running ? &*running : nullptr);
-  return {out, mean, invstd, relu_mask};
+  return {out, mean, invstd, act_mask};
 }
 
 TrainOutputs bn_act_fwd_train(
     const at::Tensor& input, const OptTensor& residual, const OptTensor& weight,
-    const OptTensor& bias, double eps, const DeviceOps& device) {
-  const FwdOperands in = fwd_train_operands(input, residual, weight, bias);
+    const OptTensor& bias, double eps, c10::string_view act, double negative_slope, const DeviceOps& device) {
+  const FwdOperands in = fwd_train_operands(input, residual, weight, bias, act, negative_slope);
   return in.g.numel() == 0 ? empty_train_outputs(in.g, eps)
                            : device.fwd_train(in, weight, bias, eps, nullptr);
 }
@@ -79,23 +79,26 @@ TrainOutputs bn_act_fwd_train(
 at::Tensor bn_act_fwd_eval(
     const at::Tensor& input, const OptTensor& residual, const at::Tensor& running_mean,
     const at::Tensor& running_var, const OptTensor& weight, const OptTensor& bias, double eps,
-    const DeviceOps& device) {
-  const FwdOperands in = fwd_eval_operands(input, residual, running_mean, running_var, weight, bias);
+    c10::string_view act, double negative_slope, const DeviceOps& device) {
+  const FwdOperands in = fwd_eval_operands(
+      input, residual, running_mean, running_var, weight, bias, act, negative_slope);
   return in.g.numel() == 0 ? empty_activation(in.g)
                            : device.fwd_eval(in, running_mean, running_var, weight, bias, eps);
 }
 
 BwdOutputs bn_act_bwd(
-    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& relu_mask,
+    const at::Tensor& grad_out, const OptTensor& out, const at::Tensor& act_mask,
     const at::Tensor& input, const OptTensor& weight, const at::Tensor& mean,
-    const at::Tensor& invstd, bool batch_stats, bool residual_grad, const DeviceOps& device) {
+    const at::Tensor& invstd, bool batch_stats, bool residual_grad, const OptTensor& residual,
+    const OptTensor& bias, c10::string_view act, double negative_slope, const DeviceOps& device) {
   const BwdOperands in = bwd_operands(
-      grad_out, out, relu_mask, input, weight, mean, invstd, device.relu_mask_bytes);
+      grad_out, out, act_mask, input, weight, mean, invstd, device.act_mask_bytes, residual,
+      bias, act, negative_slope);
   if (in.g.numel() == 0) {
     return {empty_activation(in.g), residual_grad ? empty_activation(in.g) : no_tensor(in.g),
             channel_zeros(in.g), channel_zeros(in.g)};
   }
-  return device.bwd(in, relu_mask, weight, mean, invstd, batch_stats, residual_grad);
+  return device.bwd(in, act_mask, weight, bias, mean, invstd, batch_stats, residual_grad);
 }
 
 TensorPair bn_stats(const at::Tensor& input, const DeviceOps& device) {
@@ -104,24 +107,27 @@ TensorPair bn_stats(const at::Tensor& input, const DeviceOps& device) {
 }
 
 TensorPair bn_act_bwd_reduce(
-    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& input,
-    const at::Tensor& mean, const at::Tensor& invstd, const DeviceOps& device) {
-  const BwdOperands in = bwd_reduce_operands(grad_out, out, input, mean, invstd);
+    const at::Tensor& grad_out, const OptTensor& out, const at::Tensor& input,
+    const at::Tensor& mean, const at::Tensor& invstd, const OptTensor& residual,
+    const OptTensor& weight, const OptTensor& bias, c10::string_view act, double negative_slope, const DeviceOps& device) {
+  const BwdOperands in = bwd_reduce_operands(
+      grad_out, out, input, mean, invstd, residual, weight, bias, act, negative_slope);
   return in.g.numel() == 0 ? TensorPair{channel_zeros(in.g), channel_zeros(in.g)}
-                           : device.bwd_reduce(in, mean, invstd);
+                           : device.bwd_reduce(in, weight, bias, mean, invstd);
 }
 
 TensorPair bn_act_bwd_apply(
-    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& input,
+    const at::Tensor& grad_out, const OptTensor& out, const at::Tensor& input,
     const OptTensor& weight, const at::Tensor& mean, const at::Tensor& invstd,
     const at::Tensor& mean_dz, const at::Tensor& mean_dz_xhat, bool residual_grad,
-    const DeviceOps& device) {
-  const BwdOperands in =
-      bwd_apply_operands(grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat);
+    const OptTensor& residual, const OptTensor& bias, c10::string_view act, double negative_slope, const DeviceOps& device) {
+  const BwdOperands in = bwd_apply_operands(
+      grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat, residual, bias, act,
+      negative_slope);
   if (in.g.numel() == 0) {
     return {empty_activation(in.g), residual_grad ? empty_activation(in.g) : no_tensor(in.g)};
   }
-  return device.bwd_apply(in, weight, mean, invstd, mean_dz, mean_dz_xhat, residual_grad);
+  return device.bwd_apply(in, weight, bias, mean, invstd, mean_dz, mean_dz_xhat, residual_grad);
 }
 
 } // namespace fused_resnet

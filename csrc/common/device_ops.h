@@ -43,9 +43,9 @@ RunningStatsUpdate<A> running_stats_update(const RunningBuffers* running, int64_
   return u;
 }
 
-// (out, save_mean, save_invstd, batch_var, relu_mask): bn_act_fwd_train's outputs.
+// (out, save_mean, save_invstd, batch_var, act_mask): bn_act_fwd_train's outputs.
 using TrainOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-// (out, save_mean, save_invstd, relu_mask): bn_act's outputs.
+// (out, save_mean, save_invstd, act_mask): bn_act's outputs.
 using BnActOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 // (grad_input, grad_residual, grad_weight, grad_bias): bn_act_bwd's outputs.
 using BwdOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -59,52 +59,59 @@ at::Tensor no_tensor(const View& g);
 // A device's implementation of the ops, on operands the contract has checked, of a non-empty
 // input (numel > 0: N·S > 0 and C > 0; device_ops.cpp answers an empty one).
 struct DeviceOps {
-  // (out, save_mean, save_invstd, batch_var, relu_mask), as bn_act_fwd_train; `running` (or
-  // null) is updated on the way.
+  // (out, save_mean, save_invstd, batch_var, act_mask), as bn_act_fwd_train; `running` (or
+  // null) is updated on the way. The forwards read in.act.
   TrainOutputs (*fwd_train)(
       const FwdOperands& in, const OptTensor& weight, const OptTensor& bias, double eps,
       const RunningBuffers* running);
   at::Tensor (*fwd_eval)(
       const FwdOperands& in, const at::Tensor& running_mean, const at::Tensor& running_var,
       const OptTensor& weight, const OptTensor& bias, double eps);
+  // The backward ops read in.act; weight and bias (and in.residual) recompute z where the
+  // activation needs it (backward_recomputes_z).
   BwdOutputs (*bwd)(
-      const BwdOperands& in, const at::Tensor& relu_mask, const OptTensor& weight,
-      const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats, bool residual_grad);
-  TensorPair (*stats)(const View& g);
-  TensorPair (*bwd_reduce)(const BwdOperands& in, const at::Tensor& mean, const at::Tensor& invstd);
-  TensorPair (*bwd_apply)(
-      const BwdOperands& in, const OptTensor& weight, const at::Tensor& mean,
-      const at::Tensor& invstd, const at::Tensor& mean_dz, const at::Tensor& mean_dz_xhat,
+      const BwdOperands& in, const at::Tensor& act_mask, const OptTensor& weight,
+      const OptTensor& bias, const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats,
       bool residual_grad);
-  // The length of the relu_mask fwd_train returns for an input.
-  ReluMaskBytes relu_mask_bytes;
+  TensorPair (*stats)(const View& g);
+  TensorPair (*bwd_reduce)(
+      const BwdOperands& in, const OptTensor& weight, const OptTensor& bias,
+      const at::Tensor& mean, const at::Tensor& invstd);
+  TensorPair (*bwd_apply)(
+      const BwdOperands& in, const OptTensor& weight, const OptTensor& bias,
+      const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& mean_dz,
+      const at::Tensor& mean_dz_xhat, bool residual_grad);
+  // The length of the act_mask fwd_train returns for an input.
+  ActMaskBytes act_mask_bytes;
 };
 
 // The ops, composed from a device's (device_ops.cpp).
 BnActOutputs bn_act(
     const at::Tensor& input, const OptTensor& residual, const OptTensor& weight,
     const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
-    bool training, double momentum, double eps, const DeviceOps& device);
+    bool training, double momentum, double eps, c10::string_view act, double negative_slope, const DeviceOps& device);
 TrainOutputs bn_act_fwd_train(
     const at::Tensor& input, const OptTensor& residual, const OptTensor& weight,
-    const OptTensor& bias, double eps, const DeviceOps& device);
+    const OptTensor& bias, double eps, c10::string_view act, double negative_slope, const DeviceOps& device);
 at::Tensor bn_act_fwd_eval(
     const at::Tensor& input, const OptTensor& residual, const at::Tensor& running_mean,
     const at::Tensor& running_var, const OptTensor& weight, const OptTensor& bias, double eps,
-    const DeviceOps& device);
+    c10::string_view act, double negative_slope, const DeviceOps& device);
 BwdOutputs bn_act_bwd(
-    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& relu_mask,
+    const at::Tensor& grad_out, const OptTensor& out, const at::Tensor& act_mask,
     const at::Tensor& input, const OptTensor& weight, const at::Tensor& mean,
-    const at::Tensor& invstd, bool batch_stats, bool residual_grad, const DeviceOps& device);
+    const at::Tensor& invstd, bool batch_stats, bool residual_grad, const OptTensor& residual,
+    const OptTensor& bias, c10::string_view act, double negative_slope, const DeviceOps& device);
 TensorPair bn_stats(const at::Tensor& input, const DeviceOps& device);
 TensorPair bn_act_bwd_reduce(
-    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& input,
-    const at::Tensor& mean, const at::Tensor& invstd, const DeviceOps& device);
+    const at::Tensor& grad_out, const OptTensor& out, const at::Tensor& input,
+    const at::Tensor& mean, const at::Tensor& invstd, const OptTensor& residual,
+    const OptTensor& weight, const OptTensor& bias, c10::string_view act, double negative_slope, const DeviceOps& device);
 TensorPair bn_act_bwd_apply(
-    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& input,
+    const at::Tensor& grad_out, const OptTensor& out, const at::Tensor& input,
     const OptTensor& weight, const at::Tensor& mean, const at::Tensor& invstd,
     const at::Tensor& mean_dz, const at::Tensor& mean_dz_xhat, bool residual_grad,
-    const DeviceOps& device);
+    const OptTensor& residual, const OptTensor& bias, c10::string_view act, double negative_slope, const DeviceOps& device);
 
 // The ops of one device as functions TORCH_FN can take.
 template <const DeviceOps& kDevice>
@@ -112,44 +119,51 @@ struct RegisteredOps {
   static BnActOutputs bn_act(
       const at::Tensor& input, const OptTensor& residual, const OptTensor& weight,
       const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
-      bool training, double momentum, double eps) {
+      bool training, double momentum, double eps, c10::string_view act, double negative_slope) {
     return fused_resnet::bn_act(
-        input, residual, weight, bias, running_mean, running_var, training, momentum, eps,
-        kDevice);
+        input, residual, weight, bias, running_mean, running_var, training, momentum, eps, act,
+        negative_slope, kDevice);
   }
   static TrainOutputs fwd_train(
       const at::Tensor& input, const OptTensor& residual, const OptTensor& weight,
-      const OptTensor& bias, double eps) {
-    return bn_act_fwd_train(input, residual, weight, bias, eps, kDevice);
+      const OptTensor& bias, double eps, c10::string_view act, double negative_slope) {
+    return bn_act_fwd_train(input, residual, weight, bias, eps, act, negative_slope, kDevice);
   }
   static at::Tensor fwd_eval(
       const at::Tensor& input, const OptTensor& residual, const at::Tensor& running_mean,
       const at::Tensor& running_var, const OptTensor& weight, const OptTensor& bias,
-      double eps) {
-    return bn_act_fwd_eval(input, residual, running_mean, running_var, weight, bias, eps, kDevice);
+      double eps, c10::string_view act, double negative_slope) {
+    return bn_act_fwd_eval(
+        input, residual, running_mean, running_var, weight, bias, eps, act, negative_slope,
+        kDevice);
   }
   static BwdOutputs bwd(
-      const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& relu_mask,
+      const at::Tensor& grad_out, const OptTensor& out, const at::Tensor& act_mask,
       const at::Tensor& input, const OptTensor& weight, const at::Tensor& mean,
-      const at::Tensor& invstd, bool batch_stats, bool residual_grad) {
+      const at::Tensor& invstd, bool batch_stats, bool residual_grad, const OptTensor& residual,
+      const OptTensor& bias, c10::string_view act, double negative_slope) {
     return bn_act_bwd(
-        grad_out, out, relu_mask, input, weight, mean, invstd, batch_stats, residual_grad,
-        kDevice);
+        grad_out, out, act_mask, input, weight, mean, invstd, batch_stats, residual_grad,
+        residual, bias, act, negative_slope, kDevice);
   }
   static TensorPair stats(const at::Tensor& input) {
     return bn_stats(input, kDevice);
   }
   static TensorPair bwd_reduce(
-      const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& input,
-      const at::Tensor& mean, const at::Tensor& invstd) {
-    return bn_act_bwd_reduce(grad_out, out, input, mean, invstd, kDevice);
+      const at::Tensor& grad_out, const OptTensor& out, const at::Tensor& input,
+      const at::Tensor& mean, const at::Tensor& invstd, const OptTensor& residual,
+      const OptTensor& weight, const OptTensor& bias, c10::string_view act, double negative_slope) {
+    return bn_act_bwd_reduce(
+        grad_out, out, input, mean, invstd, residual, weight, bias, act, negative_slope, kDevice);
   }
   static TensorPair bwd_apply(
-      const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& input,
+      const at::Tensor& grad_out, const OptTensor& out, const at::Tensor& input,
       const OptTensor& weight, const at::Tensor& mean, const at::Tensor& invstd,
-      const at::Tensor& mean_dz, const at::Tensor& mean_dz_xhat, bool residual_grad) {
+      const at::Tensor& mean_dz, const at::Tensor& mean_dz_xhat, bool residual_grad,
+      const OptTensor& residual, const OptTensor& bias, c10::string_view act, double negative_slope) {
     return bn_act_bwd_apply(
-        grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat, residual_grad, kDevice);
+        grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat, residual_grad,
+        residual, bias, act, negative_slope, kDevice);
   }
 };
 

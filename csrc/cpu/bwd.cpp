@@ -16,7 +16,7 @@
 // decomposition mirror the forward (fwd.cpp): in the planes layout a channel-local task
 // keeps the channel's three inputs in L2 between its two passes; in the rows layout each thread
 // reduces and then applies its own contiguous chunk of rows, and bn_act_bwd takes the ReLU mask
-// as bits instead of reading y: those bn_act_fwd_train saved (relu_mask; then y is not read at
+// as bits instead of reading y: those bn_act_fwd_train saved (act_mask; then y is not read at
 // all), or else bits its reduce pass records for its apply pass (RowMask).
 #include "bwd_planes.h"
 #include "bwd_rows.h"
@@ -93,7 +93,7 @@ void bwd_rows(const BwdArgs<T>& a, const ParamGrads<T>& pg) {
   const RowPlan plan(a.C, a.N * a.S, VecT<T>::kStep, at::get_num_threads());
   const std::vector<A> mean_ext = repeated_means(a, plan);
   std::vector<Sums> sums(a.C);
-  const RowMask mask = row_mask<T>(plan, a.relu_mask);
+  const RowMask mask = row_mask<T>(plan, a.act_mask);
   rows_sums(a, plan, mean_ext.data(), sums.data(), mask);
   std::vector<Coef<A>> coef(a.C);
   for (int64_t c = 0; c < a.C; ++c) {
@@ -149,7 +149,7 @@ struct BwdBuffers {
   BwdBuffers(
       const BwdOperands& in, const std::optional<at::Tensor>& weight, const at::Tensor& mean_t,
       const at::Tensor& invstd_t, at::Tensor* dx, at::Tensor* dr,
-      const MaskWord* relu_mask = nullptr)
+      const MaskWord* act_mask = nullptr)
       : w(in.g.C), mean(in.g.C), invstd(in.g.C) {
     using A = acc_type<T>;
     const int64_t C = in.g.C;
@@ -167,25 +167,25 @@ struct BwdBuffers {
     args.w = w.data();
     args.mean = mean.data();
     args.invstd = invstd.data();
-    args.relu_mask = relu_mask;
+    args.act_mask = act_mask;
   }
 };
 
-// The bits of bn_act_bwd's relu_mask (checked by the op contract: empty, or what
+// The bits of bn_act_bwd's act_mask (checked by the op contract: empty, or what
 // bn_act_fwd_train returns for this input), or null where out gives the mask (empty; or a layout
 // or dtype whose kernel keeps no mask: then the forward returned zeros and out is read).
-const MaskWord* saved_mask_bits(const at::Tensor& relu_mask) {
-  return relu_mask.numel() == 0 ? nullptr : relu_mask.const_data_ptr<MaskWord>();
+const MaskWord* saved_mask_bits(const at::Tensor& act_mask) {
+  return act_mask.numel() == 0 ? nullptr : act_mask.const_data_ptr<MaskWord>();
 }
 
 } // namespace
 
 BwdOutputs bwd_cpu(
-    const BwdOperands& in, const at::Tensor& relu_mask, const OptTensor& weight,
+    const BwdOperands& in, const at::Tensor& act_mask, const OptTensor& weight,
     const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats, bool residual_grad) {
   constexpr const char* op = "bn_act_bwd";
   const View& g = in.g;
-  const at::Tensor mask = relu_mask.contiguous();
+  const at::Tensor mask = act_mask.contiguous();
   const MaskWord* saved_mask = saved_mask_bits(mask);
   at::Tensor dx = empty_activation(g);
   at::Tensor dr = residual_grad ? empty_activation(g) : no_tensor(g);

@@ -8,7 +8,7 @@
 
 #include "bwd_spans.h"
 #include "plans.h"
-#include "relu_mask.h"
+#include "act_mask.h"
 #include "vec.h"
 
 #include <memory>
@@ -85,12 +85,12 @@ C10_ALWAYS_INLINE void rows_reduce_tile(
   }
 }
 
-// The ReLU mask of the rows path, as bits (relu_mask.h), for the super-rows when
+// The ReLU mask of the rows path, as bits (act_mask.h), for the super-rows when
 // rows_keep_mask (leftover rows, other widths and other builds read out). The apply pass needs
 // dz = (out <= 0) ? 0 : dy for every element after the reduce pass has streamed dy, out and x
 // through the caches; with the bits it reads dy, x and the bits (2 + 1/32 operands) instead of
 // dy, out and x (3).
-//   saved:  relu_mask from bn_act_fwd_train; the reduce pass reads it too, so out is not read
+//   saved:  act_mask from bn_act_fwd_train; the reduce pass reads it too, so out is not read
 //           at all (the training backward).
 //   record: otherwise (bn_act_bwd after the eval forward), the reduce pass records the bits
 //           from out for the apply pass, into a buffer of the calling thread that only grows:

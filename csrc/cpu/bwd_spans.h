@@ -4,7 +4,7 @@
 #pragma once
 
 #include "plans.h"
-#include "relu_mask.h"
+#include "act_mask.h"
 #include "vec.h"
 
 #include <algorithm>
@@ -107,7 +107,7 @@ C10_ALWAYS_INLINE void reduce_span(
 // Apply over one contiguous span: dx = A·dz + B·(x − mean) + D; dr = dz. kPerPos: coefficient
 // arrays indexed like the span (rows layout), otherwise coefficient[0] constants.
 
-// kMask: whole vectors take the ReLU mask from the bits `mask` (relu_mask.h; byte 0 starts at
+// kMask: whole vectors take the ReLU mask from the bits `mask` (act_mask.h; byte 0 starts at
 // the span's element 0) instead of reading y; the scalar head and tail still read y.
 // The span from element `head` on, whose elements [0, head) go through the scalar path first
 // (F::kNT: to align dx, dr for stream_vec; apply_span picks it).
@@ -233,7 +233,7 @@ struct BwdArgs {
   const acc_type<T>* w;
   const acc_type<T>* mean;
   const acc_type<T>* invstd;
-  const MaskWord* relu_mask;  // bn_act_bwd: the bits bn_act_fwd_train saved, or null
+  const MaskWord* act_mask;  // bn_act_bwd: the bits bn_act_fwd_train saved, or null
 };
 
 template <typename A>

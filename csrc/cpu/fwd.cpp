@@ -15,7 +15,7 @@
 // over the same parts (same thread, same data).
 // Rows layout [N*S][C]: each thread reduces a contiguous chunk of rows into per-position
 // partials (vectorized along C), the chunks are merged in order, and each thread applies its
-// own chunk; the training forward's apply also writes the ReLU mask bits (relu_mask, for
+// own chunk; the training forward's apply also writes the ReLU mask bits (act_mask, for
 // bn_act_bwd: 1 bit per element instead of re-reading out).
 #include "fwd_apply.h"
 #include "host.h"
@@ -46,7 +46,7 @@ struct TrainArgs {
   acc_type<T>* mean_out;
   acc_type<T>* invstd_out;
   acc_type<T>* var_out;
-  MaskWord* relu_mask;  // rows layout: the ReLU mask bits (written when rows_keep_mask)
+  MaskWord* act_mask;  // rows layout: the ReLU mask bits (written when rows_keep_mask)
   RunningStatsUpdate<acc_type<T>> running;  // applied per channel by finalize_stats
 };
 
@@ -137,7 +137,7 @@ void train_rows(const TrainArgs<T>& a) {
     at::parallel_for(0, plan.P, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         fwd_apply_chunk<T, kRes, kNT, kMask>(
-            plan, p, a.y, a.x, a.r, scale.data(), shift.data(), a.relu_mask);
+            plan, p, a.y, a.x, a.r, scale.data(), shift.data(), a.act_mask);
       }
       if (kNT) {
         stream_fence();
@@ -152,7 +152,7 @@ void train_rows(const TrainArgs<T>& a) {
   }
   apply(std::false_type{});
   // no mask kept: defined contents, which bn_act_bwd does not read
-  std::fill(a.relu_mask, a.relu_mask + relu_mask_bytes(a.N * a.S * C), MaskWord(0));
+  std::fill(a.act_mask, a.act_mask + act_mask_bytes(a.N * a.S * C), MaskWord(0));
 }
 
 // ------------------------------------------------------------------------------------------
@@ -221,9 +221,9 @@ TrainOutputs fwd_train_cpu(
   at::Tensor mean = empty_channel_stat(g);
   at::Tensor invstd = empty_channel_stat(g);
   at::Tensor var = empty_channel_stat(g);
-  // the rows layout's ReLU mask (relu_mask.h), for bn_act_bwd; zeros where the kernel keeps
+  // the rows layout's ReLU mask (act_mask.h), for bn_act_bwd; zeros where the kernel keeps
   // none (train_rows)
-  at::Tensor relu_mask = at::empty({cpu_relu_mask_bytes(g)}, g.x.options().dtype(at::kByte));
+  at::Tensor act_mask = at::empty({cpu_act_mask_bytes(g)}, g.x.options().dtype(at::kByte));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.x.scalar_type(), op, [&] {
     using A = acc_type<scalar_t>;
@@ -243,7 +243,7 @@ TrainOutputs fwd_train_cpu(
     a.mean_out = mean.mutable_data_ptr<A>();
     a.invstd_out = invstd.mutable_data_ptr<A>();
     a.var_out = var.mutable_data_ptr<A>();
-    a.relu_mask = relu_mask.mutable_data_ptr<MaskWord>();
+    a.act_mask = act_mask.mutable_data_ptr<MaskWord>();
     a.running = running_stats_update<A>(running, g.M());
     // bytes of activations touched: x (read twice unless it stays in cache), r, y
     const int64_t bytes = g.numel() * int64_t(sizeof(scalar_t)) * (has_res ? 3 : 2);
@@ -259,7 +259,7 @@ TrainOutputs fwd_train_cpu(
     };
     dispatch_bools(has_res, nt, run);
   });
-  return {out, mean, invstd, var, relu_mask};
+  return {out, mean, invstd, var, act_mask};
 }
 
 at::Tensor fwd_eval_cpu(

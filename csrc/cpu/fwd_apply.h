@@ -1,10 +1,10 @@
 // The forward's apply pass, y = relu(x·scale + shift (+ r)) with per-channel scale = w·invstd and
 // shift = b − mean·scale, over spans (planes), super-rows (rows) and chunks of them; in training
-// it may also write the ReLU mask bits (relu_mask.h).
+// it may also write the ReLU mask bits (act_mask.h).
 #pragma once
 
 #include "plans.h"
-#include "relu_mask.h"
+#include "act_mask.h"
 #include "vec.h"
 
 #include <algorithm>
@@ -16,7 +16,7 @@ namespace fused_resnet::cpu {
 // ------------------------------------------------------------------------------------------
 // Apply: y = relu(x·scale + shift (+ r)). kPerPos: scale/shift are per-element arrays (rows
 // layout, indexed like the span); otherwise scale[0]/shift[0] are constants (planes layout).
-// kMask: also writes the ReLU mask bits of the span (relu_mask.h) to mask, whose byte 0 the
+// kMask: also writes the ReLU mask bits of the span (act_mask.h) to mask, whose byte 0 the
 // span's element 0 starts; whole vectors then start on a byte (T computed in float).
 
 // z = x·scale + shift (+ r), relu'd, for the P parts of the vector at element j.

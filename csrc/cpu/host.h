@@ -28,7 +28,7 @@ at::Tensor fwd_eval_cpu(
     const FwdOperands& in, const at::Tensor& running_mean, const at::Tensor& running_var,
     const OptTensor& weight, const OptTensor& bias, double eps);
 BwdOutputs bwd_cpu(
-    const BwdOperands& in, const at::Tensor& relu_mask, const OptTensor& weight,
+    const BwdOperands& in, const at::Tensor& act_mask, const OptTensor& weight,
     const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats, bool residual_grad);
 TensorPair stats_cpu(const View& g);
 TensorPair bwd_reduce_cpu(const BwdOperands& in, const at::Tensor& mean, const at::Tensor& invstd);

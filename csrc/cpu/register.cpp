@@ -3,7 +3,7 @@
 #include <torch/library.h>
 
 #include "host.h"
-#include "relu_mask.h"
+#include "act_mask.h"
 
 namespace fused_resnet::cpu {
 
@@ -14,7 +14,7 @@ const DeviceOps kCpuOps{
     .stats = stats_cpu,
     .bwd_reduce = bwd_reduce_cpu,
     .bwd_apply = bwd_apply_cpu,
-    .relu_mask_bytes = cpu_relu_mask_bytes,
+    .act_mask_bytes = cpu_act_mask_bytes,
 };
 
 } // namespace fused_resnet::cpu

@@ -128,7 +128,7 @@ TrainOutputs fwd_train_cuda(
   at::Tensor invstd = empty_channel_stat(g);
   at::Tensor var = empty_channel_stat(g);
   // No ReLU mask is kept on the GPU yet: bn_act_bwd_cuda reads out.
-  at::Tensor relu_mask = at::empty({0}, g.x.options().dtype(at::kByte));
+  at::Tensor act_mask = at::empty({0}, g.x.options().dtype(at::kByte));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.x.scalar_type(), op, [&] {
     using A = acc_t<scalar_t>;
@@ -155,7 +155,7 @@ TrainOutputs fwd_train_cuda(
         .eps = eps};
     launch_fwd_apply<scalar_t>(dims, apply, stream);
   });
-  return {out, mean, invstd, var, relu_mask};
+  return {out, mean, invstd, var, act_mask};
 }
 
 at::Tensor fwd_eval_cuda(
@@ -184,13 +184,13 @@ at::Tensor fwd_eval_cuda(
   return out;
 }
 
-int64_t no_relu_mask(const View&) {
+int64_t no_act_mask(const View&) {
   return 0;  // bn_act_fwd_train_cuda keeps no ReLU mask: bn_act_bwd_cuda reads out
 }
 
-// relu_mask is empty (no_relu_mask): the mask comes from out.
+// act_mask is empty (no_act_mask): the mask comes from out.
 BwdOutputs bwd_cuda(
-    const BwdOperands& in, const at::Tensor& /*relu_mask*/, const OptTensor& weight,
+    const BwdOperands& in, const at::Tensor& /*act_mask*/, const OptTensor& weight,
     const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats, bool residual_grad) {
   constexpr const char* op = "bn_act_bwd";
   const View& g = in.g;
@@ -300,7 +300,7 @@ const DeviceOps kCudaOps{
     .stats = stats_cuda,
     .bwd_reduce = bwd_reduce_cuda,
     .bwd_apply = bwd_apply_cuda,
-    .relu_mask_bytes = no_relu_mask,
+    .act_mask_bytes = no_act_mask,
 };
 
 } // namespace

@@ -7,7 +7,7 @@ import torch
 
 from .. import contract
 from ..backend import Backend
-from ..ops import cpu_relu_mask_bytes, register_op_set
+from ..ops import cpu_act_mask_bytes, register_op_set
 
 
 def load():
@@ -17,12 +17,12 @@ def load():
         reason = f"the C++ extension fused_resnet._C failed to load ({fused_resnet.EXTENSION_ERROR})"
         return {"cpu": reason, "cuda": reason}
     ops = contract.op_set_of(torch.ops.fused_resnet)
-    register_op_set(ops, relu_mask_bytes=cpu_relu_mask_bytes)
+    register_op_set(ops, act_mask_bytes=cpu_act_mask_bytes)
     loaded = {}
     for device_type in ("cpu", "cuda"):
         if torch._C._dispatch_has_kernel_for_dispatch_key(ops.bn_act.name(), device_type.upper()):
-            # relu_mask_bytes: 0 for every CUDA input
-            loaded[device_type] = Backend(device_type, (device_type,), ops, cpu_relu_mask_bytes)
+            # act_mask_bytes: 0 for every CUDA input
+            loaded[device_type] = Backend(device_type, (device_type,), ops, cpu_act_mask_bytes)
         else:
             loaded[device_type] = "the C++ extension was built without CUDA kernels"
     return loaded

@@ -11,7 +11,7 @@ import, the package still imports and the backend is unavailable with the reason
 import torch
 
 from ..backend import Backend
-from ..ops import no_relu_mask_bytes, register_bn_act_autograd, register_op_set
+from ..ops import no_act_mask_bytes, register_bn_act_autograd, register_op_set
 from ..triton import interpreter_enabled
 
 
@@ -38,6 +38,6 @@ def load():
     except Exception as error:  # an incompatible triton can fail in many ways at import
         return {"triton": f"the Triton kernels failed to load ({type(error).__name__}: {error})"}
     op_set = launchers.op_set(device_types)
-    register_op_set(op_set, relu_mask_bytes=no_relu_mask_bytes)
+    register_op_set(op_set, act_mask_bytes=no_act_mask_bytes)
     register_bn_act_autograd(launchers.library, op_set.bn_act, op_set.bn_act_bwd)
-    return {"triton": Backend("triton", device_types, op_set, no_relu_mask_bytes)}
+    return {"triton": Backend("triton", device_types, op_set, no_act_mask_bytes)}

@@ -28,7 +28,7 @@ from torch.library import triton_op
 
 from .. import contract
 from ..contract import DEFAULT_ACT, DEFAULT_NEGATIVE_SLOPE, acc_dtype, canonical_layout
-from ..ops import empty_grad_residual, empty_relu_mask
+from ..ops import empty_grad_residual, empty_act_mask
 from . import launch, partition
 from .launch import device_guard
 
@@ -244,15 +244,15 @@ def bn_act_fwd_train(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     contract.check_fwd_train(input, residual, weight, bias, act, negative_slope)
     x = canonical_layout(input)
-    relu_mask = empty_relu_mask(x)  # none kept: bn_act_bwd reads out
+    act_mask = empty_act_mask(x)  # none kept: bn_act_bwd reads out
     if x.numel() == 0:
         var = x.new_zeros((x.shape[1],), dtype=acc_dtype(x.dtype))
-        return torch.empty_like(x), torch.zeros_like(var), torch.rsqrt(var + eps), var, relu_mask
+        return torch.empty_like(x), torch.zeros_like(var), torch.rsqrt(var + eps), var, act_mask
     view = partition.view_of(x)
     with device_guard(x.device):
         mean, var, invstd = _launch_batch_stats(x, view, eps)
         out = _launch_fwd_apply(x, view, residual, mean, invstd, weight, bias, eps, True, act, negative_slope)
-    return out, mean, invstd, var, relu_mask
+    return out, mean, invstd, var, act_mask
 
 
 @triton_op(f"{LIBRARY}::_bn_act_fwd_eval", mutates_args=())
@@ -281,7 +281,7 @@ def bn_act_fwd_eval(
 def bn_act_bwd(
     grad_out: Tensor,
     out: Optional[Tensor],
-    relu_mask: Tensor,
+    act_mask: Tensor,
     input: Tensor,
     weight: Optional[Tensor],
     mean: Tensor,
@@ -293,7 +293,7 @@ def bn_act_bwd(
     act: str = DEFAULT_ACT,
     negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    contract.check_bwd(grad_out, out, relu_mask, input, weight, mean, invstd, 0, residual, bias, act,
+    contract.check_bwd(grad_out, out, act_mask, input, weight, mean, invstd, 0, residual, bias, act,
                        negative_slope)  # no mask kept
     x = canonical_layout(input)
     if x.numel() == 0:
@@ -376,7 +376,7 @@ BN_ACT_SCHEMA = (
     "bn_act(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias,"
     " Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum,"
     " float eps, str act=\"relu\", float negative_slope=0.01)"
-    " -> (Tensor out, Tensor save_mean, Tensor save_invstd, Tensor relu_mask)"
+    " -> (Tensor out, Tensor save_mean, Tensor save_invstd, Tensor act_mask)"
 )
 library = torch.library.Library(LIBRARY, "FRAGMENT")
 # any layout in, outputs like the canonical input (csrc/fused_resnet.cpp's kAnyLayout)
@@ -399,26 +399,26 @@ def bn_act_kernel(input, residual, weight, bias, running_mean, running_var, trai
 def _bn_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps, act, negative_slope):
     contract.check_bn_act(input, residual, weight, bias, running_mean, running_var, training, act, negative_slope)
     x = canonical_layout(input)
-    relu_mask = empty_relu_mask(x)  # none kept: bn_act_bwd reads out
+    act_mask = empty_act_mask(x)  # none kept: bn_act_bwd reads out
     acc = acc_dtype(x.dtype)
     if not training:  # no batch statistics: two empty ones (outputs of an op never alias)
         no_mean, no_invstd = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
         if x.numel() == 0:
-            return torch.empty_like(x), no_mean, no_invstd, relu_mask
+            return torch.empty_like(x), no_mean, no_invstd, act_mask
         out = _launch_fwd_apply(
             x, partition.view_of(x), residual, running_mean, running_var, weight, bias, eps, False, act, negative_slope
         )
-        return out, no_mean, no_invstd, relu_mask
+        return out, no_mean, no_invstd, act_mask
     if x.numel() == 0:  # an empty batch updates nothing
         var = x.new_zeros((x.shape[1],), dtype=acc)
-        return torch.empty_like(x), torch.zeros_like(var), torch.rsqrt(var + eps), relu_mask
+        return torch.empty_like(x), torch.zeros_like(var), torch.rsqrt(var + eps), act_mask
     view = partition.view_of(x)
     running = (running_mean, running_var, momentum) if running_mean is not None else None
     operands = _fwd_apply_operands(x, view, residual)  # before the running statistics change
     mean, _var, invstd = _launch_batch_stats(x, view, eps, running)
     out = _launch_fwd_apply(x, view, residual, mean, invstd, weight, bias, eps, True, act, negative_slope,
                             operands=operands)
-    return out, mean, invstd, relu_mask
+    return out, mean, invstd, act_mask
 
 
 def _register_bn_act(device_types):

@@ -1,4 +1,4 @@
-// The CPU form of bn_act_fwd_train's relu_mask: in the rows layout the training forward keeps
+// The CPU form of bn_act_fwd_train's act_mask: in the rows layout the training forward keeps
 // one bit per element of out <= 0, which bn_act_bwd reads instead of out.
 #pragma once
 
@@ -11,7 +11,7 @@
 namespace fused_resnet::cpu {
 
 // ReLU masks packed as bits: bit e % 8 of byte e / 8 is set where out[e] <= 0 (dz = 0), e the
-// element's index in memory order. This is the CPU form of bn_act_fwd_train's relu_mask, and
+// element's index in memory order. This is the CPU form of bn_act_fwd_train's act_mask, and
 // what bn_act_bwd records for itself when it gets none (bwd_rows.h, RowMask). A byte holds
 // the 8 float lanes of one Vectorized<float>: lane_bits packs relu_off_vec's result (lanes all
 // ones or all zeros), lanes_from_bits expands a byte back into one, for blendv. Built with AVX2
@@ -37,15 +37,15 @@ C10_ALWAYS_INLINE at::vec::Vectorized<float> lanes_from_bits(MaskWord) {
 }
 #endif
 
-// Bytes of a mask of numel elements (the size of relu_mask for a rows-layout input).
-inline int64_t relu_mask_bytes(int64_t numel) {
+// Bytes of a mask of numel elements (the size of act_mask for a rows-layout input).
+inline int64_t act_mask_bytes(int64_t numel) {
   return (numel + 7) / 8;
 }
 
-// The length of the relu_mask bn_act_fwd_train returns for an input: a bit per element in the
+// The length of the act_mask bn_act_fwd_train returns for an input: a bit per element in the
 // rows layout, none in the planes layout (bn_act_bwd reads out there).
-inline int64_t cpu_relu_mask_bytes(const View& g) {
-  return g.rows ? relu_mask_bytes(g.numel()) : 0;
+inline int64_t cpu_act_mask_bytes(const View& g, bool keeps_mask) {
+  return keeps_mask && g.rows ? act_mask_bytes(g.numel()) : 0;
 }
 
 // Whether the rows-layout kernels keep the mask of this plan: every element of the super-rows
