@@ -1,9 +1,11 @@
-"""Functional fused BatchNorm + ReLU and BatchNorm + residual add + ReLU.
+"""Functional fused BatchNorm + activation and BatchNorm + residual add + activation.
 
 Same argument order and running-statistics side effects as `torch.nn.functional.batch_norm`:
 
-    batch_norm_relu(x, ...)        == F.relu(F.batch_norm(x, ...))
-    batch_norm_add_relu(x, r, ...) == F.relu(F.batch_norm(x, ...) + r)
+    batch_norm_relu(x, ...)                     == F.relu(F.batch_norm(x, ...))
+    batch_norm_add_relu(x, r, ...)              == F.relu(F.batch_norm(x, ...) + r)
+    batch_norm_activation(x, ..., act="silu")   == F.silu(F.batch_norm(x, ...))
+    batch_norm_activation(x, ..., residual=r, act="identity") == F.batch_norm(x, ...) + r
 
 Each is one call of the backend's bn_act op, which checks every argument (the op contract,
 fused_resnet/contract.py) before anything runs or changes: a refused call leaves the running
@@ -15,11 +17,13 @@ import torch.nn.functional as F
 
 from . import backend as _backend
 from . import contract
-from .reference import update_running_stats
+from .contract import DEFAULT_ACT, DEFAULT_NEGATIVE_SLOPE
+from .reference import activation, update_running_stats
 
 
-def batch_norm_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps):
-    """relu(batch_norm(input) (+ residual)): the call every module and function makes (bn_act's
+def batch_norm_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps,
+                   act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE):
+    """act(batch_norm(input) (+ residual)): the call every module and function makes (bn_act's
     arguments, its output).
 
     In eval under torch.compile it is the eager composition instead: a normalization with the
@@ -30,11 +34,11 @@ def batch_norm_act(input, residual, weight, bias, running_mean, running_var, tra
     Training, and eval with batch statistics, run the op.
     """
     if not training and torch.compiler.is_compiling():
-        contract.check_bn_act(input, residual, weight, bias, running_mean, running_var, training)
+        contract.check_bn_act(input, residual, weight, bias, running_mean, running_var, training, act, negative_slope)
         out = F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
-        return F.relu(out if residual is None else out + residual)
+        return activation(out if residual is None else out + residual, act, negative_slope)
     return _backend.ops_for(input).bn_act(
-        input, residual, weight, bias, running_mean, running_var, training, momentum, eps
+        input, residual, weight, bias, running_mean, running_var, training, momentum, eps, act, negative_slope
     )[0]
 
 
@@ -60,4 +64,25 @@ def batch_norm_add_relu(
     return batch_norm_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps)
 
 
-__all__ = ["batch_norm_relu", "batch_norm_add_relu", "update_running_stats"]
+def batch_norm_activation(
+    input,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+    *,
+    residual=None,
+    act=DEFAULT_ACT,
+    negative_slope=DEFAULT_NEGATIVE_SLOPE,
+):
+    """act(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    (+ residual)), act one of contract.ACTIVATIONS."""
+    return batch_norm_act(
+        input, residual, weight, bias, running_mean, running_var, training, momentum, eps, act, negative_slope
+    )
+
+
+__all__ = ["batch_norm_relu", "batch_norm_add_relu", "batch_norm_activation", "update_running_stats"]

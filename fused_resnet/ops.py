@@ -150,7 +150,7 @@ def _backward(ctx, bwd_op, grad_out, saved, batch_stats):
     ctx.needs_input_grad (input, residual, weight, bias first) asks for none."""
     input, out, act_mask, weight, bias, mean, invstd, residual = saved
     need_input, need_residual, need_weight, need_bias = ctx.needs_input_grad[:4]
-    with profiled(ctx.has_residual, "bwd"):
+    with profiled(ctx.has_residual, "bwd", ctx.act):
         grad_input, grad_residual, grad_weight, grad_bias = bwd_op(
             grad_out, out, act_mask, input, weight, mean, invstd, batch_stats, need_residual, residual, bias,
             ctx.act, ctx.negative_slope,
@@ -254,7 +254,7 @@ def register_bn_act_autograd(library: torch.library.Library, bn_act_op, bwd_op):
         records = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input, residual, weight, bias)
         )
-        with profiled(residual is not None, "fwd"):
+        with profiled(residual is not None, "fwd", act):
             if records:
                 result = BnActFunction.apply(*args)
             else:  # inference, no_grad: the op alone, no graph node

@@ -113,7 +113,7 @@ def update_running_stats(running_mean, running_var, batch_mean, batch_var, count
 def bn_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps,
            act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE):
     contract.check_bn_act(input, residual, weight, bias, running_mean, running_var, training, act, negative_slope)
-    with profiled(residual is not None, "fwd"):
+    with profiled(residual is not None, "fwd", act):
         return _bn_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps,
                        act, negative_slope)
 

@@ -5,7 +5,9 @@
 
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 namespace fused_resnet {
@@ -53,6 +55,26 @@ decltype(auto) dispatch_act(Act kind, F&& f) {
     case Act::kGeluTanh: return f(std::integral_constant<Act, Act::kGeluTanh>{});
   }
   TORCH_CHECK(false, "fused_resnet: unknown activation ", static_cast<int>(kind));
+}
+
+// The profiler name of a fused forward or backward, as fused_resnet/trace_names.py writes it:
+// "fused_resnet::bn_<act>_fwd", "fused_resnet::bn_add_<act>_bwd", ...
+inline const char* trace_name(Act kind, bool has_residual, bool forward) {
+  static const std::array<std::string, 32> names = [] {
+    constexpr const char* acts[] = {"relu", "relu6", "leaky_relu", "identity",
+                                    "silu", "hardswish", "gelu", "gelu_tanh"};
+    std::array<std::string, 32> n;
+    for (int a = 0; a < 8; ++a) {
+      for (int r = 0; r < 2; ++r) {
+        for (int f = 0; f < 2; ++f) {
+          n[a * 4 + r * 2 + f] = std::string("fused_resnet::bn_") + (r ? "add_" : "") + acts[a] +
+              (f ? "_fwd" : "_bwd");
+        }
+      }
+    }
+    return n;
+  }();
+  return names[static_cast<int>(kind) * 4 + (has_residual ? 2 : 0) + (forward ? 1 : 0)].c_str();
 }
 
 } // namespace fused_resnet

@@ -106,8 +106,10 @@ class BnActFunction : public torch::autograd::Function<BnActFunction> {
     ctx->saved_data["act"] = std::string(act);
     ctx->saved_data["negative_slope"] = negative_slope;
     // The activation is valid here: the op above has checked it.
-    const bool reads_out = act == "relu" || act == "relu6" || act == "leaky_relu";
-    const bool recomputes = !reads_out && act != "identity";
+    const Act kind = act_of(act);
+    ctx->saved_data["act_kind"] = static_cast<int64_t>(kind);
+    const bool reads_out = backward_reads_out(kind);
+    const bool recomputes = backward_recomputes_z(kind);
     ctx->save_for_backward(
         {input, reads_out ? out : at::Tensor(), act_mask, given(weight) ? *weight : at::Tensor(),
          given(bias) ? *bias : at::Tensor(), training ? mean : at::Tensor(),
@@ -134,10 +136,11 @@ class BnActFunction : public torch::autograd::Function<BnActFunction> {
       return result;
     }
     at::Tensor grad_input, grad_residual, grad_weight, grad_bias;
-    // The name a profiler trace shows for every backend's backward (fused_resnet/ops.py).
+    // The name a profiler trace shows for every backend's backward (fused_resnet/trace_names.py).
     RECORD_FUNCTION(
-        ctx->saved_data["residual_edge"].toInt() >= 0 ? "fused_resnet::bn_add_relu_bwd"
-                                                      : "fused_resnet::bn_relu_bwd",
+        trace_name(
+            static_cast<Act>(ctx->saved_data["act_kind"].toInt()),
+            ctx->saved_data["residual_edge"].toInt() >= 0, false),
         std::vector<c10::IValue>());
     const bool training = ctx->saved_data["training"].toBool();
     at::Tensor mean = saved[5], invstd = saved[6];

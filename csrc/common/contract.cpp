@@ -122,13 +122,17 @@ void check_act_mask(
 constexpr const char* kActNames[] = {"relu", "relu6", "leaky_relu", "identity",
                                      "silu", "hardswish", "gelu", "gelu_tanh"};
 
-Activation check_act(const char* op, c10::string_view act, double negative_slope) {
-  int index = -1;
+int act_index(c10::string_view act) {
   for (int i = 0; i < 8; ++i) {
     if (act == kActNames[i]) {
-      index = i;
+      return i;
     }
   }
+  return -1;
+}
+
+Activation check_act(const char* op, c10::string_view act, double negative_slope) {
+  const int index = act_index(act);
   TORCH_CHECK_VALUE(
       index >= 0, op, ": unknown activation '", std::string(act),
       "'; expected one of relu, relu6, leaky_relu, identity, silu, hardswish, gelu, gelu_tanh");
@@ -215,6 +219,12 @@ BwdOperands bwd_operands_of(
 }
 
 } // namespace
+
+Act act_of(c10::string_view act) {
+  const int index = act_index(act);
+  TORCH_CHECK(index >= 0, "fused_resnet: unknown activation '", std::string(act), "'");
+  return static_cast<Act>(index);
+}
 
 FwdOperands bn_act_operands(
     const at::Tensor& input, const OptTensor& residual, const OptTensor& weight,

@@ -81,6 +81,9 @@ struct BwdOperands {
 // backward a mask can stand in for out.
 using ActMaskBytes = int64_t (*)(const View&, bool keeps_mask);
 
+// The activation named `act`, a name the contract has accepted.
+Act act_of(c10::string_view act);
+
 // One function per op: checks every argument, then lays the activations out.
 FwdOperands bn_act_operands(
     const at::Tensor& input, const OptTensor& residual, const OptTensor& weight,

@@ -44,12 +44,10 @@ BnActOutputs bn_act(
     const at::Tensor& input, const OptTensor& residual, const OptTensor& weight,
     const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
     bool training, double momentum, double eps, c10::string_view act, double negative_slope, const DeviceOps& device) {
-  // The name a profiler trace shows for every backend's forward (fused_resnet/profiling.py).
-  RECORD_FUNCTION(
-      given(residual) ? "fused_resnet::bn_add_relu_fwd" : "fused_resnet::bn_relu_fwd",
-      std::vector<c10::IValue>());
   const FwdOperands in = bn_act_operands(
       input, residual, weight, bias, running_mean, running_var, training, act, negative_slope);
+  // The name a profiler trace shows for every backend's forward (fused_resnet/trace_names.py).
+  RECORD_FUNCTION(trace_name(in.act.kind, given(residual), true), std::vector<c10::IValue>());
   if (!training) {  // no batch statistics, no mask
     at::Tensor out = in.g.numel() == 0
         ? empty_activation(in.g)

@@ -42,7 +42,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..nn.batchnorm import EAGER_BATCHNORMS, AddReLU, _BatchNormAddReLU, _BatchNormReLU
+from ..nn.batchnorm import EAGER_BATCHNORMS, AddReLU, _BatchNormAddAct, _BatchNormAct
 from ..nn.blocks import BasicBlock, Bottleneck
 from ..nn.frozen import FrozenBatchNorm, FrozenBatchNormAddReLU
 from ..nn.syncbn import convert_sync_batchnorm
@@ -64,7 +64,7 @@ from .rewrite.undo import all_or_nothing
 
 _module_graph = module_graph  # the names tests replace
 _fuse = fuse_norm  # makes a BatchNorm or a frozen BatchNorm its fused twin (rewrite/norms.py)
-FUSED_NORMS = (_BatchNormReLU, _BatchNormAddReLU)
+FUSED_NORMS = (_BatchNormAct, _BatchNormAddAct)
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch.fx
 from torch import nn
 
 from .fuse import FUSED_NORMS, _bn_add_relu, _check_module, _finish, _resolve, _Walk, convert
-from ..nn.batchnorm import AddReLU, _BatchNormAddReLU, _BatchNormReLU
+from ..nn.batchnorm import AddReLU, _BatchNormAddAct, _BatchNormAct
 from .rewrite import norms
 from .rewrite.undo import all_or_nothing
 
@@ -54,9 +54,9 @@ def _fold_into_conv(conv, bn, undo):
 
 
 def _folded_replacement(bn):
-    if isinstance(bn, _BatchNormAddReLU):
+    if isinstance(bn, _BatchNormAddAct):
         return AddReLU()
-    if isinstance(bn, _BatchNormReLU):
+    if isinstance(bn, _BatchNormAct):
         return nn.ReLU()
     if norms.norm_kind(bn) in (norms.PLAIN, norms.APPLIES_RELU) and hasattr(bn, "act"):
         return bn.act  # timm's (Frozen)BatchNormAct2d: what remains is its activation

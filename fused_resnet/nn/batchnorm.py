@@ -1,12 +1,17 @@
-"""Drop-in BatchNorm modules with a fused ReLU or a fused residual add + ReLU.
+"""Drop-in BatchNorm modules with a fused activation, or a fused residual add + activation.
 
 Each subclasses the nn.BatchNorm1d/2d/3d it replaces: same constructor, parameters, buffers and
 state_dict keys (so state dicts load strictly in both directions), same running-statistics
 semantics (momentum, momentum=None as a cumulative average, num_batches_tracked,
 track_running_stats=False, affine=False).
 
-    BatchNormReLU2d(C)(x)            == relu(BatchNorm2d(C)(x))
-    BatchNormAddReLU2d(C)(x, r)      == relu(BatchNorm2d(C)(x) + r)
+    BatchNormReLU2d(C)(x)                        == relu(BatchNorm2d(C)(x))
+    BatchNormAddReLU2d(C)(x, r)                  == relu(BatchNorm2d(C)(x) + r)
+    BatchNormAct2d(C, act="silu")(x)             == silu(BatchNorm2d(C)(x))
+    BatchNormAddAct2d(C, act="identity")(x, r)   == BatchNorm2d(C)(x) + r
+
+`act` is one of contract.ACTIVATIONS: relu, relu6, leaky_relu (with negative_slope >= 0),
+identity, silu, hardswish, gelu, gelu_tanh (docs/design.md, "Activations").
 
 Unlike eager nn.BatchNorm, which increments num_batches_tracked before it raises, every check runs
 first: a refused call changes no state.
@@ -16,8 +21,8 @@ import torch
 from torch import nn
 
 from .. import backend as _backend
-from .. import functional
-from ..contract import acc_dtype, shape_str
+from .. import contract, functional
+from ..contract import DEFAULT_ACT, DEFAULT_NEGATIVE_SLOPE, acc_dtype, shape_str
 from ..reference import update_running_stats
 from .tracing import record_module_call, refuse_script
 
@@ -40,7 +45,13 @@ def _tensor(module, store, name):
 
 
 class _FusedBatchNormMixin:
-    """nn.BatchNorm's forward as one op call, with the input checks before any state changes."""
+    """nn.BatchNorm's forward as one op call, with the input checks before any state changes.
+
+    `act` and `negative_slope` are the activation the op applies: class attributes on the ReLU
+    modules, set by the constructor of the modules that take them (_ActArguments)."""
+
+    act = DEFAULT_ACT
+    negative_slope = DEFAULT_NEGATIVE_SLOPE
 
     def _mode(self):
         """(batch_stats, running_mean, running_var, counts_steps) as nn.BatchNorm decides them.
@@ -78,7 +89,7 @@ class _FusedBatchNormMixin:
         else:
             out = functional.batch_norm_act(
                 input, residual, weight, bias, running_mean, running_var, batch_stats,
-                self._step_momentum(counts_steps), self.eps,
+                self._step_momentum(counts_steps), self.eps, self.act, self.negative_slope,
             )
         if counts_steps:  # counted once the step went through: a refused call counts nothing
             _tensor(self, self._buffers, "num_batches_tracked").add_(1)
@@ -90,7 +101,7 @@ class _FusedBatchNormMixin:
         the op's float argument cannot take), so the step runs the training forward op and
         updates the running statistics with that tensor, in the graph the compiler fuses."""
         out, mean, _invstd, var, _mask = _backend.ops_for(input).bn_act_fwd_train(
-            input, residual, weight, bias, self.eps
+            input, residual, weight, bias, self.eps, self.act, self.negative_slope
         )
         momentum = 1.0 / (_tensor(self, self._buffers, "num_batches_tracked").to(mean.dtype) + 1.0)
         count = input.numel() // input.shape[1]
@@ -100,40 +111,82 @@ class _FusedBatchNormMixin:
     __prepare_scriptable__ = refuse_script
 
 
-class _BatchNormReLU(_FusedBatchNormMixin):
+class _BatchNormAct(_FusedBatchNormMixin):
+    """act(bn(x)): one input."""
+
     def forward(self, input):
         traced = record_module_call(self, input)  # a leaf for torch.fx (nn/tracing.py)
         return traced if traced is not None else self._fused_forward(input, None)
 
 
-class _BatchNormAddReLU(_FusedBatchNormMixin):
+class _BatchNormAddAct(_FusedBatchNormMixin):
+    """act(bn(x) + residual): two inputs."""
+
     def forward(self, input, residual):
         traced = record_module_call(self, input, residual)
         return traced if traced is not None else self._fused_forward(input, residual)
 
 
-class BatchNormReLU1d(_BatchNormReLU, nn.BatchNorm1d):
+class BatchNormReLU1d(_BatchNormAct, nn.BatchNorm1d):
     """relu(BatchNorm1d(x)) for (N, C) or (N, C, L) input."""
 
 
-class BatchNormReLU2d(_BatchNormReLU, nn.BatchNorm2d):
+class BatchNormReLU2d(_BatchNormAct, nn.BatchNorm2d):
     """relu(BatchNorm2d(x)) for (N, C, H, W) input."""
 
 
-class BatchNormReLU3d(_BatchNormReLU, nn.BatchNorm3d):
+class BatchNormReLU3d(_BatchNormAct, nn.BatchNorm3d):
     """relu(BatchNorm3d(x)) for (N, C, D, H, W) input."""
 
 
-class BatchNormAddReLU1d(_BatchNormAddReLU, nn.BatchNorm1d):
+class BatchNormAddReLU1d(_BatchNormAddAct, nn.BatchNorm1d):
     """relu(BatchNorm1d(x) + residual) for (N, C) or (N, C, L) input."""
 
 
-class BatchNormAddReLU2d(_BatchNormAddReLU, nn.BatchNorm2d):
+class BatchNormAddReLU2d(_BatchNormAddAct, nn.BatchNorm2d):
     """relu(BatchNorm2d(x) + residual) for (N, C, H, W) input."""
 
 
-class BatchNormAddReLU3d(_BatchNormAddReLU, nn.BatchNorm3d):
+class BatchNormAddReLU3d(_BatchNormAddAct, nn.BatchNorm3d):
     """relu(BatchNorm3d(x) + residual) for (N, C, D, H, W) input."""
+
+
+class _ActArguments:
+    """The constructor of nn.BatchNorm*d, with the activation as keywords after its arguments."""
+
+    def __init__(self, *args, act: str = DEFAULT_ACT, negative_slope: float = DEFAULT_NEGATIVE_SLOPE, **kwargs):
+        contract.check_act(type(self).__name__, act, negative_slope)  # before anything is built
+        super().__init__(*args, **kwargs)
+        self.act = act
+        self.negative_slope = float(negative_slope)
+
+    def extra_repr(self):
+        slope = f", negative_slope={self.negative_slope}" if self.act == "leaky_relu" else ""
+        return f"{super().extra_repr()}, act={self.act!r}{slope}"
+
+
+class BatchNormAct1d(_ActArguments, _BatchNormAct, nn.BatchNorm1d):
+    """act(BatchNorm1d(x)) for (N, C) or (N, C, L) input."""
+
+
+class BatchNormAct2d(_ActArguments, _BatchNormAct, nn.BatchNorm2d):
+    """act(BatchNorm2d(x)) for (N, C, H, W) input."""
+
+
+class BatchNormAct3d(_ActArguments, _BatchNormAct, nn.BatchNorm3d):
+    """act(BatchNorm3d(x)) for (N, C, D, H, W) input."""
+
+
+class BatchNormAddAct1d(_ActArguments, _BatchNormAddAct, nn.BatchNorm1d):
+    """act(BatchNorm1d(x) + residual) for (N, C) or (N, C, L) input."""
+
+
+class BatchNormAddAct2d(_ActArguments, _BatchNormAddAct, nn.BatchNorm2d):
+    """act(BatchNorm2d(x) + residual) for (N, C, H, W) input."""
+
+
+class BatchNormAddAct3d(_ActArguments, _BatchNormAddAct, nn.BatchNorm3d):
+    """act(BatchNorm3d(x) + residual) for (N, C, D, H, W) input."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,6 +200,14 @@ _FUSED_TWIN = {
     (nn.BatchNorm2d, True): BatchNormAddReLU2d,
     (nn.BatchNorm3d, True): BatchNormAddReLU3d,
 }
+_FUSED_ACT_TWIN = {
+    (nn.BatchNorm1d, False): BatchNormAct1d,
+    (nn.BatchNorm2d, False): BatchNormAct2d,
+    (nn.BatchNorm3d, False): BatchNormAct3d,
+    (nn.BatchNorm1d, True): BatchNormAddAct1d,
+    (nn.BatchNorm2d, True): BatchNormAddAct2d,
+    (nn.BatchNorm3d, True): BatchNormAddAct3d,
+}
 
 EAGER_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -154,22 +215,45 @@ EAGER_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 UNFUSED_CLASS = "_fused_resnet_unfused_class"
 
 
-def fuse_batchnorm_(bn: nn.Module, with_residual: bool = False) -> nn.Module:
+def fuse_batchnorm_(
+    bn: nn.Module, with_residual: bool = False, act: str = DEFAULT_ACT,
+    negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
+) -> nn.Module:
     """Make the eager `bn` (exactly nn.BatchNorm1d/2d/3d) its fused twin, in place, and return it.
 
-    with_residual=False gives BatchNormReLU*d (forward(x) = relu(bn(x))), True gives
-    BatchNormAddReLU*d (forward(x, r) = relu(bn(x) + r)). Only the class changes: the object keeps
+    with_residual=False gives forward(x) = act(bn(x)), True forward(x, r) = act(bn(x) + r): a
+    BatchNormReLU*d / BatchNormAddReLU*d for act="relu", else a BatchNormAct*d /
+    BatchNormAddAct*d. Only the class (and the activation's attributes) change: the object keeps
     its parameters and buffers (the same tensors, so optimizers holding them stay valid), its
     settings (eps, momentum, affine, track_running_stats), train/eval mode, device, dtype and hooks.
     """
-    twin = _FUSED_TWIN.get((type(bn), with_residual))
+    twins = _FUSED_TWIN if act == "relu" else _FUSED_ACT_TWIN
+    twin = twins.get((type(bn), with_residual))
     if twin is None:
         raise TypeError(
             f"fuse_batchnorm_: expected an nn.BatchNorm1d, nn.BatchNorm2d or nn.BatchNorm3d, got "
             f"{type(bn).__module__}.{type(bn).__qualname__}"
         )
+    contract.check_act("fuse_batchnorm_", act, negative_slope)
     bn.__class__ = twin
+    if act != "relu":
+        bn.act, bn.negative_slope = act, float(negative_slope)
     return bn
+
+
+def activation_module(act: str, negative_slope: float = DEFAULT_NEGATIVE_SLOPE) -> nn.Module:
+    """The torch.nn module that applies `act` (unfuse puts it back after the BatchNorm)."""
+    contract.check_act("activation_module", act, negative_slope)
+    return {
+        "relu": lambda: nn.ReLU(),
+        "relu6": lambda: nn.ReLU6(),
+        "leaky_relu": lambda: nn.LeakyReLU(negative_slope),
+        "identity": lambda: nn.Identity(),
+        "silu": lambda: nn.SiLU(),
+        "hardswish": lambda: nn.Hardswish(),
+        "gelu": lambda: nn.GELU(),
+        "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    }[act]()
 
 
 class AddReLU(nn.Module):

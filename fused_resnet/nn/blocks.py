@@ -16,14 +16,14 @@ BasicBlock3d and Bottleneck3d are the same with Conv3d and BatchNorm*3d (kernels
 
 from torch import nn
 
-from .batchnorm import AddReLU, _BatchNormAddReLU, _BatchNormReLU, fuse_batchnorm_
+from .batchnorm import AddReLU, _BatchNormAddAct, _BatchNormAct, fuse_batchnorm_
 from .frozen import FrozenBatchNormAddReLU, FrozenBatchNormReLU
 
 # Modules that apply the ReLU themselves, and those that also take the residual: the fused
 # BatchNorms, their frozen twins (freeze_batchnorm), and what optimize_for_inference leaves of
 # them once the normalization is folded.
-_APPLIES_RELU = (_BatchNormReLU, FrozenBatchNormReLU, nn.ReLU)
-_ADDS_RESIDUAL = (_BatchNormAddReLU, FrozenBatchNormAddReLU, AddReLU)
+_APPLIES_RELU = (_BatchNormAct, FrozenBatchNormReLU, nn.ReLU)
+_ADDS_RESIDUAL = (_BatchNormAddAct, FrozenBatchNormAddReLU, AddReLU)
 
 
 def norm_relu(relu, norm, x):

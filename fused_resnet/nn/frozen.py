@@ -7,6 +7,8 @@ The fused analogue of torchvision.ops.FrozenBatchNorm2d, for inputs of any rank 
     FrozenBatchNorm(C)(x)                  == x * scale + shift
     FrozenBatchNormReLU(C)(x)              == relu(x * scale + shift)
     FrozenBatchNormAddReLU(C)(x, residual) == relu(x * scale + shift + residual)
+    FrozenBatchNormAct(C, act=a)(x)        == a(x * scale + shift)
+    FrozenBatchNormAddAct(C, act=a)(x, r)  == a(x * scale + shift + r)
 
 They hold torchvision's layout: buffers weight (ones), bias (zeros), running_mean (zeros),
 running_var (ones) and a float eps; no parameters. The statistics and the affine are the same in
@@ -24,8 +26,9 @@ their ReLU.
 import torch
 from torch import nn
 
-from .. import functional
-from .batchnorm import EAGER_BATCHNORMS, _BatchNormAddReLU, _BatchNormReLU, check_channels
+from .. import contract, functional
+from ..contract import DEFAULT_ACT, DEFAULT_NEGATIVE_SLOPE
+from .batchnorm import EAGER_BATCHNORMS, _BatchNormAddAct, _BatchNormAct, check_channels
 from .tracing import record_module_call, refuse_script
 
 
@@ -69,13 +72,15 @@ class FrozenBatchNorm(_FrozenNorm):
 
 class _FrozenFusedNorm(_FrozenNorm):
     __prepare_scriptable__ = refuse_script
+    act = DEFAULT_ACT  # the ReLU modules' activation; the Act ones set their own
+    negative_slope = DEFAULT_NEGATIVE_SLOPE
 
     def _frozen_forward(self, input, residual):
         check_channels(self, input)
         # training=False: the running statistics normalize, and nothing updates them
         return functional.batch_norm_act(
             input, residual, self.weight, self.bias, self.running_mean, self.running_var, False,
-            0.0, self.eps,
+            0.0, self.eps, self.act, self.negative_slope,
         )
 
 
@@ -95,6 +100,27 @@ class FrozenBatchNormAddReLU(_FrozenFusedNorm):
         return traced if traced is not None else self._frozen_forward(input, residual)
 
 
+class _FrozenActArguments:
+    def __init__(self, num_features: int, eps: float = 1e-5, *, act: str = DEFAULT_ACT,
+                 negative_slope: float = DEFAULT_NEGATIVE_SLOPE):
+        contract.check_act(type(self).__name__, act, negative_slope)
+        super().__init__(num_features, eps)
+        self.act = act
+        self.negative_slope = float(negative_slope)
+
+    def extra_repr(self):
+        slope = f", negative_slope={self.negative_slope}" if self.act == "leaky_relu" else ""
+        return f"{super().extra_repr()}, act={self.act!r}{slope}"
+
+
+class FrozenBatchNormAct(_FrozenActArguments, FrozenBatchNormReLU):
+    """act(x * scale + shift) with frozen statistics and affine, in one fused kernel."""
+
+
+class FrozenBatchNormAddAct(_FrozenActArguments, FrozenBatchNormAddReLU):
+    """act(x * scale + shift + residual) with frozen statistics and affine, in one fused kernel."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Freezing a model's BatchNorms.
 
@@ -106,10 +132,10 @@ def _frozen_class(module):
 
     The fused modules (SyncBatchNorm ones included) by isinstance; plain BatchNorms by exact type,
     since every fused module is also an nn.BatchNorm*d and other subclasses may do more."""
-    if isinstance(module, _BatchNormAddReLU):
-        return FrozenBatchNormAddReLU
-    if isinstance(module, _BatchNormReLU):
-        return FrozenBatchNormReLU
+    if isinstance(module, _BatchNormAddAct):
+        return FrozenBatchNormAddReLU if module.act == "relu" else FrozenBatchNormAddAct
+    if isinstance(module, _BatchNormAct):
+        return FrozenBatchNormReLU if module.act == "relu" else FrozenBatchNormAct
     if type(module) in EAGER_BATCHNORMS or type(module) in _SYNC_BATCHNORMS:
         return FrozenBatchNorm
     return None
@@ -122,7 +148,10 @@ def _frozen_twin(bn, frozen_class, name):
             f"freeze_batchnorm: {name or 'the module'} ({type(bn).__name__}) has no running "
             "statistics (track_running_stats=False), so there is nothing to freeze"
         )
-    frozen = frozen_class(bn.num_features, eps=float(bn.eps))
+    if frozen_class in (FrozenBatchNormAct, FrozenBatchNormAddAct):
+        frozen = frozen_class(bn.num_features, eps=float(bn.eps), act=bn.act, negative_slope=bn.negative_slope)
+    else:
+        frozen = frozen_class(bn.num_features, eps=float(bn.eps))
     # Copies, in the source's own dtype and device: freezing never aliases the model's tensors.
     frozen.running_mean = bn.running_mean.detach().clone()
     frozen.running_var = bn.running_var.detach().clone()

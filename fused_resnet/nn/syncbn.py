@@ -1,7 +1,9 @@
 """Synchronized fused BatchNorm: batch statistics over every process of a torch.distributed group.
 
-    SyncBatchNormReLU(C)(x)          == relu(nn.SyncBatchNorm(C)(x))
-    SyncBatchNormAddReLU(C)(x, r)    == relu(nn.SyncBatchNorm(C)(x) + r)
+    SyncBatchNormReLU(C)(x)                == relu(nn.SyncBatchNorm(C)(x))
+    SyncBatchNormAddReLU(C)(x, r)          == relu(nn.SyncBatchNorm(C)(x) + r)
+    SyncBatchNormAct(C, act=a)(x)          == a(nn.SyncBatchNorm(C)(x))
+    SyncBatchNormAddAct(C, act=a)(x, r)    == a(nn.SyncBatchNorm(C)(x) + r)
 
 for inputs of any rank from 2 (N, C) to 5 (N, C, D, H, W), on any backend: NCCL on GPUs, gloo on
 CPU tensors (which nn.SyncBatchNorm refuses). They subclass nn.SyncBatchNorm: same constructor
@@ -47,32 +49,40 @@ from .. import backend as _backend
 from .. import contract
 from ..contract import acc_dtype
 from ..reference import update_running_stats
-from .batchnorm import UNFUSED_CLASS, _BatchNormAddReLU, _BatchNormReLU, _FusedBatchNormMixin, check_channels
+from .batchnorm import (
+    UNFUSED_CLASS, _ActArguments, _BatchNormAct, _BatchNormAddAct, _FusedBatchNormMixin, check_channels,
+)
 
 
 class _SyncBatchNormActFunction(torch.autograd.Function):
-    """relu(batch_norm(x) (+ r)) with given global batch statistics; the backward all-reduces
-    the two per-channel sums once. The statistics' dependence on x is in the backward formula."""
+    """act(batch_norm(x) (+ r)) with given global batch statistics; the backward all-reduces
+    the two per-channel sums once. The statistics' dependence on x is in the backward formula.
+    It keeps out where the activation's backward reads it, the residual where it recomputes z."""
 
     @staticmethod
-    def forward(ctx, input, residual, weight, bias, mean, var, eps, impl, group, count):
-        out = impl.bn_act_fwd_eval(input, residual, mean, var, weight, bias, eps)
+    def forward(ctx, input, residual, weight, bias, mean, var, eps, impl, group, count, act, negative_slope):
+        out = impl.bn_act_fwd_eval(input, residual, mean, var, weight, bias, eps, act, negative_slope)
         # invstd as fwd_eval computes it: in float64 from var, rounded once
         invstd = torch.rsqrt(var.double() + eps).to(var.dtype)
-        ctx.save_for_backward(input, out, weight, mean, invstd)
+        reads_out = contract.backward_reads_out(act)
+        kept_residual = residual if contract.backward_recomputes_z(act) else None
+        ctx.save_for_backward(input, out if reads_out else None, weight, bias, mean, invstd, kept_residual)
         ctx.impl, ctx.group, ctx.count = impl, group, count
+        ctx.act, ctx.negative_slope = act, negative_slope
         ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (weight, bias))
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        input, out, weight, mean, invstd = ctx.saved_tensors
+        input, out, weight, bias, mean, invstd, residual = ctx.saved_tensors
         need_input, need_residual, need_weight, need_bias = ctx.needs_input_grad[:4]
-        impl = ctx.impl
+        impl, act = ctx.impl, (ctx.act, ctx.negative_slope)
         grad_input = grad_residual = grad_weight = grad_bias = None
         if need_input or need_weight or need_bias:
-            sum_dz_xhat, sum_dz = impl.bn_act_bwd_reduce(grad_out, out, input, mean, invstd)
+            sum_dz_xhat, sum_dz = impl.bn_act_bwd_reduce(
+                grad_out, out, input, mean, invstd, residual, weight, bias, *act
+            )
             weight_dtype, bias_dtype = ctx.param_dtypes
             if need_weight:
                 grad_weight = sum_dz_xhat.to(weight_dtype)
@@ -84,16 +94,17 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
             dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=ctx.group)
             mean_dz, mean_dz_xhat = packed.div_(ctx.count).split(channels)
             grad_input, grad_residual = impl.bn_act_bwd_apply(
-                grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat, need_residual
+                grad_out, out, input, weight, mean, invstd, mean_dz, mean_dz_xhat, need_residual, residual, bias,
+                *act,
             )
             grad_residual = grad_residual if need_residual else None  # else an empty tensor
         elif need_residual:
             # grad_residual = dz needs no global statistics: any means do
             zeros = torch.zeros_like(mean)
             _, grad_residual = impl.bn_act_bwd_apply(
-                grad_out, out, input, weight, mean, invstd, zeros, zeros, True
+                grad_out, out, input, weight, mean, invstd, zeros, zeros, True, residual, bias, *act
             )
-        return grad_input, grad_residual, grad_weight, grad_bias, None, None, None, None, None, None
+        return (grad_input, grad_residual, grad_weight, grad_bias) + (None,) * 8
 
 
 def _gather_batch_stats(impl, input, group, world_size, caller):
@@ -162,8 +173,8 @@ class _SyncFusedBatchNormMixin(_FusedBatchNormMixin):
         _, running_mean, running_var, counts_steps = self._mode()
         caller = type(self).__name__
         contract.check_bn_act(
-            input, residual, self.weight, self.bias, running_mean, running_var, True,
-            values_per_channel=False,  # _gather_batch_stats checks the global count
+            input, residual, self.weight, self.bias, running_mean, running_var, True, self.act,
+            self.negative_slope, values_per_channel=False,  # _gather_batch_stats checks the global count
         )
         self._check_channels_agree(group, world_size, input.device)
 
@@ -175,7 +186,8 @@ class _SyncFusedBatchNormMixin(_FusedBatchNormMixin):
             self.num_batches_tracked.add_(1)
         acc = acc_dtype(input.dtype)
         out = _SyncBatchNormActFunction.apply(
-            input, residual, self.weight, self.bias, mean.to(acc), var.to(acc), self.eps, impl, group, count
+            input, residual, self.weight, self.bias, mean.to(acc), var.to(acc), self.eps, impl, group, count,
+            self.act, self.negative_slope,
         )
         if running_mean is not None:
             update_running_stats(running_mean, running_var, mean, var, count, momentum)
@@ -187,18 +199,26 @@ class _SyncFusedBatchNormMixin(_FusedBatchNormMixin):
         return convert_sync_batchnorm(module, process_group)
 
 
-class SyncBatchNormReLU(_SyncFusedBatchNormMixin, _BatchNormReLU, nn.SyncBatchNorm):
+class SyncBatchNormReLU(_SyncFusedBatchNormMixin, _BatchNormAct, nn.SyncBatchNorm):
     """relu(SyncBatchNorm(x)) for input of rank 2 to 5, (N, C, *)."""
 
     def forward(self, input):
         return self._sync_forward(input, None)
 
 
-class SyncBatchNormAddReLU(_SyncFusedBatchNormMixin, _BatchNormAddReLU, nn.SyncBatchNorm):
+class SyncBatchNormAddReLU(_SyncFusedBatchNormMixin, _BatchNormAddAct, nn.SyncBatchNorm):
     """relu(SyncBatchNorm(x) + residual) for input of rank 2 to 5, (N, C, *)."""
 
     def forward(self, input, residual):
         return self._sync_forward(input, residual)
+
+
+class SyncBatchNormAct(_ActArguments, SyncBatchNormReLU):
+    """act(SyncBatchNorm(x)) for input of rank 2 to 5, (N, C, *)."""
+
+
+class SyncBatchNormAddAct(_ActArguments, SyncBatchNormAddReLU):
+    """act(SyncBatchNorm(x) + residual) for input of rank 2 to 5, (N, C, *)."""
 
 
 class DistributedDataParallel(nn.parallel.DistributedDataParallel):
@@ -220,11 +240,14 @@ class DistributedDataParallel(nn.parallel.DistributedDataParallel):
 
 
 def _sync_class(module):
-    if isinstance(module, _BatchNormAddReLU):
-        return SyncBatchNormAddReLU
-    if isinstance(module, _BatchNormReLU):
-        return SyncBatchNormReLU
-    return nn.SyncBatchNorm
+    """The synchronized class of `module`, and the keywords that give it the same activation."""
+    if isinstance(module, (_BatchNormAct, _BatchNormAddAct)):
+        residual = isinstance(module, _BatchNormAddAct)
+        if module.act == "relu":
+            return (SyncBatchNormAddReLU if residual else SyncBatchNormReLU), {}
+        keywords = {"act": module.act, "negative_slope": module.negative_slope}
+        return (SyncBatchNormAddAct if residual else SyncBatchNormAct), keywords
+    return nn.SyncBatchNorm, {}
 
 
 def convert_sync_batchnorm(module, process_group=None):
@@ -233,6 +256,8 @@ def convert_sync_batchnorm(module, process_group=None):
 
         BatchNormReLU1d/2d/3d     -> SyncBatchNormReLU
         BatchNormAddReLU1d/2d/3d  -> SyncBatchNormAddReLU
+        BatchNormAct1d/2d/3d      -> SyncBatchNormAct, the same activation
+        BatchNormAddAct1d/2d/3d   -> SyncBatchNormAddAct, the same activation
         any other nn.BatchNorm*d  -> nn.SyncBatchNorm
 
     The new modules take over the parameters and buffers themselves (an optimizer built before
@@ -246,13 +271,15 @@ def convert_sync_batchnorm(module, process_group=None):
     """
     converted = module
     if isinstance(module, _BatchNorm):
-        converted = _sync_class(module)(
+        sync_class, keywords = _sync_class(module)
+        converted = sync_class(
             module.num_features,
             module.eps,
             module.momentum,
             module.affine,
             module.track_running_stats,
             process_group,
+            **keywords,
         )
         if module.affine:
             with torch.no_grad():
@@ -271,4 +298,7 @@ def convert_sync_batchnorm(module, process_group=None):
     return converted
 
 
-__all__ = ["SyncBatchNormReLU", "SyncBatchNormAddReLU", "convert_sync_batchnorm", "DistributedDataParallel"]
+__all__ = [
+    "SyncBatchNormReLU", "SyncBatchNormAddReLU", "SyncBatchNormAct", "SyncBatchNormAddAct", "convert_sync_batchnorm",
+    "DistributedDataParallel",
+]

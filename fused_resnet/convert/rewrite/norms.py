@@ -26,7 +26,7 @@ input against: it is added, and unfuse takes it away again.
 
 from torch import nn
 
-from ...nn.batchnorm import EAGER_BATCHNORMS, UNFUSED_CLASS, _BatchNormAddReLU, _BatchNormReLU, fuse_batchnorm_
+from ...nn.batchnorm import EAGER_BATCHNORMS, UNFUSED_CLASS, _BatchNormAddAct, _BatchNormAct, fuse_batchnorm_
 from ...nn.frozen import FrozenBatchNorm, FrozenBatchNormAddReLU, FrozenBatchNormReLU, _FrozenFusedNorm, _FrozenNorm
 from .patterns import cannot, hooked, unsupported
 
@@ -56,7 +56,7 @@ def is_norm(module):
 
 
 def is_fused(module):
-    return isinstance(module, (_BatchNormReLU, _BatchNormAddReLU, _FrozenFusedNorm))
+    return isinstance(module, (_BatchNormAct, _BatchNormAddAct, _FrozenFusedNorm))
 
 
 def norm_kind(module):
