@@ -246,7 +246,7 @@ def register_bn_act_autograd(library: torch.library.Library, bn_act_op, bwd_op):
                 acc = acc_dtype(input.dtype)
                 mean, invstd = running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps)
             saved = (input, out, act_mask, weight, bias, mean, invstd, residual)
-            return *_backward(ctx, bwd_op, grad_out, saved, ctx.training), (None,) * 7
+            return (*_backward(ctx, bwd_op, grad_out, saved, ctx.training), *(None,) * 7)
 
     def bn_act_autograd(input, residual, weight, bias, running_mean, running_var, training, momentum, eps,
                         act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE):

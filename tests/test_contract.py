@@ -97,6 +97,16 @@ GOOD_CALLS = {
     "bn_stats": ("bn_stats", lambda: (_x(),)),
     "bn_act_bwd_reduce": ("bn_act_bwd_reduce", lambda: _reduce()),
     "bn_act_bwd_apply": ("bn_act_bwd_apply", lambda: _apply(w=_vec())),
+    "bn_act silu": ("bn_act", lambda: _bn_act(r=_x(), w=_vec(), b=_vec()) + ("silu", 0.01)),
+    "bn_act_fwd_eval leaky_relu, slope 0": (
+        "bn_act_fwd_eval", lambda: (_x(), None, _vec(), _vec(), _vec(), _vec(), EPS, "leaky_relu", 0.0)),
+    # the smooth activations' backward recomputes z: no out, the residual and bias instead
+    "bn_act_bwd gelu without out": (
+        "bn_act_bwd", lambda: (_x(), None) + _bwd(w=_vec())[2:] + (_x(), _vec(), "gelu", 0.01)),
+    "bn_act_bwd_reduce hardswish without out": (
+        "bn_act_bwd_reduce", lambda: (_x(), None, _x(), _vec(), _vec(), None, _vec(), None, "hardswish", 0.01)),
+    "bn_act_bwd_apply identity without out": (
+        "bn_act_bwd_apply", lambda: (_x(), None) + _apply(w=_vec())[2:] + (None, None, "identity", 0.01)),
 }
 
 # name: (op, arguments, error type, the message without the op's name)
@@ -153,6 +163,20 @@ BAD_CALLS = {
                                      "mean_dz_xhat should hold one value per channel, shape (3,) for input of shape (2, 3, 4, 5), got shape (2,)"),
     "bwd_apply weight dtype": ("bn_act_bwd_apply", lambda: _apply(w=_vec(torch.float16)), TypeError,
                                "weight dtype torch.float16 is not supported with a torch.float32 input (expected torch.float32)"),
+    "unknown activation": ("bn_act", lambda: _bn_act() + ("elu", 0.01), ValueError,
+                           "unknown activation 'elu'; expected one of relu, relu6, leaky_relu, identity, silu, hardswish, "
+                           "gelu, gelu_tanh"),
+    "leaky_relu negative slope": ("bn_act_fwd_train", lambda: (_x(), None, None, None, EPS, "leaky_relu", -0.5), ValueError,
+                                  "leaky_relu's negative_slope must be >= 0 for the fused op (got -0.5): the backward "
+                                  "tells the side of the kink from the output's sign"),
+    "bwd relu6 without out": ("bn_act_bwd", lambda: (_x(), None) + _bwd()[2:] + (None, None, "relu6", 0.01), ValueError,
+                              "out is required for the backward of relu6"),
+    "bwd_reduce silu residual shape": (
+        "bn_act_bwd_reduce", lambda: (_x(), None, _x(), _vec(), _vec(), _x(shape=(2, C, 5, 4)), None, None, "silu", 0.01),
+        ValueError, "residual shape (2, 3, 5, 4) does not match input shape (2, 3, 4, 5)"),
+    "bwd_apply unknown activation": ("bn_act_bwd_apply", lambda: _apply() + (None, None, "swish", 0.01), ValueError,
+                                     "unknown activation 'swish'; expected one of relu, relu6, leaky_relu, identity, "
+                                     "silu, hardswish, gelu, gelu_tanh"),
 }
 
 

@@ -52,6 +52,22 @@ def op_calls(ops, sample, requires_grad):
     mean_dz, mean_dz_xhat = channel_stats(shape[1], dtype)
     for weight in (wd, None):
         calls.append((ops.bn_act_bwd_apply, (grad_out, out, xd, weight, mean, invstd, mean_dz, mean_dz_xhat, residual)))
+    # Another activation through every op: one the backward reads out for (leaky_relu), one whose
+    # backward recomputes z (silu: no out; the residual and bias instead).
+    bd = b.detach()
+    calls.append((ops.bn_act, (x, r, w, b, rm.clone(), rv.clone(), True, 0.1, 1e-5, "silu", 0.01)))
+    calls.append((ops.bn_act, (x, r, w, b, rm.clone(), rv.clone(), False, 0.1, 1e-5, "leaky_relu", 0.2)))
+    calls.append((ops.bn_act_fwd_train, (x, r, w, b, 1e-5, "silu", 0.01)))
+    calls.append((ops.bn_act_fwd_eval, (xd, rd, rm, rv, wd, bd, 1e-5, "gelu_tanh", 0.01)))
+    with torch.no_grad():
+        out_leaky, _, _, _, mask_leaky = ops.bn_act_fwd_train(xd, rd, wd, bd, 1e-5, "leaky_relu", 0.2)
+    calls.append((ops.bn_act_bwd, (grad_out, out_leaky, mask_leaky, xd, wd, mean, invstd, True, residual, rd, bd,
+                                   "leaky_relu", 0.2)))
+    calls.append((ops.bn_act_bwd, (grad_out, None, mask_leaky.new_empty((0,)), xd, wd, mean, invstd, False, residual,
+                                   rd, bd, "silu", 0.01)))
+    calls.append((ops.bn_act_bwd_reduce, (grad_out, None, xd, mean, invstd, rd, wd, bd, "hardswish", 0.01)))
+    calls.append((ops.bn_act_bwd_apply, (grad_out, None, xd, wd, mean, invstd, mean_dz, mean_dz_xhat, residual, rd, bd,
+                                         "gelu", 0.01)))
     return calls
 
 
