@@ -179,7 +179,7 @@ class Unfusable(nn.Module):
     def __init__(self):
         super().__init__()
         self.bn_two_uses = nn.BatchNorm2d(4)
-        self.bn_shared_relu_input = nn.BatchNorm2d(4)
+        self.bn_sum_read_twice = nn.BatchNorm2d(4)  # fuses, with its add only
         self.bn_into_residual = nn.BatchNorm2d(4)
         self.bn_no_relu = nn.BatchNorm2d(4)
         self.bn_called_twice = nn.BatchNorm2d(4)
@@ -189,9 +189,9 @@ class Unfusable(nn.Module):
     def forward(self, x):
         a = self.bn_two_uses(x)
         a1 = F.relu(a)
-        b = self.bn_shared_relu_input(x)
+        b = self.bn_sum_read_twice(x)
         s = b + a1
-        c = F.relu(s) + s  # the sum has another use
+        c = F.relu(s) + s  # the sum has another use than the ReLU
         r = x * 1.5
         r.add_(self.bn_into_residual(x))  # writes into r
         d = F.relu(r)
@@ -206,11 +206,13 @@ def test_unfusable_batchnorms_are_left_with_reasons():
     net = _prepare(Unfusable())
     converted, report = fused_resnet.convert(net, return_report=True)
     left = dict(report.left)
-    assert report.fused == []
+    # The sum read by the ReLU and again: the BatchNorm takes the add and no activation (its
+    # output is the sum, for both readers).
+    assert report.fused == [("bn_sum_read_twice", "BatchNormAddAct2d")]
+    assert converted.bn_sum_read_twice.act == "identity"
     assert left["bn_two_uses"] == "cannot fuse: its output has 2 uses"
-    assert left["bn_shared_relu_input"] == "cannot fuse: the sum has other uses than the ReLU"
     assert left["bn_into_residual"].startswith("not supported: the add writes into the residual in place")
-    assert left["bn_no_relu"] == "cannot fuse: its output goes to mul, not to a ReLU or an add"
+    assert left["bn_no_relu"] == "cannot fuse: its output goes to mul, not to an activation or an add"
     assert left["bn_called_twice"] == "not supported: it is called more than once"
     assert left["bn_hooked"].startswith("not supported: it has hooks")
     assert_same_training(converted, net, lambda: make_tensor((3, 4, 5, 5), torch.float64), torch.float64, steps=2)

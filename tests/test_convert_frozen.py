@@ -1,7 +1,8 @@
 """fused_resnet.convert on frozen BatchNorms: torchvision's FrozenBatchNorm2d (timm's
 freeze_batch_norm_2d puts it in too), timm's FrozenBatchNormAct2d and this package's
 FrozenBatchNorm become FrozenBatchNormReLU / FrozenBatchNormAddReLU before a ReLU (an add and a
-ReLU), keeping their buffers and state dict keys; the others are listed with their reasons;
+ReLU), FrozenBatchNormAct / FrozenBatchNormAddAct before the other activations, keeping their
+buffers and state dict keys; the others are listed with their reasons;
 unfuse gives back the class each had; optimize_for_inference folds them into the convolution
 before them. Everything in float64 against the original, in training and eval mode.
 """
@@ -12,7 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_resnet
-from fused_resnet.nn import FrozenBatchNorm, FrozenBatchNormAddReLU, FrozenBatchNormReLU, freeze_batchnorm
+from fused_resnet.nn import (
+    FrozenBatchNorm,
+    FrozenBatchNormAct,
+    FrozenBatchNormAddAct,
+    FrozenBatchNormAddReLU,
+    FrozenBatchNormReLU,
+    freeze_batchnorm,
+)
 from helpers import import_client, make_tensor
 from parity import assert_same_training, randomize_norms
 
@@ -38,10 +46,12 @@ class FrozenNet(nn.Module):
         self.tv_add = FrozenBatchNorm2d(4)
         self.timm_relu = FrozenBatchNormAct2d(4)  # applies its ReLU itself
         self.timm_add = FrozenBatchNormAct2d(4, apply_act=False)
-        self.timm_silu = FrozenBatchNormAct2d(4, act_layer=nn.SiLU)
+        self.timm_silu = FrozenBatchNormAct2d(4, act_layer=nn.SiLU)  # applies its SiLU itself
         self.ours = FrozenBatchNorm(4)
         self.two_uses = FrozenBatchNorm2d(4)
         self.derived = DerivedFrozen(4)
+        self.tv_add_hardswish = FrozenBatchNorm2d(4)
+        self.timm_elu = FrozenBatchNormAct2d(4, act_layer=nn.ELU)
 
     def forward(self, x):
         y = self.conv(x)
@@ -53,7 +63,8 @@ class FrozenNet(nn.Module):
         e = self.timm_silu(F.relu(d))
         f = torch.relu(self.ours(e))
         g = self.two_uses(f)
-        return F.relu(g) * g + F.relu(self.derived(f))
+        h = F.hardswish(self.tv_add_hardswish(f) + e)
+        return F.relu(g) * g + F.relu(self.derived(f)) + self.timm_elu(h)
 
 
 FUSED = {
@@ -62,11 +73,13 @@ FUSED = {
     "timm_relu": "FrozenBatchNormReLU",
     "timm_add": "FrozenBatchNormAddReLU",
     "ours": "FrozenBatchNormReLU",
+    "timm_silu": "FrozenBatchNormAct",
+    "tv_add_hardswish": "FrozenBatchNormAddAct",
 }
 LEFT = {
-    "timm_silu": "cannot fuse: it applies SiLU, and only a ReLU fuses",
     "two_uses": "cannot fuse: its output has 2 uses",
     "derived": "not supported: DerivedFrozen derives from a frozen BatchNorm and may compute something else",
+    "timm_elu": "cannot fuse: it applies ELU, which is not fused",
 }
 
 
@@ -80,10 +93,12 @@ def test_frozen_batchnorms_fuse_and_the_rest_is_listed():
     converted, report = fused_resnet.convert(original, return_report=True)
     assert dict(report.fused) == FUSED and dict(report.left) == LEFT and report.untraced == []
     kinds = {"FrozenBatchNormReLU": FrozenBatchNormReLU, "FrozenBatchNormAddReLU": FrozenBatchNormAddReLU}
+    kinds.update({"FrozenBatchNormAct": FrozenBatchNormAct, "FrozenBatchNormAddAct": FrozenBatchNormAddAct})
     for name, kind in FUSED.items():
         module = converted.get_submodule(name)
         assert type(module) is kinds[kind] and module.num_features == 4
         assert list(module.parameters()) == []
+    assert (converted.timm_silu.act, converted.tv_add_hardswish.act) == ("silu", "hardswish")
     assert converted.state_dict().keys() == original.state_dict().keys()
     converted.load_state_dict(original.state_dict(), strict=True)
     original.load_state_dict(converted.state_dict(), strict=True)
@@ -121,8 +136,9 @@ def test_frozen_models_made_by_freeze_batchnorm_convert():
 
 
 def test_optimize_for_inference_folds_frozen_batchnorms():
-    """In eval mode a frozen BatchNorm after a convolution folds into it like an eval BatchNorm;
-    timm's FrozenBatchNormAct2d leaves its activation."""
+    """In eval mode a frozen BatchNorm after a convolution folds into it like an eval BatchNorm:
+    fused with its add + ReLU first, it leaves AddReLU; timm's FrozenBatchNormAct2d leaves its
+    activation."""
 
     class Net(nn.Module):
         def __init__(self):
@@ -137,6 +153,6 @@ def test_optimize_for_inference_folds_frozen_batchnorms():
     net = randomize_norms(Net().double()).eval()
     fast, report = fused_resnet.optimize_for_inference(net, return_report=True)
     assert report.folded == [("bn1", "conv1"), ("bn2", "conv2")] and report.left == []
-    assert type(fast.bn1) is nn.Identity and type(fast.bn2) is nn.ReLU
+    assert report.fused == [] and type(fast.bn1) is fused_resnet.nn.AddReLU and type(fast.bn2) is nn.ReLU
     x = make_tensor(X, F64)
     torch.testing.assert_close(fast(x), net(x), atol=1e-12, rtol=1e-10)

@@ -120,11 +120,11 @@ def test_failed_inplace_conversion_leaves_the_model_as_it_was(monkeypatch):
     expected = model.eval()(x)
     real_fuse, calls = convert_module._fuse, []
 
-    def fuse_then_fail(bn, with_residual):
+    def fuse_then_fail(bn, with_residual, activation):
         calls.append(bn)
         if len(calls) == 12:  # after modules were rewritten and containers spliced
             raise RuntimeError("simulated failure")
-        real_fuse(bn, with_residual)
+        real_fuse(bn, with_residual, activation)
 
     monkeypatch.setattr(convert_module, "_fuse", fuse_then_fail)
     with pytest.raises(RuntimeError, match="simulated failure"):

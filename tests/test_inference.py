@@ -65,13 +65,14 @@ def test_matches_eval_model(name):
 
 
 def test_what_folded_norms_become():
-    optimized = fused_resnet.optimize_for_inference(_eval_model(lambda: models.resnet18(num_classes=3)))
-    block = optimized.layer2[0]
-    assert isinstance(block.bn1, nn.ReLU) and isinstance(block.bn2, AddReLU)
-    assert isinstance(block.downsample[1], nn.Identity)
-    assert block.conv1.bias is not None  # the folded shift
-    eager = fused_resnet.optimize_for_inference(_eval_model(lambda: models.resnet18(num_classes=3, fused=False)))
-    assert isinstance(eager.layer2[0].bn2, nn.Identity)  # its eager add + ReLU stays
+    """The fused ResNet and its eager twin alike (convert fuses the eager one first): bn1 leaves
+    its ReLU, bn2 the one-pass add + ReLU, the unfused downsample BatchNorm nothing."""
+    for fused in (True, False):
+        optimized = fused_resnet.optimize_for_inference(_eval_model(lambda: models.resnet18(num_classes=3, fused=fused)))
+        block = optimized.layer2[0]
+        assert isinstance(block.bn1, nn.ReLU) and isinstance(block.bn2, AddReLU)
+        assert isinstance(block.downsample[1], nn.Identity)
+        assert block.conv1.bias is not None  # the folded shift
 
 
 def test_mlp_norms_are_fused_instead(backend):
@@ -122,7 +123,7 @@ def test_training_model_is_refused_and_left_as_it_is():
 def test_inplace():
     model = _eval_model(lambda: seeds.CifarBasicBlock(3, 4))
     assert fused_resnet.optimize_for_inference(model, inplace=True) is model
-    assert isinstance(model.bn1, nn.Identity)
+    assert isinstance(model.bn1, nn.ReLU)  # fused with its ReLU, then folded
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)

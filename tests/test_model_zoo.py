@@ -96,9 +96,10 @@ def _batchnorms(model):
 
 
 def _expected_reason(model_name, norm_name):
-    if model_name == "timm.seresnet50":
-        return "cannot fuse: its output goes to se (SEModule), not to a ReLU or an add"
     block = norm_name.rsplit(".", 2)[0]  # layerK.0 of layerK.0.downsample.1
+    if model_name == "timm.seresnet50":
+        se = f"{norm_name.rsplit('.', 1)[0]}.se"
+        return f"cannot fuse: its output goes to {se} (SEModule), not to an activation or an add"
     last = {"resnet50": "bn3", "resnet50d": "bn3", "r3d_18": "conv2.1", "mc3_18": "conv2.1"}
     last.update({"r2plus1d_18": "conv2.1", "skresnet18": "conv2.bn", "frozen_resnet50": "bn3"})
     last.update({"regnet_y_400mf": "f.c.1", "regnet_x_400mf": "f.c.1"})
@@ -184,15 +185,35 @@ def test_unfuse_gives_plain_modules_for_third_party_tools():
     torch.testing.assert_close(frozen(x), frozen_original(x), atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize("name, relu_norms", [("resnet18", 0), ("skresnet18", 8)])
-def test_silu_models_are_left_as_cannot_fuse(name, relu_norms):
-    """With act_layer="silu" what applies a SiLU is left, and every reason says it cannot fuse:
-    the BatchNorm's output, or its sum with the shortcut, goes to a SiLU (timm's BatchNormAct2d
-    applies one). skresnet18's selective-kernel attention keeps its own ReLU (8 fuse)."""
-    model = timm.create_model(name, num_classes=10, act_layer="silu")
-    _, report = fused_resnet.convert(model, return_report=True)
+@pytest.mark.parametrize("name", ["resnet18", "skresnet18"])
+def test_other_activations_fuse_as_the_relu_does(name):
+    """With act_layer="silu" the same BatchNorms fuse as with the ReLU (17 and 33, the 3
+    downsample ones left), into the Act classes, except skresnet18's selective-kernel attention,
+    which keeps its own ReLU (8). With act_layer="elu", which has no fused form, only those 8
+    fuse, and every other reason names the ELU: the BatchNorm's output goes to it, or the
+    BatchNorm applies it (timm's BatchNormAct2d); an add whose sum goes to it fuses without it
+    (BatchNormAddAct2d with act="identity")."""
+    relu_model = timm.create_model(name, num_classes=10)
+    silu_model = timm.create_model(name, num_classes=10, act_layer="silu")
+    _, relu_report = fused_resnet.convert(relu_model, return_report=True)
+    _, report = fused_resnet.convert(silu_model, return_report=True)
+    assert report.untraced == [] and [n for n, _ in report.fused] == [n for n, _ in relu_report.fused]
+    assert report.left == relu_report.left
+    relu_classes = dict(relu_report.fused)
+    for norm, fused_class in report.fused:
+        expected = relu_classes[norm] if norm.endswith(".attn.bn") else relu_classes[norm].replace("ReLU", "Act")
+        assert fused_class == expected, norm
+
+    elu_model = timm.create_model(name, num_classes=10, act_layer="elu")
+    converted, report = fused_resnet.convert(elu_model, return_report=True)
     assert report.untraced == []
-    assert len(report.fused) == relu_norms and all(n.endswith(".attn.bn") for n, _ in report.fused)
-    assert sorted(n for n, _ in report.left + report.fused) == sorted(_batchnorms(model))
+    attention = [n for n, _ in report.fused if n.endswith(".attn.bn")]
+    adds = [n for n, cls in report.fused if cls == "BatchNormAddAct2d"]
+    assert len(attention) == (8 if name == "skresnet18" else 0) and len(attention) + len(adds) == len(report.fused)
+    assert len(adds) == 8 and all(converted.get_submodule(n).act == "identity" for n in adds)  # each block's add
+    assert sorted(n for n, _ in report.left + report.fused) == sorted(_batchnorms(elu_model))
     for norm, reason in report.left:
-        assert reason.startswith("cannot fuse: ") and "SiLU" in reason, (norm, reason)
+        if not reason.startswith(ONE_PER_ADD):
+            assert reason.startswith("cannot fuse: ") and "(ELU), which is not fused" in reason or (
+                reason == "cannot fuse: it applies ELU, which is not fused"
+            ), (norm, reason)

@@ -1,5 +1,6 @@
 // What every kernel of the CUDA backend reads and writes with: the block size, vector accesses of
-// L elements (16 bytes, or 1 element), the accumulation type, per-channel vectors, relu.
+// L elements (16 bytes, or 1 element), the accumulation type, per-channel vectors. (The
+// activations are in activation.cuh.)
 #pragma once
 
 #include "bn_act_cuda.h"
@@ -57,17 +58,6 @@ __device__ __forceinline__ A load_channel(const ChannelVec& v, int64_t c, A fill
   const int64_t i = c * v.stride;
   return v.is_float ? static_cast<A>(static_cast<const float*>(v.ptr)[i])
                     : static_cast<A>(static_cast<const T*>(v.ptr)[i]);
-}
-
-// relu with eager's NaN behaviour (NaN <= 0 is false: NaN passes), and its gradient mask
-// (aten's threshold_backward: 0 where out <= 0, so a NaN output lets the gradient through).
-template <typename A>
-__device__ __forceinline__ A relu(A z) {
-  return z <= A(0) ? A(0) : z;
-}
-template <typename A>
-__device__ __forceinline__ A relu_grad(A dy, A y) {
-  return y <= A(0) ? A(0) : dy;
 }
 
 // 1/v correctly rounded, without the full division sequence (Welford's per-access weight).

@@ -1,4 +1,4 @@
-// Interface between the host ops of the CUDA backend (bn_act_ops.cu) and the kernel launchers
+// Interface between the host ops of the CUDA backend (bn_act_ops.cpp) and the kernel launchers
 // (bn_act_stats.cu, bn_act_fwd_apply.cu, bn_act_bwd_reduce.cu, bn_act_bwd_apply.cu). The math of
 // every op is stated in csrc/fused_resnet.cpp.
 //
@@ -8,6 +8,7 @@
 // (csrc/common/contract.h picks the layout and brings every activation to it.)
 #pragma once
 
+#include "common/activation.h"
 #include "common/running_stats.h"
 
 #include <c10/util/BFloat16.h>
@@ -63,9 +64,9 @@ struct StatsArgs {
   RunningStatsUpdate<acc_t<T>> running{};  // default: nothing to update
 };
 
-// y = relu(x * scale + shift (+ r)), scale = w * invstd, shift = b - mean * scale, where invstd is
+// y = act(x * scale + shift (+ r)), scale = w * invstd, shift = b - mean * scale, where invstd is
 // given (batch_stats: the batch statistics just computed) or 1/sqrt(var + eps) (not batch_stats:
-// the running statistics, eval).
+// the running statistics, eval). The kernel is specialized on act (activation.cuh).
 template <typename T>
 struct FwdApplyArgs {
   const T* x = nullptr;
@@ -77,25 +78,34 @@ struct FwdApplyArgs {
   ChannelVec weight{};      // absent: 1
   ChannelVec bias{};        // absent: 0
   double eps = 0.0;
+  Act act = Act::kRelu;
+  acc_t<T> negative_slope = acc_t<T>(0.01);  // read by leaky_relu only
 };
 
-// What both backward passes read: grad_out (dy), the forward's out (y) and input (x), and the
-// per-channel vectors of the forward's normalization; bn_act_ops.cpp fills it once per op.
+// What both backward passes read: grad_out (dy), the forward's input (x), the per-channel vectors
+// of the forward's normalization, and what dz = dy·act'(.) needs beside dy: the forward's out (y)
+// where the activation's backward reads it (backward_reads_out: relu, relu6, leaky_relu), or,
+// where it recomputes z = (x − mean)·invstd·w + b (+ r) (backward_recomputes_z: silu, hardswish,
+// gelu, gelu_tanh), the bias and the residual; bn_act_ops.cpp fills it once per op. The kernels
+// are specialized on act (activation.cuh) and read only what it needs.
 template <typename T>
 struct BwdInputs {
   const T* dy = nullptr;
-  const T* y = nullptr;
+  const T* y = nullptr;  // null where the backward does not read out
   const T* x = nullptr;
-  ChannelVec weight{};  // absent: 1
+  const T* r = nullptr;  // null: no residual in z (or z not recomputed)
+  ChannelVec weight{};   // absent: 1
+  ChannelVec bias{};     // absent: 0; read only to recompute z
   ChannelVec mean{};
   ChannelVec invstd{};
+  Act act = Act::kRelu;
+  acc_t<T> negative_slope = acc_t<T>(0.01);  // read by leaky_relu only
 };
 
-// Backward reductions, dz = 0 where out <= 0 else grad_out:
+// Backward reductions, dz = dy·act'(.) (from y, or z recomputed, or dy itself: identity):
 //   sum_dz = Σdz,  sum_dz_xhat = Σdz·x̂ = invstd·Σdz·(x − mean)   (this input's sums, not means).
 // The same pass may also store dz (dr: grad_residual, or the apply pass's input) and, when the
-// statistics are not batch statistics, grad_input = w·invstd·dz (dx), which needs no reduction
-// (the only use of in.weight here).
+// statistics are not batch statistics, grad_input = w·invstd·dz (dx), which needs no reduction.
 template <typename T>
 struct BwdReduceArgs {
   BwdInputs<T> in;
@@ -109,12 +119,12 @@ struct BwdReduceArgs {
 // given (mean_dz = Σdz/M_total, mean_dz_xhat = Σdz·x̂/M_total: bn_act_bwd_apply) or, where
 // mean_dz is absent, formed from this input's sums: mean_dz = sum_dz·inv_count and
 // mean_dz_xhat = sum_dz_xhat·inv_count, inv_count = 1/M (bn_act_bwd). dz is read from dz_in when
-// given (stored there by the reduce pass), else formed from in.dy and in.y, and then stored to dr
-// when dr is not null.
+// given (stored there by the reduce pass; in.act then plays no part), else formed as the reduce
+// pass forms it, and then stored to dr when dr is not null.
 template <typename T>
 struct BwdApplyArgs {
   BwdInputs<T> in;
-  const T* dz_in = nullptr;  // null: dz from in.dy, in.y
+  const T* dz_in = nullptr;  // null: dz from in.dy and in.y, or z recomputed
   T* dx = nullptr;
   T* dr = nullptr;  // null: grad_residual not wanted (or already stored)
   ChannelVec mean_dz{};       // absent: the means from sum_dz, sum_dz_xhat and inv_count

@@ -1,9 +1,14 @@
 // Forward apply pass (bn_act_fwd_train after its statistics, and bn_act_fwd_eval):
-//   y = relu(x·scale + shift (+ r)),  scale = w·invstd,  shift = b − mean·scale,
+//   y = act(x·scale + shift (+ r)),  scale = w·invstd,  shift = b − mean·scale,
 // in the accumulation type, rounded once to the activation dtype. Training passes the batch
 // mean and invstd just computed (batch_stats); eval passes the running statistics, folded here
 // per channel (invstd = 1/sqrt(running_var + eps)) once per thread (rows) or per plane (planes).
-// Memory traffic: reads x (and r), writes y, each once, in 16-byte accesses where aligned.
+// Memory traffic: reads x (and r), writes y, each once, in 16-byte accesses where aligned; the
+// activation adds arithmetic only (at most one exp, erf or tanh per element).
+//
+// Instantiated per dtype (4) x activation (8) x residual (2) x layout (2) x access width (2):
+// 256 kernels.
+#include "activation.cuh"
 #include "skeletons.cuh"
 #include "static_switch.h"
 
@@ -11,7 +16,7 @@ namespace fused_resnet::cuda {
 
 namespace {
 
-template <typename T, bool kResidual>
+template <typename T, Act kAct, bool kResidual>
 struct FwdApplyOp {
   using A = acc_t<T>;
   static constexpr int kUnroll = 4;
@@ -52,7 +57,7 @@ struct FwdApplyOp {
       if constexpr (kResidual) {
         z += to_acc<A>(it.r.v[j]);
       }
-      y[j] = relu(z);
+      y[j] = activation<kAct>(z, a.negative_slope);
     }
     store_pack<T, L>(a.y + off, y);
   }
@@ -62,10 +67,12 @@ struct FwdApplyOp {
 
 template <typename T>
 void launch_fwd_apply(const ViewDims& dims, const FwdApplyArgs<T>& args, cudaStream_t stream) {
-  FR_BOOL_SWITCH(args.r != nullptr, kResidual, [&] {
-    const FwdApplyOp<T, kResidual> op{args};
-    launch_for_view<T>(dims, {args.x, args.r, args.y}, [&](auto lanes, auto rows) {
-      run_apply<T, decltype(lanes)::value, decltype(rows)::value>(op, dims, stream);
+  dispatch_act(args.act, [&](auto act) {
+    FR_BOOL_SWITCH(args.r != nullptr, kResidual, [&] {
+      const FwdApplyOp<T, decltype(act)::value, kResidual> op{args};
+      launch_for_view<T>(dims, {args.x, args.r, args.y}, [&](auto lanes, auto rows) {
+        run_apply<T, decltype(lanes)::value, decltype(rows)::value>(op, dims, stream);
+      });
     });
   });
 }

@@ -4,13 +4,17 @@
 // on the current stream of the input's device. No host synchronization: every result stays on
 // the device.
 //
-// Passes over the activations (tensor-sized reads + writes):
+// Passes over the activations (tensor-sized reads + writes). dz = dy·act'(.) reads s tensors
+// beside dy and x: s = 1, out (y), for relu, relu6 and leaky_relu; s = 1, the residual r, for
+// silu, hardswish, gelu and gelu_tanh with a residual (z is recomputed from x and r); s = 0 for
+// identity and the smooth activations without a residual.
 //   bn_act_fwd_train   stats (x) + apply (x [, r] -> y)                          3 (4 with r)
 //   bn_act_fwd_eval    apply (x [, r] -> y)                                      2 (3 with r)
-//   bn_act_bwd         batch statistics: reduce (dy, y, x) + apply (dy, y, x -> dx)         7
-//                      with grad_residual: reduce (dy, y, x -> dr) + apply (dr, x -> dx)    7
-//                      running statistics: reduce (dy, y, x -> dx [, dr])       4 (5 with dr)
+//   bn_act_bwd         batch statistics: reduce (dy, s, x) + apply (dy, s, x -> dx)    5 + 2s
+//                      with grad_residual: reduce (dy, s, x -> dr) + apply (dr, x -> dx) 6 + s
+//                      running statistics: reduce (dy, s, x -> dx [, dr])   3 + s (4 + s with dr)
 //   bn_stats, bn_act_bwd_reduce, bn_act_bwd_apply: the pieces above, for SyncBatchNorm.
+// Every kernel is specialized on the activation (dispatch_act in the launchers, activation.cuh).
 #include "bn_act_cuda.h"
 #include "common/device_ops.h"
 #include "common/contract.h"
@@ -95,17 +99,24 @@ T* mutable_ptr(const at::Tensor& t) {
   return t.defined() && t.numel() > 0 ? t.mutable_data_ptr<T>() : nullptr;
 }
 
-// The backward passes' common arguments, from the checked operands and the forward's vectors.
+// The backward passes' common arguments, from the checked operands and the forward's vectors:
+// out where the backward reads it, the residual where it recomputes z and one was given (the
+// operands hold each only there: contract.h), bias for that recomputation.
 template <typename T>
 BwdInputs<T> bwd_inputs(
-    const BwdOperands& in, const OptTensor& weight, const at::Tensor& mean, const at::Tensor& invstd) {
+    const BwdOperands& in, const OptTensor& weight, const OptTensor& bias, const at::Tensor& mean,
+    const at::Tensor& invstd) {
   return {
       .dy = in.grad_out.const_data_ptr<T>(),
-      .y = in.out.const_data_ptr<T>(),
+      .y = ptr<T>(in.out),
       .x = in.g.x.const_data_ptr<T>(),
+      .r = ptr<T>(in.residual),
       .weight = channel_vec(weight),
+      .bias = channel_vec(bias),
       .mean = channel_vec(mean),
-      .invstd = channel_vec(invstd)};
+      .invstd = channel_vec(invstd),
+      .act = in.act.kind,
+      .negative_slope = static_cast<acc_t<T>>(in.act.negative_slope)};
 }
 
 } // namespace
@@ -127,7 +138,7 @@ TrainOutputs fwd_train_cuda(
   at::Tensor mean = empty_channel_stat(g);
   at::Tensor invstd = empty_channel_stat(g);
   at::Tensor var = empty_channel_stat(g);
-  // No ReLU mask is kept on the GPU yet: bn_act_bwd_cuda reads out.
+  // No act_mask is kept on the GPU: bn_act_bwd_cuda reads out (or recomputes z).
   at::Tensor act_mask = at::empty({0}, g.x.options().dtype(at::kByte));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.x.scalar_type(), op, [&] {
@@ -152,7 +163,9 @@ TrainOutputs fwd_train_cuda(
         .batch_stats = true,
         .weight = channel_vec(weight),
         .bias = channel_vec(bias),
-        .eps = eps};
+        .eps = eps,
+        .act = in.act.kind,
+        .negative_slope = static_cast<A>(in.act.negative_slope)};
     launch_fwd_apply<scalar_t>(dims, apply, stream);
   });
   return {out, mean, invstd, var, act_mask};
@@ -169,6 +182,7 @@ at::Tensor fwd_eval_cuda(
   at::Tensor out = empty_activation(g);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.x.scalar_type(), op, [&] {
+    using A = acc_t<scalar_t>;
     const FwdApplyArgs<scalar_t> apply{
         .x = g.x.const_data_ptr<scalar_t>(),
         .r = ptr<scalar_t>(r),
@@ -178,20 +192,23 @@ at::Tensor fwd_eval_cuda(
         .batch_stats = false,
         .weight = channel_vec(weight),
         .bias = channel_vec(bias),
-        .eps = eps};
+        .eps = eps,
+        .act = in.act.kind,
+        .negative_slope = static_cast<A>(in.act.negative_slope)};
     launch_fwd_apply<scalar_t>(dims_of(g), apply, stream);
   });
   return out;
 }
 
-int64_t no_act_mask(const View&) {
-  return 0;  // bn_act_fwd_train_cuda keeps no ReLU mask: bn_act_bwd_cuda reads out
+int64_t no_act_mask(const View&, bool /*keeps_mask*/) {
+  return 0;  // fwd_train_cuda keeps no mask for any activation: bwd_cuda reads out
 }
 
-// act_mask is empty (no_act_mask): the mask comes from out.
+// act_mask is empty (no_act_mask): the side comes from out, or z is recomputed.
 BwdOutputs bwd_cuda(
     const BwdOperands& in, const at::Tensor& /*act_mask*/, const OptTensor& weight,
-    const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats, bool residual_grad) {
+    const OptTensor& bias, const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats,
+    bool residual_grad) {
   constexpr const char* op = "bn_act_bwd";
   const View& g = in.g;
   const c10::cuda::CUDAGuard guard(g.x.device());
@@ -207,8 +224,9 @@ BwdOutputs bwd_cuda(
     scalar_t* dr_ptr = mutable_ptr<scalar_t>(dr);
     // Running statistics: grad_input = w·invstd·dz needs no reduction, so the reduce pass
     // writes it. Batch statistics: the reduce pass stores dz into grad_residual (if wanted),
-    // and the apply pass reads it back instead of grad_out and out.
-    const BwdInputs<scalar_t> inputs = bwd_inputs<scalar_t>(in, weight, mean, invstd);
+    // and the apply pass reads it back instead of forming it again from grad_out and out (or
+    // z recomputed).
+    const BwdInputs<scalar_t> inputs = bwd_inputs<scalar_t>(in, weight, bias, mean, invstd);
     const BwdReduceArgs<scalar_t> reduce{
         .in = inputs,
         .dr = dr_ptr,
@@ -250,7 +268,9 @@ TensorPair stats_cuda(const View& g) {
   return {mean, var};
 }
 
-TensorPair bwd_reduce_cuda(const BwdOperands& in, const at::Tensor& mean, const at::Tensor& invstd) {
+TensorPair bwd_reduce_cuda(
+    const BwdOperands& in, const OptTensor& weight, const OptTensor& bias, const at::Tensor& mean,
+    const at::Tensor& invstd) {
   constexpr const char* op = "bn_act_bwd_reduce";
   const View& g = in.g;
   const c10::cuda::CUDAGuard guard(g.x.device());
@@ -261,7 +281,8 @@ TensorPair bwd_reduce_cuda(const BwdOperands& in, const at::Tensor& mean, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.x.scalar_type(), op, [&] {
     using A = acc_t<scalar_t>;
     const BwdReduceArgs<scalar_t> reduce{
-        .in = bwd_inputs<scalar_t>(in, std::nullopt, mean, invstd),  // no dx: weight unread
+        // no dx: weight and bias are read only to recompute z
+        .in = bwd_inputs<scalar_t>(in, weight, bias, mean, invstd),
         .sum_dz_xhat = sum_dz_xhat.mutable_data_ptr<A>(),
         .sum_dz = sum_dz.mutable_data_ptr<A>()};
     TensorWorkspace workspace(g.x);
@@ -271,7 +292,7 @@ TensorPair bwd_reduce_cuda(const BwdOperands& in, const at::Tensor& mean, const 
 }
 
 TensorPair bwd_apply_cuda(
-    const BwdOperands& in, const OptTensor& weight, const at::Tensor& mean,
+    const BwdOperands& in, const OptTensor& weight, const OptTensor& bias, const at::Tensor& mean,
     const at::Tensor& invstd, const at::Tensor& mean_dz, const at::Tensor& mean_dz_xhat,
     bool residual_grad) {
   constexpr const char* op = "bn_act_bwd_apply";
@@ -283,7 +304,7 @@ TensorPair bwd_apply_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.x.scalar_type(), op, [&] {
     const BwdApplyArgs<scalar_t> apply{
-        .in = bwd_inputs<scalar_t>(in, weight, mean, invstd),
+        .in = bwd_inputs<scalar_t>(in, weight, bias, mean, invstd),
         .dx = dx.mutable_data_ptr<scalar_t>(),
         .dr = mutable_ptr<scalar_t>(dr),
         .mean_dz = channel_vec(mean_dz),  // the given means

@@ -1,16 +1,20 @@
 """Rewrite existing models to use the fused modules: `convert`, and its inverse `unfuse`.
 
-convert(model) finds, in every module's forward (rewrite/patterns.py has the full list of forms):
-    y = relu(bn(x))             ->  y = BatchNormReLU*d(x)              (bn's only use is the ReLU)
-    y = relu(bn(x) + r)         ->  y = BatchNormAddReLU*d(x, r)        (bn on either side)
-with nn.Identity placeholders anywhere in between, and a BatchNorm that is the last layer of a
-container (`conv2 = nn.Sequential(conv, bn)`, nested to any depth) whose caller applies the ReLU
-or the add: the container's graph is spliced into the caller's (rewrite/inline.py). When both
+convert(model) finds, in every module's forward (rewrite/patterns.py has the full list of forms,
+rewrite/activations.py the activations: ReLU, ReLU6, LeakyReLU, SiLU, Hardswish, GELU):
+    y = act(bn(x))              ->  y = BatchNormAct*d(x, act=...)      (bn's only use is the act)
+    y = act(bn(x) + r)          ->  y = BatchNormAddAct*d(x, r, act=...) (bn on either side)
+    y = bn(x) + r               ->  y = BatchNormAddAct*d(x, r, act="identity")
+(BatchNormReLU*d / BatchNormAddReLU*d for the ReLU), with nn.Identity placeholders (and inactive
+stochastic depth) anywhere in between, and a BatchNorm that is the last layer of a container
+(`conv2 = nn.Sequential(conv, bn)`, nested to any depth) whose caller applies the activation or
+the add: the container's graph is spliced into the caller's (rewrite/inline.py). When both
 operands of the add are BatchNorm outputs, the left one (the main branch, as torchvision and timm
 write `out += shortcut`) takes the add. timm's BatchNormAct2d counts as a BatchNorm when it applies
-no activation, and becomes a BatchNormReLU2d by itself when it applies a ReLU. Frozen BatchNorms
-(torchvision's FrozenBatchNorm2d, timm's FrozenBatchNormAct2d) fuse the same way into
-FrozenBatchNormReLU / FrozenBatchNormAddReLU (rewrite/norms.py).
+no activation, and becomes a BatchNormReLU2d or BatchNormAct2d by itself when it applies one that
+fuses. Frozen BatchNorms (torchvision's FrozenBatchNorm2d, timm's FrozenBatchNormAct2d) fuse the
+same way into FrozenBatchNormReLU / FrozenBatchNormAddReLU / FrozenBatchNormAct /
+FrozenBatchNormAddAct (rewrite/norms.py).
 
 The BatchNorm object itself becomes the fused module (only its class changes), so its qualified
 name, parameters, buffers, settings, mode, device and dtype stay and state dicts load strictly in
@@ -42,12 +46,15 @@ import torch
 import torch.fx
 from torch import nn
 
+from ..contract import DEFAULT_ACT, DEFAULT_NEGATIVE_SLOPE
 from ..nn.batchnorm import EAGER_BATCHNORMS, AddReLU, _BatchNormAddAct, _BatchNormAct
 from ..nn.blocks import BasicBlock, Bottleneck
 from ..nn.frozen import FrozenBatchNorm, FrozenBatchNormAddReLU
 from ..nn.syncbn import convert_sync_batchnorm
 from ..nn.tracing import record_function_call
+from ..reference import activation
 from .rewrite import norms, patterns
+from .rewrite.activations import Activation
 from .rewrite.graphs import (
     NotRewritable,
     has_forward,
@@ -57,7 +64,7 @@ from .rewrite.graphs import (
     module_graph,
 )
 from .rewrite.inline import splice, splice_blocker
-from .rewrite.norms import PLAIN, fuse_norm
+from .rewrite.norms import APPLIES_ACT, PLAIN, fuse_norm
 from .rewrite.operators import SYMBOLS, in_place_on_shared, shared_operand
 from .rewrite.patterns import REACHES_OUTPUT, cannot, unsupported
 from .rewrite.undo import all_or_nothing
@@ -65,6 +72,7 @@ from .rewrite.undo import all_or_nothing
 _module_graph = module_graph  # the names tests replace
 _fuse = fuse_norm  # makes a BatchNorm or a frozen BatchNorm its fused twin (rewrite/norms.py)
 FUSED_NORMS = (_BatchNormAct, _BatchNormAddAct)
+RELU = Activation("relu")
 
 
 @dataclass
@@ -91,10 +99,10 @@ class ConversionReport:
         return "\n".join(lines) if lines else "no BatchNorm found"
 
 
-def _bn_add_relu(bn, input, residual, bn_on_left):
-    """relu(bn(input) + residual) in one kernel when the residual has the BatchNorm output's
+def _bn_add_act(bn, input, residual, bn_on_left):
+    """act(bn(input) + residual) in one kernel when the residual has the BatchNorm output's
     shape, dtype and device; otherwise (a broadcast or promoting add) exactly as the original."""
-    traced = record_function_call(_bn_add_relu, bn, input, residual, bn_on_left)
+    traced = record_function_call(_bn_add_act, bn, input, residual, bn_on_left)
     if traced is not None:  # torch.fx traces the converted model
         return traced
     if (
@@ -111,7 +119,9 @@ def _bn_add_relu(bn, input, residual, bn_on_left):
     else:
         eager_class = next(c for c in type(bn).__mro__ if c in EAGER_BATCHNORMS)
         out = eager_class.forward(bn, input)
-    return torch.relu(out + residual if bn_on_left else residual + out)
+    # AddReLU applies the ReLU and has no attributes; the other modules name their activation
+    act, negative_slope = getattr(bn, "act", DEFAULT_ACT), getattr(bn, "negative_slope", DEFAULT_NEGATIVE_SLOPE)
+    return activation(out + residual if bn_on_left else residual + out, act, negative_slope)
 
 
 def _in_place_blocker(graph, module_name):
@@ -149,9 +159,14 @@ class _Tail:
 
 
 class _Walk:
-    """The modules of a model, their graphs, and who calls which module."""
+    """The modules of a model, their graphs, and who calls which module.
 
-    def __init__(self, model, trace_our_blocks):
+    live_only=True (optimize_for_inference, on the model convert rewrote) keeps the graphs of
+    the modules a forward may still call (_live): a container convert spliced into its caller's
+    graph is called by no one, and its own graph, still naming its children, would count their
+    calls twice."""
+
+    def __init__(self, model, trace_our_blocks, live_only=False):
         self.model = model
         self.untraced = []  # (name, why)
         self.names = {m: n for n, m in model.named_modules()}
@@ -169,17 +184,41 @@ class _Walk:
             if not any(norms.is_norm(m) for m in module.modules()):
                 continue
             try:
-                graph = _module_graph(module)
+                self.graphs[module] = _module_graph(module)
             except NotRewritable as why:
                 self.untraced.append((name, str(why)))
-                continue
-            self.graphs[module] = graph
-            for node in graph.nodes:
-                if node.op in ("call_module", "get_attr"):
-                    target = _resolve(module, node.target)
-                    if isinstance(target, nn.Module):
-                        self.calls[id(target)] += 1
         self.untraced.reverse()  # outermost first
+        if live_only:
+            live = self._live()
+            self.graphs = {m: g for m, g in self.graphs.items() if m in live}
+        for module, graph in self.graphs.items():
+            for node in graph.nodes:
+                target = _called(module, node)
+                if target is not None:
+                    self.calls[id(target)] += 1
+
+    def _live(self):
+        """The modules a forward may call: the model; a module that a live module's graph calls;
+        a module under a live module that has no graph (torch.fx could not trace it, or it holds
+        no BatchNorm, or it is a ModuleList), which may call anything; a shared module."""
+        callers = {}  # id(module) -> the modules whose graph calls it: its ancestors
+        for module, graph in self.graphs.items():
+            for node in graph.nodes:
+                target = _called(module, node)
+                if target is not None:
+                    callers.setdefault(id(target), []).append(module)
+        modules = dict(self.model.named_modules())
+        live = set()
+        for name, module in modules.items():  # parents before children
+            parent = modules[name.rpartition(".")[0]] if name else None
+            if (
+                parent is None
+                or self.owners[id(module)] > 1
+                or (parent in live and parent not in self.graphs)
+                or any(caller in live for caller in callers.get(id(module), ()))
+            ):
+                live.add(module)
+        return live
 
     def qualified(self, module, target):
         prefix = self.names[module]
@@ -206,6 +245,15 @@ def _resolve(module, target):
         return module.get_submodule(target)
     except AttributeError:
         return None
+
+
+def _called(module, node):
+    """The submodule that `node`, of `module`'s graph, calls or fetches; None for other nodes."""
+    if node.op in ("call_module", "get_attr"):
+        target = _resolve(module, node.target)
+        if isinstance(target, nn.Module):
+            return target
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +293,7 @@ def _rewrite(walk, module, graph):
         if site is None:
             continue
         name, reason = site
-        result = reason or patterns.find_fusion(module, node, order)
+        result = reason or patterns.find_fusion(module, node, order, walk.names[module])
         if result == REACHES_OUTPUT:
             walk.tails[module] = _Tail(node, name, patterns.follow(node, module)[1])
             walk.reasons[name] = _output_reason(walk, module)
@@ -317,20 +365,23 @@ def _apply(walk, module, graph, fusion):
         for reader in [u for u in value.users if patterns.reads_metadata(u)]:
             reader.replace_input_with(value, node.args[0])
     if fusion.add is None:
-        fusion.relu.replace_all_uses_with(node)
-        dead = [fusion.relu] + placeholders[::-1]
+        fusion.act_node.replace_all_uses_with(node)
+        dead = [fusion.act_node] + placeholders[::-1]
     else:
         # Read the residual now: an earlier fusion may have replaced the node it was.
         left, right, _ = patterns.add_operands(fusion.add)
         residual = right if fusion.bn_on_left else left
         with graph.inserting_before(fusion.add):
             bn_attr = graph.get_attr(node.target)
-            fused = graph.call_function(_bn_add_relu, (bn_attr, node.args[0], residual, fusion.bn_on_left))
-        fusion.relu.replace_all_uses_with(fused)
-        dead = [fusion.relu, *fusion.sum_placeholders[::-1], fusion.add, *placeholders[::-1], node]
+            fused = graph.call_function(_bn_add_act, (bn_attr, node.args[0], residual, fusion.bn_on_left))
+        # The activation's output, or with none (identity) the sum itself, is the fused output.
+        last = fusion.act_node or fusion.add
+        last.replace_all_uses_with(fused)
+        dead = [*([fusion.act_node] if fusion.act_node else []), *fusion.sum_placeholders[::-1], fusion.add]
+        dead += [*placeholders[::-1], node]
     for value in dead:
         graph.erase_node(value)
-    _fuse(bn, with_residual=fusion.add is not None)
+    _fuse(bn, fusion.add is not None, fusion.activation)
     walk.fused.append((fusion.name, type(bn).__name__))
 
 
@@ -381,7 +432,7 @@ def _convert_known_block(walk, module):
         if reason:
             walk.reasons[name] = reason
             continue
-        _fuse(bn, with_residual)
+        _fuse(bn, with_residual, RELU)
         walk.fused.append((name, type(bn).__name__))
     if not _is_our_block(module):  # torchvision's: run our forward, which has its dataflow
         function = Bottleneck.forward if layout[-1][0] == "bn3" else BasicBlock.forward
@@ -416,7 +467,8 @@ def convert(
     sync_batchnorm: bool = False,
     process_group=None,
 ):
-    """Replace BatchNorm + ReLU and BatchNorm + add + ReLU in `model` by the fused modules.
+    """Replace BatchNorm + activation, BatchNorm + add + activation and BatchNorm + add in
+    `model` by the fused modules.
 
     Returns the converted model (a deep copy unless inplace=True), or (model, ConversionReport)
     with return_report=True; verbose=True prints the report. The result computes what `model`
@@ -425,7 +477,8 @@ def convert(
 
     sync_batchnorm=True then makes every BatchNorm synchronized over `process_group` (default:
     the whole world) with fused_resnet.nn.convert_sync_batchnorm: the fused modules become
-    SyncBatchNormReLU / SyncBatchNormAddReLU, the BatchNorms left unfused nn.SyncBatchNorm.
+    SyncBatchNormReLU / SyncBatchNormAddReLU / SyncBatchNormAct / SyncBatchNormAddAct, the
+    BatchNorms left unfused nn.SyncBatchNorm.
     """
     _check_sync(sync_batchnorm, process_group)
     _check_module("convert", model)
@@ -439,12 +492,12 @@ def convert(
             if _is_our_block(module) or (module in untraceable and _known_block_layout(module)):
                 _convert_known_block(walk, module)
         for name, module in model.named_modules():
-            if norms.norm_kind(module) == norms.APPLIES_RELU:
-                # it applies its ReLU itself: only hooks that see its input or gradients notice
+            if norms.norm_kind(module) == APPLIES_ACT:
+                # it applies its activation itself: only hooks that see its input or gradients notice
                 if module._forward_pre_hooks or module._backward_hooks:
                     walk.reasons[name] = unsupported("it has pre-forward or backward hooks")
                 else:
-                    _fuse(module, with_residual=False)
+                    _fuse(module, False, norms.own_activation(module))
                     walk.fused.append((name, type(module).__name__))
         report = _report(walk)
         if sync_batchnorm:

@@ -1,13 +1,24 @@
-"""optimize_for_inference: fold each eval-mode BatchNorm into the convolution that feeds it, and
-fuse the rest with convert.
+"""optimize_for_inference: fuse what convert fuses, then fold each eval-mode BatchNorm into the
+convolution that feeds it.
 
 Folding (W' = W * g / sqrt(var + eps) per output channel, b' = (b - mean) * g / sqrt(var + eps)
 + beta) needs a Conv1d/2d/3d, or a subclass that keeps their forward (torchvision's
 Conv3DSimple), whose output only the BatchNorm reads; frozen BatchNorms (torchvision's, timm's)
-fold the same way. A folded BatchNorm becomes nn.Identity, a folded BatchNormReLU*d an nn.ReLU, a
-folded BatchNormAddReLU*d an AddReLU (the fused kernel with identity statistics), a folded timm
-(Frozen)BatchNormAct2d its activation; an eager BatchNorm followed by add + ReLU keeps its eager
-add + ReLU.
+fold the same way, fused or not. What a folded BatchNorm leaves in its place:
+
+    nn.BatchNorm*d, a frozen BatchNorm             nn.Identity
+    BatchNormReLU*d, BatchNormAct*d (frozen too)   its activation's module (activation_module):
+                                                   the convolution, then the activation, one
+                                                   pass as the fused kernel was
+    BatchNormAddReLU*d (frozen too)                AddReLU: add + ReLU in one pass, the fused
+                                                   kernel with identity statistics
+    BatchNormAddAct*d (frozen too)                 AddAct: add + the activation in one pass,
+                                                   likewise (identity included: one pass, x + r)
+    timm's (Frozen)BatchNormAct2d                  its own activation module
+
+convert runs first, so that an eager BatchNorm followed by an add and an activation becomes a
+BatchNormAddAct*d, which folds into an AddAct: one pass where the eager add and activation make
+two. A BatchNorm that follows no such convolution stays as convert left it (fused: one eval pass).
 """
 
 import copy
@@ -16,10 +27,50 @@ import torch
 import torch.fx
 from torch import nn
 
-from .fuse import FUSED_NORMS, _bn_add_relu, _check_module, _finish, _resolve, _Walk, convert
-from ..nn.batchnorm import AddReLU, _BatchNormAddAct, _BatchNormAct
+from .. import contract, functional
+from ..contract import DEFAULT_NEGATIVE_SLOPE, acc_dtype
+from ..nn.batchnorm import UNFUSED_CLASS, AddReLU, _BatchNormAddAct, _BatchNormAct, activation_module
+from ..nn.frozen import FrozenBatchNormAddReLU, FrozenBatchNormReLU, _FrozenFusedNorm
+from ..nn.tracing import record_module_call
+from .fuse import FUSED_NORMS, _bn_add_act, _check_module, _finish, _resolve, _Walk, convert
 from .rewrite import norms
 from .rewrite.undo import all_or_nothing
+
+# Where a folded activation module (what is left of a BatchNormAct*d that convert fused with the
+# activation its forward applied) says so: unfuse, giving that forward back, makes it nn.Identity.
+FOLDED_ACTIVATION = "_fused_resnet_folded_activation"
+
+
+class AddAct(AddReLU):
+    """act(x + residual): a BatchNormAddAct*d once its normalization is folded into the
+    preceding convolution, AddReLU with the activation (one of contract.ACTIVATIONS) an argument.
+
+    It runs the fused eval kernel with identity statistics, mean 0, var 1 and eps 0, so that
+    (x - 0) * rsqrt(1 + 0) = x exactly: one pass reading x and the residual and writing the
+    output, where an eager add and activation make two.
+    """
+
+    def __init__(self, act: str, negative_slope: float = DEFAULT_NEGATIVE_SLOPE):
+        contract.check_act("AddAct", act, negative_slope)
+        super().__init__()
+        self.act, self.negative_slope = act, float(negative_slope)
+
+    def extra_repr(self):
+        slope = f", negative_slope={self.negative_slope}" if self.act == "leaky_relu" else ""
+        return f"act={self.act!r}{slope}"
+
+    def forward(self, input, residual):
+        traced = record_module_call(self, input, residual)
+        if traced is not None:
+            return traced
+        channels = input.shape[1] if input.dim() >= 2 else 0
+        stats_dtype = acc_dtype(input.dtype) if input.dtype.is_floating_point else input.dtype
+        mean = torch.zeros(channels, dtype=stats_dtype, device=input.device)
+        var = torch.ones(channels, dtype=stats_dtype, device=input.device)
+        return functional.batch_norm_act(
+            input, residual, None, None, mean, var, False, 0.0, 0.0, self.act, self.negative_slope
+        )
+
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -53,32 +104,46 @@ def _fold_into_conv(conv, bn, undo):
         conv.bias.copy_(new_bias)
 
 
+_FUSED = FUSED_NORMS + (_FrozenFusedNorm,)
+
+
 def _folded_replacement(bn):
-    if isinstance(bn, _BatchNormAddAct):
-        return AddReLU()
-    if isinstance(bn, _BatchNormAct):
-        return nn.ReLU()
-    if norms.norm_kind(bn) in (norms.PLAIN, norms.APPLIES_RELU) and hasattr(bn, "act"):
-        return bn.act  # timm's (Frozen)BatchNormAct2d: what remains is its activation
+    """What is left in place of `bn` once folded (the module docstring's table)."""
+    if isinstance(bn, (_BatchNormAddAct, FrozenBatchNormAddReLU)):
+        return AddReLU() if bn.act == "relu" else AddAct(bn.act, bn.negative_slope)
+    if isinstance(bn, (_BatchNormAct, FrozenBatchNormReLU)):
+        if norms.applies_own_activation(bn):  # timm's: its activation, as when it is not fused
+            return bn._modules["act"]
+        replacement = activation_module(bn.act, bn.negative_slope)
+        if UNFUSED_CLASS in bn.__dict__:  # convert took the activation out of its caller's forward
+            replacement.__dict__[FOLDED_ACTIVATION] = True
+        return replacement
+    if norms.is_timm_norm_act(bn):  # not fused: its activation, nn.Identity when it applies none
+        return bn.act
     return nn.Identity()
 
 
 def _foldable(norm):
-    return norms.norm_kind(norm) in (norms.PLAIN, norms.APPLIES_RELU) or isinstance(norm, FUSED_NORMS)
+    """A BatchNorm whose normalization folds and whose replacement computes the rest."""
+    if isinstance(norm, _FUSED):
+        return True
+    if norms.is_timm_norm_act(norm):  # fused or not, as long as it applies nothing else
+        return type(norm.drop) is nn.Identity
+    return norms.norm_kind(norm) == norms.PLAIN
 
 
 def _norm_call(module, node):
     """(norm target, input node) when `node` applies a BatchNorm (eager or fused): a call of the
-    module, or a call of _bn_add_relu that convert() generated; else None."""
+    module, or a call of _bn_add_act that convert generated; else None."""
     if node.op == "call_module":
         norm, source = _resolve(module, node.target), node.args[0] if node.args else None
         target = node.target
-    elif node.op == "call_function" and node.target is _bn_add_relu and node.args[0].op == "get_attr":
+    elif node.op == "call_function" and node.target is _bn_add_act and node.args[0].op == "get_attr":
         target, source = node.args[0].target, node.args[1]
         norm = _resolve(module, target)
     else:
         return None
-    return (target, source) if _foldable(norm) else None
+    return (target, source) if norm is not None and _foldable(norm) else None
 
 
 def _fold_target(walk, module, target, source):
@@ -102,10 +167,10 @@ def _fold_target(walk, module, target, source):
 def optimize_for_inference(
     model: nn.Module, inplace: bool = False, verbose: bool = False, return_report: bool = False
 ):
-    """An inference copy of the eval-mode `model`: BatchNorms folded into the convolutions that
-    feed them, the rest fused (see the module docstring). The input model is left as it is
-    unless inplace=True, and as it was if that fails. Refuses a model with any module in
-    training mode."""
+    """An inference copy of the eval-mode `model`: fused by convert, then the BatchNorms folded
+    into the convolutions that feed them (see the module docstring). The input model is left as
+    it is unless inplace=True, and as it was if that fails. Refuses a model with any module in
+    training mode. The report lists the folded BatchNorms apart from the fused ones."""
     _check_module("optimize_for_inference", model)
     training = [name or "<model>" for name, m in model.named_modules() if m.training]
     if training:
@@ -117,7 +182,8 @@ def optimize_for_inference(
     model = model if inplace else copy.deepcopy(model)
     folded = []
     with all_or_nothing(model) as undo:
-        walk = _Walk(model, trace_our_blocks=True)
+        model, report = convert(model, inplace=True, return_report=True)
+        walk = _Walk(model, trace_our_blocks=True, live_only=True)
         for module, graph in walk.graphs.items():
             for node in graph.nodes:
                 call = _norm_call(module, node)
@@ -125,13 +191,15 @@ def optimize_for_inference(
                     continue
                 bn_target, source = call
                 conv_target = _fold_target(walk, module, bn_target, source)
-                if conv_target is None:  # convert fuses it, or leaves it with the reason
+                if conv_target is None:  # it stays as convert left it
                     continue
                 bn = module.get_submodule(bn_target)
                 _fold_into_conv(module.get_submodule(conv_target), bn, undo)
                 parent, _, attr = bn_target.rpartition(".")
                 setattr(module.get_submodule(parent), attr, _folded_replacement(bn))
                 folded.append((walk.qualified(module, bn_target), walk.qualified(module, conv_target)))
-        model, report = convert(model, inplace=True, return_report=True)
+    gone = {name for name, _ in folded}
+    report.fused = [entry for entry in report.fused if entry[0] not in gone]
+    report.left = [entry for entry in report.left if entry[0] not in gone]
     report.folded = folded
     return _finish(model, report, verbose, return_report)

@@ -1,21 +1,27 @@
-"""unfuse(model): the plain model back, for tools that expect nn.BatchNorm and its ReLU apart.
+"""unfuse(model): the plain model back, for tools that expect nn.BatchNorm and its activation
+apart.
 
 Third-party BatchNorm tools treat a fused module as the nn.BatchNorm*d it subclasses and silently
-drop its ReLU (timm.layers.freeze_batch_norm_2d; torch.nn.utils.fusion.fuse_conv_bn_eval followed
+drop its activation (timm.layers.freeze_batch_norm_2d; torch.nn.utils.fusion.fuse_conv_bn_eval followed
 by an nn.Identity in the BatchNorm's place). unfuse gives them plain modules, with the same
 state_dict keys and the same parameter and buffer objects:
 
-- each module convert rewrote gets its own class and forward back (a GraphModule its graph);
+- each module convert rewrote gets its own class and forward back (a GraphModule its graph):
+  the forward that calls the activation modules and functions and makes the adds, with the
+  activation modules it had (convert takes their calls out of the forward, never the modules);
 - each BatchNorm convert fused gets the class it had (nn.BatchNorm2d, timm's BatchNormAct2d,
   nn.SyncBatchNorm after convert(..., sync_batchnorm=True), torchvision's FrozenBatchNorm2d,
-  timm's FrozenBatchNormAct2d, this package's FrozenBatchNorm);
+  timm's FrozenBatchNormAct2d, this package's FrozenBatchNorm), without the activation
+  attributes convert set (timm's modules apply their own `act` module again);
 - the fused BatchNorms of this package's blocks and ResNets become nn.BatchNorm*d: those
   forwards apply the ReLU and the add themselves when the norm does not;
-- an AddReLU (a BatchNormAddReLU*d that optimize_for_inference folded) becomes the nn.Identity
-  a folded eager BatchNorm is, and the eager forward adds and applies the ReLU.
+- what optimize_for_inference left of a folded BatchNorm that convert had fused becomes the
+  nn.Identity a folded eager BatchNorm is, since the forward given back adds and applies the
+  activation itself: an AddReLU or AddAct, and the activation module in place of a folded
+  BatchNormAct*d (marked FOLDED_ACTIVATION; a timm norm-act's own activation stays).
 
-A fused module it cannot give back (one a user's own forward calls expecting the ReLU, a frozen
-one that freeze_batchnorm made) is named in a ValueError before anything changes.
+A fused module it cannot give back (one a user's own forward calls expecting the activation, a
+frozen one that freeze_batchnorm made) is named in a ValueError before anything changes.
 """
 
 import copy
@@ -23,6 +29,7 @@ import copy
 from torch import nn
 
 from .fuse import FUSED_NORMS, _check_module
+from .inference import FOLDED_ACTIVATION
 from ..nn.batchnorm import EAGER_BATCHNORMS, UNFUSED_CLASS, AddReLU
 from ..nn.frozen import _FrozenFusedNorm
 from .rewrite.graphs import UNFUSED_GRAPH, is_rewritten, original_class, set_graph
@@ -75,7 +82,7 @@ def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
                 unfuse_norm(module)
             elif isinstance(module, FUSED_NORMS):
                 module.__class__ = _plain_class(module, parent)
-            elif isinstance(module, AddReLU) and parent is not None:
+            elif (isinstance(module, AddReLU) or module.__dict__.get(FOLDED_ACTIVATION)) and parent is not None:
                 setattr(parent, attr, nn.Identity())
     return model
 

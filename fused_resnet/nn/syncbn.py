@@ -294,7 +294,13 @@ def convert_sync_batchnorm(module, process_group=None):
         if UNFUSED_CLASS in module.__dict__:  # fused by convert: unfuse makes it nn.SyncBatchNorm
             converted.__dict__[UNFUSED_CLASS] = nn.SyncBatchNorm
     for name, child in module.named_children():
-        converted.add_module(name, convert_sync_batchnorm(child, process_group))
+        child = convert_sync_batchnorm(child, process_group)
+        if name in converted.__dict__:
+            # a fused timm BatchNormAct2d keeps its `act` child (for unfuse) beside the fused
+            # module's `act` attribute, the activation's name, which add_module would refuse
+            converted._modules[name] = child
+        else:
+            converted.add_module(name, child)
     return converted
 
 

@@ -1,16 +1,21 @@
-"""What a BatchNorm's output reaches in a graph: a ReLU, an add and then a ReLU, or the reason
-it fuses with neither.
+"""What a BatchNorm's output reaches in a graph: an activation, an add (and then an activation,
+or none), or the reason it fuses with neither.
 
-    y = relu(bn(x))             ->  BatchNormReLU*d(x)
-    y = relu(bn(x) + r)         ->  BatchNormAddReLU*d(x, r)      (bn on either side)
+    y = act(bn(x))              ->  BatchNormReLU*d(x), BatchNormAct*d(x, act=...)
+    y = act(bn(x) + r)          ->  BatchNormAddReLU*d(x, r), BatchNormAddAct*d(x, r, act=...)
+    y = bn(x) + r               ->  BatchNormAddAct*d(x, r, act="identity")   (bn on either side)
 
-The ReLU is nn.ReLU (inplace or not), F.relu, F.relu_, torch.relu, torch.relu_, Tensor.relu or
-Tensor.relu_; the add +, +=, torch.add or Tensor.add(_) with alpha 1. An nn.Identity placeholder
-(timm's drop_block, an unused anti-aliasing layer) may sit anywhere in between. Reads of a
-value's shape, dtype or device are not uses of its values.
+The activations are those of rewrite/activations.py, as modules, functions or methods, in place
+or not; the add +, +=, torch.add or Tensor.add(_) with alpha 1. An add is fused with the
+activation that is the sum's only use, else with none (the inverted residuals of MobileNet and
+EfficientNet: the sum is the block's output): the fused module's output is the sum itself. An
+nn.Identity placeholder (timm's drop_block or an inactive drop_path, an unused anti-aliasing
+layer), or a stochastic depth that drops nothing (timm's DropPath(0.), torchvision's
+StochasticDepth(0.)), may sit anywhere in between. Reads of a value's shape, dtype or device
+are not uses of its values.
 
 A reason starts with "cannot fuse:" when the computation itself has no fused form (the output is
-needed on its own, or goes through an SE block or a SiLU) and with "not supported:" when it has
+needed on its own, or goes through an SE block or an ELU) and with "not supported:" when it has
 one that convert does not take (hooks, a shared module, an untraceable caller).
 """
 
@@ -20,12 +25,11 @@ from typing import List, Optional
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
+from .activations import IDENTITY, Activation, Unsupported, applied_activation
 
-_RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_)
-_RELU_METHODS = ("relu", "relu_")
+
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
 _METADATA_METHODS = ("size", "dim", "numel")
@@ -46,20 +50,6 @@ def hooked(module):
 
 # ---------------------------------------------------------------------------------------------
 # Nodes.
-
-
-def relu_input(node, module):
-    """The value `node` applies a ReLU to, or None when `node` is not a ReLU."""
-    if node.op == "call_module" and type(module.get_submodule(node.target)) is nn.ReLU:
-        return node.args[0] if len(node.args) == 1 and not node.kwargs else None
-    if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
-        flags = list(node.args[1:]) + list(node.kwargs.values())  # F.relu's `inplace`
-        if len(node.args) in (1, 2) and set(node.kwargs) <= {"inplace"}:
-            return node.args[0] if all(isinstance(f, bool) for f in flags) else None
-        return None
-    if node.op == "call_method" and node.target in _RELU_METHODS:
-        return node.args[0] if len(node.args) == 1 and not node.kwargs else None
-    return None
 
 
 def add_operands(node):
@@ -88,18 +78,38 @@ def reads_metadata(node):
     )
 
 
+# Stochastic depth that drops nothing returns its input in both modes: timm's DropPath (its
+# forward: drop_path(x, drop_prob, ...), which returns x when drop_prob is 0) and torchvision's
+# StochasticDepth (stochastic_depth(input, p, ...), x when p is 0), by exact class and where they
+# are defined, so that neither library is imported. Like an nn.Identity, its call leaves the
+# graph with the fusion: a rate set after convert is not applied (convert the model again).
+_INACTIVE_WHEN_ZERO = {
+    ("timm.layers.drop", "DropPath"): "drop_prob",
+    ("torchvision.ops.stochastic_depth", "StochasticDepth"): "p",
+}
+
+
+def _passes_through(layer):
+    if type(layer) is nn.Identity:
+        return True
+    probability = _INACTIVE_WHEN_ZERO.get((type(layer).__module__, type(layer).__qualname__))
+    return probability is not None and getattr(layer, probability, None) == 0
+
+
 def is_placeholder_layer(node, module):
-    """A call of an nn.Identity without hooks: the value passes through unchanged."""
+    """A call of an nn.Identity, or of a stochastic depth that drops nothing, without hooks: the
+    value passes through unchanged."""
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
         return False
     target = module.get_submodule(node.target)
-    return type(target) is nn.Identity and not hooked(target)
+    return _passes_through(target) and not hooked(target)
 
 
-def describe(node, module):
-    """`node` in words, for a reason."""
+def describe(node, module, prefix=""):
+    """`node` in words, for a reason; a submodule by its qualified name (`prefix` is `module`'s)."""
     if node.op == "call_module":
-        return f"{node.target} ({type(module.get_submodule(node.target)).__name__})"
+        name = f"{prefix}.{node.target}" if prefix else node.target
+        return f"{name} ({type(module.get_submodule(node.target)).__name__})"
     if node.op == "output":
         return "the output"
     target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
@@ -126,10 +136,11 @@ def follow(node, module):
 @dataclass
 class Fusion:
     """A BatchNorm call (or the call of a container whose graph ends in one: `container`) whose
-    output reaches a ReLU, or an add and then a ReLU."""
+    output reaches an activation, or an add and then an activation or none (IDENTITY)."""
 
     node: torch.fx.Node
-    relu: torch.fx.Node
+    activation: Activation
+    act_node: Optional[torch.fx.Node]  # the call of the activation; None for IDENTITY after an add
     add: Optional[torch.fx.Node] = None
     residual: Optional[torch.fx.Node] = None
     bn_on_left: bool = True
@@ -142,21 +153,31 @@ class Fusion:
 REACHES_OUTPUT = "its output is the module's output"
 
 
-def find_fusion(module, node, order):
+def _no_fusion(what, clause):
+    """The reason for `what` (\"its output goes to act (ELU)\") followed by an activation's clause."""
+    why = f"{what}, {clause}"
+    return unsupported(why) if isinstance(clause, Unsupported) else cannot(why)
+
+
+def find_fusion(module, node, order, prefix=""):
     """A Fusion for the call `node` whose value is a BatchNorm's output, REACHES_OUTPUT when that
-    value is what `module`'s forward returns (its caller decides), else the reason (a str)."""
+    value is what `module`'s forward returns (its caller decides), else the reason (a str), which
+    names submodules by their qualified names (`prefix` is `module`'s)."""
     last, placeholders, users = follow(node, module)
     if len(users) != 1:
         return cannot(f"its output has {len(users)} uses") if users else cannot("its output is unused")
     user = users[0]
     if user.op == "output":
         return REACHES_OUTPUT if user.args[0] is last else cannot("its output is part of a returned tuple")
-    found = Fusion(node=node, relu=user, placeholders=placeholders)
-    if relu_input(user, module) is last:
-        return found
+    applied = applied_activation(user, module)
+    if applied is not None and applied[0] is last:
+        if isinstance(applied[1], Activation):
+            return Fusion(node=node, activation=applied[1], act_node=user, placeholders=placeholders)
+        return _no_fusion(f"its output goes to {describe(user, module, prefix)}", applied[1])
     operands = add_operands(user)
     if operands is None:
-        return cannot(f"its output goes to {describe(user, module)}, not to a ReLU or an add")
+        return cannot(f"its output goes to {describe(user, module, prefix)}, not to an activation or an add")
+    found = Fusion(node=node, activation=IDENTITY, act_node=None, add=user, placeholders=placeholders)
     left, right, in_place = operands
     if (left is last) == (right is last):
         return cannot("it is added to itself")
@@ -166,13 +187,14 @@ def find_fusion(module, node, order):
         return unsupported("it is added to a constant, not a tensor")
     if in_place and not found.bn_on_left:
         return unsupported("the add writes into the residual in place (r.add_(bn(x)) changes r)")
-    sum_last, sum_placeholders, sum_users = follow(user, module)
-    if len(sum_users) != 1 or any(len(n.users) != 1 for n in [user] + sum_placeholders):
-        return cannot("the sum has other uses than the ReLU")
-    if relu_input(sum_users[0], module) is not sum_last:
-        return cannot(f"the sum goes to {describe(sum_users[0], module)}, not to a ReLU")
     between = [n for n in order if order[node] < order[n] < order[user]]
     if any(arg in n.all_input_nodes and not reads_metadata(n) for arg in node.all_input_nodes for n in between):
         return unsupported("its input is used again between the BatchNorm and the add")
-    found.add, found.relu, found.sum_placeholders = user, sum_users[0], sum_placeholders
+    # The activation that is the sum's only use joins the fusion; else the fused module's output
+    # is the sum, for all its readers.
+    sum_last, sum_placeholders, sum_users = follow(user, module)
+    if len(sum_users) == 1 and all(len(n.users) == 1 for n in [user] + sum_placeholders):
+        applied = applied_activation(sum_users[0], module)
+        if applied is not None and applied[0] is sum_last and isinstance(applied[1], Activation):
+            found.activation, found.act_node, found.sum_placeholders = applied[1], sum_users[0], sum_placeholders
     return found
