@@ -2,7 +2,12 @@
 // SyncBatchNorm, bn_act_bwd_reduce (the sums) and bn_act_bwd_apply (dx, dr from given global
 // means of the sums), built from the same reduce and apply code.
 //
-//   dz = (out <= 0) ? 0 : grad_out                  (aten threshold_backward; NaN out passes)
+//   dz = grad_out·act'(.)                           (act_math.h; dz_of in bwd_spans.h)
+//        piecewise linear: from out's side (relu: (out <= 0) ? 0 : grad_out, aten's
+//                          threshold_backward, NaN out passes), or the act_mask bits
+//        smooth:           from z = (x − mean)·invstd·w + b (+ r) recomputed, with the mean and
+//                          invstd given (batch or running statistics alike)
+//        identity:         grad_out
 //   grad_bias = Σdz,  grad_weight = Σdz·x̂ = invstd·Σdz·(x − mean)
 //   grad_input = A·dz + B·(x − mean) + D,  A = w·invstd,
 //       B = −A·invstd·grad_weight/M, D = −A·grad_bias/M     when batch_stats
@@ -10,14 +15,17 @@
 //   grad_residual = dz                                       when residual_grad
 //   bn_act_bwd_apply: B = −A·invstd·mean_dz_xhat, D = −A·mean_dz  (means over all processes)
 //
-// One reduce pass (reads dy, y, x) and one apply pass (reads dy, y, x; writes dx, dr). Sums
-// are two-level: fp32 (double for double) vector accumulators over a block, then added to a
-// double total in a fixed order (deterministic for a given thread count). Layouts and parallel
-// decomposition mirror the forward (fwd.cpp): in the planes layout a channel-local task
-// keeps the channel's three inputs in L2 between its two passes; in the rows layout each thread
-// reduces and then applies its own contiguous chunk of rows, and bn_act_bwd takes the ReLU mask
-// as bits instead of reading y: those bn_act_fwd_train saved (act_mask; then y is not read at
-// all), or else bits its reduce pass records for its apply pass (RowMask).
+// One reduce pass (reads dy, x, and y for a piecewise-linear activation or r for a smooth one
+// with a residual) and one apply pass (reads the same; writes dx, dr). The activation is a
+// compile-time constant of the kernels (dispatch_act), and so is whether a recomputed z adds a
+// residual. Sums are two-level: fp32 (double for double) vector accumulators over a block, then
+// added to a double total in a fixed order (deterministic for a given thread count). Layouts
+// and parallel decomposition mirror the forward (fwd.cpp): in the planes layout a channel-local
+// task keeps the channel's inputs in L2 between its two passes; in the rows layout each thread
+// reduces and then applies its own contiguous chunk of rows, and bn_act_bwd takes a
+// piecewise-linear activation's side as bits instead of reading y: those bn_act_fwd_train saved
+// (act_mask; then y is not read at all), or else bits its reduce pass records for its apply
+// pass (RowMask).
 #include "bwd_planes.h"
 #include "bwd_rows.h"
 #include "bwd_spans.h"
@@ -26,6 +34,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 
+#include <type_traits>
 #include <vector>
 
 namespace fused_resnet::cpu {
@@ -61,16 +70,17 @@ C10_ALWAYS_INLINE Coef<acc_type<T>> finalize_grads(
   return running_coef(a.w[c], a.invstd[c]);
 }
 
-template <typename T, typename F>
-void bwd_planes(const BwdArgs<T>& a, const ParamGrads<T>& pg) {
+template <typename T, typename Fn, bool kRes, typename F>
+void bwd_planes(const BwdArgs<T>& a, const ParamGrads<T>& pg, const Fn& act) {
   using A = acc_type<T>;
   const PlaneTasks tasks(a.N, a.C, a.S, at::get_num_threads());
   if (tasks.P == 1) {
-    // channel-local: reduce + apply in one task, the channel's dy, y, x stay in L2
+    // channel-local: reduce + apply in one task, the channel's dy, x (and y or r) stay in L2
     at::parallel_for(0, tasks.count(), tasks.grain(), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        const Coef<A> k = finalize_grads(a, pg, c, task_sums(a, tasks, c), tasks.M);
-        apply_task<T, F>(a, tasks, c, k);
+        const Coef<A> k =
+            finalize_grads(a, pg, c, task_sums<T, Fn, kRes>(a, tasks, c, act), tasks.M);
+        apply_task<T, Fn, kRes, F>(a, tasks, c, k, act);
       }
       if (F::kNT) {
         stream_fence();
@@ -79,40 +89,41 @@ void bwd_planes(const BwdArgs<T>& a, const ParamGrads<T>& pg) {
     return;
   }
   std::vector<Sums> sums(a.C);
-  planes_sums(a, tasks, sums.data());
+  planes_sums<T, Fn, kRes>(a, tasks, sums.data(), act);
   std::vector<Coef<A>> coef(a.C);
   for (int64_t c = 0; c < a.C; ++c) {
     coef[c] = finalize_grads(a, pg, c, sums[c], tasks.M);
   }
-  planes_apply<T, F>(a, tasks, coef.data());
+  planes_apply<T, Fn, kRes, F>(a, tasks, coef.data(), act);
 }
 
-template <typename T, typename F>
-void bwd_rows(const BwdArgs<T>& a, const ParamGrads<T>& pg) {
+template <typename T, typename Fn, bool kRes, typename F>
+void bwd_rows(const BwdArgs<T>& a, const ParamGrads<T>& pg, const Fn& act) {
   using A = acc_type<T>;
   const RowPlan plan(a.C, a.N * a.S, VecT<T>::kStep, at::get_num_threads());
-  const std::vector<A> mean_ext = repeated_means(a, plan);
+  const RowParams<A> pp = repeated_params(a, plan);
   std::vector<Sums> sums(a.C);
-  const RowMask mask = row_mask<T>(plan, a.act_mask);
-  rows_sums(a, plan, mean_ext.data(), sums.data(), mask);
+  const RowMask mask = row_mask<T, Fn>(plan, a.act_mask);
+  rows_sums<T, Fn, kRes>(a, plan, pp, sums.data(), act, mask);
   std::vector<Coef<A>> coef(a.C);
   for (int64_t c = 0; c < a.C; ++c) {
     coef[c] = finalize_grads(a, pg, c, sums[c], a.N * a.S);
   }
-  rows_apply<T, F>(a, plan, RowCoefs<A>(coef, plan.W), mean_ext.data(), mask.bits());
+  rows_apply<T, Fn, kRes, F>(a, plan, RowCoefs<A>(coef, plan.W), pp, act, mask.bits());
 }
 
-template <typename T>
+template <typename T, typename Fn, bool kRes>
 void bwd_reduce(
-    const BwdArgs<T>& a, const View& g, acc_type<T>* sum_dz_xhat, acc_type<T>* sum_dz) {
+    const BwdArgs<T>& a, const View& g, acc_type<T>* sum_dz_xhat, acc_type<T>* sum_dz,
+    const Fn& act) {
   using A = acc_type<T>;
   const int64_t threads = at::get_num_threads();
   std::vector<Sums> sums(a.C);
   if (g.rows) {
     const RowPlan plan(a.C, g.M(), VecT<T>::kStep, threads);
-    rows_sums(a, plan, repeated_means(a, plan).data(), sums.data());
+    rows_sums<T, Fn, kRes>(a, plan, repeated_params(a, plan), sums.data(), act);
   } else {
-    planes_sums(a, PlaneTasks(a.N, a.C, a.S, threads), sums.data());
+    planes_sums<T, Fn, kRes>(a, PlaneTasks(a.N, a.C, a.S, threads), sums.data(), act);
   }
   for (int64_t c = 0; c < a.C; ++c) {
     sum_dz_xhat[c] = sum_dz_xhat_of(sums[c], a.invstd[c]);
@@ -120,10 +131,10 @@ void bwd_reduce(
   }
 }
 
-template <typename T, typename F>
+template <typename T, typename Fn, bool kRes, typename F>
 void bwd_apply(
     const BwdArgs<T>& a, const View& g, const acc_type<T>* mean_dz,
-    const acc_type<T>* mean_dz_xhat) {
+    const acc_type<T>* mean_dz_xhat, const Fn& act) {
   using A = acc_type<T>;
   const int64_t threads = at::get_num_threads();
   std::vector<Coef<A>> coef(a.C);
@@ -132,33 +143,41 @@ void bwd_apply(
   }
   if (g.rows) {
     const RowPlan plan(a.C, g.M(), VecT<T>::kStep, threads);
-    rows_apply<T, F>(a, plan, RowCoefs<A>(coef, plan.W), repeated_means(a, plan).data());
+    rows_apply<T, Fn, kRes, F>(
+        a, plan, RowCoefs<A>(coef, plan.W), repeated_params(a, plan), act);
   } else {
-    planes_apply<T, F>(a, PlaneTasks(a.N, a.C, a.S, threads), coef.data());
+    planes_apply<T, Fn, kRes, F>(a, PlaneTasks(a.N, a.C, a.S, threads), coef.data(), act);
   }
 }
 
 // ------------------------------------------------------------------------------------------
 // Host side shared by the three ops.
 
-// weight, mean and invstd read into acc_t vectors, and the pointers of the activations.
+// weight, mean and invstd read into acc_t vectors, z's scale w·invstd and shift (the bias),
+// and the pointers of the activations (out and the residual where the activation reads them:
+// the op contract leaves the others undefined).
 template <typename T>
 struct BwdBuffers {
-  std::vector<acc_type<T>> w, mean, invstd;
+  std::vector<acc_type<T>> w, mean, invstd, zscale, zshift;
   BwdArgs<T> args;
   BwdBuffers(
-      const BwdOperands& in, const std::optional<at::Tensor>& weight, const at::Tensor& mean_t,
-      const at::Tensor& invstd_t, at::Tensor* dx, at::Tensor* dr,
+      const BwdOperands& in, const OptTensor& weight, const OptTensor& bias,
+      const at::Tensor& mean_t, const at::Tensor& invstd_t, at::Tensor* dx, at::Tensor* dr,
       const MaskWord* act_mask = nullptr)
-      : w(in.g.C), mean(in.g.C), invstd(in.g.C) {
+      : w(in.g.C), mean(in.g.C), invstd(in.g.C), zscale(in.g.C), zshift(in.g.C) {
     using A = acc_type<T>;
     const int64_t C = in.g.C;
     read_param<A>(weight, C, A(1), w.data());
     read_param<A>(mean_t, C, A(0), mean.data());
     read_param<A>(invstd_t, C, A(1), invstd.data());
+    read_param<A>(bias, C, A(0), zshift.data());
+    for (int64_t c = 0; c < C; ++c) {
+      zscale[c] = w[c] * invstd[c];  // the product the apply's coefficient A is (bwd_spans.h)
+    }
     args.dy = in.grad_out.const_data_ptr<T>();
-    args.y = in.out.const_data_ptr<T>();
+    args.y = in.out.defined() ? in.out.const_data_ptr<T>() : nullptr;
     args.x = in.g.x.const_data_ptr<T>();
+    args.r = in.residual.defined() ? in.residual.const_data_ptr<T>() : nullptr;
     args.dx = dx != nullptr ? dx->mutable_data_ptr<T>() : nullptr;
     args.dr = dr != nullptr ? dr->mutable_data_ptr<T>() : nullptr;
     args.N = in.g.N;
@@ -167,22 +186,52 @@ struct BwdBuffers {
     args.w = w.data();
     args.mean = mean.data();
     args.invstd = invstd.data();
+    args.zscale = zscale.data();
+    args.zshift = zshift.data();
     args.act_mask = act_mask;
   }
 };
 
 // The bits of bn_act_bwd's act_mask (checked by the op contract: empty, or what
-// bn_act_fwd_train returns for this input), or null where out gives the mask (empty; or a layout
-// or dtype whose kernel keeps no mask: then the forward returned zeros and out is read).
+// bn_act_fwd_train returns for this input and activation), or null where out gives the side
+// (empty; or a layout or dtype whose kernel keeps no mask: then the forward returned zeros and
+// out is read) or the activation reads no side.
 const MaskWord* saved_mask_bits(const at::Tensor& act_mask) {
   return act_mask.numel() == 0 ? nullptr : act_mask.const_data_ptr<MaskWord>();
+}
+
+// Calls f(act, res_c): the activation as its compile-time ActFn<kAct, A> (act_math.h), and
+// whether a recomputed z adds the residual as std::bool_constant, true only for an activation
+// that recomputes z and a residual given (the op contract passes none to the others).
+template <typename A, typename F>
+C10_ALWAYS_INLINE void dispatch_dz(const BwdOperands& in, const F& f) {
+  dispatch_act(in.act.kind, [&](auto act_c) {
+    using Fn = ActFn<decltype(act_c)::value, A>;
+    const Fn act(in.act.negative_slope);
+    if constexpr (Fn::kRecomputesZ) {
+      if (in.residual.defined()) {
+        f(act, std::true_type{});
+        return;
+      }
+    }
+    f(act, std::false_type{});
+  });
+}
+
+// Bytes of activations a backward pass touches: dy, x, and out or the residual where the
+// activation reads them, read; dx, and dr when residual_grad, written.
+int64_t bwd_bytes(const BwdOperands& in, bool residual_grad) {
+  const int64_t operands = 3 + (in.out.defined() || in.residual.defined() ? 1 : 0) +
+      (residual_grad ? 1 : 0);
+  return in.g.numel() * static_cast<int64_t>(in.g.x.element_size()) * operands;
 }
 
 } // namespace
 
 BwdOutputs bwd_cpu(
     const BwdOperands& in, const at::Tensor& act_mask, const OptTensor& weight,
-    const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats, bool residual_grad) {
+    const OptTensor& bias, const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats,
+    bool residual_grad) {
   constexpr const char* op = "bn_act_bwd";
   const View& g = in.g;
   const at::Tensor mask = act_mask.contiguous();
@@ -196,43 +245,52 @@ BwdOutputs bwd_cpu(
     using A = acc_type<scalar_t>;
     const ParamGrads<scalar_t> pg{batch_stats, gw.mutable_data_ptr<A>(), gb.mutable_data_ptr<A>()};
     const BwdBuffers<scalar_t> buf(
-        in, weight, mean, invstd, &dx, residual_grad ? &dr : nullptr, saved_mask);
-    // bytes of activations touched: dy, y (or the mask), x read; dx (and dr) written
-    const int64_t bytes = g.numel() * int64_t(sizeof(scalar_t)) * (residual_grad ? 5 : 4);
-    const bool nt = use_streaming_stores(bytes, Pass::kTwo);
-    auto run = [&](auto res_c, auto nt_c) {
+        in, weight, bias, mean, invstd, &dx, residual_grad ? &dr : nullptr, saved_mask);
+    const bool nt = use_streaming_stores(bwd_bytes(in, residual_grad), Pass::kTwo);
+    dispatch_dz<A>(in, [&](const auto& act, auto res_c) {
+      using Fn = std::decay_t<decltype(act)>;
       constexpr bool kRes = decltype(res_c)::value;
-      constexpr bool kNT = decltype(nt_c)::value;
-      if (batch_stats) {
-        using F = BwdFlags<true, kRes, kNT>;
-        g.rows ? bwd_rows<scalar_t, F>(buf.args, pg) : bwd_planes<scalar_t, F>(buf.args, pg);
-      } else {
-        using F = BwdFlags<false, kRes, kNT>;
-        g.rows ? bwd_rows<scalar_t, F>(buf.args, pg) : bwd_planes<scalar_t, F>(buf.args, pg);
-      }
-    };
-    dispatch_bools(residual_grad, nt, run);
+      dispatch_bools(residual_grad, nt, [&](auto res_grad_c, auto nt_c) {
+        constexpr bool kResGrad = decltype(res_grad_c)::value;
+        constexpr bool kNT = decltype(nt_c)::value;
+        if (batch_stats) {
+          using F = BwdFlags<true, kResGrad, kNT>;
+          g.rows ? bwd_rows<scalar_t, Fn, kRes, F>(buf.args, pg, act)
+                 : bwd_planes<scalar_t, Fn, kRes, F>(buf.args, pg, act);
+        } else {
+          using F = BwdFlags<false, kResGrad, kNT>;
+          g.rows ? bwd_rows<scalar_t, Fn, kRes, F>(buf.args, pg, act)
+                 : bwd_planes<scalar_t, Fn, kRes, F>(buf.args, pg, act);
+        }
+      });
+    });
   });
   return {dx, dr, gw, gb};
 }
 
-TensorPair bwd_reduce_cpu(const BwdOperands& in, const at::Tensor& mean, const at::Tensor& invstd) {
+TensorPair bwd_reduce_cpu(
+    const BwdOperands& in, const OptTensor& weight, const OptTensor& bias,
+    const at::Tensor& mean, const at::Tensor& invstd) {
   constexpr const char* op = "bn_act_bwd_reduce";
   const View& g = in.g;
   at::Tensor sum_dz_xhat = empty_channel_stat(g);
   at::Tensor sum_dz = empty_channel_stat(g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.x.scalar_type(), op, [&] {
     using A = acc_type<scalar_t>;
-    const BwdBuffers<scalar_t> buf(in, std::nullopt, mean, invstd, nullptr, nullptr);
-    bwd_reduce(buf.args, g, sum_dz_xhat.mutable_data_ptr<A>(), sum_dz.mutable_data_ptr<A>());
+    const BwdBuffers<scalar_t> buf(in, weight, bias, mean, invstd, nullptr, nullptr);
+    dispatch_dz<A>(in, [&](const auto& act, auto res_c) {
+      using Fn = std::decay_t<decltype(act)>;
+      bwd_reduce<scalar_t, Fn, decltype(res_c)::value>(
+          buf.args, g, sum_dz_xhat.mutable_data_ptr<A>(), sum_dz.mutable_data_ptr<A>(), act);
+    });
   });
   return {sum_dz_xhat, sum_dz};
 }
 
 TensorPair bwd_apply_cpu(
-    const BwdOperands& in, const OptTensor& weight, const at::Tensor& mean,
-    const at::Tensor& invstd, const at::Tensor& mean_dz, const at::Tensor& mean_dz_xhat,
-    bool residual_grad) {
+    const BwdOperands& in, const OptTensor& weight, const OptTensor& bias,
+    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& mean_dz,
+    const at::Tensor& mean_dz_xhat, bool residual_grad) {
   constexpr const char* op = "bn_act_bwd_apply";
   const View& g = in.g;
   at::Tensor dx = empty_activation(g);
@@ -242,14 +300,17 @@ TensorPair bwd_apply_cpu(
     std::vector<A> mean_dz_acc(g.C), mean_dz_xhat_acc(g.C);
     read_param<A>(mean_dz, g.C, A(0), mean_dz_acc.data());
     read_param<A>(mean_dz_xhat, g.C, A(0), mean_dz_xhat_acc.data());
-    const BwdBuffers<scalar_t> buf(in, weight, mean, invstd, &dx, residual_grad ? &dr : nullptr);
-    // bytes of activations touched: dy, y, x read; dx (and dr) written
-    const int64_t bytes = g.numel() * int64_t(sizeof(scalar_t)) * (residual_grad ? 5 : 4);
+    const BwdBuffers<scalar_t> buf(
+        in, weight, bias, mean, invstd, &dx, residual_grad ? &dr : nullptr);
     // (one pass here, but the second of a training backward split around a collective)
-    const bool nt = use_streaming_stores(bytes, Pass::kTwo);
-    dispatch_bools(residual_grad, nt, [&](auto res_c, auto nt_c) {
-      using F = BwdFlags<true, decltype(res_c)::value, decltype(nt_c)::value>;
-      bwd_apply<scalar_t, F>(buf.args, g, mean_dz_acc.data(), mean_dz_xhat_acc.data());
+    const bool nt = use_streaming_stores(bwd_bytes(in, residual_grad), Pass::kTwo);
+    dispatch_dz<A>(in, [&](const auto& act, auto res_c) {
+      using Fn = std::decay_t<decltype(act)>;
+      dispatch_bools(residual_grad, nt, [&](auto res_grad_c, auto nt_c) {
+        using F = BwdFlags<true, decltype(res_grad_c)::value, decltype(nt_c)::value>;
+        bwd_apply<scalar_t, Fn, decltype(res_c)::value, F>(
+            buf.args, g, mean_dz_acc.data(), mean_dz_xhat_acc.data(), act);
+      });
     });
   });
   return {dx, dr};

@@ -1,7 +1,7 @@
 // The backward over the rows layout [N*S][C]: per-position sums over register tiles, merged in
-// chunk order, and the apply pass over each thread's chunk; the ReLU mask comes from out, from the
-// bits bn_act_fwd_train saved, or from bits the reduce pass records for the apply pass
-// (RowMask).
+// chunk order, and the apply pass over each thread's chunk; dz as in bwd_spans.h (activation Fn,
+// residual flag kRes). A piecewise-linear activation's side comes from out, from the bits
+// bn_act_fwd_train saved, or from bits the reduce pass records for the apply pass (RowMask).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -19,21 +19,24 @@ namespace fused_resnet::cpu {
 // ------------------------------------------------------------------------------------------
 // Rows layout.
 
-// Where the rows reduce pass takes the ReLU mask from: out (kOut), out while recording its bits
-// for the apply pass (kOutRecord), or the bits bn_act_fwd_train saved (kSavedBits).
-enum class MaskSource { kOut, kOutRecord, kSavedBits };
+// Where the rows reduce pass takes dz from: what the activation reads (out, z or nothing:
+// dz_of; kNone), out while recording the bits of its side for the apply pass (kOutRecord), or
+// the bits bn_act_fwd_train saved (kSavedBits); the last two for a piecewise-linear activation.
+enum class MaskSource { kNone, kOutRecord, kSavedBits };
 
 // Per-position Σdz and Σdz·(x − mean) of a tile of NS vector steps (positions [j, j + NS*K))
 // over rows [r0, r0 + nr) of width W; added to sum_dz/sum_dz_xmu (the block total goes in in
-// one add).
+// one add). mean, zscale, zshift: per position (W).
 // The mask bits of the vector at element e are byte e / 8 of saved (kSavedBits) or of record
 // (kOutRecord, written here).
-template <typename T, int64_t NS, MaskSource kSrc>
+template <typename T, typename Fn, bool kRes, int64_t NS, MaskSource kSrc>
 C10_ALWAYS_INLINE void rows_reduce_tile(
-    const T* __restrict__ dy, const T* __restrict__ y, const T* __restrict__ x, int64_t W,
-    int64_t r0, int64_t nr, int64_t j, const acc_type<T>* __restrict__ mean,
-    acc_type<T>* __restrict__ sum_dz, acc_type<T>* __restrict__ sum_dz_xmu,
-    const MaskWord* __restrict__ saved, MaskWord* __restrict__ record) {
+    const T* __restrict__ dy, const T* __restrict__ y, const T* __restrict__ x,
+    const T* __restrict__ r, int64_t W, int64_t r0, int64_t nr, int64_t j,
+    const acc_type<T>* __restrict__ mean, const acc_type<T>* __restrict__ zscale,
+    const acc_type<T>* __restrict__ zshift, acc_type<T>* __restrict__ sum_dz,
+    acc_type<T>* __restrict__ sum_dz_xmu, const MaskWord* __restrict__ saved,
+    MaskWord* __restrict__ record, const Fn& act) {
   using V = VecT<T>;
   using A = typename V::acc_t;
   using AV = typename V::AV;
@@ -41,6 +44,7 @@ C10_ALWAYS_INLINE void rows_reduce_tile(
   constexpr int64_t P = V::kParts;
   constexpr int64_t H = AV::size();
   constexpr int64_t NA = NS * P;
+  static_assert(kSrc == MaskSource::kNone || Fn::kReadsOut, "bits of a piecewise-linear side");
   const AV zero(A(0));
   AV sd[NA], sx[NA];
   FR_UNROLL
@@ -52,28 +56,33 @@ C10_ALWAYS_INLINE void rows_reduce_tile(
     const int64_t o = (r0 + i) * W + j;
     FR_UNROLL
     for (int64_t u = 0; u < NS; ++u) {
-      AV g[P], ov[P], xv[P];
+      AV g[P], ov[P], xv[P], rv[P];
       V::load(dy + o + u * K, g);
-      if constexpr (kSrc != MaskSource::kSavedBits) {
+      if constexpr (Fn::kReadsOut && kSrc != MaskSource::kSavedBits) {
         V::load(y + o + u * K, ov);
       }
       V::load(x + o + u * K, xv);
+      if constexpr (kRes) {
+        V::load(r + o + u * K, rv);
+      }
       FR_UNROLL
       for (int64_t q = 0; q < P; ++q) {
         const int64_t e = o + u * K + q * H;
-        AV off;
+        const int64_t t = j + u * K + q * H;
+        const AV xm = xv[q] - AV::loadu(mean + t);
+        AV dz;
         if constexpr (kSrc == MaskSource::kSavedBits) {
-          off = lanes_from_bits(saved[e / 8]);
-        } else {
-          off = relu_off_vec(ov[q], zero);
-        }
-        const AV dz = AV::blendv(g[q], zero, off);
-        if constexpr (kSrc == MaskSource::kOutRecord) {
+          dz = act.grad_off(g[q], lanes_from_bits(saved[e / 8]));
+        } else if constexpr (kSrc == MaskSource::kOutRecord) {
+          const AV off = act.off(ov[q]);
           record[e / 8] = lane_bits(off);
+          dz = act.grad_off(g[q], off);
+        } else {
+          dz = dz_of<kRes>(
+              act, g[q], ov[q], xm, AV::loadu(zscale + t), AV::loadu(zshift + t), rv[q]);
         }
-        const AV m = AV::loadu(mean + j + u * K + q * H);
         sd[u * P + q] = sd[u * P + q] + dz;
-        sx[u * P + q] = at::vec::fmadd(dz, xv[q] - m, sx[u * P + q]);
+        sx[u * P + q] = at::vec::fmadd(dz, xm, sx[u * P + q]);
       }
     }
   }
@@ -85,11 +94,11 @@ C10_ALWAYS_INLINE void rows_reduce_tile(
   }
 }
 
-// The ReLU mask of the rows path, as bits (act_mask.h), for the super-rows when
-// rows_keep_mask (leftover rows, other widths and other builds read out). The apply pass needs
-// dz = (out <= 0) ? 0 : dy for every element after the reduce pass has streamed dy, out and x
-// through the caches; with the bits it reads dy, x and the bits (2 + 1/32 operands) instead of
-// dy, out and x (3).
+// The side of a piecewise-linear activation in the rows path, as bits (act_mask.h), for the
+// super-rows when rows_keep_mask (leftover rows, other widths and other builds read out). The
+// apply pass needs dz (for relu (out <= 0) ? 0 : dy) for every element after the reduce pass
+// has streamed dy, out and x through the caches; with the bits it reads dy, x and the bits
+// (2 + 1/32 operands) instead of dy, out and x (3).
 //   saved:  act_mask from bn_act_fwd_train; the reduce pass reads it too, so out is not read
 //           at all (the training backward).
 //   record: otherwise (bn_act_bwd after the eval forward), the reduce pass records the bits
@@ -105,10 +114,10 @@ struct RowMask {
   const MaskWord* bits() const { return saved != nullptr ? saved : record; }
 };
 
-template <typename T>
+template <typename T, typename Fn>
 RowMask row_mask(const RowPlan& plan, const MaskWord* saved) {
   RowMask m;
-  if (!rows_keep_mask<T>(plan)) {
+  if (!rows_keep_mask<T, Fn>(plan)) {
     return m;
   }
   if (saved != nullptr) {
@@ -125,22 +134,44 @@ RowMask row_mask(const RowPlan& plan, const MaskWord* saved) {
   return m;
 }
 
-// Per-position sums over super-rows [g0, g1) of width W, in blocks of kRowBlock rows, the
-// ReLU mask taken as `mask` says (RowMask; W is then a multiple of the vector step): Σdz into
-// sum_dz, Σdz·(x − mean) into sum_dz_xmu (double, W each). Block totals go into acc_t partial
-// sums (part_sum_dz, part_sum_dz_xmu: W each), which are added into the double sums every
-// kFlushBlocks blocks (see Sums).
+// Per-channel values repeated over a super-row (width W): the means, z's scale and shift.
+template <typename A>
+struct RowParams {
+  std::vector<A> mean, zscale, zshift;
+};
+
 template <typename T>
+RowParams<acc_type<T>> repeated_params(const BwdArgs<T>& a, const RowPlan& plan) {
+  RowParams<acc_type<T>> p;
+  p.mean.assign(a.mean, a.mean + a.C);
+  p.zscale.assign(a.zscale, a.zscale + a.C);
+  p.zshift.assign(a.zshift, a.zshift + a.C);
+  repeat_channels(p.mean, a.C, plan.W);
+  repeat_channels(p.zscale, a.C, plan.W);
+  repeat_channels(p.zshift, a.C, plan.W);
+  return p;
+}
+
+// Per-position sums over super-rows [g0, g1) of width W, in blocks of kRowBlock rows, a
+// piecewise-linear activation's side taken as `mask` says (RowMask; W is then a multiple of the
+// vector step): Σdz into sum_dz, Σdz·(x − mean) into sum_dz_xmu (double, W each). Block totals
+// go into acc_t partial sums (part_sum_dz, part_sum_dz_xmu: W each), which are added into the
+// double sums every kFlushBlocks blocks (see Sums). pp: the per-position parameters.
+template <typename T, typename Fn, bool kRes>
 void rows_chunk_sums(
-    const T* dy, const T* y, const T* x, int64_t W, int64_t g0, int64_t g1,
-    const acc_type<T>* mean, double* sum_dz, double* sum_dz_xmu, acc_type<T>* part_sum_dz,
-    acc_type<T>* part_sum_dz_xmu, const RowMask& mask) {
+    const T* dy, const T* y, const T* x, const T* r, int64_t W, int64_t g0, int64_t g1,
+    const RowParams<acc_type<T>>& pp, double* sum_dz, double* sum_dz_xmu,
+    acc_type<T>* part_sum_dz, acc_type<T>* part_sum_dz_xmu, const RowMask& mask, const Fn& act) {
   using V = VecT<T>;
   using A = typename V::acc_t;
   constexpr int64_t K = V::kStep;
   constexpr int64_t NS = kTileVectors / V::kParts;
   constexpr int64_t kFlushBlocks = 4;
+  constexpr bool kBits = kMaskable<T, Fn>;
   const int64_t Wv = W / K * K;
+  const A* mean = pp.mean.data();
+  const A* zscale = pp.zscale.data();
+  const A* zshift = pp.zshift.data();
   std::fill(sum_dz, sum_dz + W, 0.0);
   std::fill(sum_dz_xmu, sum_dz_xmu + W, 0.0);
   std::fill(part_sum_dz, part_sum_dz + W, A(0));
@@ -165,29 +196,32 @@ void rows_chunk_sums(
       constexpr MaskSource kSrc = decltype(source)::value;
       int64_t t = 0;
       for (; t + NS * K <= Wv; t += NS * K) {
-        rows_reduce_tile<T, NS, kSrc>(
-            dy, y, x, W, gb, nb, t, mean, part_sum_dz, part_sum_dz_xmu, mask.saved, mask.record);
+        rows_reduce_tile<T, Fn, kRes, NS, kSrc>(
+            dy, y, x, r, W, gb, nb, t, mean, zscale, zshift, part_sum_dz, part_sum_dz_xmu,
+            mask.saved, mask.record, act);
       }
       for (; t < Wv; t += K) {
-        rows_reduce_tile<T, 1, kSrc>(
-            dy, y, x, W, gb, nb, t, mean, part_sum_dz, part_sum_dz_xmu, mask.saved, mask.record);
+        rows_reduce_tile<T, Fn, kRes, 1, kSrc>(
+            dy, y, x, r, W, gb, nb, t, mean, zscale, zshift, part_sum_dz, part_sum_dz_xmu,
+            mask.saved, mask.record, act);
       }
     };
     using Src = MaskSource;
-    if (kMaskableType<T> && mask.saved != nullptr) {  // (row_mask keeps none for other types)
-      tiles(std::integral_constant<Src, kMaskableType<T> ? Src::kSavedBits : Src::kOut>{});
-    } else if (kMaskableType<T> && mask.record != nullptr) {
-      tiles(std::integral_constant<Src, kMaskableType<T> ? Src::kOutRecord : Src::kOut>{});
+    if (kBits && mask.saved != nullptr) {  // (row_mask keeps none for other types, activations)
+      tiles(std::integral_constant<Src, kBits ? Src::kSavedBits : Src::kNone>{});
+    } else if (kBits && mask.record != nullptr) {
+      tiles(std::integral_constant<Src, kBits ? Src::kOutRecord : Src::kNone>{});
     } else {
-      tiles(std::integral_constant<Src, Src::kOut>{});
+      tiles(std::integral_constant<Src, Src::kNone>{});
     }
     for (int64_t j = Wv; j < W; ++j) {  // positions past the last full vector (k == 1, C % K != 0)
       A bd = A(0), bx = A(0);
       for (int64_t i = 0; i < nb; ++i) {
         const int64_t e = (gb + i) * W + j;
-        const A dz = relu_grad_scalar(static_cast<A>(dy[e]), static_cast<A>(y[e]));
+        const A xm = static_cast<A>(x[e]) - mean[j];
+        const A dz = dz_at<kRes>(act, dy, y, r, e, xm, zscale[j], zshift[j]);
         bd += dz;
-        bx += dz * (static_cast<A>(x[e]) - mean[j]);
+        bx += dz * xm;
       }
       part_sum_dz[j] += bd;
       part_sum_dz_xmu[j] += bx;
@@ -197,12 +231,13 @@ void rows_chunk_sums(
 }
 
 // Per-channel sums of the rows layout: chunk sums in parallel (per position, then the k positions
-// of each channel folded), added in chunk order, then the leftover rows. mean_ext: the means
-// repeated over a super-row. mask: where the super-rows' ReLU mask comes from (RowMask).
-template <typename T>
+// of each channel folded), added in chunk order, then the leftover rows. pp: the per-channel
+// values repeated over a super-row. mask: where the super-rows' side of a piecewise-linear
+// activation comes from (RowMask).
+template <typename T, typename Fn, bool kRes>
 void rows_sums(
-    const BwdArgs<T>& a, const RowPlan& plan, const acc_type<T>* mean_ext, Sums* out,
-    const RowMask& mask = RowMask{}) {
+    const BwdArgs<T>& a, const RowPlan& plan, const RowParams<acc_type<T>>& pp, Sums* out,
+    const Fn& act, const RowMask& mask = RowMask{}) {
   using A = acc_type<T>;
   const int64_t C = plan.C, k = plan.k, W = plan.W, P = plan.P;
   std::vector<Sums> part(P * C);
@@ -212,9 +247,9 @@ void rows_sums(
     double* sum_dz = totals.data();
     double* sum_dz_xmu = sum_dz + W;
     for (int64_t p = p0; p < p1; ++p) {
-      rows_chunk_sums(
-          a.dy, a.y, a.x, W, plan.chunk_begin(p), plan.chunk_end(p), mean_ext, sum_dz, sum_dz_xmu,
-          partials.data(), partials.data() + W, mask);
+      rows_chunk_sums<T, Fn, kRes>(
+          a.dy, a.y, a.x, a.r, W, plan.chunk_begin(p), plan.chunk_end(p), pp, sum_dz, sum_dz_xmu,
+          partials.data(), partials.data() + W, mask, act);
       for (int64_t c = 0; c < C; ++c) {  // fold the k positions of each channel
         Sums s;
         for (int64_t q = 0; q < k; ++q) {
@@ -236,9 +271,10 @@ void rows_sums(
       const int64_t o = plan.G * W + c;
       for (int64_t i = 0; i < plan.Rl; ++i) {
         const int64_t e = o + i * C;
-        const A dz = relu_grad_scalar(static_cast<A>(a.dy[e]), static_cast<A>(a.y[e]));
+        const A xm = static_cast<A>(a.x[e]) - a.mean[c];
+        const A dz = dz_at<kRes>(act, a.dy, a.y, a.r, e, xm, a.zscale[c], a.zshift[c]);
         s.sum_dz += dz;
-        s.sum_dz_xmu += dz * (static_cast<A>(a.x[e]) - a.mean[c]);
+        s.sum_dz_xmu += dz * xm;
       }
     }
     out[c] = s;
@@ -266,16 +302,17 @@ struct RowCoefs {
 };
 
 // Apply over every chunk, chunk p by thread p (the static partition of rows_sums). mask: the
-// super-rows' ReLU mask bits (RowMask::bits), or null.
-template <typename T, typename F>
+// super-rows' bits of a piecewise-linear activation's side (RowMask::bits), or null.
+template <typename T, typename Fn, bool kRes, typename F>
 void rows_apply(
     const BwdArgs<T>& a, const RowPlan& plan, const RowCoefs<acc_type<T>>& k,
-    const acc_type<T>* mean_ext, const MaskWord* mask = nullptr) {
+    const RowParams<acc_type<T>>& pp, const Fn& act, const MaskWord* mask = nullptr) {
   auto apply = [&](int64_t o, int64_t len, auto use_mask) {
     constexpr bool kMask = decltype(use_mask)::value;
-    apply_span<T, F, true, kMask>(
-        a.dx + o, F::kResGrad ? a.dr + o : nullptr, a.dy + o, a.y + o, a.x + o, len, k.a.data(),
-        k.b.data(), mean_ext, k.d.data(), kMask ? mask + o / 8 : nullptr);
+    apply_span<T, Fn, kRes, F, true, kMask>(
+        a.dx + o, F::kResGrad ? a.dr + o : nullptr, a.dy + o, at_offset(a.y, o), a.x + o,
+        at_offset(a.r, o), len, k.a.data(), k.b.data(), pp.mean.data(), k.d.data(),
+        pp.zshift.data(), act, kMask ? mask + o / 8 : nullptr);
   };
   auto apply_rows = [&](int64_t g0, int64_t g1, auto use_mask) {
     for (int64_t g = g0; g < g1; ++g) {
@@ -285,7 +322,7 @@ void rows_apply(
   at::parallel_for(0, plan.P, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       bool masked = false;
-      if constexpr (kMaskableType<T>) {
+      if constexpr (kMaskable<T, Fn>) {
         if (mask != nullptr) {
           apply_rows(plan.chunk_begin(p), plan.chunk_end(p), std::true_type{});
           masked = true;
@@ -302,13 +339,6 @@ void rows_apply(
       stream_fence();
     }
   });
-}
-
-template <typename T>
-std::vector<acc_type<T>> repeated_means(const BwdArgs<T>& a, const RowPlan& plan) {
-  std::vector<acc_type<T>> mean_ext(a.mean, a.mean + a.C);
-  repeat_channels(mean_ext, a.C, plan.W);
-  return mean_ext;
 }
 
 } // namespace fused_resnet::cpu

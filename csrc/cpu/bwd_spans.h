@@ -1,8 +1,10 @@
 // The backward's pieces over one contiguous span: the reduce pass's per-channel sums Σdz and
 // Σdz·(x − mean), and the apply pass dx = a·dz + b·(x − mean) + d, dr = dz, with the coefficients
-// a, b, d of batch or running statistics (bwd.cpp states the math).
+// a, b, d of batch or running statistics (bwd.cpp states the math); and dz = dy·act'(.) of one
+// element or vector, the activation the kernels' compile-time Fn (act_math.h).
 #pragma once
 
+#include "act_math.h"
 #include "plans.h"
 #include "act_mask.h"
 #include "vec.h"
@@ -33,12 +35,74 @@ struct Sums {
 };
 
 // ------------------------------------------------------------------------------------------
-// Planes layout: Σdz and Σdz·(x − mean) over one contiguous span (constant mean).
+// dz = dy·act'(.) from what the activation's backward reads (ActFn): out's side of the kink
+// (piecewise linear: y, or mask bits in its stead), z recomputed (smooth), or nothing
+// (identity: dz = dy). The recomputation, with the statistics the backward is given (batch or
+// running alike), the parameters and the residual:
+//   z = (x − mean)·zscale + zshift (+ r),  zscale = w·invstd (the apply's coefficient A),
+//   zshift = bias
+// kRes: z adds the residual (only an activation that recomputes z is given one). xmu = x − mean.
+// The operands the activation does not read are not looked at: callers leave them unset, and
+// read out, x and r only where the activation needs them (out: 1 read of an activation; z:
+// x, read anyway by the reduce pass, and r; no operand at all for identity).
 
+template <typename A>
+C10_ALWAYS_INLINE A fmadd_of(A a, A b, A c) {
+  return std::fma(a, b, c);
+}
+template <typename A>
+C10_ALWAYS_INLINE at::vec::Vectorized<A> fmadd_of(
+    const at::vec::Vectorized<A>& a, const at::vec::Vectorized<A>& b,
+    const at::vec::Vectorized<A>& c) {
+  return at::vec::fmadd(a, b, c);
+}
+
+// dz of a vector (V = Vectorized<A>) or a scalar (V = A).
+template <bool kRes, typename Fn, typename V>
+C10_ALWAYS_INLINE V dz_of(
+    const Fn& act, const V& dy, const V& y, const V& xmu, const V& zscale, const V& zshift,
+    const V& r) {
+  static_assert(!kRes || Fn::kRecomputesZ, "the residual is read only to recompute z");
+  if constexpr (Fn::kReadsOut) {
+    return act.grad_off(dy, act.off(y));
+  } else if constexpr (Fn::kRecomputesZ) {
+    V z = fmadd_of(xmu, zscale, zshift);
+    if constexpr (kRes) {
+      z = z + r;
+    }
+    return act.grad_z(dy, z);
+  } else {
+    return dy;
+  }
+}
+
+// dz of element e, on the scalar path (span heads and tails, leftover rows): xmu = x[e] − mean,
+// zscale and zshift of e's channel.
+template <bool kRes, typename T, typename Fn>
+C10_ALWAYS_INLINE acc_type<T> dz_at(
+    const Fn& act, const T* dy, const T* y, const T* r, int64_t e, acc_type<T> xmu,
+    acc_type<T> zscale, acc_type<T> zshift) {
+  using A = acc_type<T>;
+  return dz_of<kRes>(
+      act, static_cast<A>(dy[e]), Fn::kReadsOut ? static_cast<A>(y[e]) : A(0), xmu, zscale,
+      zshift, kRes ? static_cast<A>(r[e]) : A(0));
+}
+
+// p + o, or null for an operand the op was not given (out, the residual).
 template <typename T>
+C10_ALWAYS_INLINE const T* at_offset(const T* p, int64_t o) {
+  return p != nullptr ? p + o : nullptr;
+}
+
+// ------------------------------------------------------------------------------------------
+// Planes layout: Σdz and Σdz·(x − mean) over one contiguous span (constant mean, zscale,
+// zshift).
+
+template <typename T, typename Fn, bool kRes>
 C10_ALWAYS_INLINE void reduce_span_block(
-    const T* __restrict__ dy, const T* __restrict__ y, const T* __restrict__ x, int64_t L,
-    acc_type<T> mean, Sums& out) {
+    const T* __restrict__ dy, const T* __restrict__ y, const T* __restrict__ x,
+    const T* __restrict__ r, int64_t L, acc_type<T> mean, acc_type<T> zscale,
+    acc_type<T> zshift, const Fn& act, Sums& out) {
   using V = VecT<T>;
   using A = typename V::acc_t;
   using AV = typename V::AV;
@@ -48,6 +112,8 @@ C10_ALWAYS_INLINE void reduce_span_block(
   constexpr int64_t NA = U * P;
   const AV zero(A(0));
   const AV mv(mean);
+  const AV zs(zscale);
+  const AV zb(zshift);
   AV sd[NA], sx[NA];
   FR_UNROLL
   for (int64_t i = 0; i < NA; ++i) {
@@ -58,81 +124,103 @@ C10_ALWAYS_INLINE void reduce_span_block(
   for (; j + U * K <= L; j += U * K) {
     FR_UNROLL
     for (int64_t u = 0; u < U; ++u) {
-      AV g[P], o[P], xv[P];
+      AV g[P], o[P], xv[P], rv[P];
       V::load(dy + j + u * K, g);
-      V::load(y + j + u * K, o);
+      if constexpr (Fn::kReadsOut) {
+        V::load(y + j + u * K, o);
+      }
       V::load(x + j + u * K, xv);
+      if constexpr (kRes) {
+        V::load(r + j + u * K, rv);
+      }
       FR_UNROLL
       for (int64_t q = 0; q < P; ++q) {
-        const AV dz = relu_grad_vec(g[q], o[q], zero);
+        const AV xm = xv[q] - mv;
+        const AV dz = dz_of<kRes>(act, g[q], o[q], xm, zs, zb, rv[q]);
         sd[u * P + q] = sd[u * P + q] + dz;
-        sx[u * P + q] = at::vec::fmadd(dz, xv[q] - mv, sx[u * P + q]);
+        sx[u * P + q] = at::vec::fmadd(dz, xm, sx[u * P + q]);
       }
     }
   }
   for (; j + K <= L; j += K) {
-    AV g[P], o[P], xv[P];
+    AV g[P], o[P], xv[P], rv[P];
     V::load(dy + j, g);
-    V::load(y + j, o);
+    if constexpr (Fn::kReadsOut) {
+      V::load(y + j, o);
+    }
     V::load(x + j, xv);
+    if constexpr (kRes) {
+      V::load(r + j, rv);
+    }
     FR_UNROLL
     for (int64_t q = 0; q < P; ++q) {
-      const AV dz = relu_grad_vec(g[q], o[q], zero);
+      const AV xm = xv[q] - mv;
+      const AV dz = dz_of<kRes>(act, g[q], o[q], xm, zs, zb, rv[q]);
       sd[q] = sd[q] + dz;
-      sx[q] = at::vec::fmadd(dz, xv[q] - mv, sx[q]);
+      sx[q] = at::vec::fmadd(dz, xm, sx[q]);
     }
   }
   A bd = hsum(sum_accumulators(sd));
   A bx = hsum(sum_accumulators(sx));
   for (; j < L; ++j) {
-    const A dz = relu_grad_scalar(static_cast<A>(dy[j]), static_cast<A>(y[j]));
+    const A xm = static_cast<A>(x[j]) - mean;
+    const A dz = dz_at<kRes>(act, dy, y, r, j, xm, zscale, zshift);
     bd += dz;
-    bx += dz * (static_cast<A>(x[j]) - mean);
+    bx += dz * xm;
   }
   out.sum_dz += bd;
   out.sum_dz_xmu += bx;
 }
 
-template <typename T>
+template <typename T, typename Fn, bool kRes>
 C10_ALWAYS_INLINE void reduce_span(
-    const T* dy, const T* y, const T* x, int64_t L, acc_type<T> mean, Sums& out) {
+    const T* dy, const T* y, const T* x, const T* r, int64_t L, acc_type<T> mean,
+    acc_type<T> zscale, acc_type<T> zshift, const Fn& act, Sums& out) {
   constexpr int64_t kBlock = kBlockBytes / sizeof(T);
   for (int64_t lo = 0; lo < L; lo += kBlock) {
     const int64_t len = std::min(kBlock, L - lo);
-    reduce_span_block(dy + lo, y + lo, x + lo, len, mean, out);
+    reduce_span_block<T, Fn, kRes>(
+        dy + lo, at_offset(y, lo), x + lo, at_offset(r, lo), len, mean, zscale, zshift, act,
+        out);
   }
 }
 
 // ------------------------------------------------------------------------------------------
 // Apply over one contiguous span: dx = A·dz + B·(x − mean) + D; dr = dz. kPerPos: coefficient
-// arrays indexed like the span (rows layout), otherwise coefficient[0] constants.
+// arrays indexed like the span (rows layout), otherwise coefficient[0] constants. A = w·invstd
+// is also z's scale (dz_of), cshift its shift (the bias). x is read where dx has the mean terms
+// (F::kBatchStats) or dz recomputes z.
 
-// kMask: whole vectors take the ReLU mask from the bits `mask` (act_mask.h; byte 0 starts at
-// the span's element 0) instead of reading y; the scalar head and tail still read y.
+// kMask: whole vectors take the activation's side from the bits `mask` (act_mask.h; byte 0
+// starts at the span's element 0) instead of reading y; the scalar head and tail still read y.
 // The span from element `head` on, whose elements [0, head) go through the scalar path first
 // (F::kNT: to align dx, dr for stream_vec; apply_span picks it).
-template <typename T, typename F, bool kPerPos, bool kMask>
+template <typename T, typename Fn, bool kRes, typename F, bool kPerPos, bool kMask>
 C10_ALWAYS_INLINE void apply_span_from(
     int64_t head, T* __restrict__ dx, T* __restrict__ dr, const T* __restrict__ dy,
-    const T* __restrict__ y, const T* __restrict__ x, int64_t L, const acc_type<T>* __restrict__ cA,
-    const acc_type<T>* __restrict__ cB, const acc_type<T>* __restrict__ cmean,
-    const acc_type<T>* __restrict__ cD, const MaskWord* __restrict__ mask) {
+    const T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ r, int64_t L,
+    const acc_type<T>* __restrict__ cA, const acc_type<T>* __restrict__ cB,
+    const acc_type<T>* __restrict__ cmean, const acc_type<T>* __restrict__ cD,
+    const acc_type<T>* __restrict__ cshift, const MaskWord* __restrict__ mask, const Fn& act) {
   using V = VecT<T>;
   using A = typename V::acc_t;
   using AV = typename V::AV;
   constexpr int64_t K = V::kStep;
   constexpr int64_t P = V::kParts;
   constexpr int64_t H = AV::size();
+  constexpr bool kReadsX = F::kBatchStats || Fn::kRecomputesZ;
+  static_assert(!kMask || Fn::kReadsOut, "only a piecewise-linear activation keeps a mask");
   auto scalar = [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
-      const A dz = relu_grad_scalar(static_cast<A>(dy[j]), static_cast<A>(y[j]));
       const A a = kPerPos ? cA[j] : cA[0];
+      const A m = kPerPos ? cmean[j] : cmean[0];
+      const A xm = kReadsX ? static_cast<A>(x[j]) - m : A(0);
+      const A dz = dz_at<kRes>(act, dy, y, r, j, xm, a, kPerPos ? cshift[j] : cshift[0]);
       A v;
       if constexpr (F::kBatchStats) {
         const A b = kPerPos ? cB[j] : cB[0];
-        const A m = kPerPos ? cmean[j] : cmean[0];
         const A d = kPerPos ? cD[j] : cD[0];
-        v = std::fma(a, dz, std::fma(b, static_cast<A>(x[j]) - m, d));
+        v = std::fma(a, dz, std::fma(b, xm, d));
       } else {
         v = a * dz;
       }
@@ -144,40 +232,52 @@ C10_ALWAYS_INLINE void apply_span_from(
   };
   int64_t j = std::min(head, L);
   scalar(0, j);
-  const AV zero(A(0));
   const AV a0(cA[0]);
-  AV b0(A(0)), m0(A(0)), d0(A(0));
+  AV b0(A(0)), m0(A(0)), d0(A(0)), s0(A(0));
   if constexpr (F::kBatchStats) {
     b0 = AV(cB[0]);
-    m0 = AV(cmean[0]);
     d0 = AV(cD[0]);
   }
+  if constexpr (kReadsX) {
+    m0 = AV(cmean[0]);
+  }
+  if constexpr (Fn::kRecomputesZ) {
+    s0 = AV(cshift[0]);
+  }
   for (; j + K <= L; j += K) {
-    AV g[P], o[P], xv[P], res[P], dzs[P];
+    AV g[P], o[P], xv[P], rv[P], res[P], dzs[P];
     V::load(dy + j, g);
-    if constexpr (!kMask) {
+    if constexpr (Fn::kReadsOut && !kMask) {
       V::load(y + j, o);
     }
-    if constexpr (F::kBatchStats) {
+    if constexpr (kReadsX) {
       V::load(x + j, xv);
+    }
+    if constexpr (kRes) {
+      V::load(r + j, rv);
     }
     FR_UNROLL
     for (int64_t q = 0; q < P; ++q) {
+      const int64_t i = j + q * H;
+      AV xm;
+      if constexpr (kReadsX) {
+        xm = xv[q] - (kPerPos ? AV::loadu(cmean + i) : m0);
+      }
       AV dz;
       if constexpr (kMask) {
-        dz = AV::blendv(g[q], zero, lanes_from_bits(mask[(j + q * H) / 8]));
+        dz = act.grad_off(g[q], lanes_from_bits(mask[i / 8]));
+      } else if constexpr (kPerPos) {
+        dz = dz_of<kRes>(act, g[q], o[q], xm, AV::loadu(cA + i), AV::loadu(cshift + i), rv[q]);
       } else {
-        dz = relu_grad_vec(g[q], o[q], zero);
+        dz = dz_of<kRes>(act, g[q], o[q], xm, a0, s0, rv[q]);
       }
       dzs[q] = dz;
-      const int64_t i = j + q * H;
       if constexpr (F::kBatchStats) {
         if constexpr (kPerPos) {
-          const AV t = at::vec::fmadd(
-              AV::loadu(cB + i), xv[q] - AV::loadu(cmean + i), AV::loadu(cD + i));
+          const AV t = at::vec::fmadd(AV::loadu(cB + i), xm, AV::loadu(cD + i));
           res[q] = at::vec::fmadd(AV::loadu(cA + i), dz, t);
         } else {
-          res[q] = at::vec::fmadd(a0, dz, at::vec::fmadd(b0, xv[q] - m0, d0));
+          res[q] = at::vec::fmadd(a0, dz, at::vec::fmadd(b0, xm, d0));
         }
       } else {
         res[q] = kPerPos ? AV::loadu(cA + i) * dz : a0 * dz;
@@ -200,39 +300,49 @@ C10_ALWAYS_INLINE void apply_span_from(
 
 // Apply over one contiguous span. Streaming stores (F::kNT) need dx (and dr) aligned alike for
 // stream_vec after a scalar head: a span with no such head takes plain stores, and one whose head
-// would shift the vectors off the mask bytes (kMask) takes the ReLU mask from y instead.
-template <typename T, typename F, bool kPerPos, bool kMask = false>
+// would shift the vectors off the mask bytes (kMask) takes the activation's side from y instead.
+template <typename T, typename Fn, bool kRes, typename F, bool kPerPos, bool kMask = false>
 C10_ALWAYS_INLINE void apply_span(
     T* __restrict__ dx, T* __restrict__ dr, const T* __restrict__ dy, const T* __restrict__ y,
-    const T* __restrict__ x, int64_t L, const acc_type<T>* __restrict__ cA,
-    const acc_type<T>* __restrict__ cB, const acc_type<T>* __restrict__ cmean,
-    const acc_type<T>* __restrict__ cD, const MaskWord* __restrict__ mask = nullptr) {
+    const T* __restrict__ x, const T* __restrict__ r, int64_t L,
+    const acc_type<T>* __restrict__ cA, const acc_type<T>* __restrict__ cB,
+    const acc_type<T>* __restrict__ cmean, const acc_type<T>* __restrict__ cD,
+    const acc_type<T>* __restrict__ cshift, const Fn& act,
+    const MaskWord* __restrict__ mask = nullptr) {
   if constexpr (F::kNT) {
     const int64_t head = stream_head(dx);
     if (head < 0 || (F::kResGrad && stream_head(dr) != head)) {
       using Plain = BwdFlags<F::kBatchStats, F::kResGrad, false>;
-      apply_span_from<T, Plain, kPerPos, kMask>(0, dx, dr, dy, y, x, L, cA, cB, cmean, cD, mask);
+      apply_span_from<T, Fn, kRes, Plain, kPerPos, kMask>(
+          0, dx, dr, dy, y, x, r, L, cA, cB, cmean, cD, cshift, mask, act);
     } else if (kMask && head != 0) {
-      apply_span_from<T, F, kPerPos, false>(head, dx, dr, dy, y, x, L, cA, cB, cmean, cD, nullptr);
+      apply_span_from<T, Fn, kRes, F, kPerPos, false>(
+          head, dx, dr, dy, y, x, r, L, cA, cB, cmean, cD, cshift, nullptr, act);
     } else {
-      apply_span_from<T, F, kPerPos, kMask>(head, dx, dr, dy, y, x, L, cA, cB, cmean, cD, mask);
+      apply_span_from<T, Fn, kRes, F, kPerPos, kMask>(
+          head, dx, dr, dy, y, x, r, L, cA, cB, cmean, cD, cshift, mask, act);
     }
   } else {
-    apply_span_from<T, F, kPerPos, kMask>(0, dx, dr, dy, y, x, L, cA, cB, cmean, cD, mask);
+    apply_span_from<T, Fn, kRes, F, kPerPos, kMask>(
+        0, dx, dr, dy, y, x, r, L, cA, cB, cmean, cD, cshift, mask, act);
   }
 }
 
 template <typename T>
 struct BwdArgs {
   const T* dy;
-  const T* y;
+  const T* y;  // out where the activation's backward reads it (ActFn::kReadsOut), else null
   const T* x;
+  const T* r;  // the residual a recomputed z adds (ActFn::kRecomputesZ, one given), else null
   T* dx;  // nullptr in bn_act_bwd_reduce
   T* dr;  // nullptr unless residual_grad
   int64_t N, C, S;
   const acc_type<T>* w;
   const acc_type<T>* mean;
   const acc_type<T>* invstd;
+  // z = (x − mean)·zscale + zshift (+ r) recomputed (dz_of): zscale = w·invstd, zshift = bias
+  const acc_type<T>* zscale;
+  const acc_type<T>* zshift;
   const MaskWord* act_mask;  // bn_act_bwd: the bits bn_act_fwd_train saved, or null
 };
 

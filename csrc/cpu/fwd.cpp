@@ -1,7 +1,9 @@
 // Forward CPU kernels: bn_act_fwd_train (batch statistics) and bn_act_fwd_eval (running
-// statistics), y = relu(x·scale + shift (+ r)) with per-channel scale = w·invstd and
-// shift = b − mean·scale, computed in the accumulation type; and bn_stats, the statistics of
-// bn_act_fwd_train alone (same code, so the same bits), for SyncBatchNorm.
+// statistics), y = act(x·scale + shift (+ r)) with per-channel scale = w·invstd and
+// shift = b − mean·scale, computed in the accumulation type, the activation a compile-time
+// constant of the kernels (act_math.h: dispatch_act picks one instantiation per activation); and
+// bn_stats, the statistics of bn_act_fwd_train alone (same code, so the same bits), for
+// SyncBatchNorm.
 //
 // Statistics: each block of at most kBlockBytes of one channel is reduced exactly by two passes
 // over L1-resident data (sum → block mean, then Σ(x − block mean)²); blocks, chunks and threads
@@ -15,8 +17,8 @@
 // over the same parts (same thread, same data).
 // Rows layout [N*S][C]: each thread reduces a contiguous chunk of rows into per-position
 // partials (vectorized along C), the chunks are merged in order, and each thread applies its
-// own chunk; the training forward's apply also writes the ReLU mask bits (act_mask, for
-// bn_act_bwd: 1 bit per element instead of re-reading out).
+// own chunk; for a piecewise-linear activation the training forward's apply also writes the
+// mask bits (act_mask, for bn_act_bwd: 1 bit per element instead of re-reading out).
 #include "fwd_apply.h"
 #include "host.h"
 #include "stats.h"
@@ -46,7 +48,7 @@ struct TrainArgs {
   acc_type<T>* mean_out;
   acc_type<T>* invstd_out;
   acc_type<T>* var_out;
-  MaskWord* act_mask;  // rows layout: the ReLU mask bits (written when rows_keep_mask)
+  MaskWord* act_mask;  // rows layout, piecewise-linear activation: the mask bits (act_mask.h)
   RunningStatsUpdate<acc_type<T>> running;  // applied per channel by finalize_stats
 };
 
@@ -68,8 +70,8 @@ C10_ALWAYS_INLINE std::pair<acc_type<T>, acc_type<T>> finalize_stats(
   return {static_cast<A>(scale), static_cast<A>(shift)};
 }
 
-template <typename T, bool kRes, bool kNT>
-void train_planes(const TrainArgs<T>& a) {
+template <typename T, typename Fn, bool kRes, bool kNT>
+void train_planes(const TrainArgs<T>& a, const Fn& act) {
   using A = acc_type<T>;
   const PlaneTasks tasks(a.N, a.C, a.S, at::get_num_threads());
 
@@ -81,8 +83,8 @@ void train_planes(const TrainArgs<T>& a) {
         const auto [scale, shift] =
             finalize_stats(a, m, c);
         tasks.for_each_span(c, [&](int64_t o, int64_t len) {
-          fwd_apply_span<T, kRes, false, kNT>(
-              a.y + o, a.x + o, kRes ? a.r + o : nullptr, len, &scale, &shift);
+          fwd_apply_span<T, Fn, kRes, false, kNT>(
+              a.y + o, a.x + o, kRes ? a.r + o : nullptr, len, &scale, &shift, act);
         });
       }
       if (kNT) {
@@ -105,8 +107,8 @@ void train_planes(const TrainArgs<T>& a) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c = tasks.channel(t);
       tasks.for_each_span(t, [&](int64_t o, int64_t len) {
-        fwd_apply_span<T, kRes, false, kNT>(
-            a.y + o, a.x + o, kRes ? a.r + o : nullptr, len, &scale[c], &shift[c]);
+        fwd_apply_span<T, Fn, kRes, false, kNT>(
+            a.y + o, a.x + o, kRes ? a.r + o : nullptr, len, &scale[c], &shift[c], act);
       });
     }
     if (kNT) {
@@ -115,8 +117,8 @@ void train_planes(const TrainArgs<T>& a) {
   });
 }
 
-template <typename T, bool kRes, bool kNT>
-void train_rows(const TrainArgs<T>& a) {
+template <typename T, typename Fn, bool kRes, bool kNT>
+void train_rows(const TrainArgs<T>& a, const Fn& act) {
   using A = acc_type<T>;
   const int64_t C = a.C;
   const RowPlan plan(C, a.N * a.S, VecT<T>::kStep, at::get_num_threads());
@@ -136,32 +138,34 @@ void train_rows(const TrainArgs<T>& a) {
     constexpr bool kMask = decltype(keep_mask)::value;
     at::parallel_for(0, plan.P, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
-        fwd_apply_chunk<T, kRes, kNT, kMask>(
-            plan, p, a.y, a.x, a.r, scale.data(), shift.data(), a.act_mask);
+        fwd_apply_chunk<T, Fn, kRes, kNT, kMask>(
+            plan, p, a.y, a.x, a.r, scale.data(), shift.data(), act, a.act_mask);
       }
       if (kNT) {
         stream_fence();
       }
     });
   };
-  if constexpr (kMaskableType<T>) {
-    if (rows_keep_mask<T>(plan)) {
+  if constexpr (kMaskable<T, Fn>) {
+    if (rows_keep_mask<T, Fn>(plan)) {
       apply(std::true_type{});
       return;
     }
   }
   apply(std::false_type{});
-  // no mask kept: defined contents, which bn_act_bwd does not read
-  std::fill(a.act_mask, a.act_mask + act_mask_bytes(a.N * a.S * C), MaskWord(0));
+  if constexpr (Fn::kReadsOut) {
+    // no mask kept where one is returned: defined contents, which bn_act_bwd does not read
+    std::fill(a.act_mask, a.act_mask + act_mask_bytes(a.N * a.S * C), MaskWord(0));
+  }
 }
 
 // ------------------------------------------------------------------------------------------
 // Eval forward: one pass.
 
-template <typename T, bool kRes, bool kNT>
+template <typename T, typename Fn, bool kRes, bool kNT>
 void eval_kernel(
     const View& g, const T* x, const T* r, T* y, const acc_type<T>* scale,
-    const acc_type<T>* shift) {
+    const acc_type<T>* shift, const Fn& act) {
   using A = acc_type<T>;
   const int64_t N = g.N, C = g.C, S = g.S;
   if (!g.rows) {
@@ -174,8 +178,8 @@ void eval_kernel(
         const int64_t s = e - plane * S;
         const int64_t len = std::min(S - s, e1 - e);
         const int64_t c = plane % C;
-        fwd_apply_span<T, kRes, false, kNT>(
-            y + e, x + e, kRes ? r + e : nullptr, len, scale + c, shift + c);
+        fwd_apply_span<T, Fn, kRes, false, kNT>(
+            y + e, x + e, kRes ? r + e : nullptr, len, scale + c, shift + c, act);
         e += len;
       }
       if (kNT) {
@@ -195,13 +199,13 @@ void eval_kernel(
     const int64_t full_end = std::min(u1, G);
     if (full_end > u0) {
       const int64_t o = u0 * W;
-      fwd_apply_rows<T, kRes, kNT>(
-          y + o, x + o, kRes ? r + o : nullptr, full_end - u0, W, sc.data(), sh.data());
+      fwd_apply_rows<T, Fn, kRes, kNT>(
+          y + o, x + o, kRes ? r + o : nullptr, full_end - u0, W, sc.data(), sh.data(), act);
     }
     if (u1 > G) {
       const int64_t ol = G * W;
-      fwd_apply_span<T, kRes, true, kNT>(
-          y + ol, x + ol, kRes ? r + ol : nullptr, plan.Rl * C, sc.data(), sh.data());
+      fwd_apply_span<T, Fn, kRes, true, kNT>(
+          y + ol, x + ol, kRes ? r + ol : nullptr, plan.Rl * C, sc.data(), sh.data(), act);
     }
     if (kNT) {
       stream_fence();
@@ -221,9 +225,10 @@ TrainOutputs fwd_train_cpu(
   at::Tensor mean = empty_channel_stat(g);
   at::Tensor invstd = empty_channel_stat(g);
   at::Tensor var = empty_channel_stat(g);
-  // the rows layout's ReLU mask (act_mask.h), for bn_act_bwd; zeros where the kernel keeps
-  // none (train_rows)
-  at::Tensor act_mask = at::empty({cpu_act_mask_bytes(g)}, g.x.options().dtype(at::kByte));
+  // the rows layout's mask of a piecewise-linear activation (act_mask.h), for bn_act_bwd; zeros
+  // where the kernel keeps none (train_rows); empty for the other activations
+  at::Tensor act_mask = at::empty(
+      {cpu_act_mask_bytes(g, backward_reads_out(in.act.kind))}, g.x.options().dtype(at::kByte));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.x.scalar_type(), op, [&] {
     using A = acc_type<scalar_t>;
@@ -248,16 +253,19 @@ TrainOutputs fwd_train_cpu(
     // bytes of activations touched: x (read twice unless it stays in cache), r, y
     const int64_t bytes = g.numel() * int64_t(sizeof(scalar_t)) * (has_res ? 3 : 2);
     const bool nt = use_streaming_stores(bytes, Pass::kTwo);
-    auto run = [&](auto res_c, auto nt_c) {
-      constexpr bool kRes = decltype(res_c)::value;
-      constexpr bool kNT = decltype(nt_c)::value;
-      if (g.rows) {
-        train_rows<scalar_t, kRes, kNT>(a);
-      } else {
-        train_planes<scalar_t, kRes, kNT>(a);
-      }
-    };
-    dispatch_bools(has_res, nt, run);
+    dispatch_act(in.act.kind, [&](auto act_c) {
+      using Fn = ActFn<decltype(act_c)::value, A>;
+      const Fn act(in.act.negative_slope);
+      dispatch_bools(has_res, nt, [&](auto res_c, auto nt_c) {
+        constexpr bool kRes = decltype(res_c)::value;
+        constexpr bool kNT = decltype(nt_c)::value;
+        if (g.rows) {
+          train_rows<scalar_t, Fn, kRes, kNT>(a, act);
+        } else {
+          train_planes<scalar_t, Fn, kRes, kNT>(a, act);
+        }
+      });
+    });
   });
   return {out, mean, invstd, var, act_mask};
 }
@@ -288,9 +296,13 @@ at::Tensor fwd_eval_cpu(
     const scalar_t* rp = has_res ? in.residual.const_data_ptr<scalar_t>() : nullptr;
     const int64_t bytes = g.numel() * int64_t(sizeof(scalar_t)) * (has_res ? 3 : 2);
     const bool nt = use_streaming_stores(bytes, Pass::kOne);
-    dispatch_bools(has_res, nt, [&](auto res_c, auto nt_c) {
-      eval_kernel<scalar_t, decltype(res_c)::value, decltype(nt_c)::value>(
-          g, x, rp, y, scale.data(), shift.data());
+    dispatch_act(in.act.kind, [&](auto act_c) {
+      using Fn = ActFn<decltype(act_c)::value, A>;
+      const Fn act(in.act.negative_slope);
+      dispatch_bools(has_res, nt, [&](auto res_c, auto nt_c) {
+        eval_kernel<scalar_t, Fn, decltype(res_c)::value, decltype(nt_c)::value>(
+            g, x, rp, y, scale.data(), shift.data(), act);
+      });
     });
   });
   return out;

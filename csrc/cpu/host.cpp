@@ -65,8 +65,9 @@ bool use_streaming_stores(int64_t bytes, Pass passes) {
   //    input the previous layer has just written and an output the next layer reads at once;
   //    streaming only once the op's data would not stay there anyway. Threshold 40 MiB.
   //  * Two passes (training forward and backward): the second pass re-reads the inputs, and
-  //    the outputs are written once and never read back by the op (the backward takes the ReLU
-  //    mask, not out): streaming them keeps the inputs in cache for the second pass.
+  //    the outputs are written once and never read back by the op (the backward takes the
+  //    activation's mask, or recomputes z, rather than read out): streaming them keeps the
+  //    inputs in cache for the second pass.
   //    Threshold 8 MiB.
   // The thresholds come from A/B runs on a 2-core CPU VM (benchmarks/NOTES.md, "CPU kernel tuning").
   // FUSED_RESNET_STREAM_MIN_BYTES sets both thresholds (< 0: never stream).

@@ -19,7 +19,9 @@ namespace fused_resnet::cpu {
 // ---------------------------------------------------------------------------------------------
 // The CPU implementation of the ops, on checked operands (common/device_ops.h composes the
 // registered ops from them; register.cpp registers them): the forwards in fwd.cpp, the backward
-// and SyncBatchNorm's pieces in bwd.cpp.
+// and SyncBatchNorm's pieces in bwd.cpp. Each reads the activation from its operands (in.act)
+// and runs the kernels compiled for it (act_math.h); the backward ops read weight, bias (and
+// in.residual) only to recompute z for a smooth activation, beside weight's part in dx.
 
 TrainOutputs fwd_train_cpu(
     const FwdOperands& in, const OptTensor& weight, const OptTensor& bias, double eps,
@@ -29,13 +31,16 @@ at::Tensor fwd_eval_cpu(
     const OptTensor& weight, const OptTensor& bias, double eps);
 BwdOutputs bwd_cpu(
     const BwdOperands& in, const at::Tensor& act_mask, const OptTensor& weight,
-    const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats, bool residual_grad);
-TensorPair stats_cpu(const View& g);
-TensorPair bwd_reduce_cpu(const BwdOperands& in, const at::Tensor& mean, const at::Tensor& invstd);
-TensorPair bwd_apply_cpu(
-    const BwdOperands& in, const OptTensor& weight, const at::Tensor& mean,
-    const at::Tensor& invstd, const at::Tensor& mean_dz, const at::Tensor& mean_dz_xhat,
+    const OptTensor& bias, const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats,
     bool residual_grad);
+TensorPair stats_cpu(const View& g);
+TensorPair bwd_reduce_cpu(
+    const BwdOperands& in, const OptTensor& weight, const OptTensor& bias,
+    const at::Tensor& mean, const at::Tensor& invstd);
+TensorPair bwd_apply_cpu(
+    const BwdOperands& in, const OptTensor& weight, const OptTensor& bias,
+    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& mean_dz,
+    const at::Tensor& mean_dz_xhat, bool residual_grad);
 
 // ---------------------------------------------------------------------------------------------
 // Host-side helpers (host.cpp).

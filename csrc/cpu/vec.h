@@ -1,7 +1,7 @@
 // Vectors of the accumulation type: VecT<T> loads and stores T as Vectorized<acc_t> (acc_t =
 // double for double, else float; Half/BFloat16 load one Vectorized<T> of 16 lanes as two of
-// float), streaming (non-temporal) stores, relu and its gradient with eager's NaN behaviour, and
-// the horizontal sums of accumulators.
+// float), streaming (non-temporal) stores, and the horizontal sums of accumulators. (The
+// activations on these vectors are in act_math.h.)
 //
 // setup.py compiles with -mavx2 -mfma -DCPU_CAPABILITY_AVX2 when the build machine has AVX2+FMA,
 // which selects the 256-bit at::vec implementation (checked below); any other build uses
@@ -124,33 +124,6 @@ struct VecT<c10::BFloat16> : VecReduced<c10::BFloat16> {};
 
 template <typename T>
 using acc_type = typename VecT<T>::acc_t;
-
-// relu with eager's NaN behaviour: relu(NaN) = NaN. (max_ps(0, z) returns its second operand
-// when either is NaN, which is what Vectorized::clamp_min(z, 0) compiles to.)
-template <typename AV>
-C10_ALWAYS_INLINE AV relu_vec(const AV& z, const AV& zero) {
-  return at::vec::clamp_min(z, zero);
-}
-template <typename A>
-C10_ALWAYS_INLINE A relu_scalar(A z) {
-  return z <= A(0) ? A(0) : z;  // NaN <= 0 is false: NaN passes
-}
-
-// dz = grad where out > 0, 0 where out <= 0; NaN out lets the gradient through (aten's
-// threshold_backward: out <= threshold ? 0 : grad).
-// The lanes where relu passes no gradient: out <= 0 (all ones there; NaN out is not among them).
-template <typename AV>
-C10_ALWAYS_INLINE AV relu_off_vec(const AV& y, const AV& zero) {
-  return y <= zero;
-}
-template <typename AV>
-C10_ALWAYS_INLINE AV relu_grad_vec(const AV& dy, const AV& y, const AV& zero) {
-  return AV::blendv(dy, zero, relu_off_vec(y, zero));
-}
-template <typename A>
-C10_ALWAYS_INLINE A relu_grad_scalar(A dy, A y) {
-  return y <= A(0) ? A(0) : dy;
-}
 
 template <typename AV>
 C10_ALWAYS_INLINE typename AV::value_type hsum(const AV& v) {

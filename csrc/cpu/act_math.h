@@ -1,0 +1,199 @@
+// The activations (common/activation.h; the table is docs/design.md's "Activations") on values
+// of the accumulation type, as Vectorized<A> and as scalars: the forward out = act(z) and the
+// derivative dz = dy·act'(.), with eager's numerics: the formulas of aten's CPU kernels (relu,
+// hardtanh, leaky_relu, silu, hardswish, gelu and their backward kernels) on the same at::vec
+// functions (exp, erf, tanh: Sleef, and at::vec's own erf for float), so that the vector and
+// the scalar path (span heads and tails) agree with eager and with each other to rounding.
+//
+// ActFn<kAct, A> is a compile-time constant of the kernels (dispatch_act turns the op's act into
+// it), so that every kernel is compiled once per activation and the ReLU kernels are exactly the
+// code they were before the activation became an argument. Its one runtime value is leaky_relu's
+// slope.
+#pragma once
+
+#include "common/activation.h"
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace fused_resnet::cpu {
+
+template <Act kAct, typename A>
+struct ActFn {
+  using AV = at::vec::Vectorized<A>;
+  // Where the backward finds act'(.): out's side of the kink (piecewise linear: out, or the
+  // mask bits that stand in for it), or z recomputed (smooth); identity needs neither.
+  static constexpr bool kReadsOut = backward_reads_out(kAct);
+  static constexpr bool kRecomputesZ = backward_recomputes_z(kAct);
+
+  A slope;  // leaky_relu's negative_slope (>= 0, the contract checks it), in A as eager's kernel
+
+  explicit ActFn(double negative_slope) : slope(static_cast<A>(negative_slope)) {}
+
+  // -------------------------------------------------------------------------------------------
+  // out = act(z). relu, relu6 and leaky_relu keep a NaN z, as eager does (max_ps(0, z) returns
+  // its second operand when either is NaN: clamp_min and clamp compile to that).
+
+  C10_ALWAYS_INLINE AV forward(const AV& z) const {
+    if constexpr (kAct == Act::kRelu) {
+      return at::vec::clamp_min(z, AV(A(0)));
+    } else if constexpr (kAct == Act::kRelu6) {  // hardtanh(z, 0, 6)
+      return at::vec::clamp(z, AV(A(0)), AV(A(6)));
+    } else if constexpr (kAct == Act::kLeakyRelu) {
+      return AV::blendv(z * AV(slope), z, z > AV(A(0)));
+    } else if constexpr (kAct == Act::kIdentity) {
+      return z;
+    } else if constexpr (kAct == Act::kSilu) {  // z / (1 + exp(−z))
+      return z / (AV(A(1)) + z.neg().exp());
+    } else if constexpr (kAct == Act::kHardswish) {  // z·min(max(z + 3, 0), 6)/6
+      return z * at::vec::minimum(at::vec::maximum(z + AV(A(3)), AV(A(0))), AV(A(6))) / AV(A(6));
+    } else if constexpr (kAct == Act::kGelu) {  // z·½·(1 + erf(z/√2))
+      return z * AV(A(0.5)) * (AV(A(1)) + (z * AV(A(kSqrtHalf))).erf());
+    } else {  // kGeluTanh: ½·z·(1 + tanh(√(2/π)·(z + 0.044715·z³)))
+      const AV inner = AV(A(kSqrt2OverPi)) * (z + AV(A(kKappa)) * (z * z * z));
+      return AV(A(0.5)) * z * (AV(A(1)) + inner.tanh());
+    }
+  }
+
+  C10_ALWAYS_INLINE A forward(A z) const {
+    if constexpr (kAct == Act::kRelu) {
+      return z <= A(0) ? A(0) : z;  // NaN <= 0 is false: NaN passes
+    } else if constexpr (kAct == Act::kRelu6) {
+      return z <= A(0) ? A(0) : (z >= A(6) ? A(6) : z);
+    } else if constexpr (kAct == Act::kLeakyRelu) {
+      return z > A(0) ? z : z * slope;
+    } else if constexpr (kAct == Act::kIdentity) {
+      return z;
+    } else if constexpr (kAct == Act::kSilu) {
+      return z / (A(1) + std::exp(-z));
+    } else if constexpr (kAct == Act::kHardswish) {
+      return z * std::min(std::max(z + A(3), A(0)), A(6)) / A(6);
+    } else if constexpr (kAct == Act::kGelu) {
+      return z * A(0.5) * (A(1) + std::erf(z * A(kSqrtHalf)));
+    } else {
+      const A inner = A(kSqrt2OverPi) * (z + A(kKappa) * (z * z * z));
+      return A(0.5) * z * (A(1) + std::tanh(inner));
+    }
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Piecewise linear (kReadsOut): the side of the kink, from out as stored (what eager's backward
+  // compares), as lanes all ones ("off": the derivative is not 1) or all zeros; the mask bits
+  // (act_mask.h) record exactly these lanes. A NaN out is off where eager's backward does not
+  // pass dy for it:
+  //   relu        off: out <= 0             dz = 0 there   (threshold_backward; NaN passes dy)
+  //   relu6       off: out <= 0 or out >= 6 dz = 0 there   (hardtanh_backward; NaN passes dy)
+  //   leaky_relu  off: not out > 0          dz = dy·slope  (leaky_relu_backward; NaN: dy·slope)
+
+  C10_ALWAYS_INLINE AV off(const AV& y) const {
+    static_assert(kReadsOut, "only the piecewise-linear activations have a side");
+    const AV zero(A(0));
+    if constexpr (kAct == Act::kRelu) {
+      return y <= zero;
+    } else if constexpr (kAct == Act::kRelu6) {
+      return (y <= zero) | (y >= AV(A(6)));
+    } else {
+      return (y <= zero) | y.isnan();
+    }
+  }
+
+  C10_ALWAYS_INLINE bool off(A y) const {
+    static_assert(kReadsOut, "only the piecewise-linear activations have a side");
+    if constexpr (kAct == Act::kRelu) {
+      return y <= A(0);
+    } else if constexpr (kAct == Act::kRelu6) {
+      return y <= A(0) || y >= A(6);
+    } else {
+      return !(y > A(0));
+    }
+  }
+
+  // dz from dy and the off lanes.
+  C10_ALWAYS_INLINE AV grad_off(const AV& dy, const AV& off) const {
+    if constexpr (kAct == Act::kLeakyRelu) {
+      return AV::blendv(dy, dy * AV(slope), off);
+    } else {
+      return AV::blendv(dy, AV(A(0)), off);
+    }
+  }
+
+  C10_ALWAYS_INLINE A grad_off(A dy, bool off) const {
+    if constexpr (kAct == Act::kLeakyRelu) {
+      return off ? dy * slope : dy;
+    } else {
+      return off ? A(0) : dy;
+    }
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Smooth (kRecomputesZ): dz = dy·act'(z), as aten's backward kernels.
+  //   silu       σ = 1/(1 + exp(−z)),  dy·σ·(1 + z·(1 − σ))
+  //   hardswish  0 up to −3 inclusive, dy·(z/3 + ½) strictly between, dy from 3 on (the
+  //              bounds of the installed torch's hardswish_backward: z = ±3 gives 0 and dy; a
+  //              NaN z gives NaN, as its vector path)
+  //   gelu       dy·(Φ(z) + z·φ(z)),  Φ(z) = ½·(1 + erf(z/√2)),  φ(z) = exp(−z²/2)/√(2π)
+  //   gelu_tanh  t = tanh(k·(z + κ·z³)), k = √(2/π), κ = 0.044715:
+  //              dy·(½·(1 + t) + ½·z·(1 − t²)·k·(1 + 3κ·z²))
+
+  C10_ALWAYS_INLINE AV grad_z(const AV& dy, const AV& z) const {
+    static_assert(kRecomputesZ, "only the smooth activations read z");
+    const AV one(A(1));
+    if constexpr (kAct == Act::kSilu) {
+      const AV sigmoid = one / (one + z.neg().exp());
+      return dy * sigmoid * (one + z * (one - sigmoid));
+    } else if constexpr (kAct == Act::kHardswish) {
+      const AV three(A(3));
+      const AV inner = AV::blendv(dy * (z / three + AV(A(0.5))), dy, z >= three);
+      return AV::blendv(inner, AV(A(0)), z <= AV(A(-3)));
+    } else if constexpr (kAct == Act::kGelu) {
+      const AV cdf = AV(A(0.5)) * (one + (z * AV(A(kSqrtHalf))).erf());
+      const AV pdf = AV(A(kInvSqrt2Pi)) * (z * z * AV(A(-0.5))).exp();
+      return dy * (cdf + z * pdf);
+    } else {
+      const AV half(A(0.5));
+      const AV k = AV(A(kSqrt2OverPi));
+      const AV kappa = AV(A(kKappa));
+      const AV z_sq = z * z;
+      const AV t = (k * (z + kappa * (z_sq * z))).tanh();
+      const AV left = half * z;
+      const AV left_derivative = half * (one + t);
+      const AV tanh_derivative = one - t * t;
+      const AV inner_derivative = k * (one + AV(A(3)) * kappa * z_sq);
+      return dy * (left_derivative + left * tanh_derivative * inner_derivative);
+    }
+  }
+
+  C10_ALWAYS_INLINE A grad_z(A dy, A z) const {
+    static_assert(kRecomputesZ, "only the smooth activations read z");
+    if constexpr (kAct == Act::kSilu) {
+      const A sigmoid = A(1) / (A(1) + std::exp(-z));
+      return dy * sigmoid * (A(1) + z * (A(1) - sigmoid));
+    } else if constexpr (kAct == Act::kHardswish) {
+      if (z >= A(3)) {
+        return dy;
+      }
+      return z <= A(-3) ? A(0) : dy * (z / A(3) + A(0.5));
+    } else if constexpr (kAct == Act::kGelu) {
+      const A cdf = A(0.5) * (A(1) + std::erf(z * A(kSqrtHalf)));
+      const A pdf = A(kInvSqrt2Pi) * std::exp(z * z * A(-0.5));
+      return dy * (cdf + z * pdf);
+    } else {
+      const A z_sq = z * z;
+      const A t = std::tanh(A(kSqrt2OverPi) * (z + A(kKappa) * (z_sq * z)));
+      const A inner_derivative = A(kSqrt2OverPi) * (A(1) + A(3) * A(kKappa) * z_sq);
+      return dy * (A(0.5) * (A(1) + t) + A(0.5) * z * (A(1) - t * t) * inner_derivative);
+    }
+  }
+
+ private:
+  // Double constants, rounded once to A (as eager's kernels round theirs).
+  static constexpr double kSqrtHalf = 0.7071067811865476;     // 1/√2
+  static constexpr double kInvSqrt2Pi = 0.3989422804014327;   // 1/√(2π)
+  static constexpr double kSqrt2OverPi = 0.7978845608028654;  // √(2/π)
+  static constexpr double kKappa = 0.044715;
+};
+
+} // namespace fused_resnet::cpu
