@@ -12,6 +12,7 @@ changes how @triton.jit kernels run, the other backends never launch one on CPU 
 tensors. TRITON_INTERPRET=0 in the environment leaves triton out of a CPU run.
 """
 
+import contextlib
 import importlib
 import os
 
@@ -49,6 +50,23 @@ def dynamo_backend_for(backend_name: str) -> str:
     impls and AOT autograd, where a graph would break), except for Triton under the interpreter,
     whose kernels cannot run on AOT's traced tensors: there dynamo's "eager" (fullgraph capture)."""
     return "eager" if backend_name == "triton" and TRITON_INTERPRETED else "aot_eager"
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """float32 convolutions and matmuls in float32 inside the block, the previous settings after.
+
+    On CUDA torch runs float32 cuDNN convolutions in TF32 by default (torch.backends.cudnn.allow_tf32;
+    matmuls too where torch.backends.cuda.matmul.allow_tf32 is set): a 10-bit mantissa, ~1e-3
+    relative error per convolution, ten times TOLERANCES[torch.float32]. A test that compares float32
+    models with convolutions holds both sides to float32 with this. No effect on CPU tensors.
+    """
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,6 +56,10 @@ C = 3
 SHAPE = (2, C, 4, 5)
 
 
+# The device the arguments are made on, as the error messages name it: cuda:0 for DEVICE cuda.
+ARG_DEVICE = torch.empty(0, device=DEVICE).device
+
+
 def _x(dtype=torch.float32, shape=SHAPE):
     return make_tensor(shape, dtype)
 
@@ -120,7 +124,7 @@ BAD_CALLS = {
     "residual dtype": ("bn_act", lambda: _bn_act(r=_x(torch.float64)), TypeError,
                        "residual dtype torch.float64 does not match input dtype torch.float32"),
     "residual device": ("bn_act", lambda: _bn_act(r=torch.empty(SHAPE, device="meta")), RuntimeError,
-                        f"expected all tensors on {DEVICE.type}, but residual is on meta"),
+                        f"expected all tensors on {ARG_DEVICE}, but residual is on meta"),
     "weight shape": ("bn_act", lambda: _bn_act(w=_vec(n=4)), ValueError,
                      "weight should hold one value per channel, shape (3,) for input of shape (2, 3, 4, 5), got shape (4,)"),
     "float64 weight, float32 input": ("bn_act", lambda: _bn_act(w=_vec(torch.float64)), TypeError,
@@ -141,7 +145,7 @@ BAD_CALLS = {
     "fwd_eval running_var shape": ("bn_act_fwd_eval", lambda: (_x(), None, _vec(), _vec(n=1), None, None, EPS), ValueError,
                                    "running_var should hold one value per channel, shape (3,) for input of shape (2, 3, 4, 5), got shape (1,)"),
     "fwd_eval weight device": ("bn_act_fwd_eval", lambda: (_x(), None, _vec(), _vec(), _vec(device="meta"), None, EPS),
-                               RuntimeError, f"expected all tensors on {DEVICE.type}, but weight is on meta"),
+                               RuntimeError, f"expected all tensors on {ARG_DEVICE}, but weight is on meta"),
     "bwd grad_out shape": ("bn_act_bwd", lambda: _bwd(dy=_x(shape=(2, C, 4, 4))), ValueError,
                            "grad_out shape (2, 3, 4, 4) does not match input shape (2, 3, 4, 5)"),
     "bwd out dtype": ("bn_act_bwd", lambda: _bwd(y=_x(torch.float16)), TypeError,

@@ -15,7 +15,7 @@ from torch import nn
 import fused_resnet
 from fused_resnet.contract import PIECEWISE_LINEAR
 from fused_resnet.convert.inference import AddAct
-from helpers import assert_close, import_client, make_tensor
+from helpers import DEVICE, assert_close, import_client, make_tensor
 from parity import assert_same_training, randomize_norms
 
 torchvision = import_client("torchvision")
@@ -26,7 +26,7 @@ X = (2, 3, 5, 6)
 
 def _prepare(model):
     torch.manual_seed(0)
-    return randomize_norms(model.double())
+    return randomize_norms(model.to(DEVICE, F64))
 
 
 def _assert_unfuse_gives_back(converted, original, shape):

@@ -21,7 +21,7 @@ from fused_resnet.nn import (
     FrozenBatchNormReLU,
     freeze_batchnorm,
 )
-from helpers import import_client, make_tensor
+from helpers import DEVICE, import_client, make_tensor
 from parity import assert_same_training, randomize_norms
 
 torchvision = import_client("torchvision")
@@ -85,7 +85,7 @@ LEFT = {
 
 def _frozen_net():
     torch.manual_seed(0)
-    return randomize_norms(FrozenNet().double())
+    return randomize_norms(FrozenNet().to(DEVICE, F64))
 
 
 def test_frozen_batchnorms_fuse_and_the_rest_is_listed():
@@ -124,7 +124,7 @@ def test_frozen_models_made_by_freeze_batchnorm_convert():
 
     def eager():
         torch.manual_seed(0)
-        return randomize_norms(nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU()).double())
+        return randomize_norms(nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU()).to(DEVICE, F64))
 
     frozen = freeze_batchnorm(eager())
     converted, report = fused_resnet.convert(frozen, return_report=True)
@@ -150,7 +150,7 @@ def test_optimize_for_inference_folds_frozen_batchnorms():
             return self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)) + x)))
 
     torch.manual_seed(0)
-    net = randomize_norms(Net().double()).eval()
+    net = randomize_norms(Net().to(DEVICE, F64)).eval()
     fast, report = fused_resnet.optimize_for_inference(net, return_report=True)
     assert report.folded == [("bn1", "conv1"), ("bn2", "conv2")] and report.left == []
     assert report.fused == [] and type(fast.bn1) is fused_resnet.nn.AddReLU and type(fast.bn2) is nn.ReLU

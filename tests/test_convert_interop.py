@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_resnet
-from helpers import import_client, make_tensor
+from helpers import DEVICE, import_client, make_tensor
 from fused_resnet.nn import BatchNormAddReLU2d, BatchNormReLU2d
 from parity import assert_same_training, randomize_norms
 
@@ -24,7 +24,7 @@ X = (2, 3, 64, 64)
 
 def _resnet18():
     torch.manual_seed(0)
-    return randomize_norms(torchvision.models.resnet18(num_classes=10).double())
+    return randomize_norms(torchvision.models.resnet18(num_classes=10).to(DEVICE, torch.float64))
 
 
 def _state(model):
@@ -61,8 +61,8 @@ class TwoNormsAdded(nn.Module):
 @pytest.mark.parametrize("inplace", [False, True])
 def test_add_of_two_batchnorm_outputs(inplace):
     torch.manual_seed(0)
-    original = randomize_norms(TwoNormsAdded().double())
-    reference = TwoNormsAdded().double()
+    original = randomize_norms(TwoNormsAdded().to(DEVICE, torch.float64))
+    reference = TwoNormsAdded().to(DEVICE, torch.float64)
     reference.load_state_dict(original.state_dict())
     converted, report = fused_resnet.convert(original, inplace=inplace, return_report=True)
     assert (converted is original) == inplace
@@ -85,7 +85,7 @@ class SequentialThenAdd(nn.Module):
 
 def test_batchnorm_last_in_a_child_of_the_model_fuses_with_the_models_add():
     torch.manual_seed(0)
-    original = randomize_norms(SequentialThenAdd().double())
+    original = randomize_norms(SequentialThenAdd().to(DEVICE, torch.float64))
     converted, report = fused_resnet.convert(original, return_report=True)
     assert report.fused == [("body.0.1", "BatchNormAddReLU2d")] and report.left == []
     assert_same_training(converted, original, lambda: make_tensor((2, 4, 5, 6), torch.float64), torch.float64)
@@ -114,7 +114,7 @@ def test_create_feature_extractor_graph_converts():
 
 
 def test_failed_inplace_conversion_leaves_the_model_as_it_was(monkeypatch):
-    model = torchvision.models.video.r3d_18(num_classes=10)
+    model = torchvision.models.video.r3d_18(num_classes=10).to(DEVICE)
     before = _state(model)
     x = make_tensor((1, 3, 4, 16, 16), torch.float32)
     expected = model.eval()(x)
@@ -183,7 +183,7 @@ def test_converted_model_trains_after_create_feature_extractor():
 
 def test_converted_video_model_exports_and_jit_traces():
     torch.manual_seed(0)
-    original = randomize_norms(torchvision.models.video.r3d_18(num_classes=10).double()).eval()
+    original = randomize_norms(torchvision.models.video.r3d_18(num_classes=10).to(DEVICE, torch.float64)).eval()
     converted = fused_resnet.convert(original)
     x = make_tensor((1, 3, 4, 16, 16), torch.float64)
     expected = original(x)
@@ -222,7 +222,7 @@ def test_unfuse_refuses_fused_modules_it_cannot_give_back():
 
 def test_unfuse_of_this_packages_models_and_folded_inference_models():
     torch.manual_seed(0)
-    fused = randomize_norms(fused_resnet.models.resnet18(num_classes=10).double()).eval()
+    fused = randomize_norms(fused_resnet.models.resnet18(num_classes=10).to(DEVICE, torch.float64)).eval()
     x = make_tensor(X, torch.float64)
     expected = fused(x)
     for model in (fused, fused_resnet.optimize_for_inference(fused)):
@@ -247,7 +247,7 @@ def test_unfuse_after_sync_batchnorm_conversion():
 @pytest.mark.parametrize("name, folded, fused", [("r3d_18", 20, 0), ("mc3_18", 20, 0), ("r2plus1d_18", 21, 16)])
 def test_optimize_for_inference_folds_after_conv_subclasses(name, folded, fused):
     torch.manual_seed(0)
-    original = randomize_norms(getattr(torchvision.models.video, name)(num_classes=10).double()).eval()
+    original = randomize_norms(getattr(torchvision.models.video, name)(num_classes=10).to(DEVICE, torch.float64)).eval()
     optimized, report = fused_resnet.optimize_for_inference(original, return_report=True)
     assert (len(report.folded), len(report.fused), report.left) == (folded, fused, [])
     x = make_tensor((2, 3, 4, 16, 16), torch.float64)
@@ -259,7 +259,7 @@ def test_conv_subclass_with_its_own_forward_does_not_fold():
         def forward(self, x):
             return super().forward(x) * 2
 
-    model = nn.Sequential(Scaled(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).double().eval()
+    model = nn.Sequential(Scaled(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).to(DEVICE, torch.float64).eval()
     randomize_norms(model)
     optimized, report = fused_resnet.optimize_for_inference(model, return_report=True)
     assert report.folded == [] and report.fused == [("1", "BatchNormReLU2d")]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import fused_resnet
-from helpers import import_client, make_tensor
+from helpers import DEVICE, import_client, make_tensor
 from parity import assert_same_training, calibrate_frozen, randomize_norms
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # whole models: see conftest.py
@@ -128,7 +128,7 @@ def test_every_fusable_batchnorm_is_fused(name):
 def test_converted_model_trains_and_evaluates_like_the_original(name):
     factory, shape, _, _ = MODELS[name]
     torch.manual_seed(0)
-    original = randomize_norms(factory().double())
+    original = randomize_norms(factory().to(DEVICE, torch.float64))
     calibrate_frozen(original, make_tensor(shape, torch.float64))  # no-op without frozen BatchNorms
     converted = fused_resnet.convert(original)
     # No batch statistics renormalize a frozen model after an SGD step: a smaller one keeps it finite.
@@ -146,7 +146,7 @@ def test_unfuse_gives_back_the_frozen_batchnorms(name):
     and buffers included: the model computes exactly what the original computes."""
     torch.manual_seed(0)
     x = make_tensor((2, 3, 64, 64), torch.float64)
-    original = calibrate_frozen(randomize_norms(MODELS[name][0]().double()).eval(), x)
+    original = calibrate_frozen(randomize_norms(MODELS[name][0]().to(DEVICE, torch.float64)).eval(), x)
     plain = fused_resnet.unfuse(fused_resnet.convert(original))
     for (name_a, a), (name_b, b) in zip(plain.named_modules(), original.named_modules()):
         assert (name_a, type(a)) == (name_b, type(b))
@@ -162,7 +162,7 @@ def test_seed_004_torchvision_resnet18_as_written():
     torch.manual_seed(0)
     resnet18 = resnet18()
     print(resnet18)
-    original = randomize_norms(resnet18.double())
+    original = randomize_norms(resnet18.to(DEVICE, torch.float64))
     converted, report = fused_resnet.convert(original, return_report=True)
     assert len(report.fused) == 17
     assert_same_training(converted, original, lambda: make_tensor((2, 3, 96, 96), torch.float64), torch.float64, steps=2)
@@ -173,7 +173,7 @@ def test_unfuse_gives_plain_modules_for_third_party_tools():
     freezes every BatchNorm of it exactly as of the original (on a fused model it would drop
     the ReLUs)."""
     torch.manual_seed(0)
-    original = randomize_norms(timm.create_model("resnet18", num_classes=10).double()).eval()
+    original = randomize_norms(timm.create_model("resnet18", num_classes=10).to(DEVICE, torch.float64)).eval()
     converted = fused_resnet.convert(original)
     plain = fused_resnet.unfuse(converted)
     for a, b in zip(plain.modules(), original.modules()):

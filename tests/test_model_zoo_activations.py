@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 import fused_resnet
-from helpers import import_client, make_tensor
+from helpers import DEVICE, import_client, make_tensor
 from parity import assert_same_training, randomize_norms
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # whole models: see conftest.py
@@ -254,7 +254,7 @@ def test_converted_model_trains_and_evaluates_like_the_original(name):
     ResNets' keeps them within the tolerance."""
     factory, shape, _, _ = MODELS[name]
     torch.manual_seed(0)
-    original = randomize_norms(factory().double())
+    original = randomize_norms(factory().to(DEVICE, F64))
     converted = fused_resnet.convert(original)
     for training in (True, False):
         assert_same_training(
@@ -272,7 +272,7 @@ def test_unfuse_and_optimize_for_inference(name):
     the original forwards, which apply them)."""
     factory, shape, _, _ = MODELS[name]
     torch.manual_seed(0)
-    original = randomize_norms(factory().double()).eval()
+    original = randomize_norms(factory().to(DEVICE, F64)).eval()
     x = make_tensor(shape, F64)
     with torch.no_grad():
         expected = original(x)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import fused_resnet
-from helpers import import_client, make_tensor
+from helpers import DEVICE, import_client, make_tensor
 from parity import assert_close_at_scale, assert_same_training, calibrate_frozen, randomize_norms
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # whole models: see conftest.py
@@ -88,7 +88,7 @@ def _prepare(factory):
     """The model in float64 with random statistics (frozen ones calibrated) and no dropout: two
     models in training mode would draw different masks."""
     torch.manual_seed(0)
-    model = randomize_norms(factory().double())
+    model = randomize_norms(factory().to(DEVICE, F64))
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0

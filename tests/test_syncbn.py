@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fused_resnet
-from helpers import assert_close, check_state, eager_bn_class, eager_step, fused_class, randomize_affine, act_mask
+from helpers import DEVICE, assert_close, check_state, eager_bn_class, eager_step, fused_class, randomize_affine, act_mask
 
 CPU_BACKENDS = fused_resnet.available_backends("cpu")
 
@@ -371,7 +371,7 @@ def test_three_processes():
 
 
 # ---------------------------------------------------------------------------------------------
-# Without a process group, and conversion (in this process).
+# Without a process group, and conversion (in this process, on the device and backends under test).
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -379,14 +379,14 @@ def test_three_processes():
 def test_without_process_group_is_the_non_sync_module(backend, shape, training):
     assert not dist.is_initialized()
     residual = len(shape) == 4
-    sync = _fused_sync_class(residual)(shape[1], momentum=None)
-    plain = fused_class(len(shape), residual)(shape[1], momentum=None)
+    sync = _fused_sync_class(residual)(shape[1], momentum=None).to(DEVICE)
+    plain = fused_class(len(shape), residual)(shape[1], momentum=None).to(DEVICE)
     randomize_affine(sync)
     plain.load_state_dict(sync.state_dict())
     sync.train(training)
     plain.train(training)
     for _ in range(2):
-        inputs = [torch.randn(shape).requires_grad_() for _ in range(2 if residual else 1)]
+        inputs = [torch.randn(shape, device=DEVICE).requires_grad_() for _ in range(2 if residual else 1)]
         out, ref = sync(*inputs), plain(*inputs)
         assert torch.equal(out, ref)
         grads = torch.autograd.grad(out.sum(), inputs + [sync.weight, sync.bias])
@@ -445,8 +445,8 @@ def test_convert_sync_batchnorm_keeps_everything():
 
 
 def test_converted_model_computes_the_same_without_process_group(backend):
-    model = SmallNet(fused=True).double()
+    model = SmallNet(fused=True).to(DEVICE, torch.float64)
     converted = fused_resnet.nn.convert_sync_batchnorm(copy.deepcopy(model))
-    x = torch.randn(4, 3, 5, 7, dtype=torch.float64)
+    x = torch.randn(4, 3, 5, 7, dtype=torch.float64, device=DEVICE)
     assert torch.equal(model(x), converted(x))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), converted.state_dict().values()))

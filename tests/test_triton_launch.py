@@ -110,10 +110,11 @@ def test_every_op_launches_under_its_input_device_guard(monkeypatch):
 
     monkeypatch.setattr(launchers, "device_guard", guard)
     monkeypatch.setattr(launch.Kernel, "__call__", launch_checked)
+    inputs_device = make_tensor((1,), torch.float32).device  # as _ops_calls makes them: cuda:0, not cuda
     for op_call in _ops_calls():
         before = len(guarded)
         op_call()
-        assert guarded[before:] == [DEVICE], guarded[before:]
+        assert guarded[before:] == [inputs_device], guarded[before:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,6 +179,22 @@ def test_index_arithmetic_holds_at_the_size_limit():
     _index_probe_kernel[(1,)](out, b_tiles - 1, 1, 1, chunk_a, 64, limit, 1, limit, BLOCK_A=1, BLOCK_C=1, BLOCK_B=block_b)
     last_b = (b_tiles - 1) * block_b + block_b - 1
     assert out.tolist() == [0, last_b, limit - (b_tiles - 1) * block_b, chunk_a, limit, 0, 64]
+
+
+def test_operands_of_fake_tensors_are_those_of_real_ones():
+    """What torch.compile and AOT dispatch trace the launchers with: an operand that does not fit
+    the input's view (a contiguous gradient beside a channels_last input, the reverse, a strided
+    slice) is taken in the input's format, with the same strides as on real tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    shape = (2, 3, 5, 4)
+    for x_layout, t_layout in (("channels_last", "contiguous"), ("contiguous", "channels_last"), ("contiguous", "sliced")):
+        x, t = make_tensor(shape, torch.float32, x_layout), make_tensor(shape, torch.float32, t_layout)
+        real, real_strides = partition.operand(t, x, partition.view_of(x))
+        with FakeTensorMode() as mode:
+            fake_x = mode.from_tensor(x)
+            fake, fake_strides = partition.operand(mode.from_tensor(t), fake_x, partition.view_of(fake_x))
+        assert (fake_strides, fake.stride()) == (real_strides, real.stride()), (x_layout, t_layout)
 
 
 def test_a_grid_beyond_cudas_limit_is_refused_by_name():
@@ -307,13 +324,14 @@ def test_specialization_count_counts_what_the_jit_compiles():
     """A second call of the same shape compiles nothing new; another dtype or flag does; counted
     without launching, the outputs stay as allocated."""
     x = make_tensor((4, 6, 7, 7), torch.float32)
+    rm, rv = torch.zeros(6, device=DEVICE), torch.ones(6, device=DEVICE)
     with launch.count_specializations(launch=False) as counter, partition.as_if_on_gpu(132):
-        triton_ops.bn_act_fwd_eval(x, None, torch.zeros(6), torch.ones(6), None, None, 1e-5)
+        triton_ops.bn_act_fwd_eval(x, None, rm, rv, None, None, 1e-5)
         first = len(counter.keys)
-        triton_ops.bn_act_fwd_eval(make_tensor(x.shape, torch.float32), None, torch.zeros(6), torch.ones(6), None, None, 1e-5)
+        triton_ops.bn_act_fwd_eval(make_tensor(x.shape, torch.float32), None, rm, rv, None, None, 1e-5)
         assert len(counter.keys) == first == 1
-        triton_ops.bn_act_fwd_eval(x.half(), None, torch.zeros(6), torch.ones(6), None, None, 1e-5)
-        triton_ops.bn_act_fwd_eval(x, x, torch.zeros(6), torch.ones(6), None, None, 1e-5)
+        triton_ops.bn_act_fwd_eval(x.half(), None, rm, rv, None, None, 1e-5)
+        triton_ops.bn_act_fwd_eval(x, x, rm, rv, None, None, 1e-5)
         assert len(counter.keys) == 3
     assert counter.per_kernel() == {"_bn_act_fwd_apply_kernel": 3}
     (key,) = [k for k in counter.keys if k[1][0][0] == torch.float16]
