@@ -216,7 +216,7 @@ def check_paths(ns, device, shape, layout, dtype):
         errs.add(f"fwd_eval out ({tag})", ev, reference.bn_act_fwd_eval(d(x), d(r), d(rm), d(rv), d(w), d(b), EPS))
 
         # Backward from the kernel's own out (its ReLU mask), mean and invstd, in float64.
-        dz, x_hat = reference._masked_grad_and_x_hat(d(dy), d(out), d(x), d(mean), d(invstd))
+        dz, x_hat = reference._Backward(d(out), d(x), None, None, None, d(mean), d(invstd), "relu", 0.01).dz_and_x_hat(d(dy))
         ref_sdx, ref_sdz = (dz * x_hat).sum(reduce_dims(x)), dz.sum(reduce_dims(x))
         sdx_scale, sdz_scale = sum_atol_scale(dz * x_hat, dtype), sum_atol_scale(dz, dtype)
         gain = grad_input_gain(w, invstd)

@@ -30,7 +30,7 @@ ACC_POINTERS = {
     "sum_dz_xmu_part_ptr", "sum_dz_ptr", "sum_dz_xhat_ptr",
     "running_mean_ptr", "running_var_ptr",  # float32 running statistics beside bfloat16 (AMP)
 }
-FLOAT_BITS_ARGUMENTS = {"eps_bits", "momentum_bits"}  # a float64's bits: int64
+FLOAT_BITS_ARGUMENTS = {"eps_bits", "momentum_bits", "slope_bits"}  # a float64's bits: int64
 # (first tile of the view, arguments equal to 1 in that view)
 VIEWS = {
     "ncs": (tiles.PLANE_TILES[0], ("stride_xb", "stride_rb", "stride_dyb", "stride_ob")),
@@ -38,10 +38,16 @@ VIEWS = {
 }
 FLAGS = {
     "_bn_fwd_stats_kernel": ("SINGLE_SPLIT", "UPDATE_RUNNING"),
-    "_bn_act_bwd_reduce_kernel": ("SINGLE_SPLIT",),
+    "_bn_act_bwd_reduce_kernel": ("SINGLE_SPLIT", "RECOMPUTE_Z", "HAS_WEIGHT", "HAS_BIAS", "HAS_RESIDUAL"),
     "_bn_act_fwd_apply_kernel": ("BATCH_STATS", "HAS_WEIGHT", "HAS_BIAS", "HAS_RESIDUAL"),
-    "_bn_act_bwd_apply_kernel": ("BATCH_STATS", "HAS_WEIGHT", "WRITE_GRAD_RESIDUAL"),
+    "_bn_act_bwd_apply_kernel": (
+        "BATCH_STATS", "HAS_WEIGHT", "WRITE_GRAD_RESIDUAL", "RECOMPUTE_Z", "HAS_BIAS", "HAS_RESIDUAL",
+    ),
 }
+# The kernels that apply or differentiate the activation (the ACT constexpr, kernels.ACT_*); with
+# the flags all off they compile relu, all on silu, then every activation once (below).
+ACT_KERNELS = ("_bn_act_fwd_apply_kernel", "_bn_act_bwd_reduce_kernel", "_bn_act_bwd_apply_kernel")
+RELU, SILU, N_ACTIVATIONS = 0, 4, 8
 # (kernel, its flags)
 COMBINE_KERNELS = (("_bn_fwd_stats_combine_kernel", ("UPDATE_RUNNING",)), ("_bn_act_bwd_reduce_combine_kernel", ()))
 
@@ -76,6 +82,8 @@ def compile_all(arch: int, dtypes=(("bf16", "fp32"), ("fp64", "fp64"))) -> int:
             for name, flags in FLAGS.items():
                 for value, extra_ones in ((False, ("n_outer",)), (True, ("splits_b", "count"))):
                     constexprs = dict(_tile_constexprs(tile), **{flag: value for flag in flags})
+                    if name in ACT_KERNELS:
+                        constexprs["ACT"] = SILU if value else RELU
                     compile_kernel(getattr(kernels, name), target, activation, acc, constexprs,
                                    ones + extra_ones, tile.num_warps)
                     compiled += 1
@@ -84,6 +92,16 @@ def compile_all(arch: int, dtypes=(("bf16", "fp32"), ("fp64", "fp64"))) -> int:
                 constexprs = dict(BLOCK_S=16, BLOCK_C=64, **{flag: value for flag in flags})
                 compile_kernel(getattr(kernels, name), target, activation, acc, constexprs, ones)
                 compiled += 1
+    # every activation's branch, in each dtype (float64's exact constants), the planes view
+    tile, ones = VIEWS["ncs"]
+    for activation, acc in dtypes:
+        for name in ACT_KERNELS:
+            for act in range(N_ACTIVATIONS):
+                if act in (RELU, SILU):
+                    continue  # compiled above
+                constexprs = dict(_tile_constexprs(tile), **{flag: True for flag in FLAGS[name]}, ACT=act)
+                compile_kernel(getattr(kernels, name), target, activation, acc, constexprs, ones, tile.num_warps)
+                compiled += 1
     first_tiles = {tile for tile, _ in VIEWS.values()}
     for tile in tiles.GPU_TILES:
         if tile in first_tiles:
@@ -91,6 +109,8 @@ def compile_all(arch: int, dtypes=(("bf16", "fp32"), ("fp64", "fp64"))) -> int:
         ones = VIEWS["channels_last" if tile.block_b == 1 else "ncs"][1]
         for name, flags in FLAGS.items():
             constexprs = dict(_tile_constexprs(tile), **{flag: True for flag in flags})
+            if name in ACT_KERNELS:
+                constexprs["ACT"] = SILU
             compile_kernel(getattr(kernels, name), target, "bf16", "fp32", constexprs, ones, tile.num_warps)
             compiled += 1
     return compiled
