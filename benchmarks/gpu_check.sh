@@ -265,8 +265,11 @@ phase_tests() {
   else
     tests=tests/test_backend.py  # dry run: the plumbing, not the CPU suite, and no xdist on 2 cores
   fi
+  # FUSED_RESNET_FAILURES: each failure written as it happens (tests/conftest.py), so a run cut off
+  # by its limit still names them (pytest's summary and junit xml come only at the end)
   # shellcheck disable=SC2086
-  step r1-tests "$lim" env FUSED_RESNET_TEST_DEVICE="$DEVICE" $PY -m pytest $tests -q -p no:cacheprovider $xdist \
+  step r1-tests "$lim" env FUSED_RESNET_TEST_DEVICE="$DEVICE" FUSED_RESNET_FAILURES="$OUT/r1-failures.txt" \
+    $PY -m pytest $tests -q -p no:cacheprovider $xdist \
     --durations=20 --junitxml="$OUT/tests-$DEVICE.xml"
   verdict r1-tests "$STEP_RC" "$STEP_S" "$lim" "$tests${xdist:+ ($xdist)}: $(grep -E '(passed|failed|error)' "$OUT/r1-tests.log" | tail -n 1)"
 }

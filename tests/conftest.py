@@ -3,6 +3,8 @@ machine), NaN-poisoned allocations, one intra-op thread for whole-model tests, a
 interpreter's marker. What the tests share otherwise is in helpers.py.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -86,3 +88,15 @@ def poisoned_outputs():
     finally:
         torch.use_deterministic_algorithms(previous)
         torch.utils.deterministic.fill_uninitialized_memory = previous_fill
+
+
+def pytest_runtest_logreport(report):
+    """With FUSED_RESNET_FAILURES=PATH, every failure is appended to PATH as it happens (id, phase,
+    the end of its report): a GPU run cut off by its time limit still says which tests failed and
+    why, where pytest's own summary and junit xml come only at the end. Written by the process
+    that reports (the xdist controller, or pytest alone), once per failure."""
+    path = os.environ.get("FUSED_RESNET_FAILURES")
+    if not path or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    with open(path, "a") as f:
+        f.write(f"=== {report.nodeid} [{report.when}]\n{report.longreprtext[-2500:]}\n\n")
