@@ -4,6 +4,7 @@ Under --benchmark-disable (what CI runs) the suite is a smoke test: the quick ca
 fused_resnet.bench, each run once, and no bandwidth measurement.
 """
 
+import math
 import os
 import sys
 
@@ -23,10 +24,26 @@ def smoke(config) -> bool:
 
 @pytest.fixture(scope="session")
 def copy_bandwidth_gbps(request):
-    """The device's copy bandwidth, measured once per run (None in smoke mode)."""
+    """copy_bandwidth_gbps(shape, layout, dtype): the copy rate an op case is held against, as
+    python -m fused_resnet.bench holds it (None in smoke mode). GPU: the device's copy bandwidth,
+    measured once per run. CPU: a copy of the case's input rotated out of the cache
+    (bench.make_copy_runner), measured once per shape, layout and dtype; pytest-benchmark times
+    one test at a time, so it is not interleaved with the providers as the CLI's is."""
     if smoke(request.config):
-        return None
-    return bench.copy_bandwidth_gbps(DEVICE)
+        return lambda shape, layout, dtype: None
+    if DEVICE.type == "cuda":
+        bandwidth = bench.copy_bandwidth_gbps(DEVICE)
+        return lambda shape, layout, dtype: bandwidth
+    measured = {}
+
+    def for_case(shape, layout, dtype):
+        if (shape, layout, dtype) not in measured:
+            run = bench.make_copy_runner(shape, layout, dtype, DEVICE)
+            ms = bench.time_side_by_side({"copy": run}, DEVICE)["copy"]
+            measured[shape, layout, dtype] = 2 * math.prod(shape) * (torch.finfo(dtype).bits // 8) / (ms * 1e-3) / 1e9
+        return measured[shape, layout, dtype]
+
+    return for_case
 
 
 def sync_if_cuda(run):
@@ -42,11 +59,14 @@ def sync_if_cuda(run):
     return timed
 
 
-def record(benchmark, nbytes=None, items=None, copy_bandwidth=None, peak_bytes=None):
-    """extra_info of one benchmark: what was moved or processed, and the rates it gives."""
+def record(benchmark, nbytes=None, items=None, copy_bandwidth=None, peak_bytes=None, kept_bytes=None):
+    """extra_info of one benchmark: what was moved or processed, and the rates it gives.
+    kept_bytes: what a training step keeps for its backward (bench.backward_kept_bytes)."""
     info = benchmark.extra_info
     if peak_bytes is not None:
         info["peak_memory_bytes"] = peak_bytes
+    if kept_bytes is not None:
+        info["backward_kept_bytes"] = kept_bytes
     if nbytes is not None:
         info["bytes"] = nbytes
     if benchmark.stats is None:  # --benchmark-disable: nothing was timed

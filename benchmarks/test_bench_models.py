@@ -1,7 +1,8 @@
 """pytest-benchmark suite, model level: ResNet training steps and inference (fused_resnet.bench's model cases).
 
 Providers: the eager model, its fused twin on the same weights, and both under torch.compile.
-extra_info holds images (or clips) per second and the peak memory of one call. GPU: resnet50 and
+extra_info holds images (or clips) per second, the peak memory of one call and, for a training
+step, the memory its forward keeps for the backward. GPU: resnet50 and
 resnet3d_50 at real sizes (bf16 autocast, channels_last); CPU: resnet18 and resnet3d_18 on tiny
 inputs. In smoke mode (--benchmark-disable) one tiny ResNet-50 runs eager and fused: compiling a
 whole ResNet takes minutes on a small CPU.
@@ -32,6 +33,8 @@ def test_model(benchmark, name, shape, dtype, layout, mode, provider):
     for _ in range(2):  # warm-up, and torch.compile's compilation, outside the timing
         run()
     peak = bench.peak_memory_bytes(run, DEVICE)
+    # a training step's forward keeps what its backward needs; an inference batch keeps nothing
+    kept = bench.backward_kept_bytes(run.training_forward, DEVICE) if mode == "train" else None
     result = benchmark(sync_if_cuda(run))
     assert result is not None
-    record(benchmark, items=shape[0], peak_bytes=peak)
+    record(benchmark, items=shape[0], peak_bytes=peak, kept_bytes=kept)

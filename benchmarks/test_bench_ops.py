@@ -5,7 +5,8 @@
 
 Cases and runners are those of `python -m fused_resnet.bench` (fused_resnet/bench/), so both
 tools time the same thing. extra_info holds the bytes a fused kernel must move, GB/s, the
-fraction of the device's copy bandwidth and the peak memory of one call.
+fraction of the copy rate the bench holds the case against (conftest.copy_bandwidth_gbps) and the
+peak memory of one call.
 """
 
 import math
@@ -46,4 +47,5 @@ def test_op(benchmark, copy_bandwidth_gbps, shape, layout, dtype, op, mode, prov
     result = benchmark(sync_if_cuda(run))
     assert result is not None
     nbytes = bench.bytes_moved(op, mode, math.prod(shape), torch.finfo(bench.DTYPES[dtype]).bits // 8)
-    record(benchmark, nbytes=nbytes, copy_bandwidth=copy_bandwidth_gbps, peak_bytes=peak)
+    copy_bandwidth = copy_bandwidth_gbps(shape, layout, bench.DTYPES[dtype])
+    record(benchmark, nbytes=nbytes, copy_bandwidth=copy_bandwidth, peak_bytes=peak)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from helpers import DEVICE
+import fused_resnet
 from fused_resnet import bench, profile
 
 
@@ -62,8 +63,11 @@ def _tiny_cpu_bench(monkeypatch):
 
 @pytest.mark.parametrize("mode", bench.MODES)
 def test_runner_rotates_input_sets(mode):
-    assert bench.input_set_count(1, DEVICE) == 16
+    assert bench.input_set_count(1, DEVICE) == bench.runners.MAX_INPUT_SETS
     assert bench.input_set_count(1 << 40, DEVICE) == 1
+    # the sets of a case together span well over the last-level cache, so none is found there
+    set_bytes = 1 << 20
+    assert bench.input_set_count(set_bytes, DEVICE) * set_bytes >= 2 * bench.runners.cache_bytes(DEVICE)
     run = bench.make_runner("eager", "bn_add_relu", (2, 3, 4, 4), "channels_last", torch.float32, mode, DEVICE)
     first, second = run(), run()
     first = first[0] if isinstance(first, tuple) else first
@@ -88,7 +92,9 @@ def test_bench_quick_writes_results_and_plot(tmp_path, monkeypatch, capsys):
         assert row["ms"] > 0 and math.isfinite(row["ms"])
         nbytes = bench.bytes_moved(row["op"], row["mode"], 2 * 5 * 3 * 3, 4)
         assert row["gbps"] == pytest.approx(nbytes / (row["ms"] * 1e-3) / 1e9)
-        assert row["bandwidth_fraction"] == pytest.approx(row["gbps"] / 10.0)
+        # on a CPU against the copy of the case's input timed in its rounds, not the run's figure
+        assert row["copy_gbps"] > 0 and math.isfinite(row["copy_gbps"])
+        assert row["bandwidth_fraction"] == pytest.approx(row["gbps"] / row["copy_gbps"])
         if row["provider"] == "eager":
             assert row["speedup_vs_eager"] == pytest.approx(1.0)
     assert seen == {(op, mode): providers for op in bench.OPS for mode in bench.MODES}
@@ -99,9 +105,57 @@ def test_bench_quick_writes_results_and_plot(tmp_path, monkeypatch, capsys):
     }
     for row in model_rows:
         assert row["items_per_s"] == pytest.approx(2 / (row["ms"] * 1e-3))
+        if row["mode"] == "train":  # the forward keeps at least the logits for the backward
+            assert row["backward_kept_bytes"] >= 2 * 10 * 4
+        else:  # no backward, nothing kept for one
+            assert row["backward_kept_bytes"] is None
     assert (tmp_path / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
-    assert "vs eager" in printed and "items/s" in printed
+    assert "vs eager" in printed and "items/s" in printed and "kept MiB" in printed
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_backward_kept_bytes_of_conv_bn_relu(layout):
+    """What a conv -> BatchNorm -> ReLU stack keeps for its backward: BatchNorm's input (the conv
+    output) and the ReLU's output, eager and fused alike; the fused op may add its ReLU mask, one
+    bit per element. Not a third activation, and nothing that existed before (weights, input)."""
+    torch.manual_seed(0)
+    fmt = bench.memory_format(layout, 4)
+    x = torch.randn(4, 8, 16, 16, device=DEVICE).contiguous(memory_format=fmt)
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1, bias=False)
+    stacks = {
+        "eager": torch.nn.Sequential(conv, torch.nn.BatchNorm2d(16), torch.nn.ReLU()),
+        "fused": torch.nn.Sequential(conv, fused_resnet.nn.BatchNormReLU2d(16)),
+    }
+    numel = 4 * 16 * 16 * 16  # of the conv output
+    activation, mask = 4 * numel, (numel + 7) // 8  # fp32 bytes; one bit per element
+    kept = {}
+    for name, stack in stacks.items():
+        stack = stack.to(DEVICE, memory_format=fmt).train()
+        kept[name] = bench.backward_kept_bytes(lambda: stack(x).sum(), DEVICE)
+        assert 2 * activation <= kept[name] < 3 * activation, name
+    assert kept["fused"] <= kept["eager"] + mask
+    with torch.no_grad():  # an inference forward keeps nothing but its result, a scalar
+        assert bench.backward_kept_bytes(lambda: stacks["eager"](x).sum(), DEVICE) < activation
+
+
+def test_bench_falls_back_to_the_run_copy_bandwidth(tmp_path, monkeypatch):
+    """A CPU case whose copy fails is held against the copy bandwidth measured for the run."""
+    _tiny_cpu_bench(monkeypatch)
+
+    def copy_breaks(*args):
+        def run():
+            raise RuntimeError("no copy")
+
+        return run
+
+    monkeypatch.setattr(bench.cli, "make_copy_runner", copy_breaks)
+    bench.main(["--device", "cpu", "--quick", "--skip-models", "--cases", "bn_relu eval", "--output", str(tmp_path)])
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [r["provider"] for r in rows] == bench.providers_for(torch.device("cpu"))
+    for row in rows:
+        assert row["error"] == "" and row["copy_gbps"] == 10.0
+        assert row["bandwidth_fraction"] == pytest.approx(row["gbps"] / 10.0)
 
 
 def test_bench_records_a_failed_provider_and_goes_on(tmp_path, monkeypatch, capsys):

@@ -13,9 +13,14 @@ dr each once; statistics and parameters are negligible):
   eval            read x (and r), write y                                   2 or 3 passes
   train-fwd       read x (and r), write y                                   2 or 3 passes
   train-fwd+bwd   forward as above; backward: read dy, y, x, write dx (and dr)  6 or 8 passes
-GB/s is those bytes over the median time; "%bw" divides it by the device's copy bandwidth,
-measured once per run with a large tensor copy (bytes read + bytes written per second). A fused
-training forward that reads x twice (statistics, then apply) tops out near 2/3 of that.
+GB/s is those bytes over the median time; "%bw" divides it by the rate of a copy (bytes read +
+bytes written per second): on a GPU the device's, measured once per run with a large tensor copy;
+on a CPU a copy of the case's own input (x.clone() over input sets rotated as the providers'),
+timed in the case's rounds. A fused training forward that reads x twice (statistics, then apply)
+tops out near 2/3 of that.
+
+Model rows also give the memory a training step keeps for its backward ("kept MiB"): bytes
+allocated after the forward above those allocated before it (timing.backward_kept_bytes).
 """
 
 from .cases import (
@@ -43,8 +48,16 @@ from .cases import (
 )
 from .cli import environment, main, run_cases, run_model_case, run_op_case
 from .report import ResultsFile, format_model_table, format_table, plot
-from .runners import input_set_count, make_model_runner, make_runner
-from .timing import copy_bandwidth_gbps, describe_failure, measure, peak_memory_bytes, time_ms, time_side_by_side
+from .runners import input_set_count, make_copy_runner, make_model_runner, make_runner
+from .timing import (
+    backward_kept_bytes,
+    copy_bandwidth_gbps,
+    describe_failure,
+    measure,
+    peak_memory_bytes,
+    time_ms,
+    time_side_by_side,
+)
 
 # the package's interface: what tests, benchmarks/ and gpu_check.sh use
 __all__ = [
@@ -79,8 +92,10 @@ __all__ = [
     "format_table",
     "plot",
     "input_set_count",
+    "make_copy_runner",
     "make_model_runner",
     "make_runner",
+    "backward_kept_bytes",
     "copy_bandwidth_gbps",
     "describe_failure",
     "measure",

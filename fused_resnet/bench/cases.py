@@ -63,6 +63,7 @@ class Result:
     speedup_vs_eager: float = float("nan")
     speedup_vs_compile: float = float("nan")
     error: str = ""  # "ExceptionType: first line" when the provider failed; its numbers are NaN
+    copy_gbps: float = float("nan")  # the copy rate bandwidth_fraction divides by (cli.run_op_case)
 
 @dataclass
 class ModelResult:
@@ -75,6 +76,10 @@ class ModelResult:
     ms: float
     items_per_s: float
     peak_memory_bytes: Optional[int] = 0  # None when the provider failed
+    # Training rows: bytes allocated after the forward above those before it, what autograd holds
+    # for the backward (timing.backward_kept_bytes). None for eval rows, which have no backward,
+    # and failed ones.
+    backward_kept_bytes: Optional[int] = None
     speedup_vs_eager: float = float("nan")
     speedup_vs_compile: float = float("nan")
     note: str = field(default="")

@@ -19,7 +19,7 @@ import fused_resnet
 from . import overhead
 from .cases import DTYPES, MODES, ModelResult, Result, bytes_moved, model_cases, model_providers, op_cases, providers_for
 from .report import ResultsFile, format_model_table, format_table, plot
-from .runners import make_model_runner, make_runner
+from .runners import make_copy_runner, make_model_runner, make_runner
 from .timing import copy_bandwidth_gbps, describe_failure, measure
 
 
@@ -35,23 +35,39 @@ def _with_speedups(case):
     return case
 
 
+# The name of the copy an op case is held against on a CPU (runners.make_copy_runner).
+COPY = "copy"
+
+
 def run_op_case(device, bandwidth, dtype_name, shape, layout, op, mode, rounds, min_run_time, providers=None):
-    """Rows of one op-level case for `providers` (default: providers_for(device))."""
+    """Rows of one op-level case for `providers` (default: providers_for(device)).
+
+    %bw divides a row's GB/s by `bandwidth` (the device's copy bandwidth) on a GPU. On a CPU it
+    divides by the rate of a copy of the case's own input timed in the case's rounds: a CPU is
+    shared with other processes and the host, its rate drifts by up to 2x over minutes, and a
+    long copy measured once at the start is slowed by them differently from calls of well under
+    a millisecond, whose median passes over a call that lost its core. (`bandwidth` if the copy fails.)
+    """
     dtype = DTYPES[dtype_name]
+    element_size = torch.finfo(dtype).bits // 8
     providers = providers_for(device) if providers is None else providers
+    references = {COPY: make_copy_runner(shape, layout, dtype, device)} if device.type == "cpu" else {}
     measured, errors = measure(
-        lambda p: make_runner(p, op, shape, layout, dtype, mode, device), providers, device, rounds, min_run_time
+        lambda p: make_runner(p, op, shape, layout, dtype, mode, device), providers, device, rounds, min_run_time,
+        references=references,
     )
-    nbytes = bytes_moved(op, mode, math.prod(shape), torch.finfo(dtype).bits // 8)
+    if COPY in measured:
+        bandwidth = 2 * math.prod(shape) * element_size / (measured[COPY][0] * 1e-3) / 1e9  # read x, write its copy
+    nbytes = bytes_moved(op, mode, math.prod(shape), element_size)
     nan = float("nan")
     case = []
     for provider in providers:
         if provider in errors:
             case.append(Result(op, shape, dtype_name, layout, mode, provider, nan, nan, nan, None, error=errors[provider]))
             continue
-        ms, peak = measured[provider]
+        ms, peak, _ = measured[provider]
         gbps = nbytes / (ms * 1e-3) / 1e9
-        case.append(Result(op, shape, dtype_name, layout, mode, provider, ms, gbps, gbps / bandwidth, peak))
+        case.append(Result(op, shape, dtype_name, layout, mode, provider, ms, gbps, gbps / bandwidth, peak, copy_gbps=bandwidth))
     return _with_speedups(case)
 
 
@@ -67,8 +83,8 @@ def run_model_case(device, providers, name, shape, dtype_name, layout, mode, rou
         if provider in errors:
             case.append(ModelResult(name, shape, dtype_name, layout, mode, provider, nan, nan, None, error=errors[provider]))
             continue
-        ms, peak = measured[provider]
-        case.append(ModelResult(name, shape, dtype_name, layout, mode, provider, ms, shape[0] / (ms * 1e-3), peak))
+        ms, peak, kept = measured[provider]
+        case.append(ModelResult(name, shape, dtype_name, layout, mode, provider, ms, shape[0] / (ms * 1e-3), peak, kept))
     return _with_speedups(case)
 
 
@@ -199,7 +215,8 @@ def main(argv=None):
     # at least 15 steps each and 20 s in all, and each keeps its median step.
     model_timing = (15, 20.0, True) if device.type == "cpu" and not args.quick else None
     bandwidth = copy_bandwidth_gbps(device)
-    print(f"device copy bandwidth: {bandwidth:.1f} GB/s (read + write)", flush=True)
+    against = "; %bw of an op row divides by a copy of the case's input, timed with it" if device.type == "cpu" else ""
+    print(f"device copy bandwidth: {bandwidth:.1f} GB/s (read + write){against}", flush=True)
     png = os.path.join(args.output, "speedup.png")
     if os.path.exists(png):
         os.remove(png)  # a run cut off must not leave the plot of an earlier run beside its rows

@@ -11,8 +11,10 @@ from dataclasses import asdict
 
 OP_COLUMNS = ("op", "shape", "dtype", "layout", "mode", "provider", "ms", "GB/s", "%bw", "peak MiB", "vs eager", "vs comp")
 OP_FORMAT = "{:<9} {:<12} {:<18} {:<5} {:<14} {:<14} {:<8} {:>9} {:>8} {:>5} {:>9} {:>8} {:>8}"
-MODEL_COLUMNS = ("model", "input", "dtype", "layout", "mode", "provider", "ms", "items/s", "peak MiB", "vs eager", "vs comp")
-MODEL_FORMAT = "{:<9} {:<12} {:<18} {:<5} {:<14} {:<6} {:<14} {:>10} {:>10} {:>9} {:>8} {:>8}"
+MODEL_COLUMNS = (
+    "model", "input", "dtype", "layout", "mode", "provider", "ms", "items/s", "peak MiB", "kept MiB", "vs eager", "vs comp"
+)
+MODEL_FORMAT = "{:<9} {:<12} {:<18} {:<5} {:<14} {:<6} {:<14} {:>10} {:>10} {:>9} {:>9} {:>8} {:>8}"
 
 
 def _speedup(value):
@@ -33,8 +35,10 @@ def _model_cells(r):
     key = (r.model, "x".join(map(str, r.input_shape)), r.dtype, r.layout, r.mode, r.provider)
     if r.error:
         return key, None
+    # "-" for kept memory: an eval row has no backward to keep anything for
+    kept = "-" if r.backward_kept_bytes is None else f"{r.backward_kept_bytes / 2**20:.1f}"
     return key, (
-        f"{r.ms:.2f}", f"{r.items_per_s:.1f}", f"{r.peak_memory_bytes / 2**20:.1f}",
+        f"{r.ms:.2f}", f"{r.items_per_s:.1f}", f"{r.peak_memory_bytes / 2**20:.1f}", kept,
         _speedup(r.speedup_vs_eager), _speedup(r.speedup_vs_compile),
     )
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import fused_resnet
 
-from .cases import bytes_moved, memory_format
+from .cases import memory_format
 
 
 def cache_bytes(device):
@@ -32,9 +32,24 @@ def cache_bytes(device):
     return max(sizes, default=32 << 20)
 
 
-def input_set_count(footprint_bytes, device):
-    """How many input sets to rotate so that a call does not find its inputs in the cache."""
-    return max(1, min(16, math.ceil(2 * cache_bytes(device) / max(footprint_bytes, 1))))
+# The input sets of one runner span this many last-level caches. Caches do not replace lines in
+# strict LRU order, and a VM's cores may sit on more than one cache, so data streamed over twice
+# the cache size is still partly found there; from about four times on, the rate a call sees
+# settles to the rate of memory.
+ROTATION_CACHES = 4
+
+# Tiny tensors (tests) cannot leave the cache in any number of sets: the rotation stops here.
+MAX_INPUT_SETS = 1024
+
+
+def input_set_count(set_bytes, device):
+    """How many input sets to rotate so that a call does not find its inputs in the cache.
+
+    `set_bytes` is what one set holds: the tensors a call reads that exist before it (x, r, dy).
+    Outputs are not counted: each call's come from the allocator, which hands back the memory
+    the previous call's outputs freed, the same addresses every call.
+    """
+    return max(1, min(MAX_INPUT_SETS, math.ceil(ROTATION_CACHES * cache_bytes(device) / max(set_bytes, 1))))
 
 
 def _eager_composition(x, r, running_mean, running_var, weight, bias, training):
@@ -78,14 +93,20 @@ def make_runner(provider, op, shape, layout, dtype, mode, device, rotate=True):
     # Training modes record the autograd graph as a training step does; "train-fwd" drops it.
     weight.requires_grad_(training)
     bias.requires_grad_(training)
-    footprint = bytes_moved(op, mode, math.prod(shape), torch.finfo(dtype).bits // 8)
-    n_sets = input_set_count(footprint, device) if rotate else 1
+    # x, and r for bn_add_relu and dy for a backward: the tensors of one set
+    tensors_per_set = 1 + (op == "bn_add_relu") + (mode == "train-fwd+bwd")
+    n_sets = input_set_count(tensors_per_set * math.prod(shape) * (torch.finfo(dtype).bits // 8), device) if rotate else 1
+
+    def random():
+        # drawn contiguous, then laid out: randn_like of a channels_last tensor draws several
+        # times slower, which the hundreds of sets of a small case would feel
+        return torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
 
     def input_set():
-        x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
-        r = torch.randn_like(x) if op == "bn_add_relu" else None
+        x = random()
+        r = random() if op == "bn_add_relu" else None
         stats = (torch.zeros(channels, device=device, dtype=param_dtype), torch.ones(channels, device=device, dtype=param_dtype))
-        grad_out = torch.randn_like(x) if mode == "train-fwd+bwd" else None
+        grad_out = random() if mode == "train-fwd+bwd" else None
         if training:
             x.requires_grad_(True)
             if r is not None:
@@ -120,6 +141,25 @@ def make_runner(provider, op, shape, layout, dtype, mode, device, rotate=True):
     return run
 
 
+def make_copy_runner(shape, layout, dtype, device):
+    """x.clone() over rotated input sets: the copy an op case's providers are held against on a CPU.
+
+    It reads and writes as they do: inputs rotated out of the cache by the same rule, an output
+    from the allocator as theirs is (the memory the previous call freed), the same threads, and it
+    is timed in their rounds, so whatever slows the machine meanwhile (another process on a shared
+    core, the host) slows it alike. Bytes: read x, write the copy.
+    """
+    device = torch.device(device)
+    fmt = memory_format(layout, len(shape))
+    n_sets = input_set_count(math.prod(shape) * (torch.finfo(dtype).bits // 8), device)
+    cycle = itertools.cycle([torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt) for _ in range(n_sets)])
+
+    def run():
+        return next(cycle).clone()
+
+    return run
+
+
 def _autocast(device, dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
@@ -127,7 +167,11 @@ def _autocast(device, dtype):
 
 
 def make_model_runner(provider, model_name, input_shape, mode, device, dtype, layout):
-    """One inference batch ("eval") or one SGD training step ("train") of the model."""
+    """One inference batch ("eval") or one SGD training step ("train") of the model.
+
+    A training runner also has `training_forward`: the step's forward alone, returning the loss
+    with its autograd graph, which holds what the backward will need (timing.backward_kept_bytes).
+    """
     from .. import models
 
     device = torch.device(device)
@@ -154,12 +198,16 @@ def make_model_runner(provider, model_name, input_shape, mode, device, dtype, la
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
+    def training_forward():
+        with _autocast(device, dtype):
+            return F.cross_entropy(forward(x), target)
+
     def run():
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, dtype):
-            loss = F.cross_entropy(forward(x), target)
+        loss = training_forward()
         loss.backward()
         optimizer.step()
         return loss
 
+    run.training_forward = training_forward
     return run

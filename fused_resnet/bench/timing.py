@@ -1,5 +1,6 @@
 """Timing and memory of fused_resnet.bench: the providers of a case measured side by side in
-interleaved rounds, the peak memory of one call, the device's copy bandwidth.
+interleaved rounds, the peak memory of one call, the memory a training step keeps for its
+backward, the device's copy bandwidth.
 """
 
 import contextlib
@@ -115,13 +116,37 @@ def _native_output_dropped():
             os.close(copy)
 
 
+def _cpu_allocations(run):
+    """(bytes allocated before, [bytes allocated after each allocation or free], result) of one
+    call of `run` on the CPU, from the profiler's allocation events ("Total Allocated" of its
+    [memory] records), which follow every CPU tensor allocation. The result lives until the
+    profiler has stopped, so what it holds is not freed within the records. What the profiled call
+    writes to file descriptors 1 and 2 is dropped with the profiler's own messages (`run` was
+    warmed up, so it has shown anything it had to say).
+    """
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with _native_output_dropped(), tempfile.TemporaryDirectory() as tmp:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            result = run()
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    records = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    if not records:
+        return 0, [], result
+    before = records[0]["args"]["Total Allocated"] - records[0]["args"]["Bytes"]
+    return before, [e["args"]["Total Allocated"] for e in records], result
+
+
 def peak_memory_bytes(run, device):
     """Memory allocated at the peak of one call of `run`, above what was allocated before it.
 
     CUDA: the caching allocator's peak counter. CPU: the profiler's allocation events
-    ("Total Allocated" of its [memory] records), which follow every CPU tensor allocation. What
-    the profiled call writes to file descriptors 1 and 2 is dropped with the profiler's own
-    messages (`run` was warmed up, so it has shown anything it had to say).
+    (_cpu_allocations).
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -130,27 +155,42 @@ def peak_memory_bytes(run, device):
         run()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    import tempfile
+    before, totals, _ = _cpu_allocations(run)
+    return max(totals, default=before) - before
 
-    from torch.profiler import ProfilerActivity, profile
 
-    with _native_output_dropped(), tempfile.TemporaryDirectory() as tmp:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            run()
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
-    if not totals:
-        return 0
-    first = next(e for e in events if e.get("name") == "[memory]")
-    baseline = first["args"]["Total Allocated"] - first["args"]["Bytes"]
-    return max(totals) - baseline
+def backward_kept_bytes(forward, device):
+    """Memory a training step keeps for its backward: the bytes allocated right after `forward()`,
+    which returns the loss with its autograd graph, above those allocated just before it.
+
+    Counted at the allocator rather than by hooks on the tensors autograd saves, so every tensor
+    the graph keeps alive is in, however it is kept (save_for_backward, an attribute of a custom
+    Function's ctx, the activations a compiled graph saves), and nothing that existed before the
+    forward is (parameters, the input batch, the last step's gradients). The logits and the loss
+    are in too: a batch of class scores. CUDA: the caching allocator's allocated bytes. CPU: the
+    profiler's allocation events (_cpu_allocations).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        loss = forward()
+        torch.cuda.synchronize(device)
+        kept = torch.cuda.memory_allocated(device) - before
+        del loss
+        return kept
+    before, totals, loss = _cpu_allocations(forward)
+    del loss
+    return (totals[-1] if totals else before) - before
 
 
 def copy_bandwidth_gbps(device):
-    """Measured device copy bandwidth: bytes read + bytes written per second, in GB/s."""
+    """Measured device copy bandwidth: bytes read + bytes written per second, in GB/s.
+
+    The copy runs on as many threads as the kernels (torch.get_num_threads(), time_ms), over
+    tensors far larger than the last-level cache. On a GPU it is what %bw divides by; on a CPU an
+    op case is held against a copy of its own input timed in its rounds (runners.make_copy_runner),
+    and this figure is for the record.
+    """
     n = (1 << 28) if device.type == "cuda" else (1 << 26)
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
@@ -158,8 +198,12 @@ def copy_bandwidth_gbps(device):
     return 2 * n * src.element_size() / (ms * 1e-3) / 1e9
 
 
-def measure(make_runner_for, providers, device, rounds, min_run_time, per_call=False):
-    """({provider: (ms, peak bytes)}, {provider: failure}) of one case.
+def measure(make_runner_for, providers, device, rounds, min_run_time, per_call=False, references=None):
+    """({provider: (ms, peak bytes, kept bytes)}, {provider: failure}) of one case.
+
+    Kept bytes: backward_kept_bytes of a runner with a `training_forward` (a model's training
+    step), None for the others. `references` ({name: run}) are timed in the same rounds as the
+    providers and not measured for memory: (ms, None, None) in the first dict.
 
     A provider whose runner raises while it is built, warmed up, timed or measured for memory is
     in the second dict, with describe_failure's text, and not in the first; the others go on.
@@ -170,13 +214,20 @@ def measure(make_runner_for, providers, device, rounds, min_run_time, per_call=F
             runners[provider] = make_runner_for(provider)
         except Exception as e:
             errors[provider] = describe_failure(e)
+    runners.update(references or {})
     timings = time_side_by_side(
         runners, device, rounds=rounds, min_run_time=min_run_time, errors=errors, per_call=per_call
     )
     measured = {}
     for provider, ms in timings.items():
+        if provider in (references or {}):
+            measured[provider] = (ms, None, None)
+            continue
+        run = runners[provider]
         try:
-            measured[provider] = (ms, peak_memory_bytes(runners[provider], device))
+            peak = peak_memory_bytes(run, device)
+            forward = getattr(run, "training_forward", None)
+            measured[provider] = (ms, peak, None if forward is None else backward_kept_bytes(forward, device))
         except Exception as e:
             errors[provider] = describe_failure(e)
     return measured, errors
