@@ -27,11 +27,12 @@ import torch
 import torch.fx
 from torch import nn
 
-from .. import contract, functional
-from ..contract import DEFAULT_NEGATIVE_SLOPE, acc_dtype
-from ..nn.batchnorm import UNFUSED_CLASS, AddReLU, _BatchNormAddAct, _BatchNormAct, activation_module
+from .. import contract
+from ..contract import DEFAULT_NEGATIVE_SLOPE
+from ..nn.batchnorm import (
+    UNFUSED_CLASS, AddReLU, _BatchNormAddAct, _BatchNormAct, activation_module, activation_repr,
+)
 from ..nn.frozen import FrozenBatchNormAddReLU, FrozenBatchNormReLU, _FrozenFusedNorm
-from ..nn.tracing import record_module_call
 from .fuse import FUSED_NORMS, _bn_add_act, _check_module, _finish, _resolve, _Walk, convert
 from .rewrite import norms
 from .rewrite.undo import all_or_nothing
@@ -43,11 +44,8 @@ FOLDED_ACTIVATION = "_fused_resnet_folded_activation"
 
 class AddAct(AddReLU):
     """act(x + residual): a BatchNormAddAct*d once its normalization is folded into the
-    preceding convolution, AddReLU with the activation (one of contract.ACTIVATIONS) an argument.
-
-    It runs the fused eval kernel with identity statistics, mean 0, var 1 and eps 0, so that
-    (x - 0) * rsqrt(1 + 0) = x exactly: one pass reading x and the residual and writing the
-    output, where an eager add and activation make two.
+    preceding convolution: AddReLU's forward (the fused eval kernel with identity statistics,
+    one pass) with the activation (one of contract.ACTIVATIONS) an argument.
     """
 
     def __init__(self, act: str, negative_slope: float = DEFAULT_NEGATIVE_SLOPE):
@@ -56,20 +54,7 @@ class AddAct(AddReLU):
         self.act, self.negative_slope = act, float(negative_slope)
 
     def extra_repr(self):
-        slope = f", negative_slope={self.negative_slope}" if self.act == "leaky_relu" else ""
-        return f"act={self.act!r}{slope}"
-
-    def forward(self, input, residual):
-        traced = record_module_call(self, input, residual)
-        if traced is not None:
-            return traced
-        channels = input.shape[1] if input.dim() >= 2 else 0
-        stats_dtype = acc_dtype(input.dtype) if input.dtype.is_floating_point else input.dtype
-        mean = torch.zeros(channels, dtype=stats_dtype, device=input.device)
-        var = torch.ones(channels, dtype=stats_dtype, device=input.device)
-        return functional.batch_norm_act(
-            input, residual, None, None, mean, var, False, 0.0, 0.0, self.act, self.negative_slope
-        )
+        return activation_repr(self)
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

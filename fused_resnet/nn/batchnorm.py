@@ -151,6 +151,12 @@ class BatchNormAddReLU3d(_BatchNormAddAct, nn.BatchNorm3d):
     """relu(BatchNorm3d(x) + residual) for (N, C, D, H, W) input."""
 
 
+def activation_repr(module) -> str:
+    """The activation of a fused module as its repr shows it: act='silu' (and leaky_relu's slope)."""
+    slope = f", negative_slope={module.negative_slope}" if module.act == "leaky_relu" else ""
+    return f"act={module.act!r}{slope}"
+
+
 class _ActArguments:
     """The constructor of nn.BatchNorm*d, with the activation as keywords after its arguments."""
 
@@ -161,8 +167,7 @@ class _ActArguments:
         self.negative_slope = float(negative_slope)
 
     def extra_repr(self):
-        slope = f", negative_slope={self.negative_slope}" if self.act == "leaky_relu" else ""
-        return f"{super().extra_repr()}, act={self.act!r}{slope}"
+        return f"{super().extra_repr()}, {activation_repr(self)}"
 
 
 class BatchNormAct1d(_ActArguments, _BatchNormAct, nn.BatchNorm1d):
@@ -266,6 +271,8 @@ class AddReLU(nn.Module):
     """
 
     __prepare_scriptable__ = refuse_script
+    act = DEFAULT_ACT  # AddAct (convert/inference.py) sets its own
+    negative_slope = DEFAULT_NEGATIVE_SLOPE
 
     def forward(self, input, residual):
         traced = record_module_call(self, input, residual)
@@ -275,4 +282,6 @@ class AddReLU(nn.Module):
         stats_dtype = acc_dtype(input.dtype) if input.dtype.is_floating_point else input.dtype
         mean = torch.zeros(channels, dtype=stats_dtype, device=input.device)
         var = torch.ones(channels, dtype=stats_dtype, device=input.device)
-        return functional.batch_norm_add_relu(input, residual, mean, var, training=False, eps=0.0)
+        return functional.batch_norm_act(
+            input, residual, None, None, mean, var, False, 0.0, 0.0, self.act, self.negative_slope
+        )

@@ -28,7 +28,7 @@ from torch import nn
 
 from .. import contract, functional
 from ..contract import DEFAULT_ACT, DEFAULT_NEGATIVE_SLOPE
-from .batchnorm import EAGER_BATCHNORMS, _BatchNormAddAct, _BatchNormAct, check_channels
+from .batchnorm import EAGER_BATCHNORMS, _BatchNormAddAct, _BatchNormAct, activation_repr, check_channels
 from .tracing import record_module_call, refuse_script
 
 
@@ -109,8 +109,7 @@ class _FrozenActArguments:
         self.negative_slope = float(negative_slope)
 
     def extra_repr(self):
-        slope = f", negative_slope={self.negative_slope}" if self.act == "leaky_relu" else ""
-        return f"{super().extra_repr()}, act={self.act!r}{slope}"
+        return f"{super().extra_repr()}, {activation_repr(self)}"
 
 
 class FrozenBatchNormAct(_FrozenActArguments, FrozenBatchNormReLU):
