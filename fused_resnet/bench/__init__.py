@@ -15,9 +15,9 @@ dr each once; statistics and parameters are negligible):
   train-fwd+bwd   forward as above; backward: read dy, y, x, write dx (and dr)  6 or 8 passes
 GB/s is those bytes over the median time; "%bw" divides it by the rate of a copy (bytes read +
 bytes written per second): on a GPU the device's, measured once per run with a large tensor copy;
-on a CPU a copy of the case's own input (x.clone() over input sets rotated as the providers'),
-timed in the case's rounds. A fused training forward that reads x twice (statistics, then apply)
-tops out near 2/3 of that.
+on a CPU a copy of the case's own input (input sets rotated as the providers', one output tensor
+reused as the allocator reuses theirs), timed in the case's rounds. A fused training forward that
+reads x twice (statistics, then apply) tops out near 2/3 of that.
 
 Model rows also give the memory a training step keeps for its backward ("kept MiB"): bytes
 allocated after the forward above those allocated before it (timing.backward_kept_bytes).

@@ -43,10 +43,11 @@ def run_op_case(device, bandwidth, dtype_name, shape, layout, op, mode, rounds, 
     """Rows of one op-level case for `providers` (default: providers_for(device)).
 
     %bw divides a row's GB/s by `bandwidth` (the device's copy bandwidth) on a GPU. On a CPU it
-    divides by the rate of a copy of the case's own input timed in the case's rounds: a CPU is
-    shared with other processes and the host, its rate drifts by up to 2x over minutes, and a
-    long copy measured once at the start is slowed by them differently from calls of well under
-    a millisecond, whose median passes over a call that lost its core. (`bandwidth` if the copy fails.)
+    divides by the rate of a copy of the case's own input (runners.make_copy_runner) timed in the
+    case's rounds, or by `bandwidth` if that copy fails: a CPU shared with other processes and
+    the host changes speed from minute to minute, so a copy timed once at the start of a run does
+    not describe a case timed later; and a large copy writes to memory long untouched, where a
+    provider's output lands in the memory the previous call's freed.
     """
     dtype = DTYPES[dtype_name]
     element_size = torch.finfo(dtype).bits // 8

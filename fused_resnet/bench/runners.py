@@ -32,10 +32,9 @@ def cache_bytes(device):
     return max(sizes, default=32 << 20)
 
 
-# The input sets of one runner span this many last-level caches. Caches do not replace lines in
-# strict LRU order, and a VM's cores may sit on more than one cache, so data streamed over twice
-# the cache size is still partly found there; from about four times on, the rate a call sees
-# settles to the rate of memory.
+# The input sets of one runner span this many last-level caches. A cache does not replace lines
+# in strict LRU order, so data streamed over twice its size is still partly found there; from
+# about four times on, the rate a call sees settles to the rate of memory.
 ROTATION_CACHES = 4
 
 # Tiny tensors (tests) cannot leave the cache in any number of sets: the rotation stops here.
@@ -95,7 +94,8 @@ def make_runner(provider, op, shape, layout, dtype, mode, device, rotate=True):
     bias.requires_grad_(training)
     # x, and r for bn_add_relu and dy for a backward: the tensors of one set
     tensors_per_set = 1 + (op == "bn_add_relu") + (mode == "train-fwd+bwd")
-    n_sets = input_set_count(tensors_per_set * math.prod(shape) * (torch.finfo(dtype).bits // 8), device) if rotate else 1
+    set_bytes = tensors_per_set * math.prod(shape) * (torch.finfo(dtype).bits // 8)
+    n_sets = input_set_count(set_bytes, device) if rotate else 1
 
     def random():
         # drawn contiguous, then laid out: randn_like of a channels_last tensor draws several
@@ -142,20 +142,24 @@ def make_runner(provider, op, shape, layout, dtype, mode, device, rotate=True):
 
 
 def make_copy_runner(shape, layout, dtype, device):
-    """x.clone() over rotated input sets: the copy an op case's providers are held against on a CPU.
+    """A copy of rotated input sets into one output tensor: what an op case's providers are held
+    against on a CPU.
 
-    It reads and writes as they do: inputs rotated out of the cache by the same rule, an output
-    from the allocator as theirs is (the memory the previous call freed), the same threads, and it
-    is timed in their rounds, so whatever slows the machine meanwhile (another process on a shared
-    core, the host) slows it alike. Bytes: read x, write the copy.
+    It reads and writes as they do: inputs rotated out of the cache by the same rule, and an
+    output at the same addresses every call, as the allocator hands a provider's output the memory
+    the previous call's freed (without the allocation's cost, so the copy is the faster for it).
+    It is timed in their rounds, on their threads, so whatever slows the machine meanwhile
+    (another process on a shared core, the host) slows it alike. Bytes: read x, write the copy.
     """
     device = torch.device(device)
     fmt = memory_format(layout, len(shape))
     n_sets = input_set_count(math.prod(shape) * (torch.finfo(dtype).bits // 8), device)
-    cycle = itertools.cycle([torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt) for _ in range(n_sets)])
+    sets = [torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt) for _ in range(n_sets)]
+    cycle = itertools.cycle(sets)
+    out = torch.empty(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
 
     def run():
-        return next(cycle).clone()
+        return out.copy_(next(cycle))
 
     return run
 
