@@ -115,7 +115,10 @@ def extension(cuda, sources=None):
     list with the same flags (tests/test_cuda_compile.py compiles the CUDA sources alone)."""
     # No -std: torch.utils.cpp_extension adds the C++ standard its own headers need (C++20 in
     # current releases); the sources compile under C++17 and C++20.
-    cxx_flags = ["-O3", "-fopenmp"] + _cpu_isa_flags()
+    # -g0: no debug information (Python's own flags ask for -g). The CPU kernels are compiled
+    # once per dtype, activation, layout and flag; their debug information is 95% of the objects
+    # (cpu/fwd.o: 140 MB with it, 6 MB without) and a third of the compile time.
+    cxx_flags = ["-O3", "-g0", "-fopenmp"] + _cpu_isa_flags()
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not cuda:
         return cpp_extension.CppExtension(

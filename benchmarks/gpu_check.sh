@@ -216,11 +216,13 @@ bench_chunks() {
 }
 
 phase_bench() {
-  local fused="eager,$NATIVE,triton" all="eager,compile,$NATIVE,triton" common="--dtype bf16"
+  local fused="eager,$NATIVE,triton" all="eager,compile,$NATIVE,triton" common="--dtype bf16 --ops bn_relu,bn_add_relu"
+  local acts="--dtype bf16 --ops bn_silu,bn_add_silu,bn_relu6 --modes eval,train-fwd+bwd"
   if [[ $DEVICE == cuda ]]; then
     bench_chunks c "$(limit 170)" \
       "fused-eval|$fused|yes|$common --modes eval" \
       "fused-train|$fused|yes|$common --modes train-fwd+bwd" \
+      "acts-cl|$all|no|$acts --cases channels_last" \
       "compile-eval-cl|$all|no|$common --modes eval --cases channels_last" \
       "compile-train-cl|$all|no|$common --modes train-fwd+bwd --cases channels_last" \
       "compile-eval-nc|$all|no|$common --modes eval --cases contiguous" \
@@ -230,8 +232,9 @@ phase_bench() {
     # (bench never times the Triton interpreter), no torch.compile (inductor's CPU C++ compile
     # takes 20-40 s a case here; on the GPU the same bench code runs it).
     bench_chunks c "$(limit 170)" \
-      "fused-eval|$fused|yes|$common --quick --modes eval --cases ^bn_relu.*channels_last" \
-      "fused-train|$fused|yes|$common --quick --modes train-fwd+bwd --cases ^bn_add_relu.*contiguous"
+      "fused-eval|$fused|yes|--dtype bf16 --ops bn_relu --quick --modes eval --cases channels_last" \
+      "fused-train|$fused|yes|--dtype bf16 --ops bn_add_relu --quick --modes train-fwd+bwd --cases contiguous" \
+      "acts|$fused|no|--dtype bf16 --ops bn_add_silu --quick --modes train-fwd+bwd --cases channels_last"
   fi
 }
 
@@ -294,10 +297,12 @@ phase_rest_bench() {
   left=$(($(limit 240) - SECONDS))  # what the 4 minutes leave after r1 and r2
   if [[ $DEVICE == cuda ]]; then
     bench_chunks r3 "$left" \
-      "fp16-eval|$fused|no|--dtype fp16 --modes eval" "fp16-train|$fused|no|--dtype fp16 --modes train-fwd+bwd" \
-      "fp32-eval|$fused|no|--dtype fp32 --modes eval" "fp32-train|$fused|no|--dtype fp32 --modes train-fwd+bwd"
+      "fp16-eval|$fused|no|--dtype fp16 --ops bn_relu,bn_add_relu --modes eval" \
+      "fp16-train|$fused|no|--dtype fp16 --ops bn_relu,bn_add_relu --modes train-fwd+bwd" \
+      "fp32-eval|$fused|no|--dtype fp32 --ops bn_relu,bn_add_relu --modes eval" \
+      "fp32-train|$fused|no|--dtype fp32 --ops bn_relu,bn_add_relu --modes train-fwd+bwd"
   else
-    bench_chunks r3 "$left" "fp16-eval|$fused|no|--dtype fp16 --quick --modes eval --cases ^bn_relu.*channels_last"
+    bench_chunks r3 "$left" "fp16-eval|$fused|no|--dtype fp16 --ops bn_relu --quick --modes eval --cases channels_last"
   fi
 }
 

@@ -1,12 +1,15 @@
-"""pytest-benchmark suite, model level: ResNet training steps and inference (fused_resnet.bench's model cases).
+"""pytest-benchmark suite, model level: training steps and inference of fused_resnet.bench's model
+cases (ResNets, and torchvision's MobileNetV2 and EfficientNet-B0 when torchvision is installed).
 
 Providers: the eager model, its fused twin on the same weights, and both under torch.compile.
 extra_info holds images (or clips) per second, the peak memory of one call and, for a training
-step, the memory its forward keeps for the backward. GPU: resnet50 and
-resnet3d_50 at real sizes (bf16 autocast, channels_last); CPU: resnet18 and resnet3d_18 on tiny
-inputs. In smoke mode (--benchmark-disable) one tiny ResNet-50 runs eager and fused: compiling a
-whole ResNet takes minutes on a small CPU.
+step, the memory its forward keeps for the backward. GPU: real sizes (bf16 autocast,
+channels_last); CPU: resnet18, resnet3d_18 and the torchvision models on tiny inputs. In smoke
+mode (--benchmark-disable) a tiny ResNet-50, MobileNetV2 and EfficientNet-B0 run eager and fused:
+compiling a whole model takes minutes on a small CPU.
 """
+
+import pytest
 
 from conftest import DEVICE, record, smoke, sync_if_cuda
 from fused_resnet import bench
@@ -28,6 +31,8 @@ def pytest_generate_tests(metafunc):
 
 
 def test_model(benchmark, name, shape, dtype, layout, mode, provider):
+    if name in bench.TORCHVISION_MODELS:
+        pytest.importorskip("torchvision", reason=f"the model case {name} is torchvision's")
     benchmark.group = f"{name} {mode} {dtype} {'x'.join(map(str, shape))}"
     run = bench.make_model_runner(provider, name, shape, mode, DEVICE, bench.DTYPES[dtype], layout)
     for _ in range(2):  # warm-up, and torch.compile's compilation, outside the timing

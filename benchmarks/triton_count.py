@@ -83,12 +83,20 @@ def _unfilled_random_tensors():
         torch.randn, torch.randn_like = randn, randn_like
 
 
-def _bench(dtype_name):
-    """The op-level bench's triton provider: both ops, eval and train-fwd+bwd, every GPU case."""
+# The ops of gpu_check.sh's bench chunks: the ReLU ones in every dtype, the other activations'
+# (its "acts" chunk) in bf16, channels_last.
+RELU_OPS = ("bn_relu", "bn_add_relu")
+ACT_OPS = ("bn_silu", "bn_add_silu", "bn_relu6")
+
+
+def _bench(dtype_name, ops, layouts=("contiguous", "channels_last")):
+    """The op-level bench's triton provider: `ops`, eval and train-fwd+bwd, the GPU cases in `layouts`."""
     dtype = bench_cases.DTYPES[dtype_name]
     with _unfilled_random_tensors():
         for shape, layout in bench_cases.GPU_CASES:
-            for op in bench_cases.OPS:
+            if layout not in layouts:
+                continue
+            for op in ops:
                 for mode in ("eval", "train-fwd+bwd"):
                     make_runner("triton", op, shape, layout, dtype, mode, CPU, rotate=False)()
 
@@ -96,8 +104,8 @@ def _bench(dtype_name):
 # phase: (title, workload, the phase's seconds in gpu_check.sh for the part that compiles them)
 PHASES = {
     "b": ("correctness (gpu_correctness.py, triton)", phase_b, 110),
-    "c": ("bench bf16", lambda: _bench("bf16"), 170),
-    "r3": ("bench fp16 and fp32", lambda: (_bench("fp16"), _bench("fp32")), 40),
+    "c": ("bench bf16", lambda: (_bench("bf16", RELU_OPS), _bench("bf16", ACT_OPS, ("channels_last",))), 170),
+    "r3": ("bench fp16 and fp32", lambda: (_bench("fp16", RELU_OPS), _bench("fp32", RELU_OPS)), 40),
 }
 # A phase fits when its compiles take at most this share of its seconds (the rest runs the checks).
 COMPILE_SHARE = 0.5

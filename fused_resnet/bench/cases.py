@@ -9,8 +9,22 @@ from typing import Optional
 import torch
 
 import fused_resnet
+from fused_resnet import contract
 
-OPS = ("bn_relu", "bn_add_relu")
+# The op cases: "bn_<act>" is act(batch_norm(x)), "bn_add_<act>" act(batch_norm(x) + r). ReLU is
+# the ResNets'; SiLU the EfficientNets' and the detectors', ReLU6 MobileNetV2's, Hardswish
+# MobileNetV3's.
+OP_ACTS = ("relu", "silu", "relu6", "hardswish")
+OPS = tuple(f"bn_{'add_' if residual else ''}{act}" for act in OP_ACTS for residual in (False, True))
+
+
+def op_parts(op):
+    """(activation, has a residual) of an op case's name: "bn_add_silu" -> ("silu", True)."""
+    residual = op.startswith("bn_add_")
+    act = op[len("bn_add_" if residual else "bn_"):]
+    if not op.startswith("bn_") or act not in contract.ACTIVATIONS:
+        raise ValueError(f"unknown op case {op!r}: expected bn_<act> or bn_add_<act>, act one of {', '.join(contract.ACTIVATIONS)}")
+    return act, residual
 
 MODES = ("eval", "train-fwd", "train-fwd+bwd")
 
@@ -35,14 +49,28 @@ CPU_CASES = [
 
 CPU_QUICK_CASES = [((4, 64, 28, 28), "contiguous"), ((4, 64, 28, 28), "channels_last")]
 
-# (model builder in fused_resnet.models, input shape). Images for 2D models, clips for 3D ones.
-# On a CPU, compiling the models dominates the run (torch.compile of one ResNet-50 training step
-# took 8 minutes on a shared 2-core machine), so the CPU cases are the 18-layer twins.
-GPU_MODEL_CASES = [("resnet50", (128, 3, 224, 224)), ("resnet3d_50", (8, 3, 16, 112, 112))]
+# (model, input shape). Images for 2D models, clips for 3D ones. The ResNets are fused_resnet.models'
+# builders (fused=True for the fused twin); the TORCHVISION_MODELS are torchvision's, the fused
+# one fused_resnet.convert of the eager model, as a user converts it. On a CPU, compiling the models
+# dominates the run (torch.compile of one ResNet-50 training step took 8 minutes on a shared 2-core
+# machine), so the CPU cases are the 18-layer twins and small inputs.
+TORCHVISION_MODELS = ("mobilenet_v2", "efficientnet_b0")
 
-CPU_MODEL_CASES = [("resnet18", (4, 3, 64, 64)), ("resnet3d_18", (2, 3, 4, 48, 48))]
+GPU_MODEL_CASES = [
+    ("resnet50", (128, 3, 224, 224)),
+    ("resnet3d_50", (8, 3, 16, 112, 112)),
+    ("mobilenet_v2", (128, 3, 224, 224)),
+    ("efficientnet_b0", (128, 3, 224, 224)),
+]
 
-CPU_QUICK_MODEL_CASES = [("resnet50", (2, 3, 32, 32))]
+CPU_MODEL_CASES = [
+    ("resnet18", (4, 3, 64, 64)),
+    ("resnet3d_18", (2, 3, 4, 48, 48)),
+    ("mobilenet_v2", (4, 3, 64, 64)),
+    ("efficientnet_b0", (4, 3, 64, 64)),
+]
+
+CPU_QUICK_MODEL_CASES = [("resnet50", (2, 3, 32, 32)), ("mobilenet_v2", (2, 3, 32, 32)), ("efficientnet_b0", (2, 3, 32, 32))]
 
 MODEL_MODES = ("eval", "train")
 
@@ -93,9 +121,16 @@ def memory_format(layout, ndim):
 
 
 def bytes_moved(op, mode, numel, element_size):
-    passes = {"eval": 2, "train-fwd": 2, "train-fwd+bwd": 6}[mode]
-    if op == "bn_add_relu":
-        passes += {"eval": 1, "train-fwd": 1, "train-fwd+bwd": 2}[mode]
+    """The fewest bytes a fused implementation moves (the package docstring's table): the forward
+    reads x (and r) and writes y; the backward reads dy and x, writes dx (and dr), and finds the
+    activation's derivative in y where it is piecewise linear, or recomputes it from x (and r)
+    where it is smooth. (The CPU's 1-bit mask in place of y is not counted.)"""
+    act, residual = op_parts(op)
+    passes = 2 + residual
+    if mode == "train-fwd+bwd":
+        backward_reads = ("y",) if contract.backward_reads_out(act) else ()
+        backward_reads += ("r",) if residual and contract.backward_recomputes_z(act) else ()
+        passes += 3 + residual + len(backward_reads)
     return passes * numel * element_size
 
 
@@ -119,8 +154,8 @@ def case_label(dtype_name, shape, layout, op, mode):
     return f"{op} {mode} {'x'.join(map(str, shape))} {layout} {dtype_name}"
 
 
-def op_cases(device, dtype_names, quick, modes=MODES, pattern=None):
-    """Op-level cases, optionally only `modes` and those whose case_label matches the regex `pattern`."""
+def op_cases(device, dtype_names, quick, modes=MODES, pattern=None, ops=OPS):
+    """Op-level cases of `ops`, optionally only `modes` and those whose case_label matches the regex `pattern`."""
     if device.type == "cuda":
         cases = GPU_QUICK_CASES if quick else GPU_CASES
     else:
@@ -129,7 +164,7 @@ def op_cases(device, dtype_names, quick, modes=MODES, pattern=None):
         (dtype_name, shape, layout, op, mode)
         for dtype_name in dtype_names
         for shape, layout in cases
-        for op in OPS
+        for op in ops
         for mode in modes
     ]
     if pattern is not None:

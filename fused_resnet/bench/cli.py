@@ -17,7 +17,7 @@ import torch
 import fused_resnet
 
 from . import overhead
-from .cases import DTYPES, MODES, ModelResult, Result, bytes_moved, model_cases, model_providers, op_cases, providers_for
+from .cases import DTYPES, MODES, OPS, ModelResult, Result, bytes_moved, model_cases, model_providers, op_cases, op_parts, providers_for
 from .report import ResultsFile, format_model_table, format_table, plot
 from .runners import make_copy_runner, make_model_runner, make_runner
 from .timing import copy_bandwidth_gbps, describe_failure, measure
@@ -148,6 +148,10 @@ def main(argv=None):
         "--modes", default=",".join(MODES), help=f"comma-separated op-level modes (default: {','.join(MODES)})"
     )
     parser.add_argument(
+        "--ops", default=",".join(OPS),
+        help=f"comma-separated op-level ops, bn_<act> or bn_add_<act> (default: {','.join(OPS)})",
+    )
+    parser.add_argument(
         "--cases",
         default=None,
         metavar="REGEX",
@@ -181,6 +185,12 @@ def main(argv=None):
     for mode in modes:
         if mode not in MODES:
             parser.error(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    ops = args.ops.split(",")
+    for op in ops:
+        try:
+            op_parts(op)
+        except ValueError as e:
+            parser.error(f"--ops: {e}")
     if args.cases is not None:
         try:
             re.compile(args.cases)
@@ -226,7 +236,7 @@ def main(argv=None):
     )
     print(f"rows go to {results.path} as each case ends", flush=True)
 
-    ops_todo = op_cases(device, dtype_names, args.quick, modes, args.cases)
+    ops_todo = op_cases(device, dtype_names, args.quick, modes, args.cases, ops)
     models_todo = [] if args.skip_models else model_cases(device, dtype_names, args.quick)
     start = time.monotonic()
     try:

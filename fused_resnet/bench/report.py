@@ -10,11 +10,11 @@ import os
 from dataclasses import asdict
 
 OP_COLUMNS = ("op", "shape", "dtype", "layout", "mode", "provider", "ms", "GB/s", "%bw", "peak MiB", "vs eager", "vs comp")
-OP_FORMAT = "{:<9} {:<12} {:<18} {:<5} {:<14} {:<14} {:<8} {:>9} {:>8} {:>5} {:>9} {:>8} {:>8}"
+OP_FORMAT = "{:<9} {:<16} {:<18} {:<5} {:<14} {:<14} {:<8} {:>9} {:>8} {:>5} {:>9} {:>8} {:>8}"
 MODEL_COLUMNS = (
     "model", "input", "dtype", "layout", "mode", "provider", "ms", "items/s", "peak MiB", "kept MiB", "vs eager", "vs comp"
 )
-MODEL_FORMAT = "{:<9} {:<12} {:<18} {:<5} {:<14} {:<6} {:<14} {:>10} {:>10} {:>9} {:>9} {:>8} {:>8}"
+MODEL_FORMAT = "{:<9} {:<15} {:<18} {:<5} {:<14} {:<6} {:<14} {:>10} {:>10} {:>9} {:>9} {:>8} {:>8}"
 
 
 def _speedup(value):

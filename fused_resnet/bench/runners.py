@@ -4,6 +4,7 @@ inference batch of a fused_resnet.models ResNet), with inputs rotated out of the
 """
 
 import contextlib
+import functools
 import itertools
 import math
 
@@ -12,7 +13,9 @@ import torch.nn.functional as F
 
 import fused_resnet
 
-from .cases import memory_format
+from ..contract import DEFAULT_NEGATIVE_SLOPE
+from ..reference import activation
+from .cases import TORCHVISION_MODELS, memory_format, op_parts
 
 
 def cache_bytes(device):
@@ -51,27 +54,27 @@ def input_set_count(set_bytes, device):
     return max(1, min(MAX_INPUT_SETS, math.ceil(ROTATION_CACHES * cache_bytes(device) / max(set_bytes, 1))))
 
 
-def _eager_composition(x, r, running_mean, running_var, weight, bias, training):
+def _eager_composition(x, r, running_mean, running_var, weight, bias, training, act):
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, 0.1, 1e-5)
-    return F.relu(y + r if r is not None else y)
+    return activation(y + r if r is not None else y, act, DEFAULT_NEGATIVE_SLOPE)
 
 
-def _fused_composition(x, r, running_mean, running_var, weight, bias, training):
-    f = fused_resnet.functional
-    if r is None:
-        return f.batch_norm_relu(x, running_mean, running_var, weight, bias, training, 0.1, 1e-5)
-    return f.batch_norm_add_relu(x, r, running_mean, running_var, weight, bias, training, 0.1, 1e-5)
+def _fused_composition(x, r, running_mean, running_var, weight, bias, training, act):
+    return fused_resnet.functional.batch_norm_activation(
+        x, running_mean, running_var, weight, bias, training, 0.1, 1e-5, residual=r, act=act
+    )
 
 
-def _op_function(provider):
+def _op_function(provider, act):
+    """fn(x, r, running_mean, running_var, weight, bias, training) of the provider for `act`."""
     if provider == "eager":
-        return _eager_composition
+        return functools.partial(_eager_composition, act=act)
     if provider == "compile":
-        return torch.compile(_eager_composition, dynamic=False)
+        return torch.compile(functools.partial(_eager_composition, act=act), dynamic=False)
 
     def fused(*args):
         with fused_resnet.use_backend(provider):
-            return _fused_composition(*args)
+            return _fused_composition(*args, act=act)
 
     return fused
 
@@ -92,8 +95,9 @@ def make_runner(provider, op, shape, layout, dtype, mode, device, rotate=True):
     # Training modes record the autograd graph as a training step does; "train-fwd" drops it.
     weight.requires_grad_(training)
     bias.requires_grad_(training)
-    # x, and r for bn_add_relu and dy for a backward: the tensors of one set
-    tensors_per_set = 1 + (op == "bn_add_relu") + (mode == "train-fwd+bwd")
+    act, residual = op_parts(op)
+    # x, and r for bn_add_<act> and dy for a backward: the tensors of one set
+    tensors_per_set = 1 + residual + (mode == "train-fwd+bwd")
     set_bytes = tensors_per_set * math.prod(shape) * (torch.finfo(dtype).bits // 8)
     n_sets = input_set_count(set_bytes, device) if rotate else 1
 
@@ -104,7 +108,7 @@ def make_runner(provider, op, shape, layout, dtype, mode, device, rotate=True):
 
     def input_set():
         x = random()
-        r = random() if op == "bn_add_relu" else None
+        r = random() if residual else None
         stats = (torch.zeros(channels, device=device, dtype=param_dtype), torch.ones(channels, device=device, dtype=param_dtype))
         grad_out = random() if mode == "train-fwd+bwd" else None
         if training:
@@ -114,7 +118,7 @@ def make_runner(provider, op, shape, layout, dtype, mode, device, rotate=True):
         return x, r, stats, grad_out
 
     sets = [input_set() for _ in range(n_sets)]
-    fn = _op_function(provider)
+    fn = _op_function(provider, act)
     cycle = itertools.cycle(sets)
 
     if mode == "eval":
@@ -170,19 +174,32 @@ def _autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def build_model(name, num_classes, fused):
+    """A model case's model: a fused_resnet.models ResNet (its fused twin if `fused`), or one of
+    torchvision's TORCHVISION_MODELS, fused by fused_resnet.convert as a user's model is."""
+    if name not in TORCHVISION_MODELS:
+        from .. import models
+
+        return getattr(models, name)(num_classes=num_classes, fused=fused)
+    try:
+        import torchvision
+    except ImportError as e:
+        raise ImportError(f"the model case {name} needs torchvision: {e}") from e
+    model = getattr(torchvision.models, name)(num_classes=num_classes)
+    return fused_resnet.convert(model) if fused else model
+
+
 def make_model_runner(provider, model_name, input_shape, mode, device, dtype, layout):
     """One inference batch ("eval") or one SGD training step ("train") of the model.
 
     A training runner also has `training_forward`: the step's forward alone, returning the loss
     with its autograd graph, which holds what the backward will need (timing.backward_kept_bytes).
     """
-    from .. import models
-
     device = torch.device(device)
     torch.manual_seed(0)
     num_classes = 1000 if device.type == "cuda" else 10
     fused = provider in ("fused", "fused+compile")
-    model = getattr(models, model_name)(num_classes=num_classes, fused=fused).to(device)
+    model = build_model(model_name, num_classes, fused).to(device)
     fmt = memory_format(layout, len(input_shape))
     model = model.to(memory_format=fmt) if fmt != torch.contiguous_format else model
     # Static shapes, as for the op-level composition: the bench times one input shape per case.
