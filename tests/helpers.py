@@ -116,6 +116,39 @@ def sum_atol_scale(terms, dtype):
 # ---------------------------------------------------------------------------------------------
 # Inputs: fresh random draws in the requested layout.
 
+# The spellings of `bn_out + r` that convert recognizes as the residual add (tests/test_convert*.py):
+# the operator on either side, in place, torch.add, the Tensor methods.
+def _add_plus(bn_out, r):
+    return bn_out + r
+
+
+def _add_plus_right(bn_out, r):
+    return r + bn_out
+
+
+def _add_iadd(bn_out, r):
+    bn_out += r
+    return bn_out
+
+
+def _add_torch(bn_out, r):
+    return torch.add(r, bn_out)
+
+
+def _add_method(bn_out, r):
+    return bn_out.add(r)
+
+
+def _add_method_inplace(bn_out, r):
+    return bn_out.add_(r)
+
+
+ADD_SPELLINGS = {
+    f.__name__[len("_add_"):]: f
+    for f in (_add_plus, _add_plus_right, _add_iadd, _add_torch, _add_method, _add_method_inplace)
+}
+
+
 LAYOUTS = ("contiguous", "channels_last", "sliced")
 
 

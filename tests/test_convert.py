@@ -15,7 +15,7 @@ from torch import nn
 
 import fused_resnet
 from fused_resnet.nn import BatchNormAddReLU2d, BatchNormReLU2d
-from helpers import DEVICE, make_tensor
+from helpers import ADD_SPELLINGS, DEVICE, make_tensor
 from parity import assert_same_training, randomize_norms
 import seed_models as seeds
 
@@ -109,32 +109,7 @@ RELUS = {
 }
 
 
-def _add_plus(bn_out, r):
-    return bn_out + r
-
-
-def _add_plus_right(bn_out, r):
-    return r + bn_out
-
-
-def _add_iadd(bn_out, r):
-    bn_out += r
-    return bn_out
-
-
-def _add_torch(bn_out, r):
-    return torch.add(r, bn_out)
-
-
-def _add_method(bn_out, r):
-    return bn_out.add(r)
-
-
-def _add_method_inplace(bn_out, r):
-    return bn_out.add_(r)
-
-
-ADDS = {f.__name__[5:]: f for f in (_add_plus, _add_plus_right, _add_iadd, _add_torch, _add_method, _add_method_inplace)}
+ADDS = ADD_SPELLINGS
 
 
 class PatternNet(nn.Module):

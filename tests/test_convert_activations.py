@@ -15,7 +15,7 @@ from torch import nn
 import fused_resnet
 from fused_resnet.contract import PIECEWISE_LINEAR
 from fused_resnet.convert.inference import AddAct
-from helpers import DEVICE, assert_close, import_client, make_tensor
+from helpers import ADD_SPELLINGS, DEVICE, assert_close, import_client, make_tensor
 from parity import assert_same_training, randomize_norms
 
 torchvision = import_client("torchvision")
@@ -111,24 +111,7 @@ def test_activation_forms(form):
 # The add with no activation after it: inverted residuals.
 
 
-def _plus(bn_out, r):
-    return bn_out + r
-
-
-def _plus_right(bn_out, r):
-    return r + bn_out
-
-
-def _iadd(bn_out, r):
-    bn_out += r
-    return bn_out
-
-
-def _add_(bn_out, r):
-    return bn_out.add_(r)
-
-
-ADDS = {f.__name__.lstrip("_"): f for f in (_plus, _plus_right, _iadd, _add_)}
+ADDS = {name: ADD_SPELLINGS[name] for name in ("plus", "plus_right", "iadd", "method_inplace")}
 # what sits between the BatchNorm and the add, passing its output through unchanged
 PASSES = {
     "nothing": None,

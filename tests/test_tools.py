@@ -79,11 +79,11 @@ def test_bench_quick_writes_results_and_plot(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench.cases, "CPU_QUICK_CASES", [((2, 5, 3, 3), "channels_last")])
     monkeypatch.setattr(bench.cases, "CPU_QUICK_MODEL_CASES", [("resnet18", (2, 3, 16, 16))])
     monkeypatch.setattr(bench.cli, "copy_bandwidth_gbps", lambda device: 10.0)
-    bench.main(["--device", "cpu", "--quick", "--output", str(tmp_path)])
+    bench.main(["--device", "cpu", "--quick", "--ops", "bn_relu,bn_add_silu", "--output", str(tmp_path)])
     payload = json.loads((tmp_path / "results.json").read_text())
     assert payload["device"].startswith("CPU")
     assert payload["versions"]["torch"] == torch.__version__
-    assert payload["command"] == f"python -m fused_resnet.bench --device cpu --quick --output {tmp_path}"
+    assert payload["command"] == f"python -m fused_resnet.bench --device cpu --quick --ops bn_relu,bn_add_silu --output {tmp_path}"
 
     providers = set(bench.providers_for(torch.device("cpu")))
     seen = {}
@@ -97,7 +97,10 @@ def test_bench_quick_writes_results_and_plot(tmp_path, monkeypatch, capsys):
         assert row["bandwidth_fraction"] == pytest.approx(row["gbps"] / row["copy_gbps"])
         if row["provider"] == "eager":
             assert row["speedup_vs_eager"] == pytest.approx(1.0)
-    assert seen == {(op, mode): providers for op in bench.OPS for mode in bench.MODES}
+    # the ReLU ops in every mode, the other activations in the modes of their goals
+    assert seen == {("bn_relu", mode): providers for mode in bench.MODES} | {
+        ("bn_add_silu", mode): providers for mode in bench.cases.ACT_MODES
+    }
 
     model_rows = payload["model_results"]
     assert {(r["mode"], r["provider"]) for r in model_rows} == {
@@ -162,10 +165,10 @@ def test_bench_records_a_failed_provider_and_goes_on(tmp_path, monkeypatch, caps
     _tiny_cpu_bench(monkeypatch)
     op_function = bench.runners._op_function
 
-    def compile_breaks(provider):
+    def compile_breaks(provider, act):
         if provider == "compile":
             raise RuntimeError("InductorError: LoweringException\nthe traceback")
-        return op_function(provider)
+        return op_function(provider, act)
 
     monkeypatch.setattr(bench.runners, "_op_function", compile_breaks)
     bench.main(["--device", "cpu", "--quick", "--skip-models", "--cases", "bn_relu eval", "--output", str(tmp_path)])
@@ -239,7 +242,12 @@ def test_model_compile_is_static(monkeypatch):
 def test_bench_case_selection_splits_the_gpu_cases():
     cuda = torch.device("cuda")
     every = bench.op_cases(cuda, ["bf16", "fp32"], quick=False)
-    assert len(every) == len(bench.GPU_CASES) * 2 * len(bench.OPS) * len(bench.MODES)
+    relu_ops = [op for op in bench.OPS if bench.op_parts(op)[0] == "relu"]
+    per_shape = len(relu_ops) * len(bench.MODES) + (len(bench.OPS) - len(relu_ops)) * len(bench.cases.ACT_MODES)
+    assert len(every) == len(bench.GPU_CASES) * 2 * per_shape
+    assert bench.op_cases(cuda, ["bf16"], quick=False, ops=("bn_silu",)) == [
+        ("bf16", shape, layout, "bn_silu", mode) for shape, layout in bench.GPU_CASES for mode in bench.cases.ACT_MODES
+    ]
     goal_modes = bench.op_cases(cuda, ["bf16"], quick=False, modes=("eval", "train-fwd+bwd"))
     assert {case[4] for case in goal_modes} == {"eval", "train-fwd+bwd"}
     picked = bench.op_cases(cuda, ["bf16", "fp32"], quick=False, pattern="bn_relu eval 64x256x56x56 channels_last")
@@ -251,12 +259,18 @@ def test_bench_case_selection_splits_the_gpu_cases():
     assert sorted(halves[0] + halves[1]) == sorted(bench.op_cases(cuda, ["bf16"], quick=False))
 
 
-@pytest.mark.parametrize("argv", [["--modes", "eval,backward"], ["--cases", "("]])
-def test_bench_refuses_bad_case_selection(argv, capsys):
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--modes", "eval,backward"], "unknown mode 'backward'"),
+        (["--cases", "("], "not a regular expression"),
+        (["--ops", "bn_relu,bn_elu"], "unknown op case 'bn_elu'"),
+    ],
+)
+def test_bench_refuses_bad_case_selection(argv, message, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--device", "cpu", *argv])
-    err = capsys.readouterr().err
-    assert ("unknown mode 'backward'" in err) if "--modes" in argv else ("not a regular expression" in err)
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("fused", [True, False])
