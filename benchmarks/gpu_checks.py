@@ -192,8 +192,9 @@ def triton_specializations():
     return total
 
 
-def check_paths(ns, device, shape, layout, dtype):
-    """Both residual settings: training forward, eval, fused backward, SyncBatchNorm pieces."""
+def check_paths(ns, device, shape, layout, dtype, act="relu", slope=0.01):
+    """Both residual settings: training forward, eval, fused backward, SyncBatchNorm pieces, with
+    the activation `act` (leaky_relu's negative slope `slope`)."""
     errs = Errors(dtype)
     for residual in (False, True):
         tag = "residual" if residual else "no residual"
@@ -203,8 +204,8 @@ def check_paths(ns, device, shape, layout, dtype):
         w, b = params(shape[1], dtype, device)
         nd = x.dim()
 
-        out, mean, invstd, var, mask = ns.bn_act_fwd_train(x, r, w, b, EPS)
-        ref_out, ref_mean, ref_invstd, ref_var, _ = reference.bn_act_fwd_train(d(x), d(r), d(w), d(b), EPS)
+        out, mean, invstd, var, mask = ns.bn_act_fwd_train(x, r, w, b, EPS, act, slope)
+        ref_out, ref_mean, ref_invstd, ref_var, _ = reference.bn_act_fwd_train(d(x), d(r), d(w), d(b), EPS, act, slope)
         errs.add(f"fwd_train out ({tag})", out, ref_out)
         errs.add(f"fwd_train save_mean ({tag})", mean, ref_mean)
         errs.add(f"fwd_train save_invstd ({tag})", invstd, ref_invstd)
@@ -212,20 +213,22 @@ def check_paths(ns, device, shape, layout, dtype):
 
         rm = torch.randn_like(mean)
         rv = torch.rand_like(var) + 0.5
-        ev = ns.bn_act_fwd_eval(x, r, rm, rv, w, b, EPS)
-        errs.add(f"fwd_eval out ({tag})", ev, reference.bn_act_fwd_eval(d(x), d(r), d(rm), d(rv), d(w), d(b), EPS))
+        ev = ns.bn_act_fwd_eval(x, r, rm, rv, w, b, EPS, act, slope)
+        ref_ev = reference.bn_act_fwd_eval(d(x), d(r), d(rm), d(rv), d(w), d(b), EPS, act, slope)
+        errs.add(f"fwd_eval out ({tag})", ev, ref_ev)
 
-        # Backward from the kernel's own out (its ReLU mask), mean and invstd, in float64.
-        dz, x_hat = reference._Backward(d(out), d(x), None, None, None, d(mean), d(invstd), "relu", 0.01).dz_and_x_hat(d(dy))
+        # Backward from the kernel's own out (its mask: the side of a kink), mean and invstd, in
+        # float64; a smooth activation's z recomputed from them.
+        dz, x_hat = reference._Backward(d(out), d(x), d(r), d(w), d(b), d(mean), d(invstd), act, slope).dz_and_x_hat(d(dy))
         ref_sdx, ref_sdz = (dz * x_hat).sum(reduce_dims(x)), dz.sum(reduce_dims(x))
         sdx_scale, sdz_scale = sum_atol_scale(dz * x_hat, dtype), sum_atol_scale(dz, dtype)
         gain = grad_input_gain(w, invstd)
         m = x.numel() // x.shape[1]
         ref_dx_batch, _ = reference.bn_act_bwd_apply(d(dy), d(out), d(x), d(w), d(mean), d(invstd),
-                                                     ref_sdz / m, ref_sdx / m, False)
+                                                     ref_sdz / m, ref_sdx / m, False, d(r), d(b), act, slope)
         ref_dx_running = per_channel(d(w) * d(invstd), nd) * dz
         for batch_stats in (True, False):
-            dx, dr, gw, gb = ns.bn_act_bwd(dy, out, mask, x, w, mean, invstd, batch_stats, residual)
+            dx, dr, gw, gb = ns.bn_act_bwd(dy, out, mask, x, w, mean, invstd, batch_stats, residual, r, b, act, slope)
             what = f"({tag}, batch_stats={batch_stats})"
             errs.add(f"bwd grad_input {what}", dx, ref_dx_batch if batch_stats else ref_dx_running, gain)
             errs.add(f"bwd grad_weight {what}", gw, ref_sdx, sdx_scale)
@@ -236,14 +239,14 @@ def check_paths(ns, device, shape, layout, dtype):
         s_mean, s_var = ns.bn_stats(x)
         errs.add(f"bn_stats mean ({tag})", s_mean, ref_mean)
         errs.add(f"bn_stats var ({tag})", s_var, ref_var)
-        sdx, sdz = ns.bn_act_bwd_reduce(dy, out, x, mean, invstd)
+        sdx, sdz = ns.bn_act_bwd_reduce(dy, out, x, mean, invstd, r, w, b, act, slope)
         errs.add(f"bn_act_bwd_reduce sum_dz_xhat ({tag})", sdx, ref_sdx, sdx_scale)
         errs.add(f"bn_act_bwd_reduce sum_dz ({tag})", sdz, ref_sdz, sdz_scale)
         m_total = 3 * m  # means over a pretend global batch, as SyncBatchNorm passes them
         mean_dz, mean_dzx = sdz / m_total, sdx / m_total
-        dx, dr = ns.bn_act_bwd_apply(dy, out, x, w, mean, invstd, mean_dz, mean_dzx, residual)
+        dx, dr = ns.bn_act_bwd_apply(dy, out, x, w, mean, invstd, mean_dz, mean_dzx, residual, r, b, act, slope)
         ref_dx, ref_dr = reference.bn_act_bwd_apply(d(dy), d(out), d(x), d(w), d(mean), d(invstd),
-                                                    d(mean_dz), d(mean_dzx), residual)
+                                                    d(mean_dz), d(mean_dzx), residual, d(r), d(b), act, slope)
         errs.add(f"bn_act_bwd_apply grad_input ({tag})", dx, ref_dx, gain)
         if residual:
             errs.add(f"bn_act_bwd_apply grad_residual ({tag})", dr, ref_dr)

@@ -6,10 +6,13 @@ one JSON line per check, written as soon as the check ends (phase b of benchmark
         for "cuda", Triton runs on its interpreter, small shapes, no bfloat16 for Triton)
 
 Checks, one backend after the other (cuda first), most telling first, so a run cut off by its
-time limit keeps those: bf16 paths, bitwise, graph, compile, big, then fp16 and fp32 paths.
+time limit keeps those: bf16 paths, activations, bitwise, graph, compile, big, then fp16 and fp32
+paths.
   paths/<backend>/<dtype>/<case>  every kernel path (module CASES): training forward, eval, the
       fused backward (batch and running statistics) and the SyncBatchNorm pieces (bn_stats,
-      bn_act_bwd_reduce, bn_act_bwd_apply), with and without residual
+      bn_act_bwd_reduce, bn_act_bwd_apply), with and without residual, ReLU
+  acts/<backend>/<act>/<case>  the same with every other activation (ACT_CASES, TRITON_ACT_CASES;
+      bf16; fp16 in the dry run)
   bitwise/<backend>/<case>   the same inputs twice give torch.equal results (split reductions)
   graph/<backend>            a training step (forward + backward of a fused module) captured in a
                              CUDA graph and replayed on new inputs equals the same step run eagerly
@@ -59,6 +62,7 @@ if ARGS is not None and ARGS.device == "cpu":
 import torch  # noqa: E402
 
 import fused_resnet  # noqa: E402
+from fused_resnet import contract  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_checks import (  # noqa: E402
@@ -91,6 +95,15 @@ CASES = [
     ((64, 3, 40, 40), "contiguous", "planes, each channel split over many blocks", None),
     ((64, 40, 24, 24), "channels_last", "rows, many row blocks (split reduction)", None),
 ]
+# The activations other than ReLU (every path above runs ReLU), bf16, on one case of each layout
+# with 16-byte accesses, with leaky_relu's slope not the default: (shape, layout) on a GPU, the
+# first alone in the dry run (the cpu backend).
+ACTIVATIONS = [a for a in contract.ACTIVATIONS if a != "relu"]
+ACT_SLOPE = 0.2
+ACT_CASES = [((4, 8, 16, 16), "contiguous"), ((2, 64, 8, 8), "channels_last")]
+# Triton compiles a kernel per activation: the rows case alone keeps phase b's compiles within
+# its budget (benchmarks/triton_count.py: 262 specializations with it, 329 with both).
+TRITON_ACT_CASES = ACT_CASES[1:]
 # (shape, layout) of the bitwise reruns: the split reductions, where an order could vary.
 GPU_BITWISE = [((64, 3, 40, 40), "contiguous"), ((64, 40, 24, 24), "channels_last")]
 CPU_BITWISE = [((8, 3, 12, 12), "contiguous"), ((8, 16, 6, 6), "channels_last")]
@@ -183,6 +196,11 @@ def main():
     for name in backends:
         ns = ns_of(name)
         paths(name, ns, torch.bfloat16)
+        act_cases = (ACT_CASES if name == native else TRITON_ACT_CASES) if gpu else ACT_CASES[:1] if name == native else []
+        for shape, layout in act_cases:
+            for act in ACTIVATIONS:
+                writer.run(f"acts/{name}/{act}/{'x'.join(map(str, shape))}-{layout}", name,
+                           lambda: check_paths(ns, DEVICE, shape, layout, big_dtype, act, ACT_SLOPE))
         for shape, layout in GPU_BITWISE if gpu else CPU_BITWISE:
             writer.run(f"bitwise/{name}/{'x'.join(map(str, shape))}-{layout}", name,
                        lambda: check_bitwise(ns, DEVICE, shape, layout, big_dtype))

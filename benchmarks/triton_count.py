@@ -55,11 +55,14 @@ def _quietly(fn, *args):
 
 def phase_b():
     """gpu_correctness.py on the triton backend: paths in bf16, fp16, fp32 over every case, the
-    bitwise reruns, the CUDA-graph step (fp32 module training step, channels_last)."""
+    other activations' paths (bf16, TRITON_ACT_CASES), the bitwise reruns, the CUDA-graph step (fp32 module training step, channels_last)."""
     ns = op_set_of(torch.ops.fused_resnet_triton)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for shape, layout, _path, _dry in gpu_correctness.CASES:
             _quietly(check_paths, ns, CPU, shape, layout, dtype)
+    for shape, layout in gpu_correctness.TRITON_ACT_CASES:
+        for act in gpu_correctness.ACTIVATIONS:
+            _quietly(check_paths, ns, CPU, shape, layout, torch.bfloat16, act, gpu_correctness.ACT_SLOPE)
     for shape, layout in gpu_correctness.GPU_BITWISE:
         _quietly(check_bitwise, ns, CPU, shape, layout, torch.bfloat16)
     shape = (16, 32, 14, 14)  # gpu_checks.check_graph's step

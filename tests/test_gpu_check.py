@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+import fused_resnet
+
 ROOT = Path(__file__).resolve().parent.parent
 BASH = shutil.which("bash")
 pytestmark = pytest.mark.skipif(BASH is None, reason="needs bash")
@@ -63,8 +65,11 @@ def test_dry_run_main(tmp_path):
         assert math.isfinite(line["max_err"]) and 0 <= line["tol_ratio"] <= 1, line
         assert line["seconds"] >= 0
     names = {l["check"].split("/")[0] for l in checks}
-    assert names == {"paths", "bitwise", "graph", "graph-bn_act", "reduce-overhead", "compile", "big"}
+    assert names == {"paths", "acts", "bitwise", "graph", "graph-bn_act", "reduce-overhead", "compile", "big"}
     assert any(l["check"].startswith("paths/triton/float16") for l in checks)
+    assert {l["check"].split("/")[2] for l in checks if l["check"].startswith("acts/")} == {
+        a for a in fused_resnet.contract.ACTIVATIONS if a != "relu"
+    }
 
     # PACK: one archive of OUTDIR (the device returns at most 8 files) and the summary beside it.
     assert (pack / "summary.txt").read_text() == summary
