@@ -1,6 +1,6 @@
-// Backward CPU kernels: bn_act_bwd (of both forwards), and its two passes as separate ops for
-// SyncBatchNorm, bn_act_bwd_reduce (the sums) and bn_act_bwd_apply (dx, dr from given global
-// means of the sums), built from the same reduce and apply code.
+// Backward CPU kernels: bn_act_bwd (of both forwards). Its two passes are also SyncBatchNorm's
+// separate ops, bn_act_bwd_reduce (the sums) and bn_act_bwd_apply (dx, dr from given global
+// means of the sums): bwd_pieces.cpp, built from the same reduce and apply code.
 //
 //   dz = grad_out·act'(.)                           (act_math.h; dz_of in bwd_spans.h)
 //        piecewise linear: from out's side (relu: (out <= 0) ? 0 : grad_out, aten's
@@ -26,10 +26,9 @@
 // piecewise-linear activation's side as bits instead of reading y: those bn_act_fwd_train saved
 // (act_mask; then y is not read at all), or else bits its reduce pass records for its apply
 // pass (RowMask).
+#include "bwd_host.h"
 #include "bwd_planes.h"
 #include "bwd_rows.h"
-#include "bwd_spans.h"
-#include "host.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -42,10 +41,9 @@ namespace fused_resnet::cpu {
 namespace {
 
 // ------------------------------------------------------------------------------------------
-// The three ops on a non-empty input. bn_act_bwd: the reduce and apply passes; planes with
-// enough channels run channel-local (a task keeps its channel's dy, y, x in L2 between the two),
-// rows reduce and apply the same chunk on the same thread. bn_act_bwd_reduce: the reduce pass;
-// bn_act_bwd_apply: the apply pass with coefficients from given means.
+// bn_act_bwd on a non-empty input: the reduce and apply passes; planes with enough channels run
+// channel-local (a task keeps its channel's dy, y, x in L2 between the two), rows reduce and
+// apply the same chunk on the same thread.
 
 // Where the parameter gradients go: grad_weight = Σdz·x̂ (sum_dz_xhat), grad_bias = Σdz (sum_dz).
 template <typename T>
@@ -112,118 +110,12 @@ void bwd_rows(const BwdArgs<T>& a, const ParamGrads<T>& pg, const Fn& act) {
   rows_apply<T, Fn, kRes, F>(a, plan, RowCoefs<A>(coef, plan.W), pp, act, mask.bits());
 }
 
-template <typename T, typename Fn, bool kRes>
-void bwd_reduce(
-    const BwdArgs<T>& a, const View& g, acc_type<T>* sum_dz_xhat, acc_type<T>* sum_dz,
-    const Fn& act) {
-  using A = acc_type<T>;
-  const int64_t threads = at::get_num_threads();
-  std::vector<Sums> sums(a.C);
-  if (g.rows) {
-    const RowPlan plan(a.C, g.M(), VecT<T>::kStep, threads);
-    rows_sums<T, Fn, kRes>(a, plan, repeated_params(a, plan), sums.data(), act);
-  } else {
-    planes_sums<T, Fn, kRes>(a, PlaneTasks(a.N, a.C, a.S, threads), sums.data(), act);
-  }
-  for (int64_t c = 0; c < a.C; ++c) {
-    sum_dz_xhat[c] = sum_dz_xhat_of(sums[c], a.invstd[c]);
-    sum_dz[c] = static_cast<A>(sums[c].sum_dz);
-  }
-}
-
-template <typename T, typename Fn, bool kRes, typename F>
-void bwd_apply(
-    const BwdArgs<T>& a, const View& g, const acc_type<T>* mean_dz,
-    const acc_type<T>* mean_dz_xhat, const Fn& act) {
-  using A = acc_type<T>;
-  const int64_t threads = at::get_num_threads();
-  std::vector<Coef<A>> coef(a.C);
-  for (int64_t c = 0; c < a.C; ++c) {
-    coef[c] = batch_coef_of_means(a.w[c], a.invstd[c], mean_dz_xhat[c], mean_dz[c]);
-  }
-  if (g.rows) {
-    const RowPlan plan(a.C, g.M(), VecT<T>::kStep, threads);
-    rows_apply<T, Fn, kRes, F>(
-        a, plan, RowCoefs<A>(coef, plan.W), repeated_params(a, plan), act);
-  } else {
-    planes_apply<T, Fn, kRes, F>(a, PlaneTasks(a.N, a.C, a.S, threads), coef.data(), act);
-  }
-}
-
-// ------------------------------------------------------------------------------------------
-// Host side shared by the three ops.
-
-// weight, mean and invstd read into acc_t vectors, z's scale w·invstd and shift (the bias),
-// and the pointers of the activations (out and the residual where the activation reads them:
-// the op contract leaves the others undefined).
-template <typename T>
-struct BwdBuffers {
-  std::vector<acc_type<T>> w, mean, invstd, zscale, zshift;
-  BwdArgs<T> args;
-  BwdBuffers(
-      const BwdOperands& in, const OptTensor& weight, const OptTensor& bias,
-      const at::Tensor& mean_t, const at::Tensor& invstd_t, at::Tensor* dx, at::Tensor* dr,
-      const MaskWord* act_mask = nullptr)
-      : w(in.g.C), mean(in.g.C), invstd(in.g.C), zscale(in.g.C), zshift(in.g.C) {
-    using A = acc_type<T>;
-    const int64_t C = in.g.C;
-    read_param<A>(weight, C, A(1), w.data());
-    read_param<A>(mean_t, C, A(0), mean.data());
-    read_param<A>(invstd_t, C, A(1), invstd.data());
-    read_param<A>(bias, C, A(0), zshift.data());
-    for (int64_t c = 0; c < C; ++c) {
-      zscale[c] = w[c] * invstd[c];  // the product the apply's coefficient A is (bwd_spans.h)
-    }
-    args.dy = in.grad_out.const_data_ptr<T>();
-    args.y = in.out.defined() ? in.out.const_data_ptr<T>() : nullptr;
-    args.x = in.g.x.const_data_ptr<T>();
-    args.r = in.residual.defined() ? in.residual.const_data_ptr<T>() : nullptr;
-    args.dx = dx != nullptr ? dx->mutable_data_ptr<T>() : nullptr;
-    args.dr = dr != nullptr ? dr->mutable_data_ptr<T>() : nullptr;
-    args.N = in.g.N;
-    args.C = C;
-    args.S = in.g.S;
-    args.w = w.data();
-    args.mean = mean.data();
-    args.invstd = invstd.data();
-    args.zscale = zscale.data();
-    args.zshift = zshift.data();
-    args.act_mask = act_mask;
-  }
-};
-
 // The bits of bn_act_bwd's act_mask (checked by the op contract: empty, or what
 // bn_act_fwd_train returns for this input and activation), or null where out gives the side
 // (empty; or a layout or dtype whose kernel keeps no mask: then the forward returned zeros and
 // out is read) or the activation reads no side.
 const MaskWord* saved_mask_bits(const at::Tensor& act_mask) {
   return act_mask.numel() == 0 ? nullptr : act_mask.const_data_ptr<MaskWord>();
-}
-
-// Calls f(act, res_c): the activation as its compile-time ActFn<kAct, A> (act_math.h), and
-// whether a recomputed z adds the residual as std::bool_constant, true only for an activation
-// that recomputes z and a residual given (the op contract passes none to the others).
-template <typename A, typename F>
-C10_ALWAYS_INLINE void dispatch_dz(const BwdOperands& in, const F& f) {
-  dispatch_act(in.act.kind, [&](auto act_c) {
-    using Fn = ActFn<decltype(act_c)::value, A>;
-    const Fn act(in.act.negative_slope);
-    if constexpr (Fn::kRecomputesZ) {
-      if (in.residual.defined()) {
-        f(act, std::true_type{});
-        return;
-      }
-    }
-    f(act, std::false_type{});
-  });
-}
-
-// Bytes of activations a backward pass touches: dy, x, and out or the residual where the
-// activation reads them, read; dx, and dr when residual_grad, written.
-int64_t bwd_bytes(const BwdOperands& in, bool residual_grad) {
-  const int64_t operands = 3 + (in.out.defined() || in.residual.defined() ? 1 : 0) +
-      (residual_grad ? 1 : 0);
-  return in.g.numel() * static_cast<int64_t>(in.g.x.element_size()) * operands;
 }
 
 } // namespace
@@ -266,54 +158,6 @@ BwdOutputs bwd_cpu(
     });
   });
   return {dx, dr, gw, gb};
-}
-
-TensorPair bwd_reduce_cpu(
-    const BwdOperands& in, const OptTensor& weight, const OptTensor& bias,
-    const at::Tensor& mean, const at::Tensor& invstd) {
-  constexpr const char* op = "bn_act_bwd_reduce";
-  const View& g = in.g;
-  at::Tensor sum_dz_xhat = empty_channel_stat(g);
-  at::Tensor sum_dz = empty_channel_stat(g);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.x.scalar_type(), op, [&] {
-    using A = acc_type<scalar_t>;
-    const BwdBuffers<scalar_t> buf(in, weight, bias, mean, invstd, nullptr, nullptr);
-    dispatch_dz<A>(in, [&](const auto& act, auto res_c) {
-      using Fn = std::decay_t<decltype(act)>;
-      bwd_reduce<scalar_t, Fn, decltype(res_c)::value>(
-          buf.args, g, sum_dz_xhat.mutable_data_ptr<A>(), sum_dz.mutable_data_ptr<A>(), act);
-    });
-  });
-  return {sum_dz_xhat, sum_dz};
-}
-
-TensorPair bwd_apply_cpu(
-    const BwdOperands& in, const OptTensor& weight, const OptTensor& bias,
-    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& mean_dz,
-    const at::Tensor& mean_dz_xhat, bool residual_grad) {
-  constexpr const char* op = "bn_act_bwd_apply";
-  const View& g = in.g;
-  at::Tensor dx = empty_activation(g);
-  at::Tensor dr = residual_grad ? empty_activation(g) : no_tensor(g);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.x.scalar_type(), op, [&] {
-    using A = acc_type<scalar_t>;
-    std::vector<A> mean_dz_acc(g.C), mean_dz_xhat_acc(g.C);
-    read_param<A>(mean_dz, g.C, A(0), mean_dz_acc.data());
-    read_param<A>(mean_dz_xhat, g.C, A(0), mean_dz_xhat_acc.data());
-    const BwdBuffers<scalar_t> buf(
-        in, weight, bias, mean, invstd, &dx, residual_grad ? &dr : nullptr);
-    // (one pass here, but the second of a training backward split around a collective)
-    const bool nt = use_streaming_stores(bwd_bytes(in, residual_grad), Pass::kTwo);
-    dispatch_dz<A>(in, [&](const auto& act, auto res_c) {
-      using Fn = std::decay_t<decltype(act)>;
-      dispatch_bools(residual_grad, nt, [&](auto res_grad_c, auto nt_c) {
-        using F = BwdFlags<true, decltype(res_grad_c)::value, decltype(nt_c)::value>;
-        bwd_apply<scalar_t, Fn, decltype(res_c)::value, F>(
-            buf.args, g, mean_dz_acc.data(), mean_dz_xhat_acc.data(), act);
-      });
-    });
-  });
-  return {dx, dr};
 }
 
 } // namespace fused_resnet::cpu

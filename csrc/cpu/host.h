@@ -19,9 +19,10 @@ namespace fused_resnet::cpu {
 // ---------------------------------------------------------------------------------------------
 // The CPU implementation of the ops, on checked operands (common/device_ops.h composes the
 // registered ops from them; register.cpp registers them): the forwards in fwd.cpp, the backward
-// and SyncBatchNorm's pieces in bwd.cpp. Each reads the activation from its operands (in.act)
-// and runs the kernels compiled for it (act_math.h); the backward ops read weight, bias (and
-// in.residual) only to recompute z for a smooth activation, beside weight's part in dx.
+// in bwd.cpp, SyncBatchNorm's pieces of it in bwd_pieces.cpp (bwd_host.h: their shared host
+// side). Each reads the activation from its operands (in.act) and runs the kernels compiled for
+// it (act_math.h); the backward ops read weight, bias (and in.residual) only to recompute z for
+// a smooth activation, beside weight's part in dx.
 
 TrainOutputs fwd_train_cpu(
     const FwdOperands& in, const OptTensor& weight, const OptTensor& bias, double eps,
