@@ -1,4 +1,4 @@
-"""benchmarks/check_goals.py RESULTS_JSON... [--goals gpu|cpu] [--strict]: the goals, checked.
+"""benchmarks/check_goals.py RESULTS_JSON... [--goals gpu|cpu] [--strict]: the goals (issues 2, 8 and 30), checked.
 
 Reads the results.json that `python -m fused_resnet.bench --output DIR` writes (several files are
 merged, e.g. a GPU run split by --dtype across device calls; they must name the same device) and
@@ -34,6 +34,7 @@ from typing import Optional
 # not fix it). A goal passes in a cell when the row's `metric` is >= `threshold`.
 
 OPS = ("bn_relu", "bn_add_relu")
+ACT_OPS = tuple(f"bn_{add}{act}" for act in ("silu", "hardswish", "relu6") for add in ("", "add_"))
 GPU_OP_SHAPES = ((64, 256, 56, 56), (64, 512, 28, 28), (64, 1024, 14, 14), (64, 2048, 7, 7), (16, 64, 8, 56, 56))
 GPU_OP_GRID = tuple((shape, layout) for shape in GPU_OP_SHAPES for layout in ("contiguous", "channels_last"))
 GPU_DTYPES = ("bf16", "fp16", "fp32")
@@ -74,11 +75,15 @@ GOALS = {
              tuple((model, batch, None, None, mode) for model, batch in GPU_MODELS for mode in ("train", "eval")),
              provider="fused+compile"),
     ),
-    # Issue 2.
+    # Issue 2; issue 30 (the other activations).
     "cpu": (
         Goal("op (CPU, fp32): fused vs eager", "op", "speedup_vs_eager", 1.5, op_cells(OPS, ("eval", "train-fwd+bwd"), CPU_OP_GRID, ("fp32",))),
         Goal("op (CPU, fp32): fused vs torch.compile", "op", "speedup_vs_compile", 1.0,
              op_cells(OPS, ("eval", "train-fwd+bwd"), CPU_OP_GRID, ("fp32",))),
+        Goal("op (CPU, fp32) silu, hardswish, relu6: train fwd+bwd fused vs eager", "op", "speedup_vs_eager", 1.5,
+             op_cells(ACT_OPS, ("train-fwd+bwd",), CPU_OP_GRID, ("fp32",))),
+        Goal("op (CPU, fp32) silu, hardswish, relu6: eval fused vs torch.compile", "op", "speedup_vs_compile", 1.0,
+             op_cells(ACT_OPS, ("eval",), CPU_OP_GRID, ("fp32",))),
     ),
 }
 

@@ -18,11 +18,6 @@ OP_ACTS = ("relu", "silu", "relu6", "hardswish")
 OPS = tuple(f"bn_{'add_' if residual else ''}{act}" for act in OP_ACTS for residual in (False, True))
 
 
-# The modes of the ops other than ReLU: those their goals are set in (a training forward alone
-# is timed for the ReLU ops, where it tells the two halves of the fwd+bwd apart).
-ACT_MODES = ("eval", "train-fwd+bwd")
-
-
 def op_parts(op):
     """(activation, has a residual) of an op case's name: "bn_add_silu" -> ("silu", True)."""
     residual = op.startswith("bn_add_")
@@ -31,7 +26,12 @@ def op_parts(op):
         raise ValueError(f"unknown op case {op!r}: expected bn_<act> or bn_add_<act>, act one of {', '.join(contract.ACTIVATIONS)}")
     return act, residual
 
+
 MODES = ("eval", "train-fwd", "train-fwd+bwd")
+
+# The modes of the ops other than ReLU: those their goals are set in (a training forward alone
+# is timed for the ReLU ops, where it tells the two halves of the fwd+bwd apart).
+ACT_MODES = ("eval", "train-fwd+bwd")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
