@@ -1,6 +1,7 @@
 """The runners of fused_resnet.bench: one no-argument call per provider and case (op level: the
 eager composition, torch.compile of it, or a fused backend; model level: a training step or an
-inference batch of a fused_resnet.models ResNet), with inputs rotated out of the last-level cache.
+inference batch of a fused_resnet.models ResNet or a converted torchvision model), with inputs
+rotated out of the last-level cache.
 """
 
 import contextlib
