@@ -95,6 +95,13 @@ void bwd_planes(const BwdArgs<T>& a, const ParamGrads<T>& pg, const Fn& act) {
   planes_apply<T, Fn, kRes, F>(a, tasks, coef.data(), act);
 }
 
+// A smooth activation's dz (an exp per element for SiLU) is computed once, by the reduce pass,
+// where it has a place to go: with grad_residual requested, dr (= dz, an output anyway; float
+// and double, whose dz is exact in T). The apply pass then reads dz and x (the identity
+// activation's apply over dz) instead of dy, x and r, recomputing nothing: the same traffic.
+template <typename T, typename Fn, typename F>
+constexpr bool kReduceKeepsDz = Fn::kRecomputesZ && F::kResGrad && std::is_same_v<T, acc_type<T>>;
+
 template <typename T, typename Fn, bool kRes, typename F>
 void bwd_rows(const BwdArgs<T>& a, const ParamGrads<T>& pg, const Fn& act) {
   using A = acc_type<T>;
@@ -102,12 +109,25 @@ void bwd_rows(const BwdArgs<T>& a, const ParamGrads<T>& pg, const Fn& act) {
   const RowParams<A> pp = repeated_params(a, plan);
   std::vector<Sums> sums(a.C);
   const RowMask mask = row_mask<T, Fn>(plan, a.act_mask);
-  rows_sums<T, Fn, kRes>(a, plan, pp, sums.data(), act, mask);
+  constexpr bool kKeepDz = kReduceKeepsDz<T, Fn, F>;
+  rows_sums<T, Fn, kRes, kKeepDz>(a, plan, pp, sums.data(), act, mask, kKeepDz ? a.dr : nullptr);
   std::vector<Coef<A>> coef(a.C);
   for (int64_t c = 0; c < a.C; ++c) {
     coef[c] = finalize_grads(a, pg, c, sums[c], a.N * a.S);
   }
-  rows_apply<T, Fn, kRes, F>(a, plan, RowCoefs<A>(coef, plan.W), pp, act, mask.bits());
+  if constexpr (kKeepDz) {
+    BwdArgs<T> over_dz = a;  // dy := dz (in dr), nothing else of the activation read
+    over_dz.dy = a.dr;
+    over_dz.y = nullptr;
+    over_dz.r = nullptr;
+    over_dz.dr = nullptr;
+    using Identity = ActFn<Act::kIdentity, A>;
+    using ApplyFlags = BwdFlags<F::kBatchStats, false, F::kNT>;
+    rows_apply<T, Identity, false, ApplyFlags>(
+        over_dz, plan, RowCoefs<A>(coef, plan.W), pp, Identity(0.0));
+  } else {
+    rows_apply<T, Fn, kRes, F>(a, plan, RowCoefs<A>(coef, plan.W), pp, act, mask.bits());
+  }
 }
 
 // The bits of bn_act_bwd's act_mask (checked by the op contract: empty, or what

@@ -12,6 +12,7 @@
 #include "vec.h"
 
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace fused_resnet::cpu {
@@ -29,14 +30,14 @@ enum class MaskSource { kNone, kOutRecord, kSavedBits };
 // one add). mean, zscale, zshift: per position (W).
 // The mask bits of the vector at element e are byte e / 8 of saved (kSavedBits) or of record
 // (kOutRecord, written here).
-template <typename T, typename Fn, bool kRes, int64_t NS, MaskSource kSrc>
+template <typename T, typename Fn, bool kRes, int64_t NS, MaskSource kSrc, bool kKeepDz>
 C10_ALWAYS_INLINE void rows_reduce_tile(
     const T* __restrict__ dy, const T* __restrict__ y, const T* __restrict__ x,
     const T* __restrict__ r, int64_t W, int64_t r0, int64_t nr, int64_t j,
     const acc_type<T>* __restrict__ mean, const acc_type<T>* __restrict__ zscale,
     const acc_type<T>* __restrict__ zshift, acc_type<T>* __restrict__ sum_dz,
     acc_type<T>* __restrict__ sum_dz_xmu, const MaskWord* __restrict__ saved,
-    MaskWord* __restrict__ record, const Fn& act) {
+    MaskWord* __restrict__ record, T* __restrict__ dz_out, const Fn& act) {
   using V = VecT<T>;
   using A = typename V::acc_t;
   using AV = typename V::AV;
@@ -80,6 +81,9 @@ C10_ALWAYS_INLINE void rows_reduce_tile(
         } else {
           dz = dz_of<kRes>(
               act, g[q], ov[q], xm, AV::loadu(zscale + t), AV::loadu(zshift + t), rv[q]);
+        }
+        if constexpr (kKeepDz) {
+          dz.store(dz_out + e);
         }
         sd[u * P + q] = sd[u * P + q] + dz;
         sx[u * P + q] = at::vec::fmadd(dz, xm, sx[u * P + q]);
@@ -157,11 +161,12 @@ RowParams<acc_type<T>> repeated_params(const BwdArgs<T>& a, const RowPlan& plan)
 // vector step): Σdz into sum_dz, Σdz·(x − mean) into sum_dz_xmu (double, W each). Block totals
 // go into acc_t partial sums (part_sum_dz, part_sum_dz_xmu: W each), which are added into the
 // double sums every kFlushBlocks blocks (see Sums). pp: the per-position parameters.
-template <typename T, typename Fn, bool kRes>
+template <typename T, typename Fn, bool kRes, bool kKeepDz>
 void rows_chunk_sums(
     const T* dy, const T* y, const T* x, const T* r, int64_t W, int64_t g0, int64_t g1,
     const RowParams<acc_type<T>>& pp, double* sum_dz, double* sum_dz_xmu,
-    acc_type<T>* part_sum_dz, acc_type<T>* part_sum_dz_xmu, const RowMask& mask, const Fn& act) {
+    acc_type<T>* part_sum_dz, acc_type<T>* part_sum_dz_xmu, const RowMask& mask, T* dz_out,
+    const Fn& act) {
   using V = VecT<T>;
   using A = typename V::acc_t;
   constexpr int64_t K = V::kStep;
@@ -196,14 +201,14 @@ void rows_chunk_sums(
       constexpr MaskSource kSrc = decltype(source)::value;
       int64_t t = 0;
       for (; t + NS * K <= Wv; t += NS * K) {
-        rows_reduce_tile<T, Fn, kRes, NS, kSrc>(
+        rows_reduce_tile<T, Fn, kRes, NS, kSrc, kKeepDz>(
             dy, y, x, r, W, gb, nb, t, mean, zscale, zshift, part_sum_dz, part_sum_dz_xmu,
-            mask.saved, mask.record, act);
+            mask.saved, mask.record, dz_out, act);
       }
       for (; t < Wv; t += K) {
-        rows_reduce_tile<T, Fn, kRes, 1, kSrc>(
+        rows_reduce_tile<T, Fn, kRes, 1, kSrc, kKeepDz>(
             dy, y, x, r, W, gb, nb, t, mean, zscale, zshift, part_sum_dz, part_sum_dz_xmu,
-            mask.saved, mask.record, act);
+            mask.saved, mask.record, dz_out, act);
       }
     };
     using Src = MaskSource;
@@ -220,6 +225,9 @@ void rows_chunk_sums(
         const int64_t e = (gb + i) * W + j;
         const A xm = static_cast<A>(x[e]) - mean[j];
         const A dz = dz_at<kRes>(act, dy, y, r, e, xm, zscale[j], zshift[j]);
+        if constexpr (kKeepDz) {
+          dz_out[e] = dz;
+        }
         bd += dz;
         bx += dz * xm;
       }
@@ -234,10 +242,11 @@ void rows_chunk_sums(
 // of each channel folded), added in chunk order, then the leftover rows. pp: the per-channel
 // values repeated over a super-row. mask: where the super-rows' side of a piecewise-linear
 // activation comes from (RowMask).
-template <typename T, typename Fn, bool kRes>
+template <typename T, typename Fn, bool kRes, bool kKeepDz = false>
 void rows_sums(
     const BwdArgs<T>& a, const RowPlan& plan, const RowParams<acc_type<T>>& pp, Sums* out,
-    const Fn& act, const RowMask& mask = RowMask{}) {
+    const Fn& act, const RowMask& mask = RowMask{}, T* dz_out = nullptr) {
+  static_assert(!kKeepDz || std::is_same_v<T, acc_type<T>>, "dz is kept in the accumulation type");
   using A = acc_type<T>;
   const int64_t C = plan.C, k = plan.k, W = plan.W, P = plan.P;
   std::vector<Sums> part(P * C);
@@ -247,9 +256,9 @@ void rows_sums(
     double* sum_dz = totals.data();
     double* sum_dz_xmu = sum_dz + W;
     for (int64_t p = p0; p < p1; ++p) {
-      rows_chunk_sums<T, Fn, kRes>(
+      rows_chunk_sums<T, Fn, kRes, kKeepDz>(
           a.dy, a.y, a.x, a.r, W, plan.chunk_begin(p), plan.chunk_end(p), pp, sum_dz, sum_dz_xmu,
-          partials.data(), partials.data() + W, mask, act);
+          partials.data(), partials.data() + W, mask, dz_out, act);
       for (int64_t c = 0; c < C; ++c) {  // fold the k positions of each channel
         Sums s;
         for (int64_t q = 0; q < k; ++q) {
@@ -273,6 +282,9 @@ void rows_sums(
         const int64_t e = o + i * C;
         const A xm = static_cast<A>(a.x[e]) - a.mean[c];
         const A dz = dz_at<kRes>(act, a.dy, a.y, a.r, e, xm, a.zscale[c], a.zshift[c]);
+        if constexpr (kKeepDz) {
+          dz_out[e] = dz;
+        }
         s.sum_dz += dz;
         s.sum_dz_xmu += dz * xm;
       }
