@@ -28,16 +28,13 @@ def pytest_generate_tests(metafunc):
     if metafunc.function.__name__ != "test_op":
         return
     quick = smoke(metafunc.config)
-    if DEVICE.type == "cuda":
-        cases = bench.GPU_QUICK_CASES if quick else bench.GPU_CASES
-    else:
-        cases = bench.CPU_QUICK_CASES if quick else bench.CPU_CASES
-    metafunc.parametrize("shape,layout", cases, ids=[_case_id(s, l) for s, l in cases])
-    metafunc.parametrize("dtype", DTYPES)
     # smoke mode: both ways the backward finds the activation's derivative (from y for relu and
     # relu6, recomputed for silu), with and without a residual
-    metafunc.parametrize("op", SMOKE_OPS if quick else bench.OPS)
-    metafunc.parametrize("mode", bench.MODES)
+    cases = bench.op_cases(DEVICE, DTYPES, quick, ops=SMOKE_OPS if quick else bench.OPS)
+    metafunc.parametrize(
+        "dtype,shape,layout,op,mode", cases,
+        ids=[f"{op}-{mode}-{dtype}-{_case_id(shape, layout)}" for dtype, shape, layout, op, mode in cases],
+    )
     metafunc.parametrize("provider", bench.providers_for(DEVICE))
 
 

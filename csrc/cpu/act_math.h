@@ -192,8 +192,9 @@ struct ActFn {
 
  private:
   // exp(v) for SiLU: at::vec's exp_u20 for float (a degree-5 polynomial after the range
-  // reduction, at most 20 ULP of exp, which leaves SiLU and its derivative within 2e-7 of
-  // float64 relative to max(1, |value|), as Sleef's 1-ULP exp does), Sleef's exp for double.
+  // reduction, at most 20 ULP of exp), Sleef's exp for double. Over z in [−20, 20] SiLU stays
+  // within 1.0e-7 of float64 and its derivative within 9.8e-7 (relative to max(1, |value|)),
+  // the same as with Sleef's 1-ULP exp.
   // With Sleef's, SiLU made the kernels compute-bound: 0.50 ns an element for the forward on one
   // AVX2 core against 0.32 with exp_u20 (the derivative 0.69 against 0.47); a training backward
   // evaluates it twice where its passes are two (the rows layout).

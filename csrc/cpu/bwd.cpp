@@ -117,6 +117,7 @@ void bwd_rows(const BwdArgs<T>& a, const ParamGrads<T>& pg, const Fn& act) {
   for (int64_t c = 0; c < a.C; ++c) {
     coef[c] = finalize_grads(a, pg, c, sums[c], a.N * a.S);
   }
+  const RowCoefs<A> k(coef, plan.W);
   if constexpr (kKeepDz) {
     BwdArgs<T> over_dz = a;  // dy := dz (in dr), nothing else of the activation read
     over_dz.dy = a.dr;
@@ -125,10 +126,9 @@ void bwd_rows(const BwdArgs<T>& a, const ParamGrads<T>& pg, const Fn& act) {
     over_dz.dr = nullptr;
     using Identity = ActFn<Act::kIdentity, A>;
     using ApplyFlags = BwdFlags<F::kBatchStats, false, F::kNT>;
-    rows_apply<T, Identity, false, ApplyFlags>(
-        over_dz, plan, RowCoefs<A>(coef, plan.W), pp, Identity(0.0));
+    rows_apply<T, Identity, false, ApplyFlags>(over_dz, plan, k, pp, Identity(0.0));
   } else {
-    rows_apply<T, Fn, kRes, F>(a, plan, RowCoefs<A>(coef, plan.W), pp, act, mask.bits());
+    rows_apply<T, Fn, kRes, F>(a, plan, k, pp, act, mask.bits());
   }
 }
 
