@@ -16,9 +16,11 @@ import fused_resnet  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line(
         "markers",
-        "triton_interpreter(reason, skip=False, only=None): how the test's triton cases run under the "
-        "Triton interpreter: skip=True leaves them out; only={param: values} keeps the cases whose "
-        "parameter takes one of the values",
+        "triton_interpreter(reason, skip=False, only=None, half_fraction=None): how the test's triton "
+        "cases run under the Triton interpreter: skip=True leaves them out; only={param: values} keeps "
+        "the cases whose parameter takes one of the values; half_fraction=(param, ...), parameters of "
+        "two values each (after `only`), keeps the half of their combinations whose value indices add "
+        "up to an even number",
     )
 
 
@@ -37,7 +39,23 @@ def _interpreter_skip_reason(item):
     only = marker.kwargs.get("only") or {}
     if any(params.get(name) not in values for name, values in only.items()):
         return reason
+    half = marker.kwargs.get("half_fraction")
+    if half and sum(_two_level_index(item, name, only) for name in half) % 2:
+        return reason
     return None
+
+
+def _two_level_index(item, name, only):
+    """0 or 1: which of its two values the case's parameter `name` takes (of `only`'s values where
+    it names the parameter). A half fraction of n two-level parameters (the combinations whose
+    indices add up to an even number) still holds every combination of the values of any n - 1 of
+    them: every pair of values appears, with half the cases."""
+    values = only.get(name) or next(
+        mark.args[1] for mark in item.iter_markers("parametrize") if mark.args[0] == name
+    )
+    index = list(values).index(item.callspec.params[name])
+    assert index in (0, 1), f"half_fraction: {name} takes more than two values"
+    return index
 
 
 def pytest_collection_modifyitems(config, items):

@@ -24,6 +24,23 @@ SHAPE_LAYOUTS = [(s, l) for s in SHAPES for l in layouts_for(s)]
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
+def _layout_dtype_cases():
+    """(shape, layout, dtype); under the Triton interpreter the largest shape (the split
+    reduction, seconds a case there) in float32 only: the other dtypes take the same split."""
+    split_in_float32 = pytest.mark.triton_interpreter(
+        reason="the split-reduction shape in float32 only under the Triton interpreter (a GPU run covers the rest)",
+        skip=True,
+    )
+    return [
+        pytest.param(
+            shape, layout, dtype, id=f"{shape}-{layout}-{str(dtype)[6:]}",
+            marks=split_in_float32 if shape == SHAPES[-1] and dtype != torch.float32 else (),
+        )
+        for shape, layout in SHAPE_LAYOUTS
+        for dtype in DTYPES
+    ]
+
+
 def _per_channel(t, ndim):
     return t.double().reshape((1, -1) + (1,) * (ndim - 2))
 
@@ -42,8 +59,7 @@ def _dz_x_hat64(grad_out, out, x, mean, invstd):
     return dz, x_hat
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("shape,layout", SHAPE_LAYOUTS, ids=[f"{s}-{l}" for s, l in SHAPE_LAYOUTS])
+@pytest.mark.parametrize("shape,layout,dtype", _layout_dtype_cases())
 def test_stats_match_float64(backend, shape, layout, dtype):
     x = make_tensor(shape, dtype, layout, scale=2.0, offset=3.0)
     mean, var = _impl().bn_stats(x)
@@ -53,8 +69,7 @@ def test_stats_match_float64(backend, shape, layout, dtype):
     assert_close(var, ref_var, dtype, "var")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("shape,layout", SHAPE_LAYOUTS, ids=[f"{s}-{l}" for s, l in SHAPE_LAYOUTS])
+@pytest.mark.parametrize("shape,layout,dtype", _layout_dtype_cases())
 def test_bwd_reduce_matches_float64(backend, shape, layout, dtype):
     x = make_tensor(shape, dtype, layout)
     out = make_tensor(shape, dtype, layout)  # about half <= 0: the ReLU mask is exercised
@@ -69,8 +84,7 @@ def test_bwd_reduce_matches_float64(backend, shape, layout, dtype):
 
 
 @pytest.mark.parametrize("residual_grad,affine", [(True, True), (False, False)], ids=["dr-affine", "no_dr-no_affine"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("shape,layout", SHAPE_LAYOUTS, ids=[f"{s}-{l}" for s, l in SHAPE_LAYOUTS])
+@pytest.mark.parametrize("shape,layout,dtype", _layout_dtype_cases())
 def test_bwd_apply_matches_float64(backend, shape, layout, dtype, residual_grad, affine):
     channels = shape[1]
     x = make_tensor(shape, dtype, layout)

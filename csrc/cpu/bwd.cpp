@@ -82,7 +82,7 @@ void bwd_planes(const BwdArgs<T>& a, const ParamGrads<T>& pg, const Fn& act) {
             finalize_grads(a, pg, c, task_sums<T, Fn, kRes>(a, tasks, c, act), tasks.M);
         apply_task<T, Fn, kRes, F>(a, tasks, c, k, act);
       }
-      if (F::kNT) {
+      if (a.stream) {
         stream_fence();
       }
     });
@@ -125,7 +125,7 @@ void bwd_rows(const BwdArgs<T>& a, const ParamGrads<T>& pg, const Fn& act) {
     over_dz.r = nullptr;
     over_dz.dr = nullptr;
     using Identity = ActFn<Act::kIdentity, A>;
-    using ApplyFlags = BwdFlags<F::kBatchStats, false, F::kNT>;
+    using ApplyFlags = BwdFlags<F::kBatchStats, false>;
     rows_apply<T, Identity, false, ApplyFlags>(over_dz, plan, k, pp, Identity(0.0));
   } else {
     rows_apply<T, Fn, kRes, F>(a, plan, k, pp, act, mask.bits());
@@ -158,21 +158,20 @@ BwdOutputs bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.x.scalar_type(), op, [&] {
     using A = acc_type<scalar_t>;
     const ParamGrads<scalar_t> pg{batch_stats, gw.mutable_data_ptr<A>(), gb.mutable_data_ptr<A>()};
-    const BwdBuffers<scalar_t> buf(
+    BwdBuffers<scalar_t> buf(
         in, weight, bias, mean, invstd, &dx, residual_grad ? &dr : nullptr, saved_mask);
-    const bool nt = use_streaming_stores(bwd_bytes(in, residual_grad), Pass::kTwo);
+    buf.args.stream = use_streaming_stores(bwd_bytes(in, residual_grad), Pass::kTwo);
     dispatch_dz<A>(in, [&](const auto& act, auto res_c) {
       using Fn = std::decay_t<decltype(act)>;
       constexpr bool kRes = decltype(res_c)::value;
-      dispatch_bools(residual_grad, nt, [&](auto res_grad_c, auto nt_c) {
+      dispatch_bool(residual_grad, [&](auto res_grad_c) {
         constexpr bool kResGrad = decltype(res_grad_c)::value;
-        constexpr bool kNT = decltype(nt_c)::value;
         if (batch_stats) {
-          using F = BwdFlags<true, kResGrad, kNT>;
+          using F = BwdFlags<true, kResGrad>;
           g.rows ? bwd_rows<scalar_t, Fn, kRes, F>(buf.args, pg, act)
                  : bwd_planes<scalar_t, Fn, kRes, F>(buf.args, pg, act);
         } else {
-          using F = BwdFlags<false, kResGrad, kNT>;
+          using F = BwdFlags<false, kResGrad>;
           g.rows ? bwd_rows<scalar_t, Fn, kRes, F>(buf.args, pg, act)
                  : bwd_planes<scalar_t, Fn, kRes, F>(buf.args, pg, act);
         }

@@ -49,6 +49,7 @@ struct BwdBuffers {
     args.zscale = zscale.data();
     args.zshift = zshift.data();
     args.act_mask = act_mask;
+    args.stream = false;  // the apply's callers decide (use_streaming_stores)
   }
 };
 

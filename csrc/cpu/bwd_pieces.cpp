@@ -87,14 +87,14 @@ TensorPair bwd_apply_cpu(
     std::vector<A> mean_dz_acc(g.C), mean_dz_xhat_acc(g.C);
     read_param<A>(mean_dz, g.C, A(0), mean_dz_acc.data());
     read_param<A>(mean_dz_xhat, g.C, A(0), mean_dz_xhat_acc.data());
-    const BwdBuffers<scalar_t> buf(
+    BwdBuffers<scalar_t> buf(
         in, weight, bias, mean, invstd, &dx, residual_grad ? &dr : nullptr);
     // (one pass here, but the second of a training backward split around a collective)
-    const bool nt = use_streaming_stores(bwd_bytes(in, residual_grad), Pass::kTwo);
+    buf.args.stream = use_streaming_stores(bwd_bytes(in, residual_grad), Pass::kTwo);
     dispatch_dz<A>(in, [&](const auto& act, auto res_c) {
       using Fn = std::decay_t<decltype(act)>;
-      dispatch_bools(residual_grad, nt, [&](auto res_grad_c, auto nt_c) {
-        using F = BwdFlags<true, decltype(res_grad_c)::value, decltype(nt_c)::value>;
+      dispatch_bool(residual_grad, [&](auto res_grad_c) {
+        using F = BwdFlags<true, decltype(res_grad_c)::value>;
         bwd_apply<scalar_t, Fn, decltype(res_c)::value, F>(
             buf.args, g, mean_dz_acc.data(), mean_dz_xhat_acc.data(), act);
       });

@@ -33,7 +33,7 @@ C10_ALWAYS_INLINE void apply_task(
   const int64_t c = tasks.channel(t);
   tasks.for_each_span(t, [&](int64_t o, int64_t len) {
     apply_span<T, Fn, kRes, F, false>(
-        a.dx + o, F::kResGrad ? a.dr + o : nullptr, a.dy + o, at_offset(a.y, o), a.x + o,
+        a.stream, a.dx + o, F::kResGrad ? a.dr + o : nullptr, a.dy + o, at_offset(a.y, o), a.x + o,
         at_offset(a.r, o), len, &k.a, &k.b, a.mean + c, &k.d, a.zshift + c, act);
   });
 }
@@ -64,7 +64,7 @@ void planes_apply(
     for (int64_t t = t0; t < t1; ++t) {
       apply_task<T, Fn, kRes, F>(a, tasks, t, coef[tasks.channel(t)], act);
     }
-    if (F::kNT) {
+    if (a.stream) {
       stream_fence();
     }
   });

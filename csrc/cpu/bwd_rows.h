@@ -322,7 +322,7 @@ void rows_apply(
   auto apply = [&](int64_t o, int64_t len, auto use_mask) {
     constexpr bool kMask = decltype(use_mask)::value;
     apply_span<T, Fn, kRes, F, true, kMask>(
-        a.dx + o, F::kResGrad ? a.dr + o : nullptr, a.dy + o, at_offset(a.y, o), a.x + o,
+        a.stream, a.dx + o, F::kResGrad ? a.dr + o : nullptr, a.dy + o, at_offset(a.y, o), a.x + o,
         at_offset(a.r, o), len, k.a.data(), k.b.data(), pp.mean.data(), k.d.data(),
         pp.zshift.data(), act, kMask ? mask + o / 8 : nullptr);
   };
@@ -347,7 +347,7 @@ void rows_apply(
         apply(plan.G * plan.W, plan.Rl * plan.C, std::false_type{});
       }
     }
-    if (F::kNT) {
+    if (a.stream) {
       stream_fence();
     }
   });

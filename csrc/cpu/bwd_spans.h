@@ -15,11 +15,13 @@
 
 namespace fused_resnet::cpu {
 
-template <bool kBatchStats_, bool kResGrad_, bool kNT_>
+// The apply pass's compile-time flags. Whether it streams dx and dr past the cache is a run-time
+// argument (BwdArgs::stream): a branch per vector store that the predictor always gets right,
+// where a template flag compiled every apply kernel twice (a third of bwd.cpp's build time).
+template <bool kBatchStats_, bool kResGrad_>
 struct BwdFlags {
   static constexpr bool kBatchStats = kBatchStats_;  // batch_stats: dx has the mean terms
   static constexpr bool kResGrad = kResGrad_;        // write grad_residual (residual_grad)
-  static constexpr bool kNT = kNT_;                  // streaming stores for dx/dr
 };
 
 // Per-channel totals of the reduce pass, in double whatever the dtype. Σdz·(x − mean) over a
@@ -194,10 +196,10 @@ C10_ALWAYS_INLINE void reduce_span(
 // kMask: whole vectors take the activation's side from the bits `mask` (act_mask.h; byte 0
 // starts at the span's element 0) instead of reading y; the scalar head and tail still read y.
 // The span from element `head` on, whose elements [0, head) go through the scalar path first
-// (F::kNT: to align dx, dr for stream_vec; apply_span picks it).
+// (stream: to align dx, dr for stream_vec; apply_span picks it).
 template <typename T, typename Fn, bool kRes, typename F, bool kPerPos, bool kMask>
 C10_ALWAYS_INLINE void apply_span_from(
-    int64_t head, T* __restrict__ dx, T* __restrict__ dr, const T* __restrict__ dy,
+    bool stream, int64_t head, T* __restrict__ dx, T* __restrict__ dr, const T* __restrict__ dy,
     const T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ r, int64_t L,
     const acc_type<T>* __restrict__ cA, const acc_type<T>* __restrict__ cB,
     const acc_type<T>* __restrict__ cmean, const acc_type<T>* __restrict__ cD,
@@ -283,7 +285,7 @@ C10_ALWAYS_INLINE void apply_span_from(
         res[q] = kPerPos ? AV::loadu(cA + i) * dz : a0 * dz;
       }
     }
-    if constexpr (F::kNT) {
+    if (stream) {
       V::store_nt(dx + j, res);
       if constexpr (F::kResGrad) {
         V::store_nt(dr + j, dzs);
@@ -298,34 +300,25 @@ C10_ALWAYS_INLINE void apply_span_from(
   scalar(j, L);
 }
 
-// Apply over one contiguous span. Streaming stores (F::kNT) need dx (and dr) aligned alike for
-// stream_vec after a scalar head: a span with no such head takes plain stores, and one whose head
-// would shift the vectors off the mask bytes (kMask) takes the activation's side from y instead.
+// Apply over one contiguous span. Streaming stores (stream) need dx (and dr) aligned alike for
+// stream_vec after a scalar head: a span with no such head, or one whose head would shift the
+// vectors off the mask bytes (kMask), takes plain stores. (One inlined body whichever it takes.)
 template <typename T, typename Fn, bool kRes, typename F, bool kPerPos, bool kMask = false>
 C10_ALWAYS_INLINE void apply_span(
-    T* __restrict__ dx, T* __restrict__ dr, const T* __restrict__ dy, const T* __restrict__ y,
+    bool stream, T* __restrict__ dx, T* __restrict__ dr, const T* __restrict__ dy, const T* __restrict__ y,
     const T* __restrict__ x, const T* __restrict__ r, int64_t L,
     const acc_type<T>* __restrict__ cA, const acc_type<T>* __restrict__ cB,
     const acc_type<T>* __restrict__ cmean, const acc_type<T>* __restrict__ cD,
     const acc_type<T>* __restrict__ cshift, const Fn& act,
     const MaskWord* __restrict__ mask = nullptr) {
-  if constexpr (F::kNT) {
-    const int64_t head = stream_head(dx);
-    if (head < 0 || (F::kResGrad && stream_head(dr) != head)) {
-      using Plain = BwdFlags<F::kBatchStats, F::kResGrad, false>;
-      apply_span_from<T, Fn, kRes, Plain, kPerPos, kMask>(
-          0, dx, dr, dy, y, x, r, L, cA, cB, cmean, cD, cshift, mask, act);
-    } else if (kMask && head != 0) {
-      apply_span_from<T, Fn, kRes, F, kPerPos, false>(
-          head, dx, dr, dy, y, x, r, L, cA, cB, cmean, cD, cshift, nullptr, act);
-    } else {
-      apply_span_from<T, Fn, kRes, F, kPerPos, kMask>(
-          head, dx, dr, dy, y, x, r, L, cA, cB, cmean, cD, cshift, mask, act);
-    }
-  } else {
-    apply_span_from<T, Fn, kRes, F, kPerPos, kMask>(
-        0, dx, dr, dy, y, x, r, L, cA, cB, cmean, cD, cshift, mask, act);
+  int64_t head = 0;
+  if (stream) {
+    head = stream_head(dx);
+    stream = head >= 0 && !(F::kResGrad && stream_head(dr) != head) && !(kMask && head != 0);
+    head = stream ? head : 0;
   }
+  apply_span_from<T, Fn, kRes, F, kPerPos, kMask>(
+      stream, head, dx, dr, dy, y, x, r, L, cA, cB, cmean, cD, cshift, mask, act);
 }
 
 template <typename T>
@@ -344,6 +337,7 @@ struct BwdArgs {
   const acc_type<T>* zscale;
   const acc_type<T>* zshift;
   const MaskWord* act_mask;  // bn_act_bwd: the bits bn_act_fwd_train saved, or null
+  bool stream;  // the apply pass streams dx, dr past the cache (use_streaming_stores)
 };
 
 template <typename A>

@@ -50,6 +50,7 @@ struct TrainArgs {
   acc_type<T>* var_out;
   MaskWord* act_mask;  // rows layout, piecewise-linear activation: the mask bits (act_mask.h)
   RunningStatsUpdate<acc_type<T>> running;  // applied per channel by finalize_stats
+  bool stream;  // the apply pass streams y past the cache (use_streaming_stores)
 };
 
 // From the merged moments of channel c: writes the statistics, updates the running ones, and
@@ -70,7 +71,7 @@ C10_ALWAYS_INLINE std::pair<acc_type<T>, acc_type<T>> finalize_stats(
   return {static_cast<A>(scale), static_cast<A>(shift)};
 }
 
-template <typename T, typename Fn, bool kRes, bool kNT>
+template <typename T, typename Fn, bool kRes>
 void train_planes(const TrainArgs<T>& a, const Fn& act) {
   using A = acc_type<T>;
   const PlaneTasks tasks(a.N, a.C, a.S, at::get_num_threads());
@@ -83,11 +84,11 @@ void train_planes(const TrainArgs<T>& a, const Fn& act) {
         const auto [scale, shift] =
             finalize_stats(a, m, c);
         tasks.for_each_span(c, [&](int64_t o, int64_t len) {
-          fwd_apply_span<T, Fn, kRes, false, kNT>(
-              a.y + o, a.x + o, kRes ? a.r + o : nullptr, len, &scale, &shift, act);
+          fwd_apply_span<T, Fn, kRes, false>(
+              a.stream, a.y + o, a.x + o, kRes ? a.r + o : nullptr, len, &scale, &shift, act);
         });
       }
-      if (kNT) {
+      if (a.stream) {
         stream_fence();
       }
     });
@@ -107,17 +108,17 @@ void train_planes(const TrainArgs<T>& a, const Fn& act) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c = tasks.channel(t);
       tasks.for_each_span(t, [&](int64_t o, int64_t len) {
-        fwd_apply_span<T, Fn, kRes, false, kNT>(
-            a.y + o, a.x + o, kRes ? a.r + o : nullptr, len, &scale[c], &shift[c], act);
+        fwd_apply_span<T, Fn, kRes, false>(
+            a.stream, a.y + o, a.x + o, kRes ? a.r + o : nullptr, len, &scale[c], &shift[c], act);
       });
     }
-    if (kNT) {
+    if (a.stream) {
       stream_fence();
     }
   });
 }
 
-template <typename T, typename Fn, bool kRes, bool kNT>
+template <typename T, typename Fn, bool kRes>
 void train_rows(const TrainArgs<T>& a, const Fn& act) {
   using A = acc_type<T>;
   const int64_t C = a.C;
@@ -138,10 +139,10 @@ void train_rows(const TrainArgs<T>& a, const Fn& act) {
     constexpr bool kMask = decltype(keep_mask)::value;
     at::parallel_for(0, plan.P, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
-        fwd_apply_chunk<T, Fn, kRes, kNT, kMask>(
-            plan, p, a.y, a.x, a.r, scale.data(), shift.data(), act, a.act_mask);
+        fwd_apply_chunk<T, Fn, kRes, kMask>(
+            a.stream, plan, p, a.y, a.x, a.r, scale.data(), shift.data(), act, a.act_mask);
       }
-      if (kNT) {
+      if (a.stream) {
         stream_fence();
       }
     });
@@ -162,9 +163,9 @@ void train_rows(const TrainArgs<T>& a, const Fn& act) {
 // ------------------------------------------------------------------------------------------
 // Eval forward: one pass.
 
-template <typename T, typename Fn, bool kRes, bool kNT>
+template <typename T, typename Fn, bool kRes>
 void eval_kernel(
-    const View& g, const T* x, const T* r, T* y, const acc_type<T>* scale,
+    bool stream, const View& g, const T* x, const T* r, T* y, const acc_type<T>* scale,
     const acc_type<T>* shift, const Fn& act) {
   using A = acc_type<T>;
   const int64_t N = g.N, C = g.C, S = g.S;
@@ -178,11 +179,11 @@ void eval_kernel(
         const int64_t s = e - plane * S;
         const int64_t len = std::min(S - s, e1 - e);
         const int64_t c = plane % C;
-        fwd_apply_span<T, Fn, kRes, false, kNT>(
-            y + e, x + e, kRes ? r + e : nullptr, len, scale + c, shift + c, act);
+        fwd_apply_span<T, Fn, kRes, false>(
+            stream, y + e, x + e, kRes ? r + e : nullptr, len, scale + c, shift + c, act);
         e += len;
       }
-      if (kNT) {
+      if (stream) {
         stream_fence();
       }
     });
@@ -199,15 +200,15 @@ void eval_kernel(
     const int64_t full_end = std::min(u1, G);
     if (full_end > u0) {
       const int64_t o = u0 * W;
-      fwd_apply_rows<T, Fn, kRes, kNT>(
-          y + o, x + o, kRes ? r + o : nullptr, full_end - u0, W, sc.data(), sh.data(), act);
+      fwd_apply_rows<T, Fn, kRes>(
+          stream, y + o, x + o, kRes ? r + o : nullptr, full_end - u0, W, sc.data(), sh.data(), act);
     }
     if (u1 > G) {
       const int64_t ol = G * W;
-      fwd_apply_span<T, Fn, kRes, true, kNT>(
-          y + ol, x + ol, kRes ? r + ol : nullptr, plan.Rl * C, sc.data(), sh.data(), act);
+      fwd_apply_span<T, Fn, kRes, true>(
+          stream, y + ol, x + ol, kRes ? r + ol : nullptr, plan.Rl * C, sc.data(), sh.data(), act);
     }
-    if (kNT) {
+    if (stream) {
       stream_fence();
     }
   });
@@ -252,17 +253,16 @@ TrainOutputs fwd_train_cpu(
     a.running = running_stats_update<A>(running, g.M());
     // bytes of activations touched: x (read twice unless it stays in cache), r, y
     const int64_t bytes = g.numel() * int64_t(sizeof(scalar_t)) * (has_res ? 3 : 2);
-    const bool nt = use_streaming_stores(bytes, Pass::kTwo);
+    a.stream = use_streaming_stores(bytes, Pass::kTwo);
     dispatch_act(in.act.kind, [&](auto act_c) {
       using Fn = ActFn<decltype(act_c)::value, A>;
       const Fn act(in.act.negative_slope);
-      dispatch_bools(has_res, nt, [&](auto res_c, auto nt_c) {
+      dispatch_bool(has_res, [&](auto res_c) {
         constexpr bool kRes = decltype(res_c)::value;
-        constexpr bool kNT = decltype(nt_c)::value;
         if (g.rows) {
-          train_rows<scalar_t, Fn, kRes, kNT>(a, act);
+          train_rows<scalar_t, Fn, kRes>(a, act);
         } else {
-          train_planes<scalar_t, Fn, kRes, kNT>(a, act);
+          train_planes<scalar_t, Fn, kRes>(a, act);
         }
       });
     });
@@ -295,13 +295,13 @@ at::Tensor fwd_eval_cpu(
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
     const scalar_t* rp = has_res ? in.residual.const_data_ptr<scalar_t>() : nullptr;
     const int64_t bytes = g.numel() * int64_t(sizeof(scalar_t)) * (has_res ? 3 : 2);
-    const bool nt = use_streaming_stores(bytes, Pass::kOne);
+    const bool stream = use_streaming_stores(bytes, Pass::kOne);
     dispatch_act(in.act.kind, [&](auto act_c) {
       using Fn = ActFn<decltype(act_c)::value, A>;
       const Fn act(in.act.negative_slope);
-      dispatch_bools(has_res, nt, [&](auto res_c, auto nt_c) {
-        eval_kernel<scalar_t, Fn, decltype(res_c)::value, decltype(nt_c)::value>(
-            g, x, rp, y, scale.data(), shift.data(), act);
+      dispatch_bool(has_res, [&](auto res_c) {
+        eval_kernel<scalar_t, Fn, decltype(res_c)::value>(
+            stream, g, x, rp, y, scale.data(), shift.data(), act);
       });
     });
   });

@@ -42,10 +42,10 @@ C10_ALWAYS_INLINE void fwd_apply_vector(
 }
 
 // The span from element `head` on, whose elements [0, head) go through the scalar path first
-// (kNT: to align y for stream_vec; fwd_apply_span picks it).
-template <typename T, typename Fn, bool kRes, bool kPerPos, bool kNT, bool kMask>
+// (stream: to align y for stream_vec; fwd_apply_span picks it).
+template <typename T, typename Fn, bool kRes, bool kPerPos, bool kMask>
 C10_ALWAYS_INLINE void fwd_apply_span_from(
-    int64_t head, T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ r, int64_t L,
+    bool stream, int64_t head, T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ r, int64_t L,
     const acc_type<T>* __restrict__ scale, const acc_type<T>* __restrict__ shift,
     MaskWord* __restrict__ mask, const Fn& act) {
   using V = VecT<T>;
@@ -73,7 +73,7 @@ C10_ALWAYS_INLINE void fwd_apply_span_from(
   // stores the vector at j, and records the mask of out as stored (in T), as bn_act_bwd would
   // read it from out
   auto store = [&](int64_t j0, const AV (&v)[P]) {
-    if constexpr (kNT) {
+    if (stream) {
       V::store_nt(y + j0, v);
     } else {
       V::store(y + j0, v);
@@ -114,35 +114,35 @@ C10_ALWAYS_INLINE void fwd_apply_span_from(
   scalar(j, L);
 }
 
-// Apply: y = act(x·scale + shift (+ r)) over a span. Streaming stores (kNT) need y aligned for
-// stream_vec after a scalar head; a span with no such head, or whose head would shift the
-// vectors off the mask bytes (kMask), takes plain stores.
-template <typename T, typename Fn, bool kRes, bool kPerPos, bool kNT, bool kMask = false>
+// Apply: y = act(x·scale + shift (+ r)) over a span. Streaming stores (stream: a run-time choice,
+// use_streaming_stores; a branch per vector store that the predictor always gets right, where a
+// template flag compiled every apply kernel twice) need y aligned for stream_vec after a scalar
+// head; a span with no such head, or whose head would shift the vectors off the mask bytes
+// (kMask), takes plain stores.
+template <typename T, typename Fn, bool kRes, bool kPerPos, bool kMask = false>
 C10_ALWAYS_INLINE void fwd_apply_span(
-    T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ r, int64_t L,
+    bool stream, T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ r, int64_t L,
     const acc_type<T>* __restrict__ scale, const acc_type<T>* __restrict__ shift, const Fn& act,
     MaskWord* __restrict__ mask = nullptr) {
-  if constexpr (kNT) {
-    const int64_t head = stream_head(y);
-    if (head >= 0 && !(kMask && head != 0)) {
-      fwd_apply_span_from<T, Fn, kRes, kPerPos, true, kMask>(
-          head, y, x, r, L, scale, shift, mask, act);
-      return;
-    }
+  int64_t head = 0;
+  if (stream) {
+    head = stream_head(y);
+    stream = head >= 0 && !(kMask && head != 0);
+    head = stream ? head : 0;
   }
-  fwd_apply_span_from<T, Fn, kRes, kPerPos, false, kMask>(0, y, x, r, L, scale, shift, mask, act);
+  fwd_apply_span_from<T, Fn, kRes, kPerPos, kMask>(stream, head, y, x, r, L, scale, shift, mask, act);
 }
 
 // Rows layout: apply to `nrows` consecutive super-rows of width W (per-position params of W).
 // With a mask (kMask), W is a multiple of 8 and mask points at the bits of y[0].
-template <typename T, typename Fn, bool kRes, bool kNT, bool kMask = false>
+template <typename T, typename Fn, bool kRes, bool kMask = false>
 void fwd_apply_rows(
-    T* y, const T* x, const T* r, int64_t nrows, int64_t W, const acc_type<T>* scale,
+    bool stream, T* y, const T* x, const T* r, int64_t nrows, int64_t W, const acc_type<T>* scale,
     const acc_type<T>* shift, const Fn& act, MaskWord* mask = nullptr) {
   for (int64_t i = 0; i < nrows; ++i) {
     const int64_t o = i * W;
-    fwd_apply_span<T, Fn, kRes, true, kNT, kMask>(
-        y + o, x + o, kRes ? r + o : nullptr, W, scale, shift, act,
+    fwd_apply_span<T, Fn, kRes, true, kMask>(
+        stream, y + o, x + o, kRes ? r + o : nullptr, W, scale, shift, act,
         kMask ? mask + o / 8 : nullptr);
   }
 }
@@ -150,19 +150,19 @@ void fwd_apply_rows(
 // Rows layout: apply to chunk p's super-rows (and, for the last chunk, the leftover rows) with
 // per-position scale/shift of width W. kMask: with the mask bits of all of them (W % 8 == 0, so
 // the chunk and the leftover rows start on a mask byte).
-template <typename T, typename Fn, bool kRes, bool kNT, bool kMask>
+template <typename T, typename Fn, bool kRes, bool kMask>
 void fwd_apply_chunk(
-    const RowPlan& plan, int64_t p, T* y, const T* x, const T* r, const acc_type<T>* scale,
+    bool stream, const RowPlan& plan, int64_t p, T* y, const T* x, const T* r, const acc_type<T>* scale,
     const acc_type<T>* shift, const Fn& act, MaskWord* mask) {
   const int64_t g0 = plan.chunk_begin(p), g1 = plan.chunk_end(p);
   const int64_t o = g0 * plan.W;
-  fwd_apply_rows<T, Fn, kRes, kNT, kMask>(
-      y + o, x + o, kRes ? r + o : nullptr, g1 - g0, plan.W, scale, shift, act,
+  fwd_apply_rows<T, Fn, kRes, kMask>(
+      stream, y + o, x + o, kRes ? r + o : nullptr, g1 - g0, plan.W, scale, shift, act,
       kMask ? mask + o / 8 : nullptr);
   if (p == plan.P - 1 && plan.Rl > 0) {
     const int64_t ol = plan.G * plan.W;
-    fwd_apply_span<T, Fn, kRes, true, kNT, kMask>(
-        y + ol, x + ol, kRes ? r + ol : nullptr, plan.Rl * plan.C, scale, shift, act,
+    fwd_apply_span<T, Fn, kRes, true, kMask>(
+        stream, y + ol, x + ol, kRes ? r + ol : nullptr, plan.Rl * plan.C, scale, shift, act,
         kMask ? mask + ol / 8 : nullptr);
   }
 }

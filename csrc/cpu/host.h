@@ -61,14 +61,10 @@ void read_param(const std::optional<at::Tensor>& t, int64_t C, acc_t fill, acc_t
 enum class Pass { kOne, kTwo };  // inputs read once (eval) or twice (training forward, backward)
 bool use_streaming_stores(int64_t bytes, Pass passes);
 
-// Calls f(std::bool_constant<a>{}, std::bool_constant<b>{}): runtime flags to template constants.
+// Calls f(std::bool_constant<a>{}): a runtime flag to a template constant.
 template <typename F>
-C10_ALWAYS_INLINE void dispatch_bools(bool a, bool b, const F& f) {
-  if (a) {
-    b ? f(std::true_type{}, std::true_type{}) : f(std::true_type{}, std::false_type{});
-  } else {
-    b ? f(std::false_type{}, std::true_type{}) : f(std::false_type{}, std::false_type{});
-  }
+C10_ALWAYS_INLINE void dispatch_bool(bool a, const F& f) {
+  a ? f(std::true_type{}) : f(std::false_type{});
 }
 
 } // namespace fused_resnet::cpu
