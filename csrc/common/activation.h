@@ -41,7 +41,7 @@ constexpr bool backward_recomputes_z(Act a) {
 }
 
 // Calls f(std::integral_constant<Act, kind>{}): turns the runtime activation into a template
-// constant, as dispatch_bools does for flags.
+// constant, as dispatch_bool (cpu/host.h) does for a flag.
 template <typename F>
 decltype(auto) dispatch_act(Act kind, F&& f) {
   switch (kind) {

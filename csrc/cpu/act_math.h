@@ -30,6 +30,10 @@ struct ActFn {
   // mask bits that stand in for it), or z recomputed (smooth); identity needs neither.
   static constexpr bool kReadsOut = backward_reads_out(kAct);
   static constexpr bool kRecomputesZ = backward_recomputes_z(kAct);
+  // The derivative evaluates exp, erf or tanh: dearer than writing dz and reading it back
+  // (bwd.cpp's kReduceKeepsDz); hardswish's is a few compares and an FMA.
+  static constexpr bool kTranscendentalGrad =
+      kAct == Act::kSilu || kAct == Act::kGelu || kAct == Act::kGeluTanh;
 
   A slope;  // leaky_relu's negative_slope (>= 0, the contract checks it), in A as eager's kernel
 

@@ -196,10 +196,12 @@ C10_ALWAYS_INLINE void reduce_span(
 // kMask: whole vectors take the activation's side from the bits `mask` (act_mask.h; byte 0
 // starts at the span's element 0) instead of reading y; the scalar head and tail still read y.
 // The span from element `head` on, whose elements [0, head) go through the scalar path first
-// (stream: to align dx, dr for stream_vec; apply_span picks it).
+// (stream: to align dx, dr for stream_vec; apply_span picks it). dy may be dx: each element is
+// read before it is written (the apply over a dz the reduce pass kept in dx, bwd.cpp), so
+// neither is __restrict__.
 template <typename T, typename Fn, bool kRes, typename F, bool kPerPos, bool kMask>
 C10_ALWAYS_INLINE void apply_span_from(
-    bool stream, int64_t head, T* __restrict__ dx, T* __restrict__ dr, const T* __restrict__ dy,
+    bool stream, int64_t head, T* dx, T* __restrict__ dr, const T* dy,
     const T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ r, int64_t L,
     const acc_type<T>* __restrict__ cA, const acc_type<T>* __restrict__ cB,
     const acc_type<T>* __restrict__ cmean, const acc_type<T>* __restrict__ cD,
@@ -305,7 +307,7 @@ C10_ALWAYS_INLINE void apply_span_from(
 // vectors off the mask bytes (kMask), takes plain stores. (One inlined body whichever it takes.)
 template <typename T, typename Fn, bool kRes, typename F, bool kPerPos, bool kMask = false>
 C10_ALWAYS_INLINE void apply_span(
-    bool stream, T* __restrict__ dx, T* __restrict__ dr, const T* __restrict__ dy, const T* __restrict__ y,
+    bool stream, T* dx, T* __restrict__ dr, const T* dy, const T* __restrict__ y,
     const T* __restrict__ x, const T* __restrict__ r, int64_t L,
     const acc_type<T>* __restrict__ cA, const acc_type<T>* __restrict__ cB,
     const acc_type<T>* __restrict__ cmean, const acc_type<T>* __restrict__ cD,
