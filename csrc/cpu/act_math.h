@@ -155,8 +155,8 @@ struct ActFn {
       const AV inner = AV::blendv(dy * (z / three + AV(A(0.5))), dy, z >= three);
       return AV::blendv(inner, AV(A(0)), z <= AV(A(-3)));
     } else if constexpr (kAct == Act::kGelu) {
-      const AV cdf = AV(A(0.5)) * (one + (z * AV(A(kSqrtHalf))).erf());
-      const AV pdf = AV(A(kInvSqrt2Pi)) * (z * z * AV(A(-0.5))).exp();
+      AV cdf, pdf;
+      gelu_cdf_pdf(z, cdf, pdf);
       return dy * (cdf + z * pdf);
     } else {
       const AV half(A(0.5));
@@ -207,6 +207,32 @@ struct ActFn {
       return v.exp_u20();
     } else {
       return v.exp();
+    }
+  }
+
+  // Φ(z) = ½·(1 + erf(z/√2)) and φ(z) = exp(−z²/2)/√(2π), gelu's derivative's two halves.
+  // Float: erf by the formula of at::vec's AVX2/AVX512 float erf, op for op (Abramowitz-Stegun
+  // 7.1.26: erf(x) = sign(x)·(1 − t·r(t)·exp(−x²)), t = 1/(1 + p·|x|), r a quartic; absolute
+  // error 1.5e-7), whose exp(−x²) at x = z/√2 is φ's exp(−z²/2): one Sleef exp an element
+  // instead of two. Double: at::vec's erf (Sleef's) and exp, as eager's gelu_backward.
+  static C10_ALWAYS_INLINE void gelu_cdf_pdf(const AV& z, AV& cdf, AV& pdf) {
+    const AV one(A(1));
+    const AV x = z * AV(A(kSqrtHalf));
+    if constexpr (std::is_same_v<A, float>) {
+      const AV sign = x & AV(-0.f);
+      const AV abs_x = x ^ sign;
+      const AV t = one / at::vec::fmadd(AV(0.3275911f), abs_x, one);
+      AV r = at::vec::fmadd(AV(1.061405429f), t, AV(-1.453152027f));
+      r = at::vec::fmadd(r, t, AV(1.421413741f));
+      r = at::vec::fmadd(r, t, AV(-0.284496736f));
+      r = at::vec::fmadd(r, t, AV(0.254829592f));
+      const AV e = (x * x).neg().exp();  // exp(−x²) = exp(−z²/2)
+      const AV erf = at::vec::fmadd(e.neg() * t, r, one) ^ sign;
+      cdf = AV(A(0.5)) * (one + erf);
+      pdf = AV(A(kInvSqrt2Pi)) * e;
+    } else {
+      cdf = AV(A(0.5)) * (one + x.erf());
+      pdf = AV(A(kInvSqrt2Pi)) * (z * z * AV(A(-0.5))).exp();
     }
   }
 
