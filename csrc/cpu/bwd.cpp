@@ -15,19 +15,18 @@
 //   grad_residual = dz                                       when residual_grad
 //   bn_act_bwd_apply: B = −A·invstd·mean_dz_xhat, D = −A·mean_dz  (means over all processes)
 //
-// One reduce pass (reads dy, x, and y for a piecewise-linear activation or r for a smooth one
-// with a residual) and one apply pass (reads the same; writes dx, dr); in the rows layout a
-// smooth activation with grad_residual has the reduce pass write dz into dr and the apply pass
-// read dz and x (kReduceKeepsDz). The activation is a
+// One reduce pass (reads dy, x, and y for a piecewise-linear activation or r for a smooth one with
+// a residual) and one apply pass (reads the same; writes dx, dr); in the rows layout a smooth
+// activation has the reduce pass write dz into dr (grad_residual) or, for a derivative with exp,
+// erf or tanh, into dx, and the apply pass read dz and x (kReduceKeepsDz). The activation is a
 // compile-time constant of the kernels (dispatch_act), and so is whether a recomputed z adds a
 // residual. Sums are two-level: fp32 (double for double) vector accumulators over a block, then
-// added to a double total in a fixed order (deterministic for a given thread count). Layouts
-// and parallel decomposition mirror the forward (fwd.cpp): in the planes layout a channel-local
-// task keeps the channel's inputs in L2 between its two passes; in the rows layout each thread
-// reduces and then applies its own contiguous chunk of rows, and bn_act_bwd takes a
-// piecewise-linear activation's side as bits instead of reading y: those bn_act_fwd_train saved
-// (act_mask; then y is not read at all), or else bits its reduce pass records for its apply
-// pass (RowMask).
+// added to a double total in a fixed order (deterministic for a given thread count). Layouts and
+// parallel decomposition mirror the forward (fwd.cpp): in the planes layout a channel-local task
+// keeps the channel's inputs in L2 between its two passes; in the rows layout each thread reduces
+// and then applies its own contiguous chunk of rows, and bn_act_bwd takes a piecewise-linear
+// activation's side as bits instead of reading y: those bn_act_fwd_train saved (act_mask; then y is
+// not read at all), or else bits its reduce pass records for its apply pass (RowMask).
 #include "bwd_host.h"
 #include "bwd_planes.h"
 #include "bwd_rows.h"
@@ -104,8 +103,8 @@ void bwd_planes(const BwdArgs<T>& a, const ParamGrads<T>& pg, const Fn& act) {
 //   grad_residual requested: into dr (= dz, an output anyway): the same traffic.
 //   otherwise, a derivative with exp, erf or tanh (kTranscendentalGrad): into dx, which the
 //     apply pass overwrites in place: one more write and read of an activation instead of an
-//     evaluation (bn_silu 8x64x56x56 channels_last training 1.31 -> 1.02 ms on the 2-core VM,
-//     bn_gelu 2.94 -> 2.01; hardswish's cheap derivative gained nothing, so it recomputes).
+//     evaluation (bn_silu 8x64x56x56 channels_last training 1.26 -> 1.10 ms on the 2-core VM,
+//     bn_gelu 2.84 -> 2.11; hardswish's cheap derivative gained nothing, so it recomputes).
 template <typename T, typename Fn, typename F>
 constexpr bool kReduceKeepsDz = Fn::kRecomputesZ && std::is_same_v<T, acc_type<T>> &&
     (F::kResGrad || Fn::kTranscendentalGrad);
