@@ -227,7 +227,8 @@ void eval_kernel(
     if (full_end > u0) {
       const int64_t o = u0 * W;
       fwd_apply_rows<T, Fn, kRes>(
-          stream, y + o, x + o, kRes ? r + o : nullptr, full_end - u0, W, sc.data(), sh.data(), act);
+          stream, y + o, x + o, kRes ? r + o : nullptr, full_end - u0, W, sc.data(), sh.data(),
+          act);
     }
     if (u1 > G) {
       const int64_t ol = G * W;

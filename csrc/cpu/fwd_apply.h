@@ -45,7 +45,8 @@ C10_ALWAYS_INLINE void fwd_apply_vector(
 // (stream: to align y for stream_vec; fwd_apply_span picks it).
 template <typename T, typename Fn, bool kRes, bool kPerPos, bool kMask>
 C10_ALWAYS_INLINE void fwd_apply_span_from(
-    bool stream, int64_t head, T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ r, int64_t L,
+    bool stream, int64_t head, T* __restrict__ y, const T* __restrict__ x,
+    const T* __restrict__ r, int64_t L,
     const acc_type<T>* __restrict__ scale, const acc_type<T>* __restrict__ shift,
     MaskWord* __restrict__ mask, const Fn& act) {
   using V = VecT<T>;
@@ -130,7 +131,8 @@ C10_ALWAYS_INLINE void fwd_apply_span(
     stream = head >= 0 && !(kMask && head != 0);
     head = stream ? head : 0;
   }
-  fwd_apply_span_from<T, Fn, kRes, kPerPos, kMask>(stream, head, y, x, r, L, scale, shift, mask, act);
+  fwd_apply_span_from<T, Fn, kRes, kPerPos, kMask>(
+      stream, head, y, x, r, L, scale, shift, mask, act);
 }
 
 // Rows layout: apply to `nrows` consecutive super-rows of width W (per-position params of W).
@@ -152,8 +154,8 @@ void fwd_apply_rows(
 // the chunk and the leftover rows start on a mask byte).
 template <typename T, typename Fn, bool kRes, bool kMask>
 void fwd_apply_chunk(
-    bool stream, const RowPlan& plan, int64_t p, T* y, const T* x, const T* r, const acc_type<T>* scale,
-    const acc_type<T>* shift, const Fn& act, MaskWord* mask) {
+    bool stream, const RowPlan& plan, int64_t p, T* y, const T* x, const T* r,
+    const acc_type<T>* scale, const acc_type<T>* shift, const Fn& act, MaskWord* mask) {
   const int64_t g0 = plan.chunk_begin(p), g1 = plan.chunk_end(p);
   const int64_t o = g0 * plan.W;
   fwd_apply_rows<T, Fn, kRes, kMask>(
