@@ -71,10 +71,54 @@ C10_ALWAYS_INLINE std::pair<acc_type<T>, acc_type<T>> finalize_stats(
   return {static_cast<A>(scale), static_cast<A>(shift)};
 }
 
+// Planes shorter than this (elements) are applied a sample at a time (apply_short_planes).
+template <typename T>
+constexpr int64_t kShortPlane = 4 * VecT<T>::kStep;
+
+// The planes layout's apply when its planes are short (S < kShortPlane: a small input's last
+// stages, 4x4, 2x2): plane by plane they would run mostly through the scalar path (SiLU: a
+// scalar exp per element; bn_silu 4x1152x2x2 took 3x eager's time). A sample's C·S values are
+// one row instead, scale and shift repeated per position (C·S values each), so that they run in
+// whole vectors.
+template <typename T, typename Fn, bool kRes>
+void apply_short_planes(
+    bool stream, int64_t N, int64_t C, int64_t S, T* y, const T* x, const T* r,
+    const acc_type<T>* scale, const acc_type<T>* shift, const Fn& act) {
+  using A = acc_type<T>;
+  const int64_t W = C * S;
+  std::vector<A> sc(W), sh(W);
+  for (int64_t c = 0; c < C; ++c) {
+    std::fill(sc.begin() + c * S, sc.begin() + (c + 1) * S, scale[c]);
+    std::fill(sh.begin() + c * S, sh.begin() + (c + 1) * S, shift[c]);
+  }
+  const int64_t grain = std::max<int64_t>(1, kParallelMinElems / W);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    const int64_t o = n0 * W;
+    fwd_apply_rows<T, Fn, kRes>(
+        stream, y + o, x + o, kRes ? r + o : nullptr, n1 - n0, W, sc.data(), sh.data(), act);
+    if (stream) {
+      stream_fence();
+    }
+  });
+}
+
 template <typename T, typename Fn, bool kRes>
 void train_planes(const TrainArgs<T>& a, const Fn& act) {
   using A = acc_type<T>;
   const PlaneTasks tasks(a.N, a.C, a.S, at::get_num_threads());
+
+  if (a.S < kShortPlane<T>) {
+    // every channel's statistics, then the apply a sample at a time
+    std::vector<Moments<A>> moments(a.C);
+    planes_moments(a.x, tasks, moments.data());
+    std::vector<A> scale(a.C), shift(a.C);
+    for (int64_t c = 0; c < a.C; ++c) {
+      std::tie(scale[c], shift[c]) = finalize_stats(a, moments[c], c);
+    }
+    apply_short_planes<T, Fn, kRes>(
+        a.stream, a.N, a.C, a.S, a.y, a.x, a.r, scale.data(), shift.data(), act);
+    return;
+  }
 
   if (tasks.P == 1) {
     // channel-local: statistics + apply in one task, the channel stays in L2 in between
@@ -163,10 +207,6 @@ void train_rows(const TrainArgs<T>& a, const Fn& act) {
 // ------------------------------------------------------------------------------------------
 // Eval forward: one pass.
 
-// Planes shorter than this (elements) are applied a sample at a time (eval_kernel).
-template <typename T>
-constexpr int64_t kShortPlane = 4 * VecT<T>::kStep;
-
 template <typename T, typename Fn, bool kRes>
 void eval_kernel(
     bool stream, const View& g, const T* x, const T* r, T* y, const acc_type<T>* scale,
@@ -174,25 +214,7 @@ void eval_kernel(
   using A = acc_type<T>;
   const int64_t N = g.N, C = g.C, S = g.S;
   if (!g.rows && S < kShortPlane<T>) {
-    // Planes of a few vectors or less (a small input's last stages: 4x4, 2x2) would run mostly
-    // through the scalar path, a plane at a time (SiLU: a scalar exp per element; 4x1152x2x2 took
-    // 3x eager's time). A sample's C·S values are one row instead, scale and shift repeated per
-    // position, so that they run in whole vectors.
-    const int64_t W = C * S;
-    std::vector<A> sc(W), sh(W);
-    for (int64_t c = 0; c < C; ++c) {
-      std::fill(sc.begin() + c * S, sc.begin() + (c + 1) * S, scale[c]);
-      std::fill(sh.begin() + c * S, sh.begin() + (c + 1) * S, shift[c]);
-    }
-    const int64_t grain = std::max<int64_t>(1, kParallelMinElems / W);
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      const int64_t o = n0 * W;
-      fwd_apply_rows<T, Fn, kRes>(
-          stream, y + o, x + o, kRes ? r + o : nullptr, n1 - n0, W, sc.data(), sh.data(), act);
-      if (stream) {
-        stream_fence();
-      }
-    });
+    apply_short_planes<T, Fn, kRes>(stream, N, C, S, y, x, r, scale, shift, act);
     return;
   }
   if (!g.rows) {
