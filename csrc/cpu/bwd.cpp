@@ -34,7 +34,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 
-#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -139,85 +138,6 @@ void bwd_rows(const BwdArgs<T>& a, const ParamGrads<T>& pg, const Fn& act) {
   }
 }
 
-// Planes shorter than this (elements) go through bwd_short_planes.
-template <typename T>
-constexpr int64_t kShortPlane = 4 * VecT<T>::kStep;
-
-// v's C values, each repeated S times: a sample's per-position values in the planes layout.
-template <typename A>
-std::vector<A> repeat_each(const A* v, int64_t C, int64_t S) {
-  std::vector<A> out(C * S);
-  for (int64_t c = 0; c < C; ++c) {
-    std::fill(out.begin() + c * S, out.begin() + (c + 1) * S, v[c]);
-  }
-  return out;
-}
-
-// The planes layout when its planes are short (S < kShortPlane: a small input's last stages,
-// 4x4, 2x2): plane by plane, each pass would pay a span's setup and the reduction of its
-// accumulators for a few vectors (bn_silu 4x672x4x4 training took 1.6x eager's time). A sample's
-// C·S values are one row instead, with each channel's values repeated over its S positions: the
-// rows layout's reduce tiles (rows_chunk_sums) over chunks of samples, their per-position sums
-// folded per channel in a fixed order, and the apply a sample at a time.
-template <typename T, typename Fn, bool kRes, typename F>
-void bwd_short_planes(const BwdArgs<T>& a, const ParamGrads<T>& pg, const Fn& act) {
-  using A = acc_type<T>;
-  const int64_t N = a.N, C = a.C, S = a.S, W = C * S;
-  RowParams<A> pp;
-  pp.mean = repeat_each(a.mean, C, S);
-  pp.zscale = repeat_each(a.zscale, C, S);
-  pp.zshift = repeat_each(a.zshift, C, S);
-  // chunks of samples, one per thread, of at least kParallelMinElems elements
-  const int64_t P = std::max<int64_t>(
-      1, std::min<int64_t>({at::get_num_threads(), N, N * W / kParallelMinElems}));
-  std::vector<Sums> part(P * C);
-  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<double> totals(2 * W);
-    std::vector<A> partials(2 * W);
-    for (int64_t p = p0; p < p1; ++p) {
-      rows_chunk_sums<T, Fn, kRes, false>(
-          a.dy, a.y, a.x, a.r, W, N * p / P, N * (p + 1) / P, pp, totals.data(),
-          totals.data() + W, partials.data(), partials.data() + W, RowMask{}, nullptr, act);
-      for (int64_t c = 0; c < C; ++c) {
-        Sums s;
-        for (int64_t q = c * S; q < (c + 1) * S; ++q) {
-          s.sum_dz += totals[q];
-          s.sum_dz_xmu += totals[W + q];
-        }
-        part[p * C + c] = s;
-      }
-    }
-  });
-  std::vector<A> ka(C), kb(C), kd(C);
-  for (int64_t c = 0; c < C; ++c) {
-    Sums s;
-    for (int64_t p = 0; p < P; ++p) {
-      s.sum_dz += part[p * C + c].sum_dz;
-      s.sum_dz_xmu += part[p * C + c].sum_dz_xmu;
-    }
-    const Coef<A> k = finalize_grads(a, pg, c, s, N * S);
-    ka[c] = k.a;
-    kb[c] = k.b;
-    kd[c] = k.d;
-  }
-  const std::vector<A> cA = repeat_each(ka.data(), C, S);
-  const std::vector<A> cB = repeat_each(kb.data(), C, S);
-  const std::vector<A> cD = repeat_each(kd.data(), C, S);
-  const int64_t grain = std::max<int64_t>(1, kParallelMinElems / W);
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const int64_t o = n * W;
-      apply_span<T, Fn, kRes, F, true>(
-          a.stream, a.dx + o, F::kResGrad ? a.dr + o : nullptr, a.dy + o, at_offset(a.y, o),
-          a.x + o, at_offset(a.r, o), W, cA.data(), cB.data(), pp.mean.data(), cD.data(),
-          pp.zshift.data(), act);
-    }
-    if (a.stream) {
-      stream_fence();
-    }
-  });
-}
-
 // The bits of bn_act_bwd's act_mask (checked by the op contract: empty, or what
 // bn_act_fwd_train returns for this input and activation), or null where out gives the side
 // (empty; or a layout or dtype whose kernel keeps no mask: then the forward returned zeros and
@@ -252,17 +172,15 @@ BwdOutputs bwd_cpu(
       constexpr bool kRes = decltype(res_c)::value;
       dispatch_bool(residual_grad, [&](auto res_grad_c) {
         constexpr bool kResGrad = decltype(res_grad_c)::value;
-        auto run = [&](auto flags) {
-          using F = decltype(flags);
-          if (g.rows) {
-            bwd_rows<scalar_t, Fn, kRes, F>(buf.args, pg, act);
-          } else if (g.S < kShortPlane<scalar_t>) {
-            bwd_short_planes<scalar_t, Fn, kRes, F>(buf.args, pg, act);
-          } else {
-            bwd_planes<scalar_t, Fn, kRes, F>(buf.args, pg, act);
-          }
-        };
-        batch_stats ? run(BwdFlags<true, kResGrad>{}) : run(BwdFlags<false, kResGrad>{});
+        if (batch_stats) {
+          using F = BwdFlags<true, kResGrad>;
+          g.rows ? bwd_rows<scalar_t, Fn, kRes, F>(buf.args, pg, act)
+                 : bwd_planes<scalar_t, Fn, kRes, F>(buf.args, pg, act);
+        } else {
+          using F = BwdFlags<false, kResGrad>;
+          g.rows ? bwd_rows<scalar_t, Fn, kRes, F>(buf.args, pg, act)
+                 : bwd_planes<scalar_t, Fn, kRes, F>(buf.args, pg, act);
+        }
       });
     });
   });
