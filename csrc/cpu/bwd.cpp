@@ -30,6 +30,7 @@
 #include "bwd_host.h"
 #include "bwd_planes.h"
 #include "bwd_rows.h"
+#include "bwd_short_planes.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -138,6 +139,20 @@ void bwd_rows(const BwdArgs<T>& a, const ParamGrads<T>& pg, const Fn& act) {
   }
 }
 
+// Short planes (bwd_short_planes.h): a sample's C·S values as one row.
+template <typename T, typename Fn, bool kRes, typename F>
+void bwd_short_planes(const BwdArgs<T>& a, const ParamGrads<T>& pg, const Fn& act) {
+  using A = acc_type<T>;
+  const RowParams<A> pp = short_plane_params(a);
+  std::vector<Sums> sums(a.C);
+  short_planes_sums<T, Fn, kRes>(a, pp, sums.data(), act);
+  std::vector<Coef<A>> coef(a.C);
+  for (int64_t c = 0; c < a.C; ++c) {
+    coef[c] = finalize_grads(a, pg, c, sums[c], a.N * a.S);
+  }
+  short_planes_apply<T, Fn, kRes, F>(a, pp, coef.data(), act);
+}
+
 // The bits of bn_act_bwd's act_mask (checked by the op contract: empty, or what
 // bn_act_fwd_train returns for this input and activation), or null where out gives the side
 // (empty; or a layout or dtype whose kernel keeps no mask: then the forward returned zeros and
@@ -172,15 +187,17 @@ BwdOutputs bwd_cpu(
       constexpr bool kRes = decltype(res_c)::value;
       dispatch_bool(residual_grad, [&](auto res_grad_c) {
         constexpr bool kResGrad = decltype(res_grad_c)::value;
-        if (batch_stats) {
-          using F = BwdFlags<true, kResGrad>;
-          g.rows ? bwd_rows<scalar_t, Fn, kRes, F>(buf.args, pg, act)
-                 : bwd_planes<scalar_t, Fn, kRes, F>(buf.args, pg, act);
-        } else {
-          using F = BwdFlags<false, kResGrad>;
-          g.rows ? bwd_rows<scalar_t, Fn, kRes, F>(buf.args, pg, act)
-                 : bwd_planes<scalar_t, Fn, kRes, F>(buf.args, pg, act);
-        }
+        auto run = [&](auto flags) {
+          using F = decltype(flags);
+          if (g.rows) {
+            bwd_rows<scalar_t, Fn, kRes, F>(buf.args, pg, act);
+          } else if (g.S < kShortPlane<scalar_t>) {
+            bwd_short_planes<scalar_t, Fn, kRes, F>(buf.args, pg, act);
+          } else {
+            bwd_planes<scalar_t, Fn, kRes, F>(buf.args, pg, act);
+          }
+        };
+        batch_stats ? run(BwdFlags<true, kResGrad>{}) : run(BwdFlags<false, kResGrad>{});
       });
     });
   });

@@ -6,6 +6,7 @@
 #include "bwd_host.h"
 #include "bwd_planes.h"
 #include "bwd_rows.h"
+#include "bwd_short_planes.h"
 
 #include <ATen/Dispatch.h>
 
@@ -25,6 +26,8 @@ void bwd_reduce(
   if (g.rows) {
     const RowPlan plan(a.C, g.M(), VecT<T>::kStep, threads);
     rows_sums<T, Fn, kRes>(a, plan, repeated_params(a, plan), sums.data(), act);
+  } else if (g.S < kShortPlane<T>) {  // as bn_act_bwd sums them
+    short_planes_sums<T, Fn, kRes>(a, short_plane_params(a), sums.data(), act);
   } else {
     planes_sums<T, Fn, kRes>(a, PlaneTasks(a.N, a.C, a.S, threads), sums.data(), act);
   }
@@ -48,6 +51,8 @@ void bwd_apply(
     const RowPlan plan(a.C, g.M(), VecT<T>::kStep, threads);
     rows_apply<T, Fn, kRes, F>(
         a, plan, RowCoefs<A>(coef, plan.W), repeated_params(a, plan), act);
+  } else if (g.S < kShortPlane<T>) {
+    short_planes_apply<T, Fn, kRes, F>(a, short_plane_params(a), coef.data(), act);
   } else {
     planes_apply<T, Fn, kRes, F>(a, PlaneTasks(a.N, a.C, a.S, threads), coef.data(), act);
   }
