@@ -1,10 +1,11 @@
 // The activations (common/activation.h; the table is docs/design.md's "Activations") on values
 // of the accumulation type, as Vectorized<A> and as scalars: the forward out = act(z) and the
-// derivative dz = dy·act'(.), with eager's numerics: the formulas of aten's CPU kernels (relu,
-// hardtanh, leaky_relu, silu, hardswish, gelu and their backward kernels) on the same at::vec
-// functions (exp, erf, tanh: Sleef, and at::vec's own erf for float; SiLU's float exp is the
-// faster exp_u20, see fast_exp), so that the vector and the scalar path (span heads and tails)
-// agree with eager and with each other to rounding.
+// derivative dz = dy·act'(.), by the formulas of aten's CPU kernels (relu, hardtanh, leaky_relu,
+// silu, hardswish, gelu and their backward kernels). Double evaluates exp, erf and tanh as eager
+// does (at::vec: Sleef); float's vectors take every exp from at::vec's faster exp_u20 (fast_exp),
+// erf by at::vec's own float formula around it and tanh from it (fast_tanh): the transcendental
+// activations are compute-bound on a CPU, and these stay within 3e-7 of float64 (the scalar path,
+// span heads and tails, evaluates std::exp, std::erf and std::tanh).
 //
 // ActFn<kAct, A> is a compile-time constant of the kernels (dispatch_act turns the op's act into
 // it), so that every kernel is compiled once per activation and the ReLU kernels are exactly the
@@ -57,10 +58,11 @@ struct ActFn {
     } else if constexpr (kAct == Act::kHardswish) {  // z·min(max(z + 3, 0), 6)/6
       return z * at::vec::minimum(at::vec::maximum(z + AV(A(3)), AV(A(0))), AV(A(6))) / AV(A(6));
     } else if constexpr (kAct == Act::kGelu) {  // z·½·(1 + erf(z/√2))
-      return z * AV(A(0.5)) * (AV(A(1)) + (z * AV(A(kSqrtHalf))).erf());
+      AV e;
+      return z * AV(A(0.5)) * (AV(A(1)) + erf_with_exp(z * AV(A(kSqrtHalf)), e));
     } else {  // kGeluTanh: ½·z·(1 + tanh(√(2/π)·(z + 0.044715·z³)))
       const AV inner = AV(A(kSqrt2OverPi)) * (z + AV(A(kKappa)) * (z * z * z));
-      return AV(A(0.5)) * z * (AV(A(1)) + inner.tanh());
+      return AV(A(0.5)) * z * (AV(A(1)) + fast_tanh(inner));
     }
   }
 
@@ -163,7 +165,7 @@ struct ActFn {
       const AV k = AV(A(kSqrt2OverPi));
       const AV kappa = AV(A(kKappa));
       const AV z_sq = z * z;
-      const AV t = (k * (z + kappa * (z_sq * z))).tanh();
+      const AV t = fast_tanh(k * (z + kappa * (z_sq * z)));
       const AV left = half * z;
       const AV left_derivative = half * (one + t);
       const AV tanh_derivative = one - t * t;
@@ -195,13 +197,11 @@ struct ActFn {
   }
 
  private:
-  // exp(v) for SiLU: at::vec's exp_u20 for float (a degree-5 polynomial after the range
-  // reduction, at most 20 ULP of exp), Sleef's exp for double. Over z in [−20, 20] SiLU stays
-  // within 1.0e-7 of float64 and its derivative within 9.8e-7 (relative to max(1, |value|)),
-  // the same as with Sleef's 1-ULP exp.
-  // With Sleef's, SiLU made the kernels compute-bound: 0.50 ns an element for the forward on one
-  // AVX2 core against 0.32 with exp_u20 (the derivative 0.69 against 0.47); a training backward
-  // evaluates it twice where its passes are two (the rows layout).
+  // exp(v): at::vec's exp_u20 for float (a degree-5 polynomial after the range reduction, at
+  // most 20 ULP of exp), Sleef's exp for double. Over z in [−20, 20] SiLU stays within 1.0e-7 of
+  // float64 and its derivative within 9.8e-7 (relative to max(1, |value|)), the same as with
+  // Sleef's 1-ULP exp. With Sleef's, SiLU made the kernels compute-bound: 0.50 ns an element for
+  // the forward on one AVX2 core against 0.32 with exp_u20 (the derivative 0.69 against 0.47).
   static C10_ALWAYS_INLINE AV fast_exp(const AV& v) {
     if constexpr (std::is_same_v<A, float>) {
       return v.exp_u20();
@@ -210,15 +210,29 @@ struct ActFn {
     }
   }
 
-  // Φ(z) = ½·(1 + erf(z/√2)) and φ(z) = exp(−z²/2)/√(2π), gelu's derivative's two halves.
-  // Float: erf by the formula of at::vec's AVX2/AVX512 float erf, op for op (Abramowitz-Stegun
-  // 7.1.26: erf(x) = sign(x)·(1 − t·r(t)·exp(−x²)), t = 1/(1 + p·|x|), r a quartic; absolute
-  // error 1.5e-7), whose exp(−x²) at x = z/√2 is φ's exp(−z²/2): one Sleef exp an element
-  // instead of two. Double: at::vec's erf (Sleef's) and exp, as eager's gelu_backward.
-  static C10_ALWAYS_INLINE void gelu_cdf_pdf(const AV& z, AV& cdf, AV& pdf) {
-    const AV one(A(1));
-    const AV x = z * AV(A(kSqrtHalf));
+  // tanh(v) = (e − 1)/(e + 1), e = exp(2v), for float (within 1.5e-7 of float64 in gelu_tanh),
+  // 2v clamped to [−18, 18] first (float's tanh is ±1 beyond |v| = 9; exp_u20 is inf from 88.7
+  // on, and inf/inf would be NaN; clamp keeps a NaN, whose exp_u20 is inf: NaN out); at::vec's
+  // (Sleef's) for double. One AVX2 core: gelu_tanh's forward 0.47 ns an element against 2.17
+  // with Sleef's float tanh.
+  static C10_ALWAYS_INLINE AV fast_tanh(const AV& v) {
     if constexpr (std::is_same_v<A, float>) {
+      const AV one(A(1));
+      const AV e = fast_exp(at::vec::clamp(v + v, AV(A(-18)), AV(A(18))));
+      return (e - one) / (e + one);
+    } else {
+      return v.tanh();
+    }
+  }
+
+  // erf(x), and in e the exp(−x²) it is built from (float; double: at::vec's erf, e not set).
+  // Float: the formula of at::vec's AVX2/AVX512 float erf, op for op (Abramowitz-Stegun 7.1.26:
+  // erf(x) = sign(x)·(1 − t·r(t)·exp(−x²)), t = 1/(1 + p·|x|), r a quartic; absolute error
+  // 1.5e-7) around fast_exp in place of Sleef's exp: gelu's forward 0.66 -> 0.53 ns an element
+  // on one AVX2 core, within 2.6e-7 of float64.
+  static C10_ALWAYS_INLINE AV erf_with_exp(const AV& x, AV& e) {
+    if constexpr (std::is_same_v<A, float>) {
+      const AV one(A(1));
       const AV sign = x & AV(-0.f);
       const AV abs_x = x ^ sign;
       const AV t = one / at::vec::fmadd(AV(0.3275911f), abs_x, one);
@@ -226,14 +240,24 @@ struct ActFn {
       r = at::vec::fmadd(r, t, AV(1.421413741f));
       r = at::vec::fmadd(r, t, AV(-0.284496736f));
       r = at::vec::fmadd(r, t, AV(0.254829592f));
-      const AV e = (x * x).neg().exp();  // exp(−x²) = exp(−z²/2)
-      const AV erf = at::vec::fmadd(e.neg() * t, r, one) ^ sign;
-      cdf = AV(A(0.5)) * (one + erf);
-      pdf = AV(A(kInvSqrt2Pi)) * e;
+      e = fast_exp((x * x).neg());
+      return at::vec::fmadd(e.neg() * t, r, one) ^ sign;
     } else {
-      cdf = AV(A(0.5)) * (one + x.erf());
-      pdf = AV(A(kInvSqrt2Pi)) * (z * z * AV(A(-0.5))).exp();
+      return x.erf();
     }
+  }
+
+  // Φ(z) = ½·(1 + erf(z/√2)) and φ(z) = exp(−z²/2)/√(2π), gelu's derivative's two halves. For
+  // float, erf's exp(−x²) at x = z/√2 is φ's exp(−z²/2): one exp an element instead of two.
+  // Double: at::vec's erf and exp (Sleef's), as eager's gelu_backward.
+  static C10_ALWAYS_INLINE void gelu_cdf_pdf(const AV& z, AV& cdf, AV& pdf) {
+    const AV x = z * AV(A(kSqrtHalf));
+    AV e;
+    cdf = AV(A(0.5)) * (AV(A(1)) + erf_with_exp(x, e));
+    if constexpr (!std::is_same_v<A, float>) {
+      e = (z * z * AV(A(-0.5))).exp();
+    }
+    pdf = AV(A(kInvSqrt2Pi)) * e;
   }
 
   // Double constants, rounded once to A (as eager's kernels round theirs).
