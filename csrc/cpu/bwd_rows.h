@@ -270,13 +270,9 @@ void rows_sums(
     }
   });
 
-  for (int64_t c = 0; c < C; ++c) {
-    Sums s;
-    for (int64_t p = 0; p < P; ++p) {
-      s.sum_dz += part[p * C + c].sum_dz;
-      s.sum_dz_xmu += part[p * C + c].sum_dz_xmu;
-    }
-    if (plan.Rl > 0) {  // leftover rows (k > 1 only)
+  add_chunk_sums(part, P, C, out);
+  if (plan.Rl > 0) {  // leftover rows (k > 1 only), added after the chunks
+    for (int64_t c = 0; c < C; ++c) {
       const int64_t o = plan.G * W + c;
       for (int64_t i = 0; i < plan.Rl; ++i) {
         const int64_t e = o + i * C;
@@ -285,11 +281,10 @@ void rows_sums(
         if constexpr (kKeepDz) {
           dz_out[e] = dz;
         }
-        s.sum_dz += dz;
-        s.sum_dz_xmu += dz * xm;
+        out[c].sum_dz += dz;
+        out[c].sum_dz_xmu += dz * xm;
       }
     }
-    out[c] = s;
   }
 }
 

@@ -14,20 +14,6 @@
 
 namespace fused_resnet::cpu {
 
-// Planes shorter than this (elements) take the short-planes path.
-template <typename T>
-constexpr int64_t kShortPlane = 4 * VecT<T>::kStep;
-
-// v's C values, each repeated S times: a sample's per-position values in the planes layout.
-template <typename A>
-std::vector<A> repeat_each(const A* v, int64_t C, int64_t S) {
-  std::vector<A> out(C * S);
-  for (int64_t c = 0; c < C; ++c) {
-    std::fill(out.begin() + c * S, out.begin() + (c + 1) * S, v[c]);
-  }
-  return out;
-}
-
 // The per-position mean, z's scale and shift of a sample's row.
 template <typename T>
 RowParams<acc_type<T>> short_plane_params(const BwdArgs<T>& a) {
@@ -65,14 +51,7 @@ void short_planes_sums(
       }
     }
   });
-  for (int64_t c = 0; c < C; ++c) {
-    Sums s;
-    for (int64_t p = 0; p < P; ++p) {
-      s.sum_dz += part[p * C + c].sum_dz;
-      s.sum_dz_xmu += part[p * C + c].sum_dz_xmu;
-    }
-    out[c] = s;
-  }
+  add_chunk_sums(part, P, C, out);
 }
 
 // dx (and dr) a sample at a time, from per-channel coefficients.

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace fused_resnet::cpu {
 
@@ -35,6 +36,19 @@ struct Sums {
   double sum_dz = 0;      // Σdz
   double sum_dz_xmu = 0;  // Σdz·(x − mean)
 };
+
+// out[c] = the sums of channel c over P chunks (part[p·C + c]) added in chunk order: the same
+// bits for a given partition, whichever thread ran which chunk.
+inline void add_chunk_sums(const std::vector<Sums>& part, int64_t P, int64_t C, Sums* out) {
+  for (int64_t c = 0; c < C; ++c) {
+    Sums s;
+    for (int64_t p = 0; p < P; ++p) {
+      s.sum_dz += part[p * C + c].sum_dz;
+      s.sum_dz_xmu += part[p * C + c].sum_dz_xmu;
+    }
+    out[c] = s;
+  }
+}
 
 // ------------------------------------------------------------------------------------------
 // dz = dy·act'(.) from what the activation's backward reads (ActFn): out's side of the kink

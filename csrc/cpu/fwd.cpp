@@ -71,10 +71,6 @@ C10_ALWAYS_INLINE std::pair<acc_type<T>, acc_type<T>> finalize_stats(
   return {static_cast<A>(scale), static_cast<A>(shift)};
 }
 
-// Planes shorter than this (elements) are applied a sample at a time (apply_short_planes).
-template <typename T>
-constexpr int64_t kShortPlane = 4 * VecT<T>::kStep;
-
 // The planes layout's apply when its planes are short (S < kShortPlane: a small input's last
 // stages, 4x4, 2x2): plane by plane they would run mostly through the scalar path (SiLU: a
 // scalar exp per element; bn_silu 4x1152x2x2 took 3x eager's time). A sample's C·S values are
@@ -84,13 +80,9 @@ template <typename T, typename Fn, bool kRes>
 void apply_short_planes(
     bool stream, int64_t N, int64_t C, int64_t S, T* y, const T* x, const T* r,
     const acc_type<T>* scale, const acc_type<T>* shift, const Fn& act) {
-  using A = acc_type<T>;
   const int64_t W = C * S;
-  std::vector<A> sc(W), sh(W);
-  for (int64_t c = 0; c < C; ++c) {
-    std::fill(sc.begin() + c * S, sc.begin() + (c + 1) * S, scale[c]);
-    std::fill(sh.begin() + c * S, sh.begin() + (c + 1) * S, shift[c]);
-  }
+  const std::vector<acc_type<T>> sc = repeat_each(scale, C, S);
+  const std::vector<acc_type<T>> sh = repeat_each(shift, C, S);
   const int64_t grain = std::max<int64_t>(1, kParallelMinElems / W);
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     const int64_t o = n0 * W;

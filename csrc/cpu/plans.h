@@ -8,6 +8,8 @@
 
 #include <c10/macros/Macros.h>
 
+#include "vec.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -32,6 +34,12 @@ constexpr int64_t kTileVectors = 8;
 constexpr int64_t kRowBlock = 64;
 // Largest super-row that makes the rows period a multiple of the vector width.
 constexpr int64_t kMaxPeriod = 4096;
+// Planes layout: planes shorter than this (elements; a small input's last stages, 4x4, 2x2) are
+// taken a sample at a time, its C·S values as one row with per-position parameters (repeat_each),
+// in the forward's apply (fwd.cpp) and the backward (bwd_short_planes.h): plane by plane they
+// would run mostly through the scalar path and pay a span's setup for a few vectors.
+template <typename T>
+constexpr int64_t kShortPlane = 4 * VecT<T>::kStep;
 
 // Planes layout: number of parts each channel is split into. 1 means "channel-local": one task
 // owns a whole channel, computes its statistics and applies them while the channel is still in
@@ -121,6 +129,16 @@ inline void repeat_channels(std::vector<A>& v, int64_t C, int64_t W) {
   for (int64_t j = C; j < W; ++j) {
     v[j] = v[j % C];
   }
+}
+
+// v's C values, each repeated S times: a sample's per-position values in the planes layout.
+template <typename A>
+std::vector<A> repeat_each(const A* v, int64_t C, int64_t S) {
+  std::vector<A> out(C * S);
+  for (int64_t c = 0; c < C; ++c) {
+    std::fill(out.begin() + c * S, out.begin() + (c + 1) * S, v[c]);
+  }
+  return out;
 }
 
 inline int64_t divup(int64_t a, int64_t b) {
