@@ -154,6 +154,19 @@ def test_float32_sample(backend_name, act, residual, ndim, layout):
     run_against_eager(backend_name, act, residual, SHAPES[ndim], layout, torch.float32, training=True)
 
 
+# The CPU forward applies planes shorter than 4 vectors in blocks of channels of at most 1024
+# positions (csrc/cpu/plans.h, kShortPlaneBlock): channels that fill more than one block, the
+# last one partly (S = 4: 256 channels a block; S = 16: 64; S = 5: 204, blocks of 1020).
+@pytest.mark.parametrize("shape", [(3, 300, 2, 2), (2, 70, 4, 4), (2, 230, 5)],
+                         ids=lambda shape: "x".join(map(str, shape)))
+@pytest.mark.parametrize("act", ["silu", "relu6"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("backend_name", FAST_BACKENDS)
+def test_short_planes_over_several_channel_blocks(backend_name, dtype, act, shape):
+    for training in (True, False):
+        run_against_eager(backend_name, act, True, shape, "contiguous", dtype, training, steps=1)
+
+
 # ---------------------------------------------------------------------------------------------
 # The kinks: values exactly on them, judged against float64 (torch's own backward formulas).
 
