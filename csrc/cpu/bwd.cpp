@@ -139,18 +139,17 @@ void bwd_rows(const BwdArgs<T>& a, const ParamGrads<T>& pg, const Fn& act) {
   }
 }
 
-// Short planes (bwd_short_planes.h): a sample's C·S values as one row.
+// Short planes (bwd_short_planes.h): blocks of channels, each over every sample.
 template <typename T, typename Fn, bool kRes, typename F>
 void bwd_short_planes(const BwdArgs<T>& a, const ParamGrads<T>& pg, const Fn& act) {
   using A = acc_type<T>;
-  const RowParams<A> pp = short_plane_params(a);
   std::vector<Sums> sums(a.C);
-  short_planes_sums<T, Fn, kRes>(a, pp, sums.data(), act);
+  short_planes_sums<T, Fn, kRes>(a, sums.data(), act);
   std::vector<Coef<A>> coef(a.C);
   for (int64_t c = 0; c < a.C; ++c) {
     coef[c] = finalize_grads(a, pg, c, sums[c], a.N * a.S);
   }
-  short_planes_apply<T, Fn, kRes, F>(a, pp, coef.data(), act);
+  short_planes_apply<T, Fn, kRes, F>(a, coef.data(), act);
 }
 
 // The bits of bn_act_bwd's act_mask (checked by the op contract: empty, or what

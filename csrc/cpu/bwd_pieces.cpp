@@ -27,7 +27,7 @@ void bwd_reduce(
     const RowPlan plan(a.C, g.M(), VecT<T>::kStep, threads);
     rows_sums<T, Fn, kRes>(a, plan, repeated_params(a, plan), sums.data(), act);
   } else if (g.S < kShortPlane<T>) {  // as bn_act_bwd sums them
-    short_planes_sums<T, Fn, kRes>(a, short_plane_params(a), sums.data(), act);
+    short_planes_sums<T, Fn, kRes>(a, sums.data(), act);
   } else {
     planes_sums<T, Fn, kRes>(a, PlaneTasks(a.N, a.C, a.S, threads), sums.data(), act);
   }
@@ -52,7 +52,7 @@ void bwd_apply(
     rows_apply<T, Fn, kRes, F>(
         a, plan, RowCoefs<A>(coef, plan.W), repeated_params(a, plan), act);
   } else if (g.S < kShortPlane<T>) {
-    short_planes_apply<T, Fn, kRes, F>(a, short_plane_params(a), coef.data(), act);
+    short_planes_apply<T, Fn, kRes, F>(a, coef.data(), act);
   } else {
     planes_apply<T, Fn, kRes, F>(a, PlaneTasks(a.N, a.C, a.S, threads), coef.data(), act);
   }

@@ -26,14 +26,14 @@ namespace fused_resnet::cpu {
 enum class MaskSource { kNone, kOutRecord, kSavedBits };
 
 // Per-position Σdz and Σdz·(x − mean) of a tile of NS vector steps (positions [j, j + NS*K))
-// over rows [r0, r0 + nr) of width W; added to sum_dz/sum_dz_xmu (the block total goes in in
-// one add). mean, zscale, zshift: per position (W).
+// over rows [r0, r0 + nr), row g at element g·stride; added to sum_dz/sum_dz_xmu (the block
+// total goes in in one add). mean, zscale, zshift: per position.
 // The mask bits of the vector at element e are byte e / 8 of saved (kSavedBits) or of record
 // (kOutRecord, written here).
 template <typename T, typename Fn, bool kRes, int64_t NS, MaskSource kSrc, bool kKeepDz>
 C10_ALWAYS_INLINE void rows_reduce_tile(
     const T* __restrict__ dy, const T* __restrict__ y, const T* __restrict__ x,
-    const T* __restrict__ r, int64_t W, int64_t r0, int64_t nr, int64_t j,
+    const T* __restrict__ r, int64_t stride, int64_t r0, int64_t nr, int64_t j,
     const acc_type<T>* __restrict__ mean, const acc_type<T>* __restrict__ zscale,
     const acc_type<T>* __restrict__ zshift, acc_type<T>* __restrict__ sum_dz,
     acc_type<T>* __restrict__ sum_dz_xmu, const MaskWord* __restrict__ saved,
@@ -54,7 +54,7 @@ C10_ALWAYS_INLINE void rows_reduce_tile(
     sx[i] = zero;
   }
   for (int64_t i = 0; i < nr; ++i) {
-    const int64_t o = (r0 + i) * W + j;
+    const int64_t o = (r0 + i) * stride + j;
     FR_UNROLL
     for (int64_t u = 0; u < NS; ++u) {
       AV g[P], ov[P], xv[P], rv[P];
@@ -160,10 +160,13 @@ RowParams<acc_type<T>> repeated_params(const BwdArgs<T>& a, const RowPlan& plan)
 // piecewise-linear activation's side taken as `mask` says (RowMask; W is then a multiple of the
 // vector step): Σdz into sum_dz, Σdz·(x − mean) into sum_dz_xmu (double, W each). Block totals
 // go into acc_t partial sums (part_sum_dz, part_sum_dz_xmu: W each), which are added into the
-// double sums every kFlushBlocks blocks (see Sums). pp: the per-position parameters.
+// double sums every kFlushBlocks blocks (see Sums). pp: the per-position parameters. Row g
+// starts at element g·stride (stride = W in the rows layout; the short planes' blocks of
+// channels are narrower than the sample that holds them).
 template <typename T, typename Fn, bool kRes, bool kKeepDz>
 void rows_chunk_sums(
-    const T* dy, const T* y, const T* x, const T* r, int64_t W, int64_t g0, int64_t g1,
+    const T* dy, const T* y, const T* x, const T* r, int64_t W, int64_t stride, int64_t g0,
+    int64_t g1,
     const RowParams<acc_type<T>>& pp, double* sum_dz, double* sum_dz_xmu,
     acc_type<T>* part_sum_dz, acc_type<T>* part_sum_dz_xmu, const RowMask& mask, T* dz_out,
     const Fn& act) {
@@ -202,12 +205,12 @@ void rows_chunk_sums(
       int64_t t = 0;
       for (; t + NS * K <= Wv; t += NS * K) {
         rows_reduce_tile<T, Fn, kRes, NS, kSrc, kKeepDz>(
-            dy, y, x, r, W, gb, nb, t, mean, zscale, zshift, part_sum_dz, part_sum_dz_xmu,
+            dy, y, x, r, stride, gb, nb, t, mean, zscale, zshift, part_sum_dz, part_sum_dz_xmu,
             mask.saved, mask.record, dz_out, act);
       }
       for (; t < Wv; t += K) {
         rows_reduce_tile<T, Fn, kRes, 1, kSrc, kKeepDz>(
-            dy, y, x, r, W, gb, nb, t, mean, zscale, zshift, part_sum_dz, part_sum_dz_xmu,
+            dy, y, x, r, stride, gb, nb, t, mean, zscale, zshift, part_sum_dz, part_sum_dz_xmu,
             mask.saved, mask.record, dz_out, act);
       }
     };
@@ -222,7 +225,7 @@ void rows_chunk_sums(
     for (int64_t j = Wv; j < W; ++j) {  // positions past the last full vector (k == 1, C % K != 0)
       A bd = A(0), bx = A(0);
       for (int64_t i = 0; i < nb; ++i) {
-        const int64_t e = (gb + i) * W + j;
+        const int64_t e = (gb + i) * stride + j;
         const A xm = static_cast<A>(x[e]) - mean[j];
         const A dz = dz_at<kRes>(act, dy, y, r, e, xm, zscale[j], zshift[j]);
         if constexpr (kKeepDz) {
@@ -257,8 +260,8 @@ void rows_sums(
     double* sum_dz_xmu = sum_dz + W;
     for (int64_t p = p0; p < p1; ++p) {
       rows_chunk_sums<T, Fn, kRes, kKeepDz>(
-          a.dy, a.y, a.x, a.r, W, plan.chunk_begin(p), plan.chunk_end(p), pp, sum_dz, sum_dz_xmu,
-          partials.data(), partials.data() + W, mask, dz_out, act);
+          a.dy, a.y, a.x, a.r, W, W, plan.chunk_begin(p), plan.chunk_end(p), pp, sum_dz,
+          sum_dz_xmu, partials.data(), partials.data() + W, mask, dz_out, act);
       for (int64_t c = 0; c < C; ++c) {  // fold the k positions of each channel
         Sums s;
         for (int64_t q = 0; q < k; ++q) {

@@ -1,10 +1,13 @@
 // The backward over the planes layout when its planes are short (S < kShortPlane: a small
 // input's last stages, 4x4, 2x2): plane by plane, each pass would pay a span's setup and the
 // reduction of its accumulators for a few vectors (bn_silu 4x672x4x4 training took 1.6x eager's
-// time). A sample's C·S values are one row instead, each channel's values repeated over its S
-// positions: the rows layout's reduce tiles (rows_chunk_sums) over chunks of samples, their
-// per-position sums folded per channel in a fixed order, and the apply a sample at a time.
-// bn_act_bwd and SyncBatchNorm's pieces both take this path, so that their sums agree bit for bit.
+// time). The channels go in blocks of at most kShortPlaneBlock positions instead, as the forward's
+// apply does (fwd.cpp): a block's per-position parameters (each channel's repeated over its S
+// positions), then the block's span of every sample, contiguous, as one row of the rows layout's
+// reduce tiles (rows_chunk_sums, at a stride of the sample) and its apply (apply_span). The
+// blocks are the parallel tasks: a channel's sums come from one task over all N samples, folded
+// over its S positions in order, so they do not depend on the thread count; bn_act_bwd and
+// SyncBatchNorm's pieces both take this path, so that their sums agree bit for bit.
 #pragma once
 
 #include "bwd_rows.h"
@@ -14,70 +17,72 @@
 
 namespace fused_resnet::cpu {
 
-// The per-position mean, z's scale and shift of a sample's row.
-template <typename T>
-RowParams<acc_type<T>> short_plane_params(const BwdArgs<T>& a) {
-  RowParams<acc_type<T>> pp;
-  pp.mean = repeat_each(a.mean, a.C, a.S);
-  pp.zscale = repeat_each(a.zscale, a.C, a.S);
-  pp.zshift = repeat_each(a.zshift, a.C, a.S);
-  return pp;
-}
-
-// Per-channel Σdz and Σdz·(x − mean): chunks of samples in parallel (one per thread, of at least
-// kParallelMinElems elements), each folded per channel, then added in chunk order.
+// Per-channel Σdz and Σdz·(x − mean).
 template <typename T, typename Fn, bool kRes>
-void short_planes_sums(
-    const BwdArgs<T>& a, const RowParams<acc_type<T>>& pp, Sums* out, const Fn& act) {
+void short_planes_sums(const BwdArgs<T>& a, Sums* out, const Fn& act) {
   using A = acc_type<T>;
-  const int64_t N = a.N, C = a.C, S = a.S, W = C * S;
-  const int64_t P = std::max<int64_t>(
-      1, std::min<int64_t>({at::get_num_threads(), N, N * W / kParallelMinElems}));
-  std::vector<Sums> part(P * C);
-  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<double> totals(2 * W);
-    std::vector<A> partials(2 * W);
-    for (int64_t p = p0; p < p1; ++p) {
+  const int64_t N = a.N, S = a.S, W = a.C * a.S;
+  const ShortPlaneBlocks blocks(N, a.C, S, kActParallelMinElems<Fn>);
+  at::parallel_for(0, blocks.count, blocks.grain, [&](int64_t b0, int64_t b1) {
+    const int64_t L = blocks.cb * S;  // the widest block
+    RowParams<A> pp;
+    pp.mean.resize(L);
+    pp.zscale.resize(L);
+    pp.zshift.resize(L);
+    std::vector<double> totals(2 * L);
+    std::vector<A> partials(2 * L);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c0 = blocks.begin(b), c1 = blocks.end(b), o = c0 * S;
+      repeat_block(pp.mean.data(), a.mean + c0, c1 - c0, S);
+      repeat_block(pp.zscale.data(), a.zscale + c0, c1 - c0, S);
+      repeat_block(pp.zshift.data(), a.zshift + c0, c1 - c0, S);
+      const int64_t width = (c1 - c0) * S;
       rows_chunk_sums<T, Fn, kRes, false>(
-          a.dy, a.y, a.x, a.r, W, N * p / P, N * (p + 1) / P, pp, totals.data(),
-          totals.data() + W, partials.data(), partials.data() + W, RowMask{}, nullptr, act);
-      for (int64_t c = 0; c < C; ++c) {
+          a.dy + o, at_offset(a.y, o), a.x + o, at_offset(a.r, o), width, W, 0, N, pp,
+          totals.data(), totals.data() + L, partials.data(), partials.data() + L, RowMask{},
+          nullptr, act);
+      for (int64_t c = c0; c < c1; ++c) {  // fold the S positions of each channel, in order
         Sums s;
-        for (int64_t q = c * S; q < (c + 1) * S; ++q) {
+        for (int64_t q = (c - c0) * S; q < (c - c0 + 1) * S; ++q) {
           s.sum_dz += totals[q];
-          s.sum_dz_xmu += totals[W + q];
+          s.sum_dz_xmu += totals[L + q];
         }
-        part[p * C + c] = s;
+        out[c] = s;
       }
     }
   });
-  add_chunk_sums(part, P, C, out);
 }
 
-// dx (and dr) a sample at a time, from per-channel coefficients.
+// dx (and dr) from per-channel coefficients.
 template <typename T, typename Fn, bool kRes, typename F>
-void short_planes_apply(
-    const BwdArgs<T>& a, const RowParams<acc_type<T>>& pp, const Coef<acc_type<T>>* coef,
-    const Fn& act) {
+void short_planes_apply(const BwdArgs<T>& a, const Coef<acc_type<T>>* coef, const Fn& act) {
   using A = acc_type<T>;
-  const int64_t N = a.N, C = a.C, S = a.S, W = C * S;
-  std::vector<A> ka(C), kb(C), kd(C);
-  for (int64_t c = 0; c < C; ++c) {
-    ka[c] = coef[c].a;
-    kb[c] = coef[c].b;
-    kd[c] = coef[c].d;
-  }
-  const std::vector<A> cA = repeat_each(ka.data(), C, S);
-  const std::vector<A> cB = repeat_each(kb.data(), C, S);
-  const std::vector<A> cD = repeat_each(kd.data(), C, S);
-  const int64_t grain = std::max<int64_t>(1, kParallelMinElems / W);
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const int64_t o = n * W;
-      apply_span<T, Fn, kRes, F, true>(
-          a.stream, a.dx + o, F::kResGrad ? a.dr + o : nullptr, a.dy + o, at_offset(a.y, o),
-          a.x + o, at_offset(a.r, o), W, cA.data(), cB.data(), pp.mean.data(), cD.data(),
-          pp.zshift.data(), act);
+  const int64_t N = a.N, S = a.S, W = a.C * a.S;
+  const ShortPlaneBlocks blocks(N, a.C, S, kActParallelMinElems<Fn>);
+  at::parallel_for(0, blocks.count, blocks.grain, [&](int64_t b0, int64_t b1) {
+    const int64_t L = blocks.cb * S;
+    std::vector<A> ka(blocks.cb), kb(blocks.cb), kd(blocks.cb);  // the block's coefficients
+    std::vector<A> pa(L), pb(L), pd(L), mean(L), zshift(L);      // per position
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c0 = blocks.begin(b), c1 = blocks.end(b);
+      for (int64_t c = c0; c < c1; ++c) {
+        ka[c - c0] = coef[c].a;
+        kb[c - c0] = coef[c].b;
+        kd[c - c0] = coef[c].d;
+      }
+      repeat_block(pa.data(), ka.data(), c1 - c0, S);
+      repeat_block(pb.data(), kb.data(), c1 - c0, S);
+      repeat_block(pd.data(), kd.data(), c1 - c0, S);
+      repeat_block(mean.data(), a.mean + c0, c1 - c0, S);
+      repeat_block(zshift.data(), a.zshift + c0, c1 - c0, S);
+      const int64_t width = (c1 - c0) * S;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t o = n * W + c0 * S;
+        apply_span<T, Fn, kRes, F, true>(
+            a.stream, a.dx + o, F::kResGrad ? a.dr + o : nullptr, a.dy + o, at_offset(a.y, o),
+            a.x + o, at_offset(a.r, o), width, pa.data(), pb.data(), mean.data(), pd.data(),
+            zshift.data(), act);
+      }
     }
     if (a.stream) {
       stream_fence();

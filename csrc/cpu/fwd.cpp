@@ -85,17 +85,13 @@ void apply_short_planes(
     const acc_type<T>* scale, const acc_type<T>* shift, const Fn& act) {
   using A = acc_type<T>;
   const int64_t W = C * S;
-  const int64_t cb = std::max<int64_t>(1, kShortPlaneBlock / S);  // channels a block
-  const int64_t blocks = divup(C, cb);
-  const int64_t grain = std::max<int64_t>(1, kApplyMinParallel<Fn> / (N * cb * S));
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+  const ShortPlaneBlocks blocks(N, C, S, kActParallelMinElems<Fn>);
+  at::parallel_for(0, blocks.count, blocks.grain, [&](int64_t b0, int64_t b1) {
     A sc[kShortPlaneBlock], sh[kShortPlaneBlock];
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t c0 = b * cb, c1 = std::min(C, c0 + cb);
-      for (int64_t c = c0; c < c1; ++c) {
-        std::fill(sc + (c - c0) * S, sc + (c - c0 + 1) * S, scale[c]);
-        std::fill(sh + (c - c0) * S, sh + (c - c0 + 1) * S, shift[c]);
-      }
+      const int64_t c0 = blocks.begin(b), c1 = blocks.end(b);
+      repeat_block(sc, scale + c0, c1 - c0, S);
+      repeat_block(sh, shift + c0, c1 - c0, S);
       const int64_t L = (c1 - c0) * S;
       for (int64_t n = 0; n < N; ++n) {
         const int64_t o = n * W + c0 * S;
@@ -112,12 +108,10 @@ void apply_short_planes(
 template <typename T, typename Fn, bool kRes>
 void train_planes(const TrainArgs<T>& a, const Fn& act) {
   using A = acc_type<T>;
-  const PlaneTasks tasks(a.N, a.C, a.S, at::get_num_threads());
-
   if (a.S < kShortPlane<T>) {
-    // every channel's statistics, then the apply a sample at a time
+    // every channel's statistics, then the apply by blocks of channels
     std::vector<Moments<A>> moments(a.C);
-    planes_moments(a.x, tasks, moments.data());
+    short_planes_moments(a.x, a.N, a.C, a.S, moments.data());
     std::vector<A> scale(a.C), shift(a.C);
     for (int64_t c = 0; c < a.C; ++c) {
       std::tie(scale[c], shift[c]) = finalize_stats(a, moments[c], c);
@@ -127,6 +121,7 @@ void train_planes(const TrainArgs<T>& a, const Fn& act) {
     return;
   }
 
+  const PlaneTasks tasks(a.N, a.C, a.S, at::get_num_threads());
   if (tasks.P == 1) {
     // channel-local: statistics + apply in one task, the channel stays in L2 in between
     at::parallel_for(0, tasks.count(), tasks.grain(), [&](int64_t c0, int64_t c1) {
@@ -227,7 +222,7 @@ void eval_kernel(
   if (!g.rows) {
     // flat range over all elements, cut at plane boundaries
     const int64_t total = N * C * S;
-    at::parallel_for(0, total, kApplyMinParallel<Fn>, [&](int64_t e0, int64_t e1) {
+    at::parallel_for(0, total, kActParallelMinElems<Fn>, [&](int64_t e0, int64_t e1) {
       int64_t e = e0;
       while (e < e1) {
         const int64_t plane = e / S;
@@ -250,7 +245,7 @@ void eval_kernel(
   repeat_channels(sc, C, W);
   repeat_channels(sh, C, W);
   const int64_t units = G + (plan.Rl > 0 ? 1 : 0);
-  const int64_t grain = std::max<int64_t>(1, kApplyMinParallel<Fn> / W);
+  const int64_t grain = std::max<int64_t>(1, kActParallelMinElems<Fn> / W);
   at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
     const int64_t full_end = std::min(u1, G);
     if (full_end > u0) {

@@ -43,6 +43,28 @@ C10_ALWAYS_INLINE void merge_into(Moments<A>& a, const Moments<A>& b) {
   merge_into(a, b.n, b.mean, b.m2);
 }
 
+// The moments of k partials of nb values each (means[q], m2s[q]) combined: mean = Σmean_q / k,
+// M2 = ΣM2_q + nb·Σ(mean_q − mean)², the means' spread taken about their mean in a second pass
+// (exact, as Chan's merge, without its division per partial).
+template <typename A>
+C10_ALWAYS_INLINE Moments<A> combine_equal(const A* means, const A* m2s, int64_t k, int64_t nb) {
+  A sum = A(0);
+  for (int64_t q = 0; q < k; ++q) {
+    sum += means[q];
+  }
+  Moments<A> m;
+  m.n = k * nb;
+  m.mean = sum / A(k);
+  A spread = A(0);
+  for (int64_t q = 0; q < k; ++q) {
+    const A d = means[q] - m.mean;
+    spread += d * d;
+    m.m2 += m2s[q];
+  }
+  m.m2 += A(nb) * spread;
+  return m;
+}
+
 // (mean, biased variance) of merged moments; (0, 0) for an empty channel.
 template <typename A>
 C10_ALWAYS_INLINE std::pair<A, A> biased_mean_var(const Moments<A>& m) {

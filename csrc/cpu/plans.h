@@ -21,13 +21,12 @@ namespace fused_resnet::cpu {
 
 // Below this many elements an op runs on the calling thread (an OpenMP fork costs ~µs).
 constexpr int64_t kParallelMinElems = 32768;
-// The same for the forward's apply of activation Fn (act_math.h): a quarter of it where an
-// element evaluates exp, erf or tanh (4-8x a cheap element's time), so that a second thread pays
-// for its fork sooner (bn_silu eval 4x480x4x4, 30720 elements: 0.94x -> 1.17x eager). The
-// backward's short planes keep kParallelMinElems: their sums on two threads at 4x1152x2x2 took
-// 144 µs against 127 on one (training fwd+bwd).
+// The same for a pass that evaluates activation Fn (act_math.h) per element, the forward's apply
+// and the short planes' backward: a quarter of it where an element evaluates exp, erf or tanh
+// (4-8x a cheap element's time), so that a second thread pays for its fork sooner (bn_silu eval
+// 4x480x4x4, 30720 elements: 0.94x -> 1.17x eager).
 template <typename Fn>
-constexpr int64_t kApplyMinParallel =
+constexpr int64_t kActParallelMinElems =
     Fn::kTranscendentalGrad ? kParallelMinElems / 4 : kParallelMinElems;
 // A stats block: the two-pass (sum, then centred squares) over one block reads it from L1.
 constexpr int64_t kBlockBytes = 16384;
@@ -43,14 +42,14 @@ constexpr int64_t kRowBlock = 64;
 // Largest super-row that makes the rows period a multiple of the vector width.
 constexpr int64_t kMaxPeriod = 4096;
 // Planes layout: planes shorter than this (elements; a small input's last stages, 4x4, 2x2) are
-// taken as runs of several channels' planes with per-position parameters: in the forward's apply
-// (fwd.cpp) a block of channels of every sample, in the backward (bwd_short_planes.h) a sample's
-// C·S values (repeat_each). Plane by plane they would run mostly through the scalar path and pay
-// a span's setup for a few vectors.
+// taken as blocks of channels with per-position parameters (ShortPlaneBlocks), the block's span
+// of each sample in whole vectors, in the forward's apply (fwd.cpp) and in the backward
+// (bwd_short_planes.h). Plane by plane they would run mostly through the scalar path and pay a
+// span's setup for a few vectors.
 template <typename T>
 constexpr int64_t kShortPlane = 4 * VecT<T>::kStep;
-// The forward's short-plane blocks: at most this many positions (scale and shift repeated into
-// two stack buffers of acc_t, 8 KB of float: L1-resident).
+// The short planes' blocks: at most this many positions (the forward repeats scale and shift
+// into two stack buffers of acc_t, 8 KB of float: L1-resident).
 constexpr int64_t kShortPlaneBlock = 1024;
 
 // Planes layout: number of parts each channel is split into. 1 means "channel-local": one task
@@ -143,18 +142,29 @@ inline void repeat_channels(std::vector<A>& v, int64_t C, int64_t W) {
   }
 }
 
-// v's C values, each repeated S times: a sample's per-position values in the planes layout.
-template <typename A>
-std::vector<A> repeat_each(const A* v, int64_t C, int64_t S) {
-  std::vector<A> out(C * S);
-  for (int64_t c = 0; c < C; ++c) {
-    std::fill(out.begin() + c * S, out.begin() + (c + 1) * S, v[c]);
-  }
-  return out;
-}
-
 inline int64_t divup(int64_t a, int64_t b) {
   return (a + b - 1) / b;
+}
+
+// Planes layout, planes shorter than kShortPlane: the channels in blocks of cb channels
+// (cb·S <= kShortPlaneBlock positions), the last one what is left; the blocks are the parallel
+// tasks, a task at least `min_parallel` elements (of all N samples).
+struct ShortPlaneBlocks {
+  int64_t C, S, cb, count, grain;
+  ShortPlaneBlocks(int64_t N, int64_t C_, int64_t S_, int64_t min_parallel)
+      : C(C_), S(S_), cb(std::max<int64_t>(1, kShortPlaneBlock / S_)), count(divup(C_, cb)),
+        grain(std::max<int64_t>(1, min_parallel / (N * cb * S_))) {}
+  int64_t begin(int64_t b) const { return b * cb; }
+  int64_t end(int64_t b) const { return std::min(C, (b + 1) * cb); }
+};
+
+// dst[i·S + s] = v[i] for a block's `channels` per-channel values v and s < S: its per-position
+// values in the planes layout.
+template <typename A>
+C10_ALWAYS_INLINE void repeat_block(A* dst, const A* v, int64_t channels, int64_t S) {
+  for (int64_t i = 0; i < channels; ++i) {
+    std::fill(dst + i * S, dst + (i + 1) * S, v[i]);
+  }
 }
 
 } // namespace fused_resnet::cpu

@@ -200,10 +200,13 @@ C10_ALWAYS_INLINE void rows_moments_tile(
   }
 }
 
+// Per-position moments of rows [g0, g1) of width W, row g at element g·stride (stride = W in
+// the rows layout; the short planes' blocks of channels are narrower than their sample), into
+// mean and m2 (W each; bmean, bm2: W each of scratch).
 template <typename T>
 void rows_chunk_moments(
-    const T* x, int64_t W, int64_t g0, int64_t g1, acc_type<T>* mean, acc_type<T>* m2,
-    acc_type<T>* bmean, acc_type<T>* bm2) {
+    const T* x, int64_t W, int64_t stride, int64_t g0, int64_t g1, acc_type<T>* mean,
+    acc_type<T>* m2, acc_type<T>* bmean, acc_type<T>* bm2) {
   using V = VecT<T>;
   using A = typename V::acc_t;
   constexpr int64_t K = V::kStep;
@@ -214,20 +217,20 @@ void rows_chunk_moments(
     const int64_t nb = std::min(kRowBlock, g1 - gb);
     int64_t j = 0;
     for (; j + NS * K <= Wv; j += NS * K) {
-      rows_moments_tile<T, NS>(x, W, gb, nb, j, bmean, bm2);
+      rows_moments_tile<T, NS>(x, stride, gb, nb, j, bmean, bm2);
     }
     for (; j < Wv; j += K) {
-      rows_moments_tile<T, 1>(x, W, gb, nb, j, bmean, bm2);
+      rows_moments_tile<T, 1>(x, stride, gb, nb, j, bmean, bm2);
     }
     for (; j < W; ++j) {  // positions past the last full vector (k == 1, C % K != 0)
       A sum = A(0);
       for (int64_t i = 0; i < nb; ++i) {
-        sum += static_cast<A>(x[(gb + i) * W + j]);
+        sum += static_cast<A>(x[(gb + i) * stride + j]);
       }
       const A bm = sum / A(nb);
       A q = A(0);
       for (int64_t i = 0; i < nb; ++i) {
-        const A d = static_cast<A>(x[(gb + i) * W + j]) - bm;
+        const A d = static_cast<A>(x[(gb + i) * stride + j]) - bm;
         q += d * d;
       }
       bmean[j] = bm;
@@ -267,7 +270,7 @@ void rows_moments(const T* x, const RowPlan& plan, Moments<acc_type<T>>* out) {
       if (g1 == g0) {
         continue;
       }
-      rows_chunk_moments(x, W, g0, g1, mean, m2, m2 + W, m2 + 2 * W);
+      rows_chunk_moments(x, W, W, g0, g1, mean, m2, m2 + W, m2 + 2 * W);
       // fold the k positions of each channel (equal counts g1 - g0)
       for (int64_t c = 0; c < C; ++c) {
         Moments<A> m;
@@ -304,12 +307,39 @@ void rows_moments(const T* x, const RowPlan& plan, Moments<acc_type<T>>* out) {
   }
 }
 
+// Per-channel moments of the planes layout when its planes are short (S < kShortPlane): blocks
+// of channels (ShortPlaneBlocks), a block's span of every sample as one row of the rows layout's
+// tiles (per-position moments over the N samples), then each channel's S positions combined
+// (combine_equal). A channel's moments come from one task, whatever the thread count.
+template <typename T>
+void short_planes_moments(
+    const T* x, int64_t N, int64_t C, int64_t S, Moments<acc_type<T>>* out) {
+  using A = acc_type<T>;
+  const ShortPlaneBlocks blocks(N, C, S, kParallelMinElems);
+  at::parallel_for(0, blocks.count, blocks.grain, [&](int64_t b0, int64_t b1) {
+    const int64_t L = blocks.cb * S;  // the widest block
+    std::vector<A> scratch(4 * L);
+    A* mean = scratch.data();
+    A* m2 = mean + L;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c0 = blocks.begin(b), c1 = blocks.end(b);
+      rows_chunk_moments(x + c0 * S, (c1 - c0) * S, C * S, 0, N, mean, m2, m2 + L, m2 + 2 * L);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t q = (c - c0) * S;
+        out[c] = combine_equal(mean + q, m2 + q, S, N);
+      }
+    }
+  });
+}
+
 // Per-channel moments of a non-empty input in its native layout.
 template <typename T>
 void channel_moments(const View& g, const T* x, Moments<acc_type<T>>* out) {
   const int64_t threads = at::get_num_threads();
   if (g.rows) {
     rows_moments(x, RowPlan(g.C, g.M(), VecT<T>::kStep, threads), out);
+  } else if (g.S < kShortPlane<T>) {
+    short_planes_moments(x, g.N, g.C, g.S, out);
   } else {
     planes_moments(x, PlaneTasks(g.N, g.C, g.S, threads), out);
   }
