@@ -110,6 +110,28 @@ template <typename T, typename Fn, typename F>
 constexpr bool kReduceKeepsDz = Fn::kRecomputesZ && std::is_same_v<T, acc_type<T>> &&
     (F::kResGrad || Fn::kTranscendentalGrad);
 
+// Where a kept dz goes: dr when grad_residual is requested, else dx.
+template <typename T, typename F>
+T* kept_dz_of(const BwdArgs<T>& a) {
+  return F::kResGrad ? a.dr : a.dx;
+}
+
+// The apply pass over a kept dz: the identity activation's, with dy := dz (in dr, or in dx: then
+// in place) and nothing else read; dr, if requested, already holds dz.
+template <typename T>
+using KeptDzAct = ActFn<Act::kIdentity, acc_type<T>>;
+template <typename F>
+using KeptDzFlags = BwdFlags<F::kBatchStats, false>;
+template <typename T>
+BwdArgs<T> over_kept_dz(const BwdArgs<T>& a, T* kept_dz) {
+  BwdArgs<T> over = a;
+  over.dy = kept_dz;
+  over.y = nullptr;
+  over.r = nullptr;
+  over.dr = nullptr;
+  return over;
+}
+
 template <typename T, typename Fn, bool kRes, typename F>
 void bwd_rows(const BwdArgs<T>& a, const ParamGrads<T>& pg, const Fn& act) {
   using A = acc_type<T>;
@@ -118,7 +140,7 @@ void bwd_rows(const BwdArgs<T>& a, const ParamGrads<T>& pg, const Fn& act) {
   std::vector<Sums> sums(a.C);
   const RowMask mask = row_mask<T, Fn>(plan, a.act_mask);
   constexpr bool kKeepDz = kReduceKeepsDz<T, Fn, F>;
-  T* const kept_dz = F::kResGrad ? a.dr : a.dx;  // where a kept dz goes
+  T* const kept_dz = kept_dz_of<T, F>(a);
   rows_sums<T, Fn, kRes, kKeepDz>(a, plan, pp, sums.data(), act, mask, kKeepDz ? kept_dz : nullptr);
   std::vector<Coef<A>> coef(a.C);
   for (int64_t c = 0; c < a.C; ++c) {
@@ -126,30 +148,32 @@ void bwd_rows(const BwdArgs<T>& a, const ParamGrads<T>& pg, const Fn& act) {
   }
   const RowCoefs<A> k(coef, plan.W);
   if constexpr (kKeepDz) {
-    BwdArgs<T> over_dz = a;  // dy := dz (in dr, or in dx: then in place), nothing else read
-    over_dz.dy = kept_dz;
-    over_dz.y = nullptr;
-    over_dz.r = nullptr;
-    over_dz.dr = nullptr;
-    using Identity = ActFn<Act::kIdentity, A>;
-    using ApplyFlags = BwdFlags<F::kBatchStats, false>;
-    rows_apply<T, Identity, false, ApplyFlags>(over_dz, plan, k, pp, Identity(0.0));
+    rows_apply<T, KeptDzAct<T>, false, KeptDzFlags<F>>(
+        over_kept_dz(a, kept_dz), plan, k, pp, KeptDzAct<T>(0.0));
   } else {
     rows_apply<T, Fn, kRes, F>(a, plan, k, pp, act, mask.bits());
   }
 }
 
-// Short planes (bwd_short_planes.h): blocks of channels, each over every sample.
+// Short planes (bwd_short_planes.h): blocks of channels, each over every sample; dz kept as in
+// the rows layout (kReduceKeepsDz).
 template <typename T, typename Fn, bool kRes, typename F>
 void bwd_short_planes(const BwdArgs<T>& a, const ParamGrads<T>& pg, const Fn& act) {
   using A = acc_type<T>;
+  constexpr bool kKeepDz = kReduceKeepsDz<T, Fn, F>;
+  T* const kept_dz = kept_dz_of<T, F>(a);
   std::vector<Sums> sums(a.C);
-  short_planes_sums<T, Fn, kRes>(a, sums.data(), act);
+  short_planes_sums<T, Fn, kRes, kKeepDz>(a, sums.data(), act, kKeepDz ? kept_dz : nullptr);
   std::vector<Coef<A>> coef(a.C);
   for (int64_t c = 0; c < a.C; ++c) {
     coef[c] = finalize_grads(a, pg, c, sums[c], a.N * a.S);
   }
-  short_planes_apply<T, Fn, kRes, F>(a, coef.data(), act);
+  if constexpr (kKeepDz) {
+    short_planes_apply<T, KeptDzAct<T>, false, KeptDzFlags<F>>(
+        over_kept_dz(a, kept_dz), coef.data(), KeptDzAct<T>(0.0));
+  } else {
+    short_planes_apply<T, Fn, kRes, F>(a, coef.data(), act);
+  }
 }
 
 // The bits of bn_act_bwd's act_mask (checked by the op contract: empty, or what

@@ -17,9 +17,9 @@
 
 namespace fused_resnet::cpu {
 
-// Per-channel Σdz and Σdz·(x − mean).
-template <typename T, typename Fn, bool kRes>
-void short_planes_sums(const BwdArgs<T>& a, Sums* out, const Fn& act) {
+// Per-channel Σdz and Σdz·(x − mean); kKeepDz: dz written to dz_out too (laid out as dy).
+template <typename T, typename Fn, bool kRes, bool kKeepDz = false>
+void short_planes_sums(const BwdArgs<T>& a, Sums* out, const Fn& act, T* dz_out = nullptr) {
   using A = acc_type<T>;
   const int64_t N = a.N, S = a.S, W = a.C * a.S;
   const ShortPlaneBlocks blocks(N, a.C, S, kActParallelMinElems<Fn>);
@@ -37,10 +37,10 @@ void short_planes_sums(const BwdArgs<T>& a, Sums* out, const Fn& act) {
       repeat_block(pp.zscale.data(), a.zscale + c0, c1 - c0, S);
       repeat_block(pp.zshift.data(), a.zshift + c0, c1 - c0, S);
       const int64_t width = (c1 - c0) * S;
-      rows_chunk_sums<T, Fn, kRes, false>(
+      rows_chunk_sums<T, Fn, kRes, kKeepDz>(
           a.dy + o, at_offset(a.y, o), a.x + o, at_offset(a.r, o), width, W, 0, N, pp,
           totals.data(), totals.data() + L, partials.data(), partials.data() + L, RowMask{},
-          nullptr, act);
+          kKeepDz ? dz_out + o : nullptr, act);
       for (int64_t c = c0; c < c1; ++c) {  // fold the S positions of each channel, in order
         Sums s;
         for (int64_t q = (c - c0) * S; q < (c - c0 + 1) * S; ++q) {
