@@ -16,9 +16,9 @@
 //   bn_act_bwd_apply: B = −A·invstd·mean_dz_xhat, D = −A·mean_dz  (means over all processes)
 //
 // One reduce pass (reads dy, x, and y for a piecewise-linear activation or r for a smooth one with
-// a residual) and one apply pass (reads the same; writes dx, dr); in the rows layout a smooth
-// activation has the reduce pass write dz into dr (grad_residual) or, for a derivative with exp,
-// erf or tanh, into dx, and the apply pass read dz and x (kReduceKeepsDz). The activation is a
+// a residual) and one apply pass (reads the same; writes dx, dr); in the rows layout and in
+// short planes a smooth activation has the reduce pass write dz into dr (grad_residual) or, for a
+// derivative with exp, erf or tanh, into dx, and the apply pass read dz and x (kReduceKeepsDz). The activation is a
 // compile-time constant of the kernels (dispatch_act), and so is whether a recomputed z adds a
 // residual. Sums are two-level: fp32 (double for double) vector accumulators over a block, then
 // added to a double total in a fixed order (deterministic for a given thread count). Layouts and
