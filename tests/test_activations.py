@@ -154,9 +154,10 @@ def test_float32_sample(backend_name, act, residual, ndim, layout):
     run_against_eager(backend_name, act, residual, SHAPES[ndim], layout, torch.float32, training=True)
 
 
-# The CPU forward applies planes shorter than 4 vectors in blocks of channels of at most 1024
-# positions (csrc/cpu/plans.h, kShortPlaneBlock): channels that fill more than one block, the
-# last one partly (S = 4: 256 channels a block; S = 16: 64; S = 5: 204, blocks of 1020).
+# The CPU kernels take planes shorter than 4 vectors (S < 32 in float32, S < 16 in float64 at AVX2)
+# in blocks of channels of at most 1024 positions (csrc/cpu/plans.h, ShortPlaneBlocks: the forward's
+# statistics and apply, the backward's sums and apply): channels that fill more than one block,
+# the last one partly (S = 4: 256 channels a block; S = 16: 64; S = 5: 204, blocks of 1020).
 @pytest.mark.parametrize("shape", [(3, 300, 2, 2), (2, 70, 4, 4), (2, 230, 5)],
                          ids=lambda shape: "x".join(map(str, shape)))
 @pytest.mark.parametrize("act", ["silu", "relu6"])
