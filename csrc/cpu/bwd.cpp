@@ -16,17 +16,18 @@
 //   bn_act_bwd_apply: B = −A·invstd·mean_dz_xhat, D = −A·mean_dz  (means over all processes)
 //
 // One reduce pass (reads dy, x, and y for a piecewise-linear activation or r for a smooth one with
-// a residual) and one apply pass (reads the same; writes dx, dr); in the rows layout and in
-// short planes a smooth activation has the reduce pass write dz into dr (grad_residual) or, for a
-// derivative with exp, erf or tanh, into dx, and the apply pass read dz and x (kReduceKeepsDz). The activation is a
-// compile-time constant of the kernels (dispatch_act), and so is whether a recomputed z adds a
-// residual. Sums are two-level: fp32 (double for double) vector accumulators over a block, then
-// added to a double total in a fixed order (deterministic for a given thread count). Layouts and
-// parallel decomposition mirror the forward (fwd.cpp): in the planes layout a channel-local task
-// keeps the channel's inputs in L2 between its two passes; in the rows layout each thread reduces
-// and then applies its own contiguous chunk of rows, and bn_act_bwd takes a piecewise-linear
-// activation's side as bits instead of reading y: those bn_act_fwd_train saved (act_mask; then y is
-// not read at all), or else bits its reduce pass records for its apply pass (RowMask).
+// a residual) and one apply pass (reads the same; writes dx, dr); in the rows layout and in short
+// planes a smooth activation has the reduce pass write dz into dr (grad_residual) or, for a
+// derivative with exp, erf or tanh, into dx, and the apply pass read dz and x (kReduceKeepsDz). The
+// activation is a compile-time constant of the kernels (dispatch_act), and so is whether a
+// recomputed z adds a residual. Sums are two-level: fp32 (double for double) vector accumulators
+// over a block, then added to a double total in a fixed order (deterministic for a given thread
+// count). Layouts and parallel decomposition mirror the forward (fwd.cpp): in the planes layout a
+// channel-local task keeps the channel's inputs in L2 between its two passes; in the rows layout
+// each thread reduces and then applies its own contiguous chunk of rows, and bn_act_bwd takes a
+// piecewise-linear activation's side as bits instead of reading y: those bn_act_fwd_train saved
+// (act_mask; then y is not read at all), or else bits its reduce pass records for its apply pass
+// (RowMask).
 #include "bwd_host.h"
 #include "bwd_planes.h"
 #include "bwd_rows.h"

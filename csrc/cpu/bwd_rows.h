@@ -166,8 +166,7 @@ RowParams<acc_type<T>> repeated_params(const BwdArgs<T>& a, const RowPlan& plan)
 template <typename T, typename Fn, bool kRes, bool kKeepDz>
 void rows_chunk_sums(
     const T* dy, const T* y, const T* x, const T* r, int64_t W, int64_t stride, int64_t g0,
-    int64_t g1,
-    const RowParams<acc_type<T>>& pp, double* sum_dz, double* sum_dz_xmu,
+    int64_t g1, const RowParams<acc_type<T>>& pp, double* sum_dz, double* sum_dz_xmu,
     acc_type<T>* part_sum_dz, acc_type<T>* part_sum_dz_xmu, const RowMask& mask, T* dz_out,
     const Fn& act) {
   using V = VecT<T>;

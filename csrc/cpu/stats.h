@@ -147,7 +147,7 @@ void planes_moments(const T* x, const PlaneTasks& tasks, Moments<acc_type<T>>* o
 
 template <typename T, int64_t NS>
 C10_ALWAYS_INLINE void rows_moments_tile(
-    const T* __restrict__ x, int64_t W, int64_t r0, int64_t nr, int64_t j,
+    const T* __restrict__ x, int64_t stride, int64_t r0, int64_t nr, int64_t j,
     acc_type<T>* __restrict__ bmean, acc_type<T>* __restrict__ bm2) {
   using V = VecT<T>;
   using A = typename V::acc_t;
@@ -162,7 +162,7 @@ C10_ALWAYS_INLINE void rows_moments_tile(
     s[i] = AV(A(0));
   }
   for (int64_t i = 0; i < nr; ++i) {
-    const T* row = x + (r0 + i) * W + j;
+    const T* row = x + (r0 + i) * stride + j;
     FR_UNROLL
     for (int64_t u = 0; u < NS; ++u) {
       AV a[P];
@@ -181,7 +181,7 @@ C10_ALWAYS_INLINE void rows_moments_tile(
     s[i] = AV(A(0));
   }
   for (int64_t i = 0; i < nr; ++i) {
-    const T* row = x + (r0 + i) * W + j;
+    const T* row = x + (r0 + i) * stride + j;
     FR_UNROLL
     for (int64_t u = 0; u < NS; ++u) {
       AV a[P];
