@@ -13,7 +13,6 @@ statistics as they were.
 """
 
 import torch
-import torch.nn.functional as F
 
 from . import backend as _backend
 from . import contract
@@ -35,7 +34,11 @@ def batch_norm_act(input, residual, weight, bias, running_mean, running_var, tra
     """
     if not training and torch.compiler.is_compiling():
         contract.check_bn_act(input, residual, weight, bias, running_mean, running_var, training, act, negative_slope)
-        out = F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
+        # torch.batch_norm, F.batch_norm's op without its eps check: torch before 2.13 refuses eps 0
+        # in eval, which the op takes (AddReLU's identity statistics: rsqrt(1 + 0) = 1).
+        out = torch.batch_norm(
+            input, weight, bias, running_mean, running_var, False, 0.0, eps, torch.backends.cudnn.enabled
+        )
         return activation(out if residual is None else out + residual, act, negative_slope)
     return _backend.ops_for(input).bn_act(
         input, residual, weight, bias, running_mean, running_var, training, momentum, eps, act, negative_slope
