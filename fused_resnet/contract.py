@@ -13,6 +13,8 @@ refused alike whatever the backend (tests/test_contract.py holds them to it):
                  (C,), dtype the input's or, for a float16/bfloat16 input, float32 (the AMP case)
   bn_act         running_mean and running_var given together; required when training=False;
                  more than one value per channel when training (torch's own message)
+  eps            positive where the batch statistics normalize (bn_act training, bn_act_fwd_train),
+                 non-negative where the running ones do (ValueError), as F.batch_norm since torch 2.13
   act_mask      empty, or the length that backend's bn_act_fwd_train returns for that input
 
 The input is checked first, then the other arguments in schema order, each for device, then
@@ -176,6 +178,16 @@ def check_running_stats(op: str, running_mean, running_var, training: bool) -> N
         )
 
 
+def check_eps(op: str, eps, batch_statistics: bool) -> None:
+    """x̂ = (x - mean) / sqrt(var + eps): a batch's variance can be 0 (a constant channel), so the
+    batch statistics need eps > 0; the running variance is an average of batch variances whose
+    caller vouches for it, and eps 0 is allowed there (AddReLU's identity statistics use it)."""
+    if batch_statistics and not eps > 0:
+        raise ValueError(f"{op}: eps must be positive when normalizing with batch statistics, got {eps:g}")
+    if not eps >= 0:
+        raise ValueError(f"{op}: eps must be non-negative, got {eps:g}")
+
+
 def check_values_per_channel(input: torch.Tensor) -> None:
     """Batch statistics need two values per channel (torch.nn.functional.batch_norm's text)."""
     if input.shape[0] * math.prod(input.shape[2:]) == 1:
@@ -246,7 +258,7 @@ def check_out(op: str, out, input: torch.Tensor, act: str) -> None:
 # The checks of each op, in schema order.
 
 
-def check_bn_act(input, residual, weight, bias, running_mean, running_var, training,
+def check_bn_act(input, residual, weight, bias, running_mean, running_var, training, eps,
                  act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE, op="bn_act", values_per_channel=True):
     """values_per_channel=False: SyncBatchNorm, whose batch statistics span several processes,
     checks the global count itself."""
@@ -255,26 +267,29 @@ def check_bn_act(input, residual, weight, bias, running_mean, running_var, train
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         check_per_channel(op, name, t, input)
     check_running_stats(op, running_mean, running_var, training)
+    check_eps(op, eps, training)
     check_act(op, act, negative_slope)
     if training and values_per_channel:
         check_values_per_channel(input)
 
 
-def check_fwd_train(input, residual, weight, bias, act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE,
+def check_fwd_train(input, residual, weight, bias, eps, act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE,
                     op="bn_act_fwd_train"):
     check_input(op, input)
     check_activation(op, "residual", residual, input)
     check_per_channel(op, "weight", weight, input)
     check_per_channel(op, "bias", bias, input)
+    check_eps(op, eps, True)
     check_act(op, act, negative_slope)
 
 
-def check_fwd_eval(input, residual, running_mean, running_var, weight, bias, act=DEFAULT_ACT,
+def check_fwd_eval(input, residual, running_mean, running_var, weight, bias, eps, act=DEFAULT_ACT,
                    negative_slope=DEFAULT_NEGATIVE_SLOPE, op="bn_act_fwd_eval"):
     check_input(op, input)
     check_activation(op, "residual", residual, input)
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         check_per_channel(op, name, t, input)
+    check_eps(op, eps, False)
     check_act(op, act, negative_slope)
 
 

@@ -33,7 +33,9 @@ def batch_norm_act(input, residual, weight, bias, running_mean, running_var, tra
     Training, and eval with batch statistics, run the op.
     """
     if not training and torch.compiler.is_compiling():
-        contract.check_bn_act(input, residual, weight, bias, running_mean, running_var, training, act, negative_slope)
+        contract.check_bn_act(
+            input, residual, weight, bias, running_mean, running_var, training, eps, act, negative_slope
+        )
         # torch.batch_norm, F.batch_norm's op without its eps check: torch before 2.13 refuses eps 0
         # in eval, which the op takes (AddReLU's identity statistics: rsqrt(1 + 0) = 1).
         out = torch.batch_norm(

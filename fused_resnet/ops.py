@@ -75,7 +75,9 @@ def _fake_ops(act_mask_bytes) -> OpSet:
     """The fake impls of an op set whose bn_act_fwd_train returns act_mask_bytes(input) bytes."""
 
     def bn_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps, act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE):
-        contract.check_bn_act(input, residual, weight, bias, running_mean, running_var, training, act, negative_slope)
+        contract.check_bn_act(
+            input, residual, weight, bias, running_mean, running_var, training, eps, act, negative_slope
+        )
         if not training:  # no batch statistics, no mask
             acc = acc_dtype(input.dtype)
             none = input.new_empty((0,), dtype=acc)
@@ -84,13 +86,13 @@ def _fake_ops(act_mask_bytes) -> OpSet:
         return _empty_activation(input), stat(input), stat(input), empty_act_mask(input, act_mask_bytes(input, act))
 
     def fwd_train(input, residual, weight, bias, eps, act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE):
-        contract.check_fwd_train(input, residual, weight, bias, act, negative_slope)
+        contract.check_fwd_train(input, residual, weight, bias, eps, act, negative_slope)
         stat = _empty_channel_stat
         mask = empty_act_mask(input, act_mask_bytes(input, act))
         return _empty_activation(input), stat(input), stat(input), stat(input), mask
 
     def fwd_eval(input, residual, running_mean, running_var, weight, bias, eps, act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE):
-        contract.check_fwd_eval(input, residual, running_mean, running_var, weight, bias, act, negative_slope)
+        contract.check_fwd_eval(input, residual, running_mean, running_var, weight, bias, eps, act, negative_slope)
         return _empty_activation(input)
 
     def bwd(grad_out, out, act_mask, input, weight, mean, invstd, batch_stats, residual_grad, residual=None,

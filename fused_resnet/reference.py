@@ -112,7 +112,7 @@ def update_running_stats(running_mean, running_var, batch_mean, batch_var, count
 
 def bn_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps,
            act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE):
-    contract.check_bn_act(input, residual, weight, bias, running_mean, running_var, training, act, negative_slope)
+    contract.check_bn_act(input, residual, weight, bias, running_mean, running_var, training, eps, act, negative_slope)
     with profiled(residual is not None, "fwd", act):
         return _bn_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps,
                        act, negative_slope)
@@ -133,7 +133,7 @@ def _bn_act(input, residual, weight, bias, running_mean, running_var, training, 
 
 
 def bn_act_fwd_train(input, residual, weight, bias, eps, act=DEFAULT_ACT, negative_slope=DEFAULT_NEGATIVE_SLOPE):
-    contract.check_fwd_train(input, residual, weight, bias, act, negative_slope)
+    contract.check_fwd_train(input, residual, weight, bias, eps, act, negative_slope)
     return _fwd_train(input, residual, weight, bias, eps, act, negative_slope)
 
 
@@ -158,7 +158,7 @@ def _fwd_train(input, residual, weight, bias, eps, act, negative_slope):
 
 def bn_act_fwd_eval(input, residual, running_mean, running_var, weight, bias, eps, act=DEFAULT_ACT,
                     negative_slope=DEFAULT_NEGATIVE_SLOPE):
-    contract.check_fwd_eval(input, residual, running_mean, running_var, weight, bias, act, negative_slope)
+    contract.check_fwd_eval(input, residual, running_mean, running_var, weight, bias, eps, act, negative_slope)
     return _fwd_eval(input, residual, running_mean, running_var, weight, bias, eps, act, negative_slope)
 
 

@@ -68,8 +68,8 @@ def _vec(dtype=torch.float32, n=C, device=DEVICE):
     return (torch.rand(n, dtype=dtype, device=device) + 0.5)
 
 
-def _bn_act(x=None, r=None, w=None, b=None, rm=None, rv=None, training=True):
-    return (x if x is not None else _x(), r, w, b, rm, rv, training, 0.1, EPS)
+def _bn_act(x=None, r=None, w=None, b=None, rm=None, rv=None, training=True, eps=EPS):
+    return (x if x is not None else _x(), r, w, b, rm, rv, training, 0.1, eps)
 
 
 def _bwd(dy=None, y=None, mask=None, x=None, w=None, mean=None, invstd=None):
@@ -97,6 +97,9 @@ GOOD_CALLS = {
     "bn_act half, float params": ("bn_act", lambda: _bn_act(x=_x(torch.float16), w=_vec(), rm=_vec(), rv=_vec())),
     "bn_act_fwd_train": ("bn_act_fwd_train", lambda: (_x(), _x(), _vec(), None, EPS)),
     "bn_act_fwd_eval": ("bn_act_fwd_eval", lambda: (_x(), None, _vec(), _vec(), _vec(), _vec(), EPS)),
+    # eps 0 with the running statistics (AddReLU's identity statistics), as F.batch_norm takes it
+    "bn_act eval, eps 0": ("bn_act", lambda: _bn_act(rm=_vec(), rv=_vec(), training=False, eps=0.0)),
+    "bn_act_fwd_eval eps 0": ("bn_act_fwd_eval", lambda: (_x(), None, _vec(), _vec(), None, None, 0.0)),
     "bn_act_bwd": ("bn_act_bwd", lambda: _bwd(w=_vec())),
     "bn_stats": ("bn_stats", lambda: (_x(),)),
     "bn_act_bwd_reduce": ("bn_act_bwd_reduce", lambda: _reduce()),
@@ -140,6 +143,15 @@ BAD_CALLS = {
                                         "running_mean and running_var are required when training=False (eval mode normalizes with the running statistics)"),
     "one value per channel": ("bn_act", lambda: _bn_act(x=_x(shape=(1, C, 1, 1)), rm=_vec(), rv=_vec()), ValueError,
                               "Expected more than 1 value per channel when training, got input size torch.Size([1, 3, 1, 1])"),
+    # F.batch_norm refuses these too (ValueError): batch statistics need eps > 0, running ones eps >= 0
+    "training, eps 0": ("bn_act", lambda: _bn_act(rm=_vec(), rv=_vec(), eps=0.0), ValueError,
+                        "eps must be positive when normalizing with batch statistics, got 0"),
+    "fwd_train negative eps": ("bn_act_fwd_train", lambda: (_x(), None, None, None, -1e-5), ValueError,
+                               "eps must be positive when normalizing with batch statistics, got -1e-05"),
+    "eval, negative eps": ("bn_act", lambda: _bn_act(rm=_vec(), rv=_vec(), training=False, eps=-0.5), ValueError,
+                           "eps must be non-negative, got -0.5"),
+    "fwd_eval NaN eps": ("bn_act_fwd_eval", lambda: (_x(), None, _vec(), _vec(), None, None, float("nan")), ValueError,
+                         "eps must be non-negative, got nan"),
     "fwd_train bias dtype": ("bn_act_fwd_train", lambda: (_x(), None, None, _vec(torch.float64), EPS), TypeError,
                              "bias dtype torch.float64 is not supported with a torch.float32 input (expected torch.float32)"),
     "fwd_eval running_var shape": ("bn_act_fwd_eval", lambda: (_x(), None, _vec(), _vec(n=1), None, None, EPS), ValueError,

@@ -64,6 +64,23 @@ def test_bad_input_is_refused_without_state_change(backend, case):
     assert int(module.num_batches_tracked) == 0
 
 
+@pytest.mark.parametrize("eps,training,message", [
+    (0.0, True, "eps must be positive when normalizing with batch statistics, got 0"),
+    (-1e-3, False, "eps must be non-negative, got -0.001"),
+])
+def test_an_eps_eager_refuses_is_refused_without_state_change(backend, eps, training, message):
+    """A batch's variance can be 0, so training needs eps > 0; eval needs eps >= 0 (F.batch_norm
+    raises ValueError on both, in its own words)."""
+    x, r = make_tensor((2, 4, 3, 3), torch.float32), make_tensor((2, 4, 3, 3), torch.float32)
+    with pytest.raises(ValueError, match="eps must be"):
+        torch.nn.BatchNorm2d(4, eps=eps).to(DEVICE).train(training)(x)
+    module = fused_class(4, True)(4, eps=eps).to(DEVICE).train(training)
+    before = _snapshot(module)
+    with pytest.raises(ValueError, match=message):
+        module(x, r)
+    _assert_unchanged(module, before)
+
+
 def test_eager_batchnorm_does_change_state_on_the_same_error():
     """Documents the eager behaviour the fused modules improve on (if eager changes, so does this)."""
     eager = torch.nn.BatchNorm2d(4).to(DEVICE)

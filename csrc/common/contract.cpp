@@ -118,6 +118,16 @@ void check_act_mask(
   }
 }
 
+// x̂ = (x - mean) / sqrt(var + eps): eps > 0 where a batch's variance, which can be 0, normalizes;
+// eps >= 0 where the running variance does (contract.check_eps). A stream prints a double as
+// %g, as Python's f"{eps:g}" does: both halves give the same message.
+void check_eps(const char* op, double eps, bool batch_statistics) {
+  TORCH_CHECK_VALUE(
+      !batch_statistics || eps > 0, op,
+      ": eps must be positive when normalizing with batch statistics, got ", eps);
+  TORCH_CHECK_VALUE(eps >= 0, op, ": eps must be non-negative, got ", eps);
+}
+
 // The activation by its schema name (contract.ACTIVATIONS, in Act's order).
 constexpr const char* kActNames[] = {"relu", "relu6", "leaky_relu", "identity",
                                      "silu", "hardswish", "gelu", "gelu_tanh"};
@@ -229,7 +239,7 @@ Act act_of(c10::string_view act) {
 FwdOperands bn_act_operands(
     const at::Tensor& input, const OptTensor& residual, const OptTensor& weight,
     const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
-    bool training, c10::string_view act, double negative_slope) {
+    bool training, double eps, c10::string_view act, double negative_slope) {
   constexpr const char* op = "bn_act";
   check_input(op, input);
   if (given(residual)) {
@@ -246,6 +256,7 @@ FwdOperands bn_act_operands(
       training || given(running_mean), op,
       ": running_mean and running_var are required when training=False (eval mode normalizes "
       "with the running statistics)");
+  check_eps(op, eps, training);
   const Activation a = check_act(op, act, negative_slope);
   const View g = canonical_view(input);
   if (training) {
@@ -266,12 +277,13 @@ FwdOperands bn_act_operands(
 
 FwdOperands fwd_train_operands(
     const at::Tensor& input, const OptTensor& residual, const OptTensor& weight,
-    const OptTensor& bias, c10::string_view act, double negative_slope) {
+    const OptTensor& bias, double eps, c10::string_view act, double negative_slope) {
   constexpr const char* op = "bn_act_fwd_train";
   check_input(op, input);
   check_activation(op, "residual", residual, input);
   check_per_channel(op, "weight", weight, input);
   check_per_channel(op, "bias", bias, input);
+  check_eps(op, eps, true);
   const Activation a = check_act(op, act, negative_slope);
   const View g = canonical_view(input);
   return {g, residual_in_input_format(residual, g), a};
@@ -279,7 +291,7 @@ FwdOperands fwd_train_operands(
 
 FwdOperands fwd_eval_operands(
     const at::Tensor& input, const OptTensor& residual, const at::Tensor& running_mean,
-    const at::Tensor& running_var, const OptTensor& weight, const OptTensor& bias,
+    const at::Tensor& running_var, const OptTensor& weight, const OptTensor& bias, double eps,
     c10::string_view act, double negative_slope) {
   constexpr const char* op = "bn_act_fwd_eval";
   check_input(op, input);
@@ -288,6 +300,7 @@ FwdOperands fwd_eval_operands(
   check_per_channel(op, "running_var", running_var, input);
   check_per_channel(op, "weight", weight, input);
   check_per_channel(op, "bias", bias, input);
+  check_eps(op, eps, false);
   const Activation a = check_act(op, act, negative_slope);
   const View g = canonical_view(input);
   return {g, residual_in_input_format(residual, g), a};

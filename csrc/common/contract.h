@@ -88,13 +88,13 @@ Act act_of(c10::string_view act);
 FwdOperands bn_act_operands(
     const at::Tensor& input, const OptTensor& residual, const OptTensor& weight,
     const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
-    bool training, c10::string_view act, double negative_slope);
+    bool training, double eps, c10::string_view act, double negative_slope);
 FwdOperands fwd_train_operands(
     const at::Tensor& input, const OptTensor& residual, const OptTensor& weight,
-    const OptTensor& bias, c10::string_view act, double negative_slope);
+    const OptTensor& bias, double eps, c10::string_view act, double negative_slope);
 FwdOperands fwd_eval_operands(
     const at::Tensor& input, const OptTensor& residual, const at::Tensor& running_mean,
-    const at::Tensor& running_var, const OptTensor& weight, const OptTensor& bias,
+    const at::Tensor& running_var, const OptTensor& weight, const OptTensor& bias, double eps,
     c10::string_view act, double negative_slope);
 BwdOperands bwd_operands(
     const at::Tensor& grad_out, const OptTensor& out, const at::Tensor& act_mask,

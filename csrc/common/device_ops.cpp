@@ -45,7 +45,7 @@ BnActOutputs bn_act(
     const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
     bool training, double momentum, double eps, c10::string_view act, double negative_slope, const DeviceOps& device) {
   const FwdOperands in = bn_act_operands(
-      input, residual, weight, bias, running_mean, running_var, training, act, negative_slope);
+      input, residual, weight, bias, running_mean, running_var, training, eps, act, negative_slope);
   // The name a profiler trace shows for every backend's forward (fused_resnet/trace_names.py).
   RECORD_FUNCTION(trace_name(in.act.kind, given(residual), true), std::vector<c10::IValue>());
   if (!training) {  // no batch statistics, no mask
@@ -69,7 +69,7 @@ BnActOutputs bn_act(
 TrainOutputs bn_act_fwd_train(
     const at::Tensor& input, const OptTensor& residual, const OptTensor& weight,
     const OptTensor& bias, double eps, c10::string_view act, double negative_slope, const DeviceOps& device) {
-  const FwdOperands in = fwd_train_operands(input, residual, weight, bias, act, negative_slope);
+  const FwdOperands in = fwd_train_operands(input, residual, weight, bias, eps, act, negative_slope);
   return in.g.numel() == 0 ? empty_train_outputs(in.g, eps)
                            : device.fwd_train(in, weight, bias, eps, nullptr);
 }
@@ -79,7 +79,7 @@ at::Tensor bn_act_fwd_eval(
     const at::Tensor& running_var, const OptTensor& weight, const OptTensor& bias, double eps,
     c10::string_view act, double negative_slope, const DeviceOps& device) {
   const FwdOperands in = fwd_eval_operands(
-      input, residual, running_mean, running_var, weight, bias, act, negative_slope);
+      input, residual, running_mean, running_var, weight, bias, eps, act, negative_slope);
   return in.g.numel() == 0 ? empty_activation(in.g)
                            : device.fwd_eval(in, running_mean, running_var, weight, bias, eps);
 }

@@ -173,8 +173,8 @@ class _SyncFusedBatchNormMixin(_FusedBatchNormMixin):
         _, running_mean, running_var, counts_steps = self._mode()
         caller = type(self).__name__
         contract.check_bn_act(
-            input, residual, self.weight, self.bias, running_mean, running_var, True, self.act,
-            self.negative_slope, values_per_channel=False,  # _gather_batch_stats checks the global count
+            input, residual, self.weight, self.bias, running_mean, running_var, True, self.eps,
+            self.act, self.negative_slope, values_per_channel=False,  # _gather_batch_stats checks the global count
         )
         self._check_channels_agree(group, world_size, input.device)
 

@@ -242,7 +242,7 @@ def bn_act_fwd_train(
     input: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
     act: str = DEFAULT_ACT, negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    contract.check_fwd_train(input, residual, weight, bias, act, negative_slope)
+    contract.check_fwd_train(input, residual, weight, bias, eps, act, negative_slope)
     x = canonical_layout(input)
     act_mask = empty_act_mask(x)  # none kept: bn_act_bwd reads out
     if x.numel() == 0:
@@ -267,7 +267,7 @@ def bn_act_fwd_eval(
     act: str = DEFAULT_ACT,
     negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
 ) -> Tensor:
-    contract.check_fwd_eval(input, residual, running_mean, running_var, weight, bias, act, negative_slope)
+    contract.check_fwd_eval(input, residual, running_mean, running_var, weight, bias, eps, act, negative_slope)
     x = canonical_layout(input)
     if x.numel() == 0:
         return torch.empty_like(x)
@@ -397,7 +397,7 @@ def bn_act_kernel(input, residual, weight, bias, running_mean, running_var, trai
 
 
 def _bn_act(input, residual, weight, bias, running_mean, running_var, training, momentum, eps, act, negative_slope):
-    contract.check_bn_act(input, residual, weight, bias, running_mean, running_var, training, act, negative_slope)
+    contract.check_bn_act(input, residual, weight, bias, running_mean, running_var, training, eps, act, negative_slope)
     x = canonical_layout(input)
     act_mask = empty_act_mask(x)  # none kept: bn_act_bwd reads out
     acc = acc_dtype(x.dtype)
