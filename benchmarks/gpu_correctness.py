@@ -23,8 +23,9 @@ paths.
                              inductor's CUDA graphs were taken (gpu_capture_checks.py)
   compile/<backend>          torch.compile(fullgraph=True) with inductor of a block of two fused
                              modules, training and eval, against eager float64
-  big/<backend>/<layout>     a bfloat16 tensor of more than 2**31 elements: eval output and batch
-                             statistics, compared on a few channels and slices
+  big/<backend>/<kind>       a bfloat16 tensor of more than 2**31 elements: eval output and batch
+                             statistics, compared on a few channels and slices (kind: planes, rows,
+                             flat: planes the CUDA apply passes read flat)
 A line: {"check", "backend", "passed", "max_err" (largest |actual - float64|), "tol_ratio" (largest
 error over its tolerance; passed means <= 1), "worst" (the output it came from), "seconds",
 "triton_specializations" (Triton kernels compiled so far in this process: JIT compile time is GPU
@@ -84,8 +85,9 @@ from gpu_capture_checks import skipped_on as capture_skipped_on  # noqa: E402
 # on the Triton interpreter too, which takes seconds per case.
 CASES = [
     ((4, 8, 16, 16), "contiguous", "planes, 16-byte accesses (S = 256)", "native"),
-    ((3, 5, 7, 7), "contiguous", "planes, scalar accesses (S = 49)", "all"),
-    ((4, 6, 33), "contiguous", "planes 1D (N, C, L), scalar", None),
+    ((3, 5, 7, 7), "contiguous", "planes, scalar accesses (S = 49); apply passes flat", "all"),
+    ((4, 6, 33), "contiguous", "planes 1D (N, C, L), scalar; apply passes flat", None),
+    ((4, 6, 3, 3), "contiguous", "planes, scalar (S = 9); apply flat, vectors spanning two planes", None),
     ((2, 4, 3, 8, 8), "contiguous", "planes 3D, 16-byte accesses", None),
     ((2, 64, 8, 8), "channels_last", "rows, 16-byte accesses (C = 64)", "native"),
     ((2, 19, 5, 5), "channels_last", "rows, scalar accesses (C odd)", "all"),
@@ -109,8 +111,11 @@ GPU_BITWISE = [((64, 3, 40, 40), "contiguous"), ((64, 40, 24, 24), "channels_las
 CPU_BITWISE = [((8, 3, 12, 12), "contiguous"), ((8, 16, 6, 6), "channels_last")]
 # More than 2**31 elements; the Triton kernels index one channel's values with int32, so
 # n_outer and n_inner each stay below 2**31 (planes: n_inner = 2**28 + 8; rows: n_outer = N*S).
-GPU_BIG = {"planes": ((2, 4, 2**28 + 8), "contiguous"), "rows": ((2**15 + 1, 64, 32, 32), "channels_last")}
-CPU_BIG = {"planes": ((2, 4, 1000), "contiguous"), "rows": ((3, 8, 4, 4), "channels_last")}
+# flat: planes of 2**28 + 9 elements, which the CUDA apply passes read flat (64-bit indices).
+GPU_BIG = {"planes": ((2, 4, 2**28 + 8), "contiguous"), "rows": ((2**15 + 1, 64, 32, 32), "channels_last"),
+           "flat": ((2, 4, 2**28 + 9), "contiguous")}
+CPU_BIG = {"planes": ((2, 4, 1000), "contiguous"), "rows": ((3, 8, 4, 4), "channels_last"),
+           "flat": ((2, 4, 1001), "contiguous")}
 
 # ---------------------------------------------------------------------------------------------
 # Driver.

@@ -22,7 +22,7 @@ from fused_resnet import reference
 CASES = [
     # (shape, memory format): the path it takes
     ((3, 4, 8, 8), torch.contiguous_format),  # planes, 16-byte accesses
-    ((2, 3, 5, 7), torch.contiguous_format),  # planes, scalar
+    ((2, 3, 5, 7), torch.contiguous_format),  # planes, scalar; apply passes flat, with a tail
     ((2, 16, 4, 4), torch.channels_last),  # rows, 16-byte accesses
     ((2, 5, 3, 3), torch.channels_last),  # rows, scalar
     ((3, 288, 2, 2), torch.channels_last),  # rows, several column tiles

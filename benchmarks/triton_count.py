@@ -12,8 +12,8 @@ benchmarks/NOTES.md) and whether they fit half the phase's time, those not in an
 (the correctness phase and the bench run in separate processes, so each compiles its own;
 Triton's disk cache turns a repeat into a load), and the count per kernel. Exit status 1 when a
 phase's compiles do not fit.
-Not counted: the 2**31-element checks of phase b (their own shapes: at most 6 specializations,
-the eval apply and the statistics in two layouts), inductor's compiles under torch.compile, and
+Not counted: the 2**31-element checks of phase b (their own shapes: at most 9 specializations,
+the eval apply and the statistics for each of the three shapes), inductor's compiles under torch.compile, and
 the test suite on CUDA tensors (phase r1).
 """
 

@@ -5,7 +5,8 @@ torch.compile(fullgraph=True) with inductor.
 
 The shared suite (FUSED_RESNET_TEST_DEVICE=cuda) covers the module semantics on small shapes; the
 shapes here are chosen to reach each kernel path: planes with 16-byte accesses (S a multiple of
-16 bytes) and scalar ones (odd S), rows (channels_last or S == 1) with 16-byte accesses and scalar
+16 bytes) and scalar ones (odd S), whose apply passes read the tensor flat in 16-byte vectors that
+may span two planes (S >= 16 bytes, aligned pointers), rows (channels_last or S == 1) with 16-byte accesses and scalar
 ones (C odd), several column tiles (C > 32 accesses), a channel split over many blocks (large N·S),
 and a pointer offset by one element (no 16-byte accesses possible).
 """
@@ -28,7 +29,8 @@ cxx_ops = op_set_of(torch.ops.fused_resnet) if fused_resnet.EXTENSION_ERROR is N
 # (shape, layout): the kernel path each one reaches is in the module docstring.
 PATH_CASES = [
     ((4, 8, 16, 16), "contiguous"),  # planes, 16-byte accesses
-    ((3, 5, 7, 7), "contiguous"),  # planes, scalar (S = 49)
+    ((3, 5, 7, 7), "contiguous"),  # planes, scalar (S = 49); apply flat, with a tail of numel % L
+    ((4, 6, 3, 3), "contiguous"),  # planes, scalar (S = 9); apply flat, most vectors span two planes
     ((2, 3, 4, 2, 3), "sliced"),  # planes after a copy, small S
     ((2, 64, 8, 8), "channels_last"),  # rows, 16-byte accesses
     ((2, 19, 5, 5), "channels_last"),  # rows, scalar (C odd)

@@ -10,7 +10,8 @@
 //
 // A stored dz and the identity's dz = dy are the same kernel (dz read from one tensor), so this
 // pass is instantiated per dtype (4) x (dz read, relu, relu6, leaky_relu, and the four smooth
-// activations with and without a residual: 12) x layout (2) x access width (2): 192 kernels.
+// activations with and without a residual: 12) x (layout (2) x access width (2), and the flat
+// path of skeletons.cuh): 240 kernels.
 #include "activation.cuh"
 #include "skeletons.cuh"
 
@@ -113,9 +114,7 @@ void launch_bwd_apply(const ViewDims& dims, const BwdApplyArgs<T>& args, cudaStr
     // only the activations the kernel reads decide the access width
     const T* y = Op::kReadsOut ? args.in.y : nullptr;
     const T* r = Op::kRecomputesZ ? args.in.r : nullptr;
-    launch_for_view<T>(dims, {g, y, args.in.x, r, args.dx, args.dr}, [&](auto lanes, auto rows) {
-      run_apply<T, decltype(lanes)::value, decltype(rows)::value>(op, dims, stream);
-    });
+    launch_apply<T>(op, dims, {g, y, args.in.x, r, args.dx, args.dr}, stream);
   });
 }
 

@@ -6,8 +6,8 @@
 // Memory traffic: reads x (and r), writes y, each once, in 16-byte accesses where aligned; the
 // activation adds arithmetic only (at most one exp, erf or tanh per element).
 //
-// Instantiated per dtype (4) x activation (8) x residual (2) x layout (2) x access width (2):
-// 256 kernels.
+// Instantiated per dtype (4) x activation (8) x residual (2) x (layout (2) x access width (2),
+// and the flat path of skeletons.cuh): 320 kernels.
 #include "activation.cuh"
 #include "skeletons.cuh"
 #include "static_switch.h"
@@ -70,9 +70,7 @@ void launch_fwd_apply(const ViewDims& dims, const FwdApplyArgs<T>& args, cudaStr
   dispatch_act(args.act, [&](auto act) {
     FR_BOOL_SWITCH(args.r != nullptr, kResidual, [&] {
       const FwdApplyOp<T, decltype(act)::value, kResidual> op{args};
-      launch_for_view<T>(dims, {args.x, args.r, args.y}, [&](auto lanes, auto rows) {
-        run_apply<T, decltype(lanes)::value, decltype(rows)::value>(op, dims, stream);
-      });
+      launch_apply<T>(op, dims, {args.x, args.r, args.y}, stream);
     });
   });
 }

@@ -5,7 +5,8 @@
 //                  partial to a staging buffer -> the last block of a channel group (atomic
 //                  counter) merges the partials in a fixed order and writes the result.
 //   apply_kernel   elementwise passes with per-channel coefficients (forward apply, eval,
-//                  backward apply).
+//                  backward apply); apply_flat_kernel the same passes over planes whose length
+//                  is not a multiple of the access width (launch_apply chooses).
 //
 // An op (StatsOp, BwdReduceOp in the .cu files; FwdApplyOp, BwdApplyOp) supplies what is loaded
 // and how it is combined; the skeleton supplies the tiling (tiling.cuh), the vector accesses
@@ -294,6 +295,100 @@ void run_apply(const Op& op, const ViewDims& dims, cudaStream_t stream) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Flat apply: planes of S elements, S not a multiple of L = 16 bytes / sizeof(T) (a 14x14 or 7x7
+// plane in 16-bit types, 7x7 in float32). On the planes path each access of such a view is one
+// element, so a thread has 1/L of the bytes in flight that covering DRAM latency needs (the
+// first GPU run: NCHW 64x1024x14x14 bf16 eval at 13% of copy bandwidth, 64x2048x7x7 at 11%).
+// Here the view is what it is in memory, N*C*S contiguous elements, read in L-element vectors
+// from 16-byte-aligned pointers; with S >= L a vector spans at most two planes, p = off / S and
+// p + 1, so it takes both planes' coefficients and picks per lane (off + j < (p + 1)·S: plane p).
+// The last numel % L elements are applied one by one by block 0. Same reads and writes as the
+// planes path: each element once. Index arithmetic in 32 bits below 2**31 elements (a 64-bit
+// division costs several times a 32-bit one), in 64 bits above.
+
+struct FlatTiling {
+  int64_t C, S;
+  int64_t numel;
+  bool index32;  // numel < 2**31
+};
+
+template <typename T, int L, typename Op>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    apply_flat_kernel(const Op op, const FlatTiling f) {
+  using Coef = typename Op::Coef;
+  using Item = typename Op::template Item<L>;
+  constexpr int U = Op::kUnroll;
+  const auto plane_of = [&](int64_t e) -> int64_t {
+    return f.index32 ? int64_t(uint32_t(e) / uint32_t(f.S)) : e / f.S;
+  };
+  const auto channel_of = [&](int64_t plane) -> int64_t {
+    return f.index32 ? int64_t(uint32_t(plane) % uint32_t(f.C)) : plane % f.C;
+  };
+  const int64_t vectors = f.numel / L;
+  const int64_t step = int64_t(gridDim.x) * kThreads * U;
+  for (int64_t first = int64_t(blockIdx.x) * kThreads * U + threadIdx.x; first < vectors;
+       first += step) {
+    Item item[U];
+    int64_t off[U];
+    bool ok[U];
+#pragma unroll
+    for (int k = 0; k < U; ++k) {
+      const int64_t v = first + int64_t(k) * kThreads;
+      ok[k] = v < vectors;
+      off[k] = v * L;
+      if (ok[k]) {
+        op.template load<L>(item[k], off[k]);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < U; ++k) {
+      if (ok[k]) {
+        const int64_t p = plane_of(off[k]);
+        const int64_t next = (p + 1) * f.S;  // the first element of plane p + 1
+        const Coef here = op.coef(channel_of(p));
+        // p + 1 exists when the vector reaches it: off + L <= numel = (last plane + 1)·S
+        const Coef there = off[k] + L > next ? op.coef(channel_of(p + 1)) : here;
+        Coef coef[L];
+#pragma unroll
+        for (int j = 0; j < L; ++j) {
+          coef[j] = off[k] + j < next ? here : there;
+        }
+        op.template apply<L, L>(coef, item[k], off[k]);
+      }
+    }
+  }
+  if (blockIdx.x == 0) {
+    const int64_t e = vectors * L + threadIdx.x;  // the tail: fewer than L elements
+    if (e < f.numel) {
+      typename Op::template Item<1> one;
+      op.template load<1>(one, e);
+      const Coef coef[1] = {op.coef(channel_of(plane_of(e)))};
+      op.template apply<1, 1>(coef, one, e);
+    }
+  }
+}
+
+template <typename T, typename Op>
+void run_apply_flat(const Op& op, const ViewDims& dims, cudaStream_t stream) {
+  constexpr int L = vec_lanes<T>();
+  const FlatTiling f{dims.C, dims.S, dims.numel(), dims.numel() < (int64_t(1) << 31)};
+  const int64_t per_block = int64_t(kThreads) * Op::kUnroll;  // vectors a block covers a round
+  const int64_t blocks = std::max<int64_t>(
+      std::min(ceil_div(f.numel / L, per_block), wave_blocks<&apply_flat_kernel<T, L, Op>>()), 1);
+  apply_flat_kernel<T, L, Op><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(op, f);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Whether an apply pass over `dims` takes the flat path: NCHW planes whose length S is not a
+// multiple of L (the planes path would read them an element at a time) but at least L (a vector
+// then spans at most two planes), every pointer 16-byte aligned.
+template <typename T>
+bool flat_apply_ok(const ViewDims& dims, std::initializer_list<const void*> activations) {
+  constexpr int L = vec_lanes<T>();
+  return !dims.rows && dims.S % L != 0 && dims.S >= L && aligned_16(activations);
+}
+
+// ---------------------------------------------------------------------------------------------
 // A launcher's dispatch: calls launch(std::integral_constant<int, L>{}, std::bool_constant<kRows>{})
 // for the view's layout and the widest access L its activations allow (vector_ok: 16 bytes
 // wherever the row length and every pointer allow it, else one element).
@@ -305,6 +400,20 @@ void launch_for_view(const ViewDims& dims, std::initializer_list<const void*> ac
     FR_BOOL_SWITCH(vec, kVec, [&] {
       launch(std::integral_constant<int, kVec ? vec_lanes<T>() : 1>{}, std::bool_constant<kRows>{});
     });
+  });
+}
+
+// An apply pass's dispatch: the flat path where flat_apply_ok, else run_apply for the view's
+// layout and access width.
+template <typename T, typename Op>
+void launch_apply(const Op& op, const ViewDims& dims,
+                  std::initializer_list<const void*> activations, cudaStream_t stream) {
+  if (flat_apply_ok<T>(dims, activations)) {
+    run_apply_flat<T>(op, dims, stream);
+    return;
+  }
+  launch_for_view<T>(dims, activations, [&](auto lanes, auto rows) {
+    run_apply<T, decltype(lanes)::value, decltype(rows)::value>(op, dims, stream);
   });
 }
 

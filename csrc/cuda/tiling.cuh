@@ -141,18 +141,20 @@ int64_t wave_blocks() {
   return int64_t(per_sm) * multiprocessor_count();
 }
 
-// Whether every pointer allows 16-byte accesses along rows of `inner` elements.
-template <typename T>
-bool vector_ok(int64_t inner, std::initializer_list<const void*> ptrs) {
-  if (inner % vec_lanes<T>() != 0) {
-    return false;
-  }
+// Whether every (non-null) pointer is 16-byte aligned.
+inline bool aligned_16(std::initializer_list<const void*> ptrs) {
   for (const void* p : ptrs) {
     if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) {
       return false;
     }
   }
   return true;
+}
+
+// Whether every pointer allows 16-byte accesses along rows of `inner` elements.
+template <typename T>
+bool vector_ok(int64_t inner, std::initializer_list<const void*> ptrs) {
+  return inner % vec_lanes<T>() == 0 && aligned_16(ptrs);
 }
 
 } // namespace fused_resnet::cuda
