@@ -6,9 +6,9 @@ torch.compile(fullgraph=True) with inductor.
 The shared suite (FUSED_RESNET_TEST_DEVICE=cuda) covers the module semantics on small shapes; the
 shapes here are chosen to reach each kernel path: planes with 16-byte accesses (S a multiple of
 16 bytes) and scalar ones (odd S), whose apply passes read the tensor flat in 16-byte vectors that
-may span two planes (S >= 16 bytes, aligned pointers), rows (channels_last or S == 1) with 16-byte accesses and scalar
-ones (C odd), several column tiles (C > 32 accesses), a channel split over many blocks (large N·S),
-and a pointer offset by one element (no 16-byte accesses possible).
+may span two planes (S at least 16 bytes, aligned pointers), rows (channels_last or S == 1) with
+16-byte accesses and scalar ones (C odd), several column tiles (C > 32 accesses), a channel split
+over many blocks (large N·S), and a pointer offset by one element (no 16-byte accesses possible).
 """
 
 import pytest

@@ -172,9 +172,9 @@ class _SyncFusedBatchNormMixin(_FusedBatchNormMixin):
         check_channels(self, input)
         _, running_mean, running_var, counts_steps = self._mode()
         caller = type(self).__name__
-        contract.check_bn_act(
+        contract.check_bn_act(  # values_per_channel: _gather_batch_stats checks the global count
             input, residual, self.weight, self.bias, running_mean, running_var, True, self.eps,
-            self.act, self.negative_slope, values_per_channel=False,  # _gather_batch_stats checks the global count
+            self.act, self.negative_slope, values_per_channel=False,
         )
         self._check_channels_agree(group, world_size, input.device)
 
